@@ -1,0 +1,75 @@
+"""Batch-statistics state: the running averages threaded explicitly through batch norm."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class BatchStats(NamedTuple):
+  """Running statistics of a batch-normalized layer; a pytree passed in and returned.
+
+  Attributes:
+    mean: `[C]` float32 running mean of each channel.
+    var: `[C]` float32 running variance of each channel.
+    count: int32 scalar, the number of training batches folded in so far (used by
+      `momentum=None`, the cumulative average).
+  """
+  mean: jax.Array
+  var: jax.Array
+  count: jax.Array
+
+
+def init_batch_stats(num_features: int, dtype=jnp.float32) -> BatchStats:
+  """Fresh running statistics: mean 0, variance 1, count 0 (as flax and PyTorch start).
+
+  Args:
+    num_features: the number of channels `C`.
+    dtype: dtype of `mean` and `var` (default float32).
+
+  Returns:
+    A `BatchStats` with `mean` of zeros `[C]`, `var` of ones `[C]` and `count` 0 (int32).
+
+  Example:
+    >>> import normjax as nj
+    >>> nj.init_batch_stats(3)
+    BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32), count=Array(0, dtype=int32))
+  """
+  if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+    raise ValueError(f"num_features must be a positive int; got {num_features!r}.")
+  return BatchStats(mean=jnp.zeros((num_features,), dtype),
+                    var=jnp.ones((num_features,), dtype),
+                    count=jnp.zeros((), jnp.int32))
+
+
+def update_running_stats(stats: BatchStats, batch_mean: jax.Array, batch_var: jax.Array,
+                         has_data: jax.Array, momentum: float | None) -> BatchStats:
+  """Folds one batch's statistics into the running ones.
+
+  Args:
+    stats: the running statistics, `[C]` each.
+    batch_mean: `[C]` mean of this batch.
+    batch_var: `[C]` variance of this batch, as it should be stored (biased or unbiased).
+    has_data: `[C]` bool, False for channels that saw no (unmasked) element; those keep their
+      running values unchanged.
+    momentum: the decay `m` in `new = m * old + (1 - m) * batch`, or None for the cumulative
+      average over `count + 1` batches (PyTorch's `momentum=None`).
+
+  Returns:
+    The new `BatchStats`, with the dtypes of `stats`.
+  """
+  count = stats.count + 1
+  if momentum is None:
+    weight = 1.0 / count.astype(batch_mean.dtype)   # new = old + (batch - old) / count
+  else:
+    weight = jnp.asarray(1.0 - momentum, batch_mean.dtype)
+
+  def fold(old, new):
+    old32 = old.astype(new.dtype)
+    updated = old32 + weight * (new - old32)
+    return jnp.where(has_data, updated, old32).astype(old.dtype)
+
+  return BatchStats(mean=fold(stats.mean, batch_mean), var=fold(stats.var, batch_var),
+                    count=count.astype(stats.count.dtype))

@@ -1,0 +1,113 @@
+"""Batch normalization: statistics over every axis but the channel axis, with running state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from normjax import _axes
+from normjax import _core
+from normjax._state import BatchStats, update_running_stats
+
+
+def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, stats: BatchStats,
+               *, train: bool, channel_axis: int = -1, momentum: float | None = 0.99,
+               eps: float = 1e-5, mask: jax.Array | None = None, axis_name: Any = None,
+               axis_index_groups: Any = None, unbiased_running_var: bool = False,
+               fast_variance: bool = False) -> tuple[jax.Array, BatchStats]:
+  """Batch normalization (Ioffe & Szegedy, 2015) with explicit running statistics.
+
+  In training, `y = (x - E[x]) / sqrt(Var[x] + eps) * scale + bias` with the biased statistics of
+  this batch, taken over every axis but `channel_axis` (and across `axis_name`), and the running
+  statistics are updated: `new = momentum * old + (1 - momentum) * batch`. In evaluation the
+  stored `stats` are used and returned unchanged.
+
+  Args:
+    x: `[N, ..., C]` (or `[N, C, ...]` with `channel_axis=1`) floating input.
+    scale: `[C]` multiplier, or None.
+    bias: `[C]` offset, or None.
+    stats: the running `BatchStats` (`[C]` mean and var, scalar count).
+    train: True to normalize with batch statistics and update `stats`; False to use `stats`.
+    channel_axis: the channel axis (-1 channels-last, 1 for PyTorch's NCHW).
+    momentum: decay of the running averages, in [0, 1] (PyTorch's `momentum=m` is `1 - m`
+      here); None for the cumulative average over all `count` batches (PyTorch's None).
+    eps: added to the variance.
+    mask: optional bool array broadcastable to `x`; only True elements enter the statistics.
+      Channels with no True element keep their running statistics.
+    axis_name: a `vmap`/`pmap`/`shard_map` axis whose shards are part of the batch: sums and
+      counts are psum'd over it (count-weighted, exact for uneven masks).
+    axis_index_groups: device groups along `axis_name` that share statistics.
+    unbiased_running_var: store `n / (n - 1)` times the batch variance in the running `var`, as
+      PyTorch does (normalization always uses the biased variance).
+    fast_variance: one-pass variance `E[x^2] - E[x]^2`, less accurate for large means.
+
+  Returns:
+    `(y, new_stats)`: `y` of `x.shape` and `x.dtype`, and the updated (training) or the same
+    (evaluation) `BatchStats`.
+
+  Raises:
+    TypeError: `x` is not floating, `train` is not a bool, or `mask` is not boolean.
+    ValueError: a bad axis, a `scale`/`bias`/`stats` shape other than `[C]`, `momentum` outside
+      [0, 1], negative `eps`, a mask not broadcastable to `x`, or training with a single value
+      per channel.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> x = jnp.arange(12.0).reshape(4, 3)
+    >>> y, stats = nj.batch_norm(x, None, None, nj.init_batch_stats(3), train=True)
+    >>> stats.mean
+    Array([0.045     , 0.05      , 0.055     ], dtype=float32)
+  """
+  x = _axes.check_floating(x)
+  if not isinstance(train, (bool, np.bool_)):
+    raise TypeError(f"train must be a Python bool (True for batch statistics, False for the "
+                    f"running statistics); got {train!r}.")
+  c_axis = _axes.canonicalize_axis(channel_axis, x.ndim, "channel_axis")
+  num_channels = x.shape[c_axis]
+  scale = _axes.check_param(scale, "scale", (num_channels,))
+  bias = _axes.check_param(bias, "bias", (num_channels,))
+  _check_stats(stats, num_channels)
+  _axes.check_eps(eps)
+  _axes.check_momentum(momentum)
+  mask = _axes.check_mask(mask, x.shape)
+  per_channel = lambda p: None if p is None else _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
+
+  if not train:
+    dtype = _core.stats_dtype(x.dtype)
+    running = _core.Moments(shift=None, offset=per_channel(stats.mean.astype(dtype)),
+                            var=per_channel(stats.var.astype(dtype)), count=None)
+    return _core.normalize(x, running, per_channel(scale), per_channel(bias), eps), stats
+
+  reduce_axes = tuple(a for a in range(x.ndim) if a != c_axis)
+  devices = _axes.axis_size(axis_name, axis_index_groups)
+  if mask is None and devices is not None and _axes.reduced_size(x.shape, reduce_axes) * devices == 1:
+    raise ValueError(f"batch_norm with train=True needs more than 1 value per channel; got x of "
+                     f"shape {tuple(x.shape)} with channel_axis={channel_axis} (and {devices} "
+                     f"device(s) along axis_name={axis_name!r}). Use a larger batch, or train=False.")
+  batch = _core.moments(x, reduce_axes, mask=mask, axis_name=axis_name,
+                        axis_index_groups=axis_index_groups, fast_variance=fast_variance)
+  y = _core.normalize(x, batch, per_channel(scale), per_channel(bias), eps)
+
+  batch_mean = lax.stop_gradient(batch.mean).reshape(num_channels)
+  batch_var = lax.stop_gradient(batch.var).reshape(num_channels)
+  count = jnp.broadcast_to(batch.count, batch.var.shape).reshape(num_channels)
+  if unbiased_running_var:
+    batch_var = batch_var * count / jnp.maximum(count - 1, jnp.ones((), count.dtype))
+  new_stats = update_running_stats(stats, batch_mean, batch_var, count > 0, momentum)
+  return y, new_stats
+
+
+def _check_stats(stats: Any, num_channels: int) -> None:
+  for field in ("mean", "var", "count"):
+    if not hasattr(stats, field):
+      raise TypeError(f"stats must be a BatchStats (mean, var, count), e.g. from "
+                      f"nj.init_batch_stats({num_channels}); got {type(stats).__name__}.")
+  for field in ("mean", "var"):
+    shape = tuple(jnp.shape(getattr(stats, field)))
+    if shape != (num_channels,):
+      raise ValueError(f"stats.{field} must have shape ({num_channels},) (one value per channel "
+                       f"of x); got shape {shape}.")

@@ -1,0 +1,128 @@
+"""Instance and group normalization: statistics per example and channel (group of channels)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from normjax import _axes
+from normjax import _core
+
+
+def instance_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,
+                  channel_axis: int = -1, batch_axis: int | None = 0, eps: float = 1e-5,
+                  mask: jax.Array | None = None, axis_name: Any = None,
+                  fast_variance: bool = False) -> jax.Array:
+  """Instance normalization (Ulyanov et al., 2016): per example and channel, over the rest.
+
+  Equals `group_norm` with `group_size=1`, and `torch.nn.functional.instance_norm` (no running
+  statistics) on NCHW input with `channel_axis=1`.
+
+  Args:
+    x: `[N, ..., C]` (or `[N, C, ...]` with `channel_axis=1`; `[..., C]` with `batch_axis=None`).
+    scale: `[C]` multiplier, or None.
+    bias: `[C]` offset, or None.
+    channel_axis: the channel axis.
+    batch_axis: the example axis, or None when `x` is a single example (e.g. inside `jax.vmap`).
+    eps: added to the variance.
+    mask: optional bool array broadcastable to `x`; only True elements enter the statistics.
+    axis_name: a mapped/sharded axis that is one of the reduced (spatial) axes.
+    fast_variance: one-pass variance, less accurate for large means.
+
+  Returns:
+    Array of `x.shape` and `x.dtype`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> nj.instance_norm(jnp.array([[[0.0], [2.0]]]), eps=0.0)   # [N=1, L=2, C=1]
+    Array([[[-1.],
+            [ 1.]]], dtype=float32)
+  """
+  return group_norm(x, scale, bias, group_size=1, channel_axis=channel_axis,
+                    batch_axis=batch_axis, eps=eps, mask=mask, axis_name=axis_name,
+                    fast_variance=fast_variance)
+
+
+def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,
+               num_groups: int | None = None, group_size: int | None = None,
+               channel_axis: int = -1, batch_axis: int | None = 0, eps: float = 1e-5,
+               mask: jax.Array | None = None, axis_name: Any = None,
+               fast_variance: bool = False) -> jax.Array:
+  """Group normalization (Wu & He, 2018): per example and group of consecutive channels.
+
+  The `C` channels are split into `num_groups` groups of `group_size = C // num_groups`
+  consecutive channels; statistics are taken per example and group over the group's channels
+  and every other non-batch axis. `num_groups=1` is a layer norm over all non-batch axes (with
+  per-channel scale); `group_size=1` is `instance_norm`. Matches
+  `torch.nn.functional.group_norm` with `channel_axis=1` and `flax.linen.GroupNorm` with -1.
+
+  Args:
+    x: `[N, ..., C]` (or `[N, C, ...]` with `channel_axis=1`; `[..., C]` with `batch_axis=None`).
+    scale: `[C]` multiplier, or None.
+    bias: `[C]` offset, or None.
+    num_groups: the number of groups; give exactly one of `num_groups` and `group_size`.
+    group_size: the number of channels per group.
+    channel_axis: the channel axis.
+    batch_axis: the example axis, or None when `x` is a single example.
+    eps: added to the variance.
+    mask: optional bool array broadcastable to `x`; only True elements enter the statistics.
+    axis_name: a mapped/sharded axis that is one of the reduced (spatial) axes.
+    fast_variance: one-pass variance, less accurate for large means.
+
+  Returns:
+    Array of `x.shape` and `x.dtype`.
+
+  Raises:
+    ValueError: both or neither of `num_groups`/`group_size`, a count that does not divide `C`,
+      `channel_axis == batch_axis`, bad shapes, or a single element per group.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> x = jnp.array([[0.0, 2.0, 10.0, 14.0]])         # [N=1, C=4]
+    >>> nj.group_norm(x, num_groups=2, eps=0.0)
+    Array([[-1.,  1., -1.,  1.]], dtype=float32)
+  """
+  x = _axes.check_floating(x)
+  c_axis = _axes.canonicalize_axis(channel_axis, x.ndim, "channel_axis")
+  b_axis = None if batch_axis is None else _axes.canonicalize_axis(batch_axis, x.ndim, "batch_axis")
+  if b_axis == c_axis:
+    raise ValueError(f"batch_axis and channel_axis must differ; got batch_axis={batch_axis} and "
+                     f"channel_axis={channel_axis} for x of rank {x.ndim}.")
+  num_channels = x.shape[c_axis]
+  size = _group_size(num_channels, num_groups, group_size)
+  scale = _axes.check_param(scale, "scale", (num_channels,))
+  bias = _axes.check_param(bias, "bias", (num_channels,))
+  _axes.check_eps(eps)
+  mask = _axes.check_mask(mask, x.shape)
+
+  # Split the channel axis into (groups, channels per group), then reduce over everything but
+  # the batch and group axes.
+  grouped_shape = x.shape[:c_axis] + (num_channels // size, size) + x.shape[c_axis + 1:]
+  grouped_batch = None if b_axis is None else (b_axis if b_axis < c_axis else b_axis + 1)
+  reduce_axes = tuple(a for a in range(x.ndim + 1) if a not in (grouped_batch, c_axis))
+  if axis_name is None and _axes.reduced_size(grouped_shape, reduce_axes) == 1:
+    raise ValueError(f"group_norm/instance_norm needs more than one element per example and group "
+                     f"to normalize over; got x of shape {tuple(x.shape)} with group_size={size}, "
+                     f"channel_axis={channel_axis}, batch_axis={batch_axis}.")
+  xg = x.reshape(grouped_shape)
+  mask = None if mask is None else mask.reshape(grouped_shape)
+  per_channel = lambda p: None if p is None else _axes.broadcast_to_axes(
+      p.reshape(num_channels // size, size), x.ndim + 1, (c_axis, c_axis + 1))
+  stats = _core.moments(xg, reduce_axes, mask=mask, axis_name=axis_name,
+                        fast_variance=fast_variance)
+  y = _core.normalize(xg, stats, per_channel(scale), per_channel(bias), eps)
+  return y.reshape(x.shape)
+
+
+def _group_size(num_channels: int, num_groups: int | None, group_size: int | None) -> int:
+  if (num_groups is None) == (group_size is None):
+    raise ValueError(f"give exactly one of num_groups and group_size; got num_groups={num_groups} "
+                     f"and group_size={group_size}.")
+  name, value = ("num_groups", num_groups) if num_groups is not None else ("group_size", group_size)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be a positive int; got {value!r}.")
+  if num_channels % value:
+    raise ValueError(f"{name}={value} must divide the number of channels; got {num_channels} "
+                     f"channels, which {value} does not divide.")
+  return value if group_size is not None else num_channels // value

@@ -1,0 +1,87 @@
+"""Layer and RMS normalization: statistics per example over the given feature axes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from normjax import _axes
+from normjax import _core
+
+
+def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,
+               axis: int | Sequence[int] = -1, eps: float = 1e-5, mask: jax.Array | None = None,
+               axis_name: Any = None, fast_variance: bool = False) -> jax.Array:
+  """Layer normalization (Ba et al., 2016): `(x - E[x]) / sqrt(Var[x] + eps) * scale + bias`.
+
+  Statistics are taken over `axis` for every position of the other axes. `axis=-1` with
+  `scale`/`bias` of shape `[C]` is `torch.nn.LayerNorm(C)`; `axis=(-2, -1)` is
+  `torch.nn.LayerNorm((H, W))`.
+
+  Args:
+    x: floating input of any rank.
+    scale: multiplier of shape `tuple(x.shape[a] for a in axis)`, or None.
+    bias: offset of the same shape, or None.
+    axis: the axis or axes normalized over.
+    eps: added to the variance.
+    mask: optional bool array broadcastable to `x`; only True elements enter the statistics
+      (padding is False). A fully masked row gives mean 0, var 0 and a finite output.
+    axis_name: a mapped/sharded axis that is itself one of the normalized axes (a feature- or
+      sequence-sharded layer norm); its sums and counts are psum'd.
+    fast_variance: one-pass variance `E[x^2] - E[x]^2`, less accurate for large means.
+
+  Returns:
+    Array of `x.shape` and `x.dtype`.
+
+  Raises:
+    TypeError: non-floating `x` or non-boolean `mask`.
+    ValueError: bad or repeated axes, `scale`/`bias` of the wrong shape, negative `eps`, or a
+      mask not broadcastable to `x`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> nj.layer_norm(jnp.array([[1.0, 2.0, 3.0]]), eps=0.0)
+    Array([[-1.2247449,  0.       ,  1.2247449]], dtype=float32)
+  """
+  x, axes, scale, bias, mask = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=bias)
+  stats = _core.moments(x, axes, mask=mask, axis_name=axis_name, fast_variance=fast_variance)
+  return _core.normalize(x, stats, _feature(scale, x, axes), _feature(bias, x, axes), eps)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequence[int] = -1,
+             eps: float = 1e-6, mask: jax.Array | None = None, axis_name: Any = None) -> jax.Array:
+  """RMS normalization (Zhang & Sennrich, 2019): `x * rsqrt(mean(x**2) + eps) * scale`.
+
+  No mean is subtracted and there is no bias. `axis`, `mask` and `axis_name` are as in
+  `layer_norm`; `scale` has shape `tuple(x.shape[a] for a in axis)`. Equals
+  `torch.nn.RMSNorm(C, eps=eps)` for `axis=-1`.
+
+  Returns:
+    Array of `x.shape` and `x.dtype`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> nj.rms_norm(jnp.array([[3.0, 4.0]]), eps=0.0)
+    Array([[0.84852815, 1.1313709 ]], dtype=float32)
+  """
+  x, axes, scale, _, mask = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=None)
+  stats = _core.moments(x, axes, mask=mask, axis_name=axis_name, centered=False)
+  return _core.normalize(x, stats, _feature(scale, x, axes), None, eps)
+
+
+def _prepare(x, axis, eps, mask, axis_name, *, scale, bias):
+  x = _axes.check_floating(x)
+  axes = _axes.canonicalize_axes(axis, x.ndim, "axis")
+  if not axes and axis_name is None:
+    raise ValueError(f"axis must name at least one axis to normalize over; got axis={axis!r}.")
+  feature_shape = tuple(x.shape[a] for a in axes)
+  scale = _axes.check_param(scale, "scale", feature_shape)
+  bias = _axes.check_param(bias, "bias", feature_shape)
+  _axes.check_eps(eps)
+  return x, axes, scale, bias, _axes.check_mask(mask, x.shape)
+
+
+def _feature(param, x, axes):
+  return None if param is None else _axes.broadcast_to_axes(param, x.ndim, axes)
