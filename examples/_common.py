@@ -19,11 +19,11 @@ import optax
 
 # The comparison CNN: 3x3 convs with these output channels and strides, each followed by a
 # normalization and a ReLU, then global average pooling and a dense layer to the 10 classes.
-# 8x8 input -> 8x8x16 -> 4x4x32 -> 4x4x32 -> 32 -> 10.
-CNN_FEATURES = (16, 32, 32)
+# 8x8 input -> 8x8x8 -> 4x4x16 -> 4x4x32 -> 32 -> 10.
+CNN_FEATURES = (8, 16, 32)
 CNN_STRIDES = (1, 2, 1)
 NUM_CLASSES = 10
-NUM_GROUPS = 4          # group norm: 4 groups of 4 (first layer) or 8 (later layers) channels
+NUM_GROUPS = 4          # group norm: 4 groups of 2, 4 and 8 channels
 
 
 class Digits(NamedTuple):

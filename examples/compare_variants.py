@@ -430,8 +430,9 @@ def plot(out_dir: str, records, variants, batch_sizes) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 
-FULL = dict(batch_sizes=(2, 4, 8, 16, 32, 64), seeds=(0, 1, 2), examples=16000, num_chunks=20)
-QUICK = dict(batch_sizes=(4, 64), seeds=(0, 1), examples=4000, num_chunks=8)
+FULL = dict(batch_sizes=(1, 2, 4, 8, 16, 32, 64), seeds=(0, 1, 2), examples=16000,
+            num_chunks=20)
+QUICK = dict(batch_sizes=(1, 32), seeds=(0, 1), examples=4000, num_chunks=8)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -488,8 +489,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "n_train": n_train, "n_test": n_test,
       "data": "sklearn.datasets.load_digits, stratified train_test_split(test_size=0.25, "
               "random_state=0), standardized with the training mean/std",
-      "model": "conv3x3(16) - norm - relu - conv3x3/2(32) - norm - relu - conv3x3(32) - norm - "
-               "relu - global average pool - dense(10); He-normal init",
+      "model": " - ".join(f"conv3x3{'/2' if s == 2 else ''}({c}) - norm - relu" for c, s in
+                          zip(_common.CNN_FEATURES, _common.CNN_STRIDES))
+               + " - global average pool - dense(10); He-normal init",
       "optimizer": "optax.sgd, momentum 0.9, no weight decay; cross-entropy loss",
       "lr_rule": f"linear scaling rule, peak lr = {args.base_lr} * B / 32; linear warmup over "
                  "the first 5% of steps, cosine decay to 0 at the end; identical as a function "
