@@ -118,17 +118,31 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
   return loss, accuracy
 
 
-def make_optimizer(peak_lr: float, num_steps: int, momentum: float = 0.9,
-                   warmup_fraction: float = 0.05) -> optax.GradientTransformation:
-  """SGD with momentum on a linear-warmup + cosine-decay schedule spanning `num_steps`.
+def warmup_cosine_schedule(peak_lr: float, num_steps: int,
+                           warmup_fraction: float = 0.05) -> optax.Schedule:
+  """Linear warmup from 0 over the first 5% of steps, then cosine decay to 0 at `num_steps`.
+
+  The same as `optax.warmup_cosine_decay_schedule(0, peak_lr, warmup, num_steps)`, written out
+  with explicit casts so that it also runs under `jax_numpy_dtype_promotion="strict"`.
+  """
+  warmup = max(1, round(warmup_fraction * num_steps))
+
+  def schedule(count: jax.Array) -> jax.Array:
+    t = jnp.asarray(count).astype(jnp.float32)
+    progress = jnp.clip((t - warmup) / max(1, num_steps - warmup), 0.0, 1.0)
+    cosine = 0.5 * peak_lr * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(t < warmup, peak_lr * t / warmup, cosine)
+  return schedule
+
+
+def make_optimizer(peak_lr: float, num_steps: int,
+                   momentum: float = 0.9) -> optax.GradientTransformation:
+  """SGD with momentum on `warmup_cosine_schedule(peak_lr, num_steps)`.
 
   The schedule has the same shape as a function of the fraction of training done, whatever the
   batch size; callers scale `peak_lr` with the batch size (see `linear_scaled_lr`).
   """
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak_lr, warmup_steps=max(1, round(warmup_fraction * num_steps)),
-      decay_steps=num_steps, end_value=0.0)
-  return optax.sgd(schedule, momentum=momentum)
+  return optax.sgd(warmup_cosine_schedule(peak_lr, num_steps), momentum=momentum)
 
 
 def linear_scaled_lr(base_lr: float, batch_size: int, base_batch_size: int = 32) -> float:

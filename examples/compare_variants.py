@@ -375,6 +375,7 @@ def plot(out_dir: str, records, variants, batch_sizes) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   by = {(r["variant"], r["batch_size"]): r for r in records}
   colors = dict(zip(variants, plt.get_cmap("tab10").colors))
@@ -392,8 +393,10 @@ def plot(out_dir: str, records, variants, batch_sizes) -> list[str]:
               label=f"{name} (pop. stats)")
   ax.set_xscale("log", base=2)
   ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+  ax.set_yscale("log")
+  ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
   ax.set_xlabel("batch size (images per batch)")
-  ax.set_ylabel("test error (%)")
+  ax.set_ylabel("test error (%, log scale)")
   ax.set_title("Digits CNN: test error vs batch size (mean ± std over seeds)", fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, ncol=2)
@@ -413,10 +416,11 @@ def plot(out_dir: str, records, variants, batch_sizes) -> list[str]:
                       color=colors[name])
     axes[0, j].set_title(f"batch size {b}", fontsize=10)
     axes[0, j].set_yscale("log")
-    axes[0, j].set_ylabel("training loss (eval mode)")
-    axes[1, j].set_ylabel("test error (%)")
+    axes[0, j].set_ylabel("training loss (train mode)")
+    axes[1, j].set_yscale("log")
+    axes[1, j].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes[1, j].set_ylabel("test error (%, eval mode, log scale)")
     axes[1, j].set_xlabel("training examples seen (thousands)")
-    axes[1, j].set_ylim(0, 30)
     for a in axes[:, j]:
       a.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8, ncol=2)

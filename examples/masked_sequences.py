@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import normjax as nj
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+import normjax as nj  # noqa: E402
 
 FEATURES = 8        # D, features per token
 HIDDEN = 32         # H, width of the per-token MLP
@@ -126,14 +129,17 @@ def forward(params, state, x, m, norm, *, masked: bool, train: bool):
   return pooled @ params["head"]["kernel"] + params["head"]["bias"].reshape(1, -1), new_state
 
 
-def train(norm, masked: bool, data, steps: int, batch_size: int, seed: int):
-  """Adam, one jitted `lax.scan` over all steps; returns the trained params and state."""
+def train(norm, masked: bool, data, steps: int, batch_size: int, lr: float, seed: int):
+  """SGD with momentum (warmup + cosine decay), one jitted `lax.scan` over all steps.
+
+  Returns the trained `(params, state)`.
+  """
   x, m, y = data
   rng = np.random.default_rng(seed)
   params, state = init(rng)
   order = np.concatenate([rng.permutation(len(y)) for _ in range(-(-steps * batch_size // len(y)))])
   order = jnp.asarray(order[:steps * batch_size].reshape(steps, batch_size))
-  optimizer = optax.adam(optax.cosine_decay_schedule(3e-3, steps))
+  optimizer = _common.make_optimizer(lr, steps)
 
   def loss_fn(params, state, xb, mb, yb):
     logits, state = forward(params, state, xb, mb, norm, masked=masked, train=True)
@@ -186,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--steps", type=int, default=600, help="training steps per model")
   p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate")
   p.add_argument("--train-size", type=int, default=2000)
   p.add_argument("--test-size", type=int, default=1000)
   p.add_argument("--seed", type=int, default=0)
@@ -207,13 +214,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for k, v in checks.items():
     print(f"  {k:<{width}}  {v:.2e}")
 
-  print(f"\n2. Training ({args.steps} Adam steps of {args.batch_size}), then test accuracy with "
+  print(f"\n2. Training ({args.steps} SGD steps of {args.batch_size}), then test accuracy with "
         f"the test sequences padded to {', '.join(map(str, EVAL_PADS))}:")
   rows = []
   test_padded = {t: tuple(map(jnp.asarray, pad(test_seqs, t))) for t in EVAL_PADS}
   for name, norm in NORMS.items():
     for masked in (True, False):
-      params, state = train(norm, masked, train_data, args.steps, args.batch_size, args.seed)
+      params, state = train(norm, masked, train_data, args.steps, args.batch_size, args.lr,
+                            args.seed)
       accs = {}
       for t, (x, m) in test_padded.items():
         logits, _ = forward(params, state, x, m, norm, masked=masked, train=False)
