@@ -12,7 +12,7 @@ from jax.test_util import check_grads
 
 import normjax as nj
 from tests import reference as ref
-from tests.helpers import rand
+from tests.helpers import fast_compiles, rand
 
 
 def _bn_train(x, **kw):
@@ -146,7 +146,7 @@ GRAD_CASES = {
 def test_gradients_second_order(name):
   """Forward and reverse mode, first and second order, against finite differences (float64)."""
   case = GRAD_CASES[name]
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), fast_compiles():
     x = jnp.asarray(rand(case["shape"], 8, loc=1.0).astype(np.float64))
     c = case["shape"][-1] if not name.endswith(("nchw", "2axes")) else 3
     s = jnp.asarray(1.0 + rand((c,), 9).astype(np.float64) * 0.3)

@@ -2,10 +2,18 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 import normjax as nj
 from tests import reference as ref
+from tests.helpers import fast_compiles
+
+
+@pytest.fixture(autouse=True)
+def _fast_compiles():
+  with fast_compiles():
+    yield
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
