@@ -49,7 +49,8 @@ class Moments(NamedTuple):
 
 def stats_dtype(dtype: Any) -> jnp.dtype:
   """The dtype statistics are computed in: at least float32."""
-  return jnp.promote_types(dtype, jnp.float32)
+  dtype = jnp.dtype(dtype)
+  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
 def _total(values: Any, axes: _axes.Axes, axis_name: Any, axis_index_groups: Any) -> Any:

@@ -60,7 +60,7 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     >>> x = jnp.arange(12.0).reshape(4, 3)
     >>> y, stats = nj.batch_norm(x, None, None, nj.init_batch_stats(3), train=True)
     >>> stats.mean
-    Array([0.045     , 0.05      , 0.055     ], dtype=float32)
+    Array([0.045, 0.055, 0.065], dtype=float32)
   """
   x = _axes.check_floating(x)
   if not isinstance(train, (bool, np.bool_)):

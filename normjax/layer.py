@@ -42,8 +42,8 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
-    >>> nj.layer_norm(jnp.array([[1.0, 2.0, 3.0]]), eps=0.0)
-    Array([[-1.2247449,  0.       ,  1.2247449]], dtype=float32)
+    >>> nj.layer_norm(jnp.array([[1.0, 2.0, 3.0]]), eps=0.0).round(4)
+    Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
   """
   x, axes, scale, bias, mask = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=bias)
   stats = _core.moments(x, axes, mask=mask, axis_name=axis_name, fast_variance=fast_variance)
