@@ -49,7 +49,10 @@ class Moments(NamedTuple):
 
 def stats_dtype(dtype: Any) -> jnp.dtype:
   """The dtype statistics are computed in: at least float32."""
-  return jnp.promote_types(dtype, jnp.float32)
+  # The lattice lookup itself must not depend on the user's `jax_numpy_dtype_promotion`:
+  # under "strict", promote_types(bfloat16, float32) raises although no array is promoted here.
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _total(values: Any, axes: _axes.Axes, axis_name: Any, axis_index_groups: Any) -> Any:
