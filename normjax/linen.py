@@ -155,8 +155,8 @@ class LayerNorm(nn.Module):
     >>> import jax, jax.numpy as jnp, normjax.linen as njnn
     >>> x = jnp.array([[1.0, 2.0, 3.0]])
     >>> ln = njnn.LayerNorm(epsilon=0.0)
-    >>> ln.apply(ln.init(jax.random.key(0), x), x)
-    Array([[-1.2247449,  0.       ,  1.2247449]], dtype=float32)
+    >>> ln.apply(ln.init(jax.random.key(0), x), x).round(4)
+    Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
   """
   epsilon: float = 1e-6
   dtype: Dtype | None = None
@@ -196,10 +196,10 @@ class RMSNorm(nn.Module):
 
   Example:
     >>> import jax, jax.numpy as jnp, normjax.linen as njnn
-    >>> x = jnp.array([[3.0, 4.0]])
+    >>> x = jnp.array([[3.0, -3.0]])
     >>> rms = njnn.RMSNorm(epsilon=0.0)
     >>> rms.apply(rms.init(jax.random.key(0), x), x)
-    Array([[0.84852815, 1.1313709 ]], dtype=float32)
+    Array([[ 1., -1.]], dtype=float32)
   """
   epsilon: float = 1e-6
   dtype: Dtype | None = None
