@@ -8,60 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax_helpers import SHAPE, assert_close, data, permissive, random_init, randomize
+from flax_helpers import fast_compiles  # noqa: F401  (module-scoped autouse fixture)
 
 import normjax.linen as njnn
-
-SHAPE = (6, 5, 4, 8)  # [N, H, W, C]; C=8 divides into groups of 2 and 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """These tests compile many tiny programs once each: skip XLA's optimization passes (the
-  numerics are the same operations, just unfused)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)  # [N, H, W, C]; C=8 divides into groups of 2 and 4
-
-
-@contextlib.contextmanager
-def permissive():
-  """flax's own modules are not written for strict promotion; ours must be."""
-  with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-    yield
-
-
-def random_init(center):
-  return lambda key, shape, dtype=jnp.float32: center + 0.5 * jax.random.normal(key, shape, dtype)
-
-
-def randomize(variables, key):
-  """Random (not default) values for every variable: scale ~ 1 +- 0.5, var in [0.5, 2]."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
-  keys = jax.random.split(key, len(leaves))
-  out = []
-  for (path, leaf), k in zip(leaves, keys):
-    name = path[-1].key
-    if name == "var":
-      out.append(jax.random.uniform(k, leaf.shape, leaf.dtype, 0.5, 2.0))
-    elif name == "count":
-      out.append(leaf)
-    else:
-      out.append((1.0 if name == "scale" else 0.0) + 0.5 * jax.random.normal(k, leaf.shape))
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def data(key, shape=SHAPE, dtype=jnp.float32):
-  """`x` of mean 2 and std 3, and a mask that keeps 3 of every 4 elements along any axis."""
-  x = 2.0 + 3.0 * jax.random.normal(key, shape)
-  mask = sum(np.indices(shape)) % 4 != 0
-  return x.astype(dtype), jnp.asarray(mask)
-
-
-def assert_close(actual, expected, tol=1e-5):
-  jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a, np.float64),
-                                                       np.asarray(e, np.float64),
-                                                       rtol=tol, atol=tol), actual, expected)
 
 
 CASES = [  # (module, attributes, masked)
