@@ -80,13 +80,15 @@ def test_matches_flax_init_and_training_steps(name, kw, masked):
     assert_close(upd, {"batch_stats": ours["batch_stats"]}, tol=0)   # unchanged in eval
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("BatchNorm", {}), ("BatchNorm", dict(dtype=jnp.bfloat16)),
-    ("LayerNorm", {}), ("LayerNorm", dict(dtype=jnp.bfloat16)),
-    ("LayerNorm", dict(param_dtype=jnp.bfloat16)), ("RMSNorm", {}),
-    ("InstanceNorm", dict(dtype=jnp.bfloat16)), ("GroupNorm", dict(num_groups=4)),
+@pytest.mark.parametrize("name,kw,x_dtype", [
+    ("BatchNorm", {}, jnp.bfloat16),                         # float32 params: float32 out
+    ("BatchNorm", dict(dtype=jnp.bfloat16), jnp.float32),
+    ("LayerNorm", dict(dtype=jnp.bfloat16), jnp.bfloat16),
+    ("LayerNorm", dict(param_dtype=jnp.bfloat16), jnp.bfloat16),
+    ("RMSNorm", {}, jnp.bfloat16),
+    ("InstanceNorm", dict(dtype=jnp.bfloat16), jnp.float32),
+    ("GroupNorm", dict(num_groups=4), jnp.bfloat16),
 ])
-@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
 def test_dtypes_match_flax(name, kw, x_dtype):
   x, _ = data(jax.random.key(3), dtype=x_dtype)
   call = dict(use_running_average=False) if name == "BatchNorm" else {}
