@@ -49,7 +49,7 @@ def _value(variable: Any) -> jax.Array | None:
 def _store_options(module: nnx.Module, options: dict[str, Any]) -> None:
   """Keeps the constructor's options as attributes, as flax does (`locals()` of `__init__`)."""
   for name, value in options.items():
-    if name not in ("self", "rngs", "bias_metadata", "scale_metadata", "__class__"):
+    if name not in ("self", "rngs", "bias_init", "scale_init", "bias_metadata", "scale_metadata"):
       setattr(module, name, value)
 
 

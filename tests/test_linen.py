@@ -83,6 +83,7 @@ def test_matches_flax_init_and_training_steps(name, kw, masked):
 @pytest.mark.parametrize("name,kw,x_dtype", [
     ("BatchNorm", {}, jnp.bfloat16),                         # float32 params: float32 out
     ("BatchNorm", dict(dtype=jnp.bfloat16), jnp.float32),
+    ("BatchNorm", dict(force_float32_reductions=False, param_dtype=jnp.bfloat16), jnp.bfloat16),
     ("LayerNorm", dict(dtype=jnp.bfloat16), jnp.bfloat16),
     ("LayerNorm", dict(param_dtype=jnp.bfloat16), jnp.bfloat16),
     ("RMSNorm", {}, jnp.bfloat16),
