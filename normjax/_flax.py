@@ -153,7 +153,9 @@ def layer_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_ax
   mapped = tuple(a for a in feat if a not in red)
   inner_red = tuple(r - sum(m < r for m in mapped) for r in red)
   in_x_rank = [x.shape[a] if a in feat else 1 for a in range(x.ndim)]
-  scale, bias = to_shape(scale, in_x_rank, "scale"), to_shape(bias, in_x_rank, "bias")
+  as_feature = lambda p, name: (None if p is None else
+                                to_shape(p, [x.shape[a] for a in feat], name).reshape(in_x_rank))
+  scale, bias = as_feature(scale, "scale"), as_feature(bias, "bias")
 
   def norm(x, mask, scale, bias):
     reduced = lambda p: None if p is None else jnp.broadcast_to(
