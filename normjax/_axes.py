@@ -115,8 +115,7 @@ def axis_size(axis_name: Any, axis_index_groups: Any = None) -> int | None:
   if axis_index_groups is not None:
     return len(axis_index_groups[0])
   try:
-    size = jax.lax.psum(1, axis_name)
-    return int(size)
+    return int(jax.lax.axis_size(axis_name))
   except Exception:  # pylint: disable=broad-except  # not concrete, or no such axis here
     return None
 

@@ -60,7 +60,7 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     >>> x = jnp.arange(12.0).reshape(4, 3)
     >>> y, stats = nj.batch_norm(x, None, None, nj.init_batch_stats(3), train=True)
     >>> stats.mean
-    Array([0.045     , 0.05      , 0.055     ], dtype=float32)
+    Array([0.045, 0.055, 0.065], dtype=float32)
   """
   x = _axes.check_floating(x)
   if not isinstance(train, (bool, np.bool_)):
@@ -88,9 +88,9 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     raise ValueError(f"batch_norm with train=True needs more than 1 value per channel; got x of "
                      f"shape {tuple(x.shape)} with channel_axis={channel_axis} (and {devices} "
                      f"device(s) along axis_name={axis_name!r}). Use a larger batch, or train=False.")
-  batch = _core.moments(x, reduce_axes, mask=mask, axis_name=axis_name,
-                        axis_index_groups=axis_index_groups, fast_variance=fast_variance)
-  y = _core.normalize(x, batch, per_channel(scale), per_channel(bias), eps)
+  y, batch = _core.standardize(x, reduce_axes, per_channel(scale), per_channel(bias), eps,
+                               mask=mask, axis_name=axis_name,
+                               axis_index_groups=axis_index_groups, fast_variance=fast_variance)
 
   batch_mean = lax.stop_gradient(batch.mean).reshape(num_channels)
   batch_var = lax.stop_gradient(batch.var).reshape(num_channels)

@@ -96,23 +96,18 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
   _axes.check_eps(eps)
   mask = _axes.check_mask(mask, x.shape)
 
-  # Split the channel axis into (groups, channels per group), then reduce over everything but
-  # the batch and group axes.
-  grouped_shape = x.shape[:c_axis] + (num_channels // size, size) + x.shape[c_axis + 1:]
-  grouped_batch = None if b_axis is None else (b_axis if b_axis < c_axis else b_axis + 1)
-  reduce_axes = tuple(a for a in range(x.ndim + 1) if a not in (grouped_batch, c_axis))
-  if axis_name is None and _axes.reduced_size(grouped_shape, reduce_axes) == 1:
+  # Statistics per example and group: reduce every axis but the batch and channel axes (per
+  # channel, channels contiguous), then the channels of each group (see `_core`, `groups`).
+  reduce_axes = tuple(a for a in range(x.ndim) if a not in (b_axis, c_axis))
+  if axis_name is None and _axes.reduced_size(x.shape, reduce_axes) * size == 1:
     raise ValueError(f"group_norm/instance_norm needs more than one element per example and group "
                      f"to normalize over; got x of shape {tuple(x.shape)} with group_size={size}, "
                      f"channel_axis={channel_axis}, batch_axis={batch_axis}.")
-  xg = x.reshape(grouped_shape)
-  mask = None if mask is None else mask.reshape(grouped_shape)
-  per_channel = lambda p: None if p is None else _axes.broadcast_to_axes(
-      p.reshape(num_channels // size, size), x.ndim + 1, (c_axis, c_axis + 1))
-  stats = _core.moments(xg, reduce_axes, mask=mask, axis_name=axis_name,
-                        fast_variance=fast_variance)
-  y = _core.normalize(xg, stats, per_channel(scale), per_channel(bias), eps)
-  return y.reshape(x.shape)
+  per_channel = lambda p: None if p is None else _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
+  y, _ = _core.standardize(x, reduce_axes, per_channel(scale), per_channel(bias), eps, mask=mask,
+                           axis_name=axis_name, fast_variance=fast_variance,
+                           groups=None if size == 1 else (c_axis, size))
+  return y
 
 
 def _group_size(num_channels: int, num_groups: int | None, group_size: int | None) -> int:

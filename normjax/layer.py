@@ -42,12 +42,13 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
-    >>> nj.layer_norm(jnp.array([[1.0, 2.0, 3.0]]), eps=0.0)
-    Array([[-1.2247449,  0.       ,  1.2247449]], dtype=float32)
+    >>> nj.layer_norm(jnp.array([[1.0, 2.0, 3.0]]), eps=0.0).round(4)
+    Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
   """
   x, axes, scale, bias, mask = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=bias)
-  stats = _core.moments(x, axes, mask=mask, axis_name=axis_name, fast_variance=fast_variance)
-  return _core.normalize(x, stats, _feature(scale, x, axes), _feature(bias, x, axes), eps)
+  y, _ = _core.standardize(x, axes, _feature(scale, x, axes), _feature(bias, x, axes), eps,
+                           mask=mask, axis_name=axis_name, fast_variance=fast_variance)
+  return y
 
 
 def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequence[int] = -1,
@@ -67,8 +68,9 @@ def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequen
     Array([[0.84852815, 1.1313709 ]], dtype=float32)
   """
   x, axes, scale, _, mask = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=None)
-  stats = _core.moments(x, axes, mask=mask, axis_name=axis_name, centered=False)
-  return _core.normalize(x, stats, _feature(scale, x, axes), None, eps)
+  y, _ = _core.standardize(x, axes, _feature(scale, x, axes), None, eps, mask=mask,
+                           axis_name=axis_name, centered=False)
+  return y
 
 
 def _prepare(x, axis, eps, mask, axis_name, *, scale, bias):

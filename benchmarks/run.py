@@ -1,0 +1,434 @@
+"""normjax performance suite: normjax vs flax.linen, PyTorch, the memory roofline and jit(x * c).
+
+Usage (from the repository root):
+
+  python benchmarks/run.py                 # full suite (< 15 min on 2 CPU cores)
+  python benchmarks/run.py --quick         # smoke run: 2 small shapes, few reps (< 60 s)
+  python benchmarks/run.py --device gpu    # on a GPU (torch baseline if torch.cuda works)
+  python benchmarks/run.py --filter 'group fwd'   # a subset (regex on the case name)
+
+Writes `results.md`, `results.json` and `results.png` under `--out` (default
+`benchmarks/results/`; `--quick` writes `quick.*` so the committed full results stay).
+
+Timing: every candidate of a case is compiled first (compile time recorded on the side),
+warmed up, then called in interleaved round-robin (one call of each candidate in turn, the
+starting candidate rotating each round) and `block_until_ready`'d; the reported time is the
+median of all calls. On a shared machine the absolute times drift; the ratios between
+candidates measured in the same interleaved rounds are what to read.
+
+Allocator: on CPU, glibc malloc returns large buffers to the OS and page-faults every large JAX
+output on the next call. By default the suite re-executes itself with tcmalloc preloaded
+(`LD_PRELOAD`, Debian package `libtcmalloc-minimal4`) when it is installed, and (full runs)
+times a few cases under glibc too, in a subprocess, for the allocator table. `--allocator
+glibc` forces the system allocator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+CPU_IMPLS = ("normjax", "flax", "flax_slow", "torch", "roofline", "floor")
+# Peak memory bandwidth (GB/s) by device kind, for the GPU table.
+PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L4": 300.0, "V100": 900.0}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="small shapes, few reps (smoke test)")
+  p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
+  p.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
+  p.add_argument("--filter", default=None, help="regex on case names, e.g. 'layer fwdbwd'")
+  p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; 2 quick)")
+  p.add_argument("--target-s", type=float, default=None,
+                 help="seconds of calls per candidate per round (default 0.12; 0.02 quick)")
+  p.add_argument("--allocator", default="auto", choices=("auto", "tcmalloc", "glibc", "current"),
+                 help="auto: tcmalloc if installed (re-exec with LD_PRELOAD)")
+  p.add_argument("--no-allocator-check", action="store_true",
+                 help="skip timing a few cases under the other allocator")
+  p.add_argument("--impls", default=",".join(CPU_IMPLS), help="candidates to time")
+  p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--json-only", default=None, help=argparse.SUPPRESS)   # allocator subprocess
+  return p.parse_args(argv)
+
+
+def allocator_name() -> str:
+  return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
+
+
+def maybe_reexec(args) -> None:
+  """Re-executes this script with the requested allocator preloaded (CPU only)."""
+  if args.device == "gpu" or args.allocator == "current":
+    return
+  want = args.allocator
+  if want == "auto":
+    want = "tcmalloc" if os.path.exists(TCMALLOC) else "glibc"
+  if want == allocator_name():
+    return
+  env = dict(os.environ)
+  if want == "tcmalloc":
+    if not os.path.exists(TCMALLOC):
+      sys.exit(f"--allocator tcmalloc: {TCMALLOC} not found (apt-get install libtcmalloc-minimal4)")
+    env["LD_PRELOAD"] = (TCMALLOC + " " + env.get("LD_PRELOAD", "")).strip()
+  else:
+    env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split() if "tcmalloc" not in p)
+  os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+def time_interleaved(calls: dict, rounds: int, target_s: float, max_reps: int = 400) -> dict:
+  """Median seconds per call of each candidate, measured in interleaved round-robin."""
+  reps = {}
+  for name, call in calls.items():
+    call()   # warm-up (compilation already happened at build time)
+    t = []
+    for _ in range(3):
+      t0 = time.perf_counter()
+      call()
+      t.append(time.perf_counter() - t0)
+    reps[name] = int(min(max_reps, max(3, math.ceil(target_s / max(sorted(t)[1], 1e-7)))))
+  samples = {name: [] for name in calls}
+  names = list(calls)
+  for r in range(rounds):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for i in range(max(reps.values())):
+      for name in order:
+        if i < reps[name]:
+          t0 = time.perf_counter()
+          calls[name]()
+          samples[name].append(time.perf_counter() - t0)
+  out = {}
+  for name, s in samples.items():
+    s = sorted(s)
+    q = lambda f: s[min(len(s) - 1, int(f * len(s)))]
+    out[name] = {"median_s": q(0.5), "p25_s": q(0.25), "p75_s": q(0.75), "n": len(s)}
+  return out
+
+
+def run_case(case, impls, rounds, target_s, device, torch_device):
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import cases as C  # pylint: disable=import-outside-toplevel
+  host = C.make_inputs(case)
+  built = {}
+  for impl in impls:
+    if impl in ("normjax", "flax", "flax_slow"):
+      b = C.build_jax(case, impl, host, device)
+    elif impl == "torch":
+      b = C.build_torch(case, host, torch_device) if torch_device else None
+    elif impl == "roofline":
+      b = C.build_roofline(case, host) if device.platform == "cpu" else None
+    elif impl == "floor":
+      b = C.build_floor(case, host, device)
+    else:
+      raise ValueError(impl)
+    if b is not None:
+      built[impl] = b
+  timing = time_interleaved({k: b.call for k, b in built.items()}, rounds, target_s)
+  rec = {"case": case.name, "variant": case.variant, "op": case.op, "shape": list(case.shape),
+         "dtype": case.dtype, "layout": case.layout, "bytes_moved": case.bytes_moved,
+         "times": timing,
+         "compile_s": {k: b.compile_s for k, b in built.items() if b.compile_s is not None},
+         "residual_bytes": {k: b.residual_bytes for k, b in built.items()
+                            if b.residual_bytes is not None},
+         "temp_bytes": {k: b.temp_bytes for k, b in built.items() if b.temp_bytes is not None}}
+  ours = built.get("normjax")
+  if ours is not None:   # sanity: the candidates compute the same thing
+    rec["max_abs_diff"] = {k: float(np.max(np.abs(ours.output - b.output)))
+                           for k, b in built.items()
+                           if k != "normjax" and b.output is not None}
+  t = {k: v["median_s"] for k, v in timing.items()}
+  if "normjax" in t:
+    ratios = {}
+    for k in ("flax", "flax_slow", "torch", "floor"):
+      if k in t:
+        ratios[k] = t["normjax"] / t[k]
+    if "roofline" in t:
+      ratios["roofline"] = t["normjax"] / (t["roofline"] * case.bytes_moved / (2 * case.nbytes))
+    rec["ratios"] = ratios
+    rec["gbps"] = case.bytes_moved / t["normjax"] / 1e9
+  return rec
+
+
+# --- reports ------------------------------------------------------------------------------------
+
+def geomean(xs):
+  xs = [x for x in xs if x is not None and x > 0]
+  return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def fmt_ms(rec, k):
+  v = rec["times"].get(k)
+  return "" if v is None else f"{v['median_s'] * 1e3:.3g}"
+
+
+def fmt_r(rec, k):
+  v = rec.get("ratios", {}).get(k)
+  return "" if v is None else f"{v:.2f}"
+
+
+def summarize(records):
+  """Target checks over the records (ratios are ours / baseline: below 1 is faster)."""
+  s = {}
+  for base in ("flax", "flax_slow", "torch"):
+    rs = [r["ratios"][base] for r in records if base in r.get("ratios", {})]
+    if rs:
+      worst = max((r for r in records if base in r.get("ratios", {})),
+                  key=lambda r: r["ratios"][base])
+      s[base] = {"geomean": geomean(rs), "worst": worst["ratios"][base],
+                 "worst_case": worst["case"], "n": len(rs),
+                 "slower_cases": [r["case"] for r in records
+                                  if r.get("ratios", {}).get(base, 0) > 1.0]}
+  for op in ("fwd", "fwdbwd"):
+    rs = [r["ratios"]["flax"] for r in records if r["op"] == op and "flax" in r.get("ratios", {})]
+    if rs:
+      s[f"flax_{op}_geomean"] = geomean(rs)
+  gn = [r for r in records if r["variant"] == "group" and r["op"] == "fwd"
+        and "torch" in r.get("ratios", {})]
+  s["group_fwd_vs_torch"] = {r["case"]: r["ratios"]["torch"] for r in gn}
+  ln = [r for r in records if r["variant"] == "layer" and r["op"] == "fwdbwd"
+        and "torch" in r.get("ratios", {})]
+  s["layer_fwdbwd_vs_torch"] = {r["case"]: r["ratios"]["torch"] for r in ln}
+  big = [r for r in records if r["op"] == "fwd" and math.prod(r["shape"]) >= 16 * 2**20
+         and "roofline" in r.get("ratios", {})]
+  s["large_fwd_vs_roofline"] = {r["case"]: r["ratios"]["roofline"] for r in big}
+  mem = [(r["residual_bytes"]["normjax"], r["residual_bytes"]["flax"]) for r in records
+         if {"normjax", "flax"} <= set(r.get("residual_bytes", {}))]
+  s["residual_ratio_geomean"] = geomean([a / b for a, b in mem if b])
+  return s
+
+
+def markdown(meta, records, summary, alloc=None):
+  lines = [f"# normjax benchmark results", "",
+           f"- command: `{meta['command']}`",
+           f"- machine: {meta['machine']}",
+           f"- software: {meta['software']}",
+           f"- allocator: **{meta['allocator']}**" + (
+               " (LD_PRELOAD; see the allocator table below for glibc)"
+               if meta["allocator"] == "tcmalloc" else ""),
+           f"- date: {meta['date']}; wall time {meta['wall_s']:.0f} s", "",
+           "Times are medians of interleaved calls, in ms. Ratios are **normjax / baseline** "
+           "(below 1.00 = normjax faster). `flax` is `flax.linen` with its default "
+           "`use_fast_variance=True`, `flax-slow` with `False` (normjax's default variance is "
+           "the stable one). `roofline` is a NumPy copy of the same bytes scaled to the bytes the "
+           "op must move (2N forward, 5N forward+backward); `floor` is `jit(x * c)` (and its "
+           "VJP). `saved` is the bytes the backward keeps from the forward (normjax / flax), in "
+           "MiB.", ""]
+  gpu = meta.get("platform") == "gpu"
+  head = ["case", "normjax ms", "flax ms", "/flax", "/flax-slow", "torch ms", "/torch",
+          "/roofline" if not gpu else "GB/s", "/floor", "saved MiB"]
+  if gpu:
+    head.insert(8, "% peak")
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in records:
+    rb = r.get("residual_bytes", {})
+    saved = (f"{rb['normjax'] / 2**20:.0f} / {rb['flax'] / 2**20:.0f}"
+             if {"normjax", "flax"} <= set(rb) else "")
+    row = [r["case"], fmt_ms(r, "normjax"), fmt_ms(r, "flax"), fmt_r(r, "flax"),
+           fmt_r(r, "flax_slow"), fmt_ms(r, "torch"), fmt_r(r, "torch")]
+    if gpu:
+      row += [f"{r.get('gbps', 0):.0f}", fmt_r(r, "floor"),
+              f"{100 * r.get('gbps', 0) / meta['peak_gbps']:.0f}" if meta.get("peak_gbps") else ""]
+    else:
+      row += [fmt_r(r, "roofline"), fmt_r(r, "floor")]
+    row.append(saved)
+    lines.append("| " + " | ".join(row) + " |")
+  lines += ["", "## Summary", ""]
+  for base in ("flax", "flax_slow", "torch"):
+    if base in summary:
+      b = summary[base]
+      lines.append(f"- vs {base}: geometric mean ratio **{b['geomean']:.2f}** "
+                   f"(normjax speed-up {1 / b['geomean']:.2f}x) over {b['n']} cases; worst "
+                   f"{b['worst']:.2f} ({b['worst_case']}); cases slower than {base}: "
+                   f"{len(b['slower_cases'])}" +
+                   (f" ({', '.join(b['slower_cases'])})" if b["slower_cases"] else ""))
+  for op in ("fwd", "fwdbwd"):
+    if f"flax_{op}_geomean" in summary:
+      lines.append(f"- vs flax, {op} only: geometric mean {summary[f'flax_{op}_geomean']:.2f}")
+  for key, title in (("group_fwd_vs_torch", "group norm forward / torch"),
+                     ("layer_fwdbwd_vs_torch", "layer norm fwd+bwd / torch"),
+                     ("large_fwd_vs_roofline", "large-shape forward / roofline")):
+    if summary.get(key):
+      short = (lambda k: k) if key == "large_fwd_vs_roofline" else (lambda k: k.split(" ", 2)[-1])
+      lines.append(f"- {title}: " + ", ".join(f"{short(k)}: {v:.2f}"
+                                              for k, v in summary[key].items()))
+  if summary.get("residual_ratio_geomean") == summary.get("residual_ratio_geomean"):
+    lines.append(f"- bytes saved for the backward, normjax / flax: geometric mean "
+                 f"{summary['residual_ratio_geomean']:.2f}")
+  comp = [(r["case"], r["compile_s"].get("normjax"), r["compile_s"].get("flax"))
+          for r in records if "normjax" in r.get("compile_s", {})]
+  if comp:
+    lines.append(f"- compile time (s), geometric mean: normjax "
+                 f"{geomean([c[1] for c in comp]):.2f}, flax "
+                 f"{geomean([c[2] for c in comp if c[2]]):.2f}")
+  if alloc:
+    lines += ["", "## Allocator", "",
+              "The same cases timed in a subprocess under each allocator (ms, median):", "",
+              "| case | candidate | glibc ms | tcmalloc ms | glibc / tcmalloc |", "|---|---|---|---|---|"]
+    for row in alloc:
+      lines.append(f"| {row['case']} | {row['impl']} | {row['glibc'] * 1e3:.3g} | "
+                   f"{row['tcmalloc'] * 1e3:.3g} | {row['glibc'] / row['tcmalloc']:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(records, path):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  recs = [r for r in records if "ratios" in r]
+  names = [r["case"] for r in recs]
+  fig, ax = plt.subplots(figsize=(10, 0.28 * len(recs) + 1.5))
+  ys = range(len(recs))
+  for i, (base, color) in enumerate((("flax", "tab:blue"), ("torch", "tab:orange"),
+                                     ("roofline", "tab:gray"))):
+    vals = [1 / r["ratios"][base] if base in r["ratios"] else 0 for r in recs]
+    ax.barh([y + (i - 1) * 0.27 for y in ys], vals, height=0.27, color=color,
+            label={"flax": "baseline: flax.linen", "torch": "baseline: PyTorch",
+                   "roofline": "baseline: memory roofline"}[base])
+  ax.axvline(1.0, color="k", lw=0.8)
+  ax.set_xscale("log")
+  ax.set_yticks(list(ys))
+  ax.set_yticklabels(names, fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xlabel("speed of normjax relative to baseline (baseline time / normjax time; >1 = faster)")
+  ax.legend(loc="lower right", fontsize=8)
+  ax.set_title("normjax vs flax.linen, PyTorch and the memory roofline")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def machine_info(device):
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      m = re.search(r"model name\s*:\s*(.*)", f.read())
+      cpu = m.group(1) if m else cpu
+  except OSError:
+    pass
+  info = f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+  try:
+    with open("/proc/meminfo") as f:
+      kb = int(re.search(r"MemTotal:\s*(\d+)", f.read()).group(1))
+      info += f", {kb / 2**20:.0f} GiB RAM"
+  except (OSError, AttributeError):
+    pass
+  if device.platform != "cpu":
+    info = f"{device.device_kind} ({device.platform}); host: {info}"
+  return info
+
+
+def allocator_table(args, out_dir):
+  """Times a few cases under glibc and tcmalloc (one subprocess each)."""
+  if not os.path.exists(TCMALLOC):
+    return None
+  filt = ("^(layer fwd 8x512x1024|layer fwdbwd 8x512x1024|group fwd 32x56x56x256|"
+          "batch_train fwd 32x56x56x256)$")
+  res = {}
+  for alloc in ("glibc", "tcmalloc"):
+    path = os.path.join(out_dir, f".alloc_{alloc}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--allocator", alloc, "--filter", filt,
+           "--impls", "normjax,flax,floor", "--rounds", "3", "--no-allocator-check",
+           "--json-only", path]
+    subprocess.run(cmd, check=True)
+    with open(path) as f:
+      res[alloc] = json.load(f)
+    os.remove(path)
+  rows = []
+  for a, b in zip(res["glibc"], res["tcmalloc"]):
+    for impl in ("normjax", "flax", "floor"):
+      if impl in a["times"] and impl in b["times"]:
+        rows.append({"case": a["case"], "impl": impl, "glibc": a["times"][impl]["median_s"],
+                     "tcmalloc": b["times"][impl]["median_s"]})
+  return rows
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  maybe_reexec(args)
+  if args.device == "cpu":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  elif args.device == "gpu":
+    os.environ.setdefault("JAX_PLATFORMS", "cuda")
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax  # pylint: disable=import-outside-toplevel
+  import cases as C  # pylint: disable=import-outside-toplevel
+
+  device = jax.devices()[0]
+  torch_device = None
+  impls = [i for i in args.impls.split(",") if i]
+  if "torch" in impls:
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+      if device.platform == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch_device = "cpu"
+      elif torch.cuda.is_available():
+        torch_device = "cuda"
+    except ImportError:
+      pass
+  rounds = args.rounds or (2 if args.quick else 5)
+  target_s = args.target_s or (0.02 if args.quick else 0.12)
+  out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  os.makedirs(out_dir, exist_ok=True)
+  stem = "quick" if args.quick else "results"
+  if device.platform == "gpu":
+    stem += "_gpu"
+
+  case_list = C.all_cases(args.quick)
+  if args.filter:
+    case_list = [c for c in case_list if re.search(args.filter, c.name)]
+  t_start = time.time()
+  records = []
+  for i, case in enumerate(case_list):
+    rec = run_case(case, impls, rounds, target_s, device, torch_device)
+    records.append(rec)
+    r = rec.get("ratios", {})
+    print(f"[{i + 1}/{len(case_list)}] {case.name:40s} normjax {fmt_ms(rec, 'normjax'):>7s} ms  "
+          + "  ".join(f"/{k} {v:.2f}" for k, v in r.items()), flush=True)
+  if args.json_only:
+    with open(args.json_only, "w") as f:
+      json.dump(records, f)
+    return
+  wall = time.time() - t_start
+  alloc = None
+  if not args.quick and not args.no_allocator_check and device.platform == "cpu":
+    alloc = allocator_table(args, out_dir)
+  import flax  # pylint: disable=import-outside-toplevel
+  versions = f"jax {jax.__version__}, flax {flax.__version__}"
+  if torch_device:
+    import torch  # pylint: disable=import-outside-toplevel
+    versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+  meta = {"command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+          "machine": machine_info(device), "software": versions,
+          "allocator": allocator_name() if device.platform == "cpu" else "n/a (GPU)",
+          "platform": device.platform, "device_kind": device.device_kind,
+          "date": datetime.datetime.now().isoformat(timespec="seconds"), "wall_s": wall,
+          "rounds": rounds, "target_s": target_s}
+  if device.platform == "gpu":
+    meta["peak_gbps"] = next((v for k, v in PEAK_GBPS.items() if k in device.device_kind), None)
+  summary = summarize(records)
+  md = markdown(meta, records, summary, alloc)
+  with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+    f.write(md)
+  with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+    json.dump({"meta": meta, "summary": summary, "records": records, "allocator": alloc}, f,
+              indent=1)
+  if not args.no_plot:
+    plot(records, os.path.join(out_dir, stem + ".png"))
+  print(md)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,215 @@
+"""Layout and dtype translation shared by the Flax wrappers (`normjax.linen`, `normjax.nnx`).
+
+Flax describes a normalization by its reduction axes and feature axes (the axes the learned
+scale and bias vary along); normjax's functions by `axis` / `channel_axis` / `batch_axis`, with
+parameters of the variant's feature shape. Each function here turns the first description into
+one call of a normjax function, using only reshapes, transposes, broadcasts, `vmap`s and dtype
+casts. No statistic is computed here: the maths stays in `normjax._core`.
+
+Dtypes follow flax: the output has `dtype` if given, else the promoted dtype of the input and
+the parameters; statistics are computed in at least float32 from the input (cast up to the
+output dtype when that is wider, so a bfloat16 input with float32 parameters is normalized in
+float32 and returned in float32, as flax does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from normjax import _axes
+from normjax._state import BatchStats
+from normjax.batch import batch_norm as _batch_norm
+from normjax.group import group_norm as _group_norm
+from normjax.group import instance_norm as _instance_norm
+from normjax.layer import layer_norm as _layer_norm
+from normjax.layer import rms_norm as _rms_norm
+
+
+def result_dtype(*args: Any, dtype: Any = None) -> jnp.dtype:
+  """flax's `canonicalize_dtype`: `dtype` if given, else the promoted dtype of `args`.
+
+  `args` are arrays or dtypes (None is skipped). The lookup ignores the user's
+  `jax_numpy_dtype_promotion` setting, which governs implicit promotion in arithmetic, not
+  this explicit choice of an output dtype.
+  """
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.result_type(*(getattr(a, "dtype", a) for a in args if a is not None))
+
+
+def promote_dtype(args: tuple, /, *, dtype: Any = None, inexact: bool = True) -> tuple:
+  """`flax.nnx`'s default `promote_dtype`: casts every non-None array of `args` to one dtype.
+
+  Same signature and result as `flax.nnx.nn.dtypes.promote_dtype`, but it also works under
+  `jax_numpy_dtype_promotion="strict"` (flax's raises for bfloat16 input with float32 params).
+  """
+  del inexact  # every normjax input is floating already
+  target = result_dtype(*args, dtype=dtype)
+  return tuple(None if a is None else jnp.asarray(a, target) for a in args)
+
+
+def check_input(x: Any) -> jax.Array:
+  """`x` as an array; `TypeError` (normjax's message) unless it is floating."""
+  return _axes.check_floating(x)
+
+
+def _input(x: Any, params: Sequence[Any], dtype: Any) -> tuple[jax.Array, jnp.dtype]:
+  """Checks `x`, and returns it in its computation dtype along with the output dtype."""
+  x = _axes.check_floating(x)
+  out = result_dtype(x, *params, dtype=dtype)
+  return x.astype(result_dtype(x, out)), out
+
+
+def feature_axes(axes: Any, ndim: int, name: str) -> tuple[int, ...]:
+  """Canonical (sorted, non-negative) axes, with normjax's range and repeat errors."""
+  return _axes.canonicalize_axes(axes, ndim, name)
+
+
+def to_shape(param: Any, shape: Sequence[int], name: str) -> jax.Array | None:
+  """Reshapes a parameter or statistic to `shape` (same values, same order), or raises."""
+  if param is None:
+    return None
+  param = jnp.asarray(param)
+  if param.size != math.prod(shape):
+    raise ValueError(f"{name} must have {math.prod(shape)} values (the feature shape "
+                     f"{tuple(shape)} of x); got shape {tuple(param.shape)}.")
+  return param.reshape(tuple(shape))
+
+
+def merge_axes(x: jax.Array, axes: Sequence[int]) -> tuple[jax.Array, Callable]:
+  """Moves `axes` of `x` to the end and merges them into one axis; returns it and the inverse.
+
+  The merged axis enumerates the feature positions in row-major order of `axes`, which is the
+  order of a flax feature-shaped parameter flattened with `reshape(-1)`. No axes give a new
+  trailing axis of size 1.
+  """
+  rest = [a for a in range(x.ndim) if a not in axes]
+  perm = rest + list(axes)
+  moved_shape = tuple(x.shape[a] for a in perm)
+  merged = jnp.transpose(x, perm).reshape(moved_shape[:len(rest)] + (-1,))
+  undo = lambda y: jnp.transpose(y.reshape(moved_shape), np.argsort(perm))
+  return merged, undo
+
+
+def map_axes(fn: Callable, axes: Sequence[int], *args: Any) -> Any:
+  """`fn(*args)` applied to every slice of the `args` (arrays of one rank) along `axes`.
+
+  Implemented with nested `jax.vmap`s; the outputs are re-assembled along the same axes. None
+  arguments are passed through.
+  """
+  for a in sorted(axes):  # the largest axis ends up outermost, so inner indices stay valid
+    fn = jax.vmap(fn, in_axes=tuple(None if v is None else a for v in args), out_axes=a)
+  return fn(*args)
+
+
+def no_index_groups(axis_index_groups: Any, module: str) -> None:
+  """Raises for `axis_index_groups`, which only `batch_norm` supports."""
+  if axis_index_groups is not None:
+    raise ValueError(f"{module}: axis_index_groups is not supported (normjax supports it only for "
+                     f"BatchNorm); got axis_index_groups={axis_index_groups!r}. Use None.")
+
+
+def batch_norm(x: Any, scale: Any, bias: Any, stats: BatchStats, *, axis: Any, dtype: Any,
+               mask: Any = None, **kwargs: Any) -> tuple[jax.Array, BatchStats]:
+  """`nj.batch_norm` with flax's feature `axis` (an int, or a tuple of axes merged into one).
+
+  `scale`, `bias`, `stats.mean` and `stats.var` may have the feature shape or be flat; the
+  new stats come back in the shape of `stats`. `kwargs` go to `nj.batch_norm`.
+  """
+  x, out = _input(x, (scale, bias), dtype)
+  axes = _axes.canonicalize_axes(axis, x.ndim, "axis")
+  if len(axes) == 1:
+    y, new = _batch_norm(x, scale, bias, stats, channel_axis=axes[0], mask=mask, **kwargs)
+    return y.astype(out), new
+  xm, undo = merge_axes(x, axes)
+  mask = None if mask is None else merge_axes(_axes.check_mask(mask, x.shape), axes)[0]
+  flat = lambda p, name: to_shape(p, xm.shape[-1:], name)
+  flat_stats = BatchStats(flat(stats.mean, "mean"), flat(stats.var, "var"), stats.count)
+  y, new = _batch_norm(xm, flat(scale, "scale"), flat(bias, "bias"), flat_stats, channel_axis=-1,
+                       mask=mask, **kwargs)
+  new = new._replace(mean=new.mean.reshape(jnp.shape(stats.mean)),
+                     var=new.var.reshape(jnp.shape(stats.var)))
+  return undo(y).astype(out), new
+
+
+def layer_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_axes: Any,
+               dtype: Any, mask: Any = None, centered: bool = True, **kwargs: Any) -> jax.Array:
+  """`nj.layer_norm` (or `nj.rms_norm` when not `centered`) with flax's two axis attributes.
+
+  Feature axes among the reduction axes: the parameter is broadcast to the reduced shape.
+  Feature axes outside them (flax's `LayerNorm(reduction_axes=(1, 2), feature_axes=-1)`): the
+  call is vmapped over those axes, each slice with its own parameter values.
+  """
+  x, out = _input(x, (scale, bias), dtype)
+  red = _axes.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+  feat = _axes.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
+  mapped = tuple(a for a in feat if a not in red)
+  inner_red = tuple(r - sum(m < r for m in mapped) for r in red)
+  in_x_rank = [x.shape[a] if a in feat else 1 for a in range(x.ndim)]
+  as_feature = lambda p, name: (None if p is None else
+                                to_shape(p, [x.shape[a] for a in feat], name).reshape(in_x_rank))
+  scale, bias = as_feature(scale, "scale"), as_feature(bias, "bias")
+
+  def norm(x, mask, scale, bias):
+    reduced = lambda p: None if p is None else jnp.broadcast_to(
+        p.reshape([p.shape[a] for a in inner_red]), [x.shape[a] for a in inner_red])
+    if centered:
+      return _layer_norm(x, reduced(scale), reduced(bias), axis=inner_red, mask=mask, **kwargs)
+    return _rms_norm(x, reduced(scale), axis=inner_red, mask=mask, **kwargs)
+
+  mask = _axes.check_mask(mask, x.shape) if mapped else mask
+  return map_axes(norm, mapped, x, mask, scale, bias).astype(out)
+
+
+def instance_norm(x: Any, scale: Any, bias: Any, *, feature_axes: Any, dtype: Any,
+                  mask: Any = None, **kwargs: Any) -> jax.Array:
+  """`nj.instance_norm` with batch axis 0 and flax's `feature_axes` (several are merged)."""
+  x, out = _input(x, (scale, bias), dtype)
+  axes = _axes.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
+  if len(axes) == 1:
+    return _instance_norm(x, scale, bias, channel_axis=axes[0], batch_axis=0, mask=mask,
+                          **kwargs).astype(out)
+  if 0 in axes:
+    raise ValueError(f"feature_axes={feature_axes!r} must not include axis 0, the batch axis; got "
+                     f"x of rank {x.ndim}.")
+  xm, undo = merge_axes(x, axes)
+  mask = None if mask is None else merge_axes(_axes.check_mask(mask, x.shape), axes)[0]
+  flat = lambda p, name: to_shape(p, xm.shape[-1:], name)
+  y = _instance_norm(xm, flat(scale, "scale"), flat(bias, "bias"), channel_axis=-1, batch_axis=0,
+                     mask=mask, **kwargs)
+  return undo(y).astype(out)
+
+
+def group_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_axis: int,
+               dtype: Any, mask: Any = None, **kwargs: Any) -> jax.Array:
+  """`nj.group_norm` with flax's `reduction_axes` (None: every axis but 0) and a channel axis.
+
+  The axes outside `reduction_axes` are the per-example axes: the first is `batch_axis`, any
+  further ones are vmapped over.
+  """
+  x, out = _input(x, (scale, bias), dtype)
+  c_axis = _axes.canonicalize_axis(feature_axis, x.ndim, "feature_axis")
+  if reduction_axes is None:
+    kept = (0,)
+  else:
+    red = _axes.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+    if c_axis not in red:
+      raise ValueError(f"reduction_axes={reduction_axes!r} must include the channel axis "
+                       f"(feature_axis={feature_axis}), whose groups are normalized over; got "
+                       f"{red} for x of rank {x.ndim}.")
+    kept = tuple(a for a in range(x.ndim) if a not in red)
+  inner_c = c_axis - sum(k < c_axis for k in kept[1:])
+
+  def norm(x, mask):
+    return _group_norm(x, scale, bias, channel_axis=inner_c, batch_axis=kept[0] if kept else None,
+                       mask=mask, **kwargs)
+
+  mask = _axes.check_mask(mask, x.shape) if len(kept) > 1 else mask
+  return map_axes(norm, kept[1:], x, mask).astype(out)

@@ -1,0 +1,329 @@
+"""Flax NNX wrappers: drop-in replacements for `flax.nnx`'s normalization modules.
+
+`BatchNorm`, `LayerNorm`, `RMSNorm`, `InstanceNorm` and `GroupNorm` are constructed like their
+`flax.nnx` namesakes (flax 0.12): `num_features`, the same keyword options and defaults, and
+`rngs=`. They hold `nnx.Param` variables `scale` and `bias` and (`BatchNorm`) `nnx.BatchStat`
+variables `mean` and `var`, so `nnx.update(ours, nnx.state(theirs))` loads a flax module's
+state. Train/eval switching is flax's: the `use_running_average` attribute or call argument,
+set for a whole model by `model.train()` / `model.eval()` or `nnx.view`. They work under
+`nnx.jit`, `nnx.vmap`, `nnx.grad` and `nnx.value_and_grad`.
+
+Each wrapper creates its variables, translates its options to one normjax function call and
+calls it; the maths is normjax's. The differences from flax and the extras are those listed in
+`normjax.linen` (stable variance whatever `use_fast_variance` says; `momentum=None` adds a
+`count` BatchStat; `unbiased_running_var`; `mask` everywhere; `GroupNorm(feature_axis=1)`);
+besides, the default `promote_dtype` also works under `jax_numpy_dtype_promotion="strict"`.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.module import first_from
+from flax.nnx.nn import initializers
+from flax.typing import Axes, Dtype, Initializer
+
+from normjax import _flax
+from normjax._state import BatchStats
+from normjax.group import _group_size
+
+__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm")
+
+_NO_METADATA = MappingProxyType({})
+
+
+def _param(use: bool, init: Initializer, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Dtype,
+           metadata: Any) -> Any:
+  """An `nnx.Param` from `init`, drawing one `rngs.params()` key as flax does; or no param."""
+  return nnx.Param(init(rngs.params(), shape, dtype), **metadata) if use else nnx.data(None)
+
+
+def _value(variable: Any) -> jax.Array | None:
+  return None if variable is None else variable[...]
+
+
+def _store_options(module: nnx.Module, options: dict[str, Any]) -> None:
+  """Keeps the constructor's options as attributes, as flax does (`locals()` of `__init__`)."""
+  for name, value in options.items():
+    if name not in ("self", "rngs", "bias_init", "scale_init", "bias_metadata", "scale_metadata"):
+      setattr(module, name, value)
+
+
+class BatchNorm(nnx.Module):
+  """Batch normalization (`normjax.batch_norm`) with `flax.nnx.BatchNorm`'s interface.
+
+  Args:
+    num_features: the number of channels (the size of the `axis` dimension(s)).
+    use_running_average: True to normalize with the stored statistics (evaluation); False
+      (the default, as in flax) for batch statistics and an update of `mean`/`var`.
+    axis: the feature axis (or a tuple of them, merged into one channel axis).
+    momentum: `new = momentum * old + (1 - momentum) * batch`; None for the cumulative
+      average over all batches, which adds a `count` BatchStat.
+    epsilon: added to the variance.
+    dtype: computation and output dtype (default: promoted from the input and parameters).
+    param_dtype: dtype of `scale` and `bias`.
+    use_bias, use_scale: create `bias` / `scale`.
+    bias_init, scale_init: their initializers.
+    axis_name: mapped axis (`nnx.vmap`, `nnx.pmap`, shard_map) the batch is split over.
+    axis_index_groups: device groups along `axis_name` that share statistics.
+    use_fast_variance: accepted for compatibility, ignored (the variance is always stable).
+    promote_dtype: `fn((x, mean, var, scale, bias), dtype=...)` as in flax.
+    unbiased_running_var: store the unbiased `n / (n - 1)` batch variance (PyTorch).
+    rngs: the `nnx.Rngs` the parameters are drawn from.
+    bias_metadata, scale_metadata: metadata of the `nnx.Param`s.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> bn = njnnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> y = bn(jnp.arange(12.0).reshape(4, 3))      # training mode: updates mean and var
+    >>> bn.mean[...].round(4)                       # 0.9 * 0 + 0.1 * batch mean
+    Array([0.45, 0.55, 0.65], dtype=float32)
+    >>> bn.eval()
+    >>> y = bn(jnp.arange(12.0).reshape(4, 3))      # uses the stored statistics
+  """
+
+  def __init__(self, num_features: int, *, use_running_average: bool | None = False,
+               axis: int | tuple[int, ...] = -1, momentum: float | None = 0.99,
+               epsilon: float = 1e-5, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
+               bias_init: Initializer = initializers.zeros_init(),
+               scale_init: Initializer = initializers.ones_init(), axis_name: str | None = None,
+               axis_index_groups: Any = None, use_fast_variance: bool = True,
+               promote_dtype: Any = _flax.promote_dtype, unbiased_running_var: bool = False,
+               rngs: nnx.Rngs, bias_metadata: Any = _NO_METADATA,
+               scale_metadata: Any = _NO_METADATA):
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    if momentum is None:
+      self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
+    self.bias = _param(use_bias, bias_init, rngs, (num_features,), param_dtype, bias_metadata)
+    _store_options(self, locals())
+
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Normalizes `x`; in training mode updates `mean`, `var` (and `count`).
+
+    Args:
+      x: floating input.
+      use_running_average: overrides the attribute for this call.
+      mask: optional bool array broadcastable to `x`; True elements enter the statistics.
+    """
+    use_running_average = first_from(
+        use_running_average, self.use_running_average,
+        error_msg="No use_running_average was given to BatchNorm: pass it to the constructor, "
+                  "to the call, or set it with model.train() / model.eval().")
+    x, mean, var, scale, bias = self.promote_dtype(
+        (_flax.check_input(x), self.mean[...], self.var[...], _value(self.scale),
+         _value(self.bias)), dtype=self.dtype)
+    train = not use_running_average
+    count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
+    stats = BatchStats(self.mean[...], self.var[...], count) if train else BatchStats(mean, var,
+                                                                                       count)
+    y, new = _flax.batch_norm(
+        x, scale, bias, stats, axis=self.axis, dtype=self.dtype, mask=mask, train=train,
+        momentum=self.momentum, eps=self.epsilon, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, unbiased_running_var=self.unbiased_running_var)
+    if train:
+      self.mean[...], self.var[...] = new.mean, new.var
+      if self.momentum is None:
+        self.count[...] = new.count
+    return y
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by `nnx.view(model, use_running_average=...)`."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+class LayerNorm(nnx.Module):
+  """Layer normalization (`normjax.layer_norm`) with `flax.nnx.LayerNorm`'s interface.
+
+  `scale` and `bias` have `num_features` values, laid out over `feature_axes` (which need not
+  be among `reduction_axes`: `reduction_axes=(1, 2), feature_axes=-1` is an instance norm).
+
+  Args:
+    num_features: the number of values in `scale` / `bias` (the size of the feature axes).
+    epsilon: added to the variance (default 1e-6).
+    dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as in `BatchNorm`.
+    reduction_axes: the axes normalized over.
+    feature_axes: the axes `scale` and `bias` vary along.
+    axis_name: a mapped axis that is itself one of the normalized axes (sharded features).
+    axis_index_groups: not supported (must be None).
+    use_fast_variance: accepted for compatibility, ignored.
+    promote_dtype: `fn((x, scale, bias), dtype=...)` as in flax.
+    rngs, bias_metadata, scale_metadata: as in `BatchNorm`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> njnnx.LayerNorm(3, epsilon=0.0, rngs=nnx.Rngs(0))(jnp.array([[1.0, 2.0, 3.0]])).round(4)
+    Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
+  """
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
+               bias_init: Initializer = initializers.zeros_init(),
+               scale_init: Initializer = initializers.ones_init(), reduction_axes: Axes = -1,
+               feature_axes: Axes = -1, axis_name: str | None = None,
+               axis_index_groups: Any = None, use_fast_variance: bool = True,
+               promote_dtype: Any = _flax.promote_dtype, rngs: nnx.Rngs,
+               bias_metadata: Any = _NO_METADATA, scale_metadata: Any = _NO_METADATA):
+    _flax.no_index_groups(axis_index_groups, "LayerNorm")
+    self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
+    self.bias = _param(use_bias, bias_init, rngs, (num_features,), param_dtype, bias_metadata)
+    _store_options(self, locals())
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """Normalizes `x`; `mask` (bool, broadcastable to `x`) selects what enters the statistics."""
+    x, scale, bias = self.promote_dtype(
+        (_flax.check_input(x), _value(self.scale), _value(self.bias)), dtype=self.dtype)
+    return _flax.layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
+                            feature_axes=self.feature_axes, dtype=self.dtype, mask=mask,
+                            eps=self.epsilon, axis_name=self.axis_name)
+
+
+class RMSNorm(nnx.Module):
+  """RMS normalization (`normjax.rms_norm`) with `flax.nnx.RMSNorm`'s interface (no bias).
+
+  Args:
+    num_features: the number of values in `scale`.
+    epsilon: added to the mean square (default 1e-6).
+    dtype, param_dtype, use_scale, scale_init: as in `BatchNorm`.
+    reduction_axes, feature_axes, axis_name, axis_index_groups: as in `LayerNorm`.
+    use_fast_variance: accepted for compatibility, ignored.
+    promote_dtype: `fn((x, scale), dtype=...)` as in flax.
+    rngs, scale_metadata: as in `BatchNorm`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> njnnx.RMSNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))(jnp.array([[3.0, -3.0]]))
+    Array([[ 1., -1.]], dtype=float32)
+  """
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, use_scale: bool = True,
+               scale_init: Initializer = initializers.ones, reduction_axes: Axes = -1,
+               feature_axes: Axes = -1, axis_name: str | None = None,
+               axis_index_groups: Any = None, use_fast_variance: bool = True,
+               promote_dtype: Any = _flax.promote_dtype, rngs: nnx.Rngs,
+               scale_metadata: Any = _NO_METADATA):
+    _flax.no_index_groups(axis_index_groups, "RMSNorm")
+    self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
+    _store_options(self, locals())
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Normalizes `x`; `mask` (bool, broadcastable to `x`) selects what enters the statistics."""
+    x, scale = self.promote_dtype((_flax.check_input(x), _value(self.scale)), dtype=self.dtype)
+    return _flax.layer_norm(x, scale, None, reduction_axes=self.reduction_axes,
+                            feature_axes=self.feature_axes, dtype=self.dtype, mask=mask,
+                            centered=False, eps=self.epsilon, axis_name=self.axis_name)
+
+
+class InstanceNorm(nnx.Module):
+  """Instance normalization (`normjax.instance_norm`) with `flax.nnx.InstanceNorm`'s interface.
+
+  Axis 0 is the batch axis; statistics per example and feature over every other axis.
+  `feature_axes=1` is the channels-first (`NC...`) layout.
+
+  Args:
+    num_features: the number of channels.
+    epsilon: added to the variance (default 1e-6).
+    dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as in `BatchNorm`.
+    feature_axes: the channel axis (or several, merged into one).
+    axis_name: a mapped axis that is one of the reduced (spatial) axes.
+    axis_index_groups: not supported (must be None).
+    use_fast_variance: accepted for compatibility, ignored.
+    promote_dtype: `fn((x, scale, bias), dtype=...)` as in flax.
+    rngs, bias_metadata, scale_metadata: as in `BatchNorm`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> inorm = njnnx.InstanceNorm(1, epsilon=0.0, rngs=nnx.Rngs(0))
+    >>> inorm(jnp.array([[[0.0], [2.0]]]))[..., 0]      # [N=1, L=2, C=1]
+    Array([[-1.,  1.]], dtype=float32)
+  """
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
+               bias_init: Initializer = initializers.zeros,
+               scale_init: Initializer = initializers.ones, feature_axes: Axes = -1,
+               axis_name: str | None = None, axis_index_groups: Any = None,
+               use_fast_variance: bool = True, promote_dtype: Any = _flax.promote_dtype,
+               rngs: nnx.Rngs, bias_metadata: Any = _NO_METADATA,
+               scale_metadata: Any = _NO_METADATA):
+    _flax.no_index_groups(axis_index_groups, "InstanceNorm")
+    self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
+    self.bias = _param(use_bias, bias_init, rngs, (num_features,), param_dtype, bias_metadata)
+    _store_options(self, locals())
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """Normalizes `x`; `mask` (bool, broadcastable to `x`) selects what enters the statistics."""
+    x, scale, bias = self.promote_dtype(
+        (_flax.check_input(x), _value(self.scale), _value(self.bias)), dtype=self.dtype)
+    return _flax.instance_norm(x, scale, bias, feature_axes=self.feature_axes, dtype=self.dtype,
+                               mask=mask, eps=self.epsilon, axis_name=self.axis_name)
+
+
+class GroupNorm(nnx.Module):
+  """Group normalization (`normjax.group_norm`) with `flax.nnx.GroupNorm`'s interface.
+
+  As in flax, `num_groups` defaults to 32: pass `num_groups=None` to give `group_size`; both
+  are checked against `num_features` at construction, with `normjax.group_norm`'s errors.
+
+  Args:
+    num_features: the number of channels.
+    num_groups: the number of channel groups (default 32).
+    group_size: the number of channels per group (give exactly one of the two).
+    epsilon: added to the variance (default 1e-6).
+    dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as in `BatchNorm`.
+    reduction_axes: the axes normalized over, including the channel axis; None for every axis
+      but 0. Axes not listed are per-example (batch-like) axes.
+    axis_name: a mapped axis that is one of the reduced (spatial) axes.
+    axis_index_groups: not supported (must be None).
+    use_fast_variance: accepted for compatibility, ignored.
+    promote_dtype: `fn((x, scale, bias), dtype=...)` as in flax.
+    feature_axis: the channel axis, -1 as in flax; 1 for channels-first (`NC...`) input.
+    rngs, bias_metadata, scale_metadata: as in `BatchNorm`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> gn = njnnx.GroupNorm(4, num_groups=2, epsilon=0.0, rngs=nnx.Rngs(0))
+    >>> gn(jnp.array([[0.0, 2.0, 10.0, 14.0]]))
+    Array([[-1.,  1., -1.,  1.]], dtype=float32)
+  """
+
+  def __init__(self, num_features: int, num_groups: int | None = 32,
+               group_size: int | None = None, *, epsilon: float = 1e-6,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+               use_bias: bool = True, use_scale: bool = True,
+               bias_init: Initializer = initializers.zeros_init(),
+               scale_init: Initializer = initializers.ones_init(),
+               reduction_axes: Axes | None = None, axis_name: str | None = None,
+               axis_index_groups: Any = None, use_fast_variance: bool = True,
+               promote_dtype: Any = _flax.promote_dtype, feature_axis: int = -1,
+               rngs: nnx.Rngs, bias_metadata: Any = _NO_METADATA,
+               scale_metadata: Any = _NO_METADATA):
+    _flax.no_index_groups(axis_index_groups, "GroupNorm")
+    group_size = _group_size(num_features, num_groups, group_size)
+    num_groups = num_features // group_size
+    self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
+    self.bias = _param(use_bias, bias_init, rngs, (num_features,), param_dtype, bias_metadata)
+    _store_options(self, locals())
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """Normalizes `x`; `mask` (bool, broadcastable to `x`) selects what enters the statistics."""
+    x, scale, bias = self.promote_dtype(
+        (_flax.check_input(x), _value(self.scale), _value(self.bias)), dtype=self.dtype)
+    return _flax.group_norm(x, scale, bias, reduction_axes=self.reduction_axes,
+                            feature_axis=self.feature_axis, dtype=self.dtype, mask=mask,
+                            num_groups=self.num_groups, eps=self.epsilon,
+                            axis_name=self.axis_name)

@@ -1,0 +1,268 @@
+"""normjax.linen against flax.linen's modules (same variables in, same outputs and batch_stats
+out) and against float64 NumPy references for what flax lacks or gets wrong."""
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax_helpers import SHAPE, assert_close, data, permissive, random_init, randomize
+from flax_helpers import fast_compiles  # noqa: F401  (module-scoped autouse fixture)
+
+import normjax.linen as njnn
+
+
+CASES = [  # (module, attributes, masked)
+    ("BatchNorm", {}, True),
+    ("BatchNorm", dict(axis=1), False),                       # channels-first
+    ("BatchNorm", dict(axis=(1, 3)), True),                   # several feature axes
+    ("BatchNorm", dict(momentum=0.9, epsilon=1e-3, use_bias=False), False),
+    ("LayerNorm", {}, True),
+    ("LayerNorm", dict(reduction_axes=(1, 2, 3), use_bias=False), False),
+    ("LayerNorm", dict(reduction_axes=(1, 2), feature_axes=-1), True),  # features not reduced
+    ("LayerNorm", dict(reduction_axes=(-2, -1), feature_axes=(-2, -1)), False),
+    ("LayerNorm", dict(reduction_axes=(1, 2, 3), feature_axes=(1, 3), epsilon=1e-3), False),
+    ("RMSNorm", {}, True),
+    ("RMSNorm", dict(reduction_axes=(1, 2), feature_axes=(2, 3)), False),
+    ("InstanceNorm", {}, True),
+    ("InstanceNorm", dict(feature_axes=1), False),
+    ("InstanceNorm", dict(feature_axes=(2, 3), use_scale=False), False),
+    ("GroupNorm", dict(num_groups=4), True),
+    ("GroupNorm", dict(num_groups=None, group_size=2, epsilon=1e-3, use_scale=False), False),
+    ("GroupNorm", dict(num_groups=2, reduction_axes=(2, 3)), True),  # axes 0, 1 per-example
+]
+
+
+@pytest.mark.parametrize("name,kw,masked", CASES,
+                         ids=[f"{n}-{kw}{'-mask' * m}" for n, kw, m in CASES])
+def test_matches_flax_init_and_training_steps(name, kw, masked):
+  keys = jax.random.split(jax.random.key(2), 5)
+  x0, _ = data(keys[0])
+  call = dict(use_running_average=False) if name == "BatchNorm" else {}
+  # init: the same tree as flax's, value for value, also with random initializers.
+  inits = dict(scale_init=random_init(1.0))
+  inits.update({} if name == "RMSNorm" else dict(bias_init=random_init(0.0)))
+  with permissive():
+    theirs = getattr(nn, name)(**kw, **inits).init(keys[1], x0, **call)
+  ours = getattr(njnn, name)(**kw, **inits).init(keys[1], x0, **call)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+  assert jax.tree.map(lambda a: a.dtype, ours) == jax.tree.map(lambda a: a.dtype, theirs)
+
+  def step(module, ctx):
+    def run(variables, x, mask, train):   # eager: primitives compile once for all the cases
+      with ctx():
+        if name != "BatchNorm":
+          return module.apply(variables, x, mask=mask), {}
+        return module.apply(variables, x, use_running_average=not train, mask=mask,
+                            mutable=["batch_stats"])
+    return run
+
+  theirs_fn = step(getattr(nn, name)(**kw), permissive)
+  ours_fn = step(getattr(njnn, name)(**kw), contextlib.nullcontext)
+  theirs = ours = randomize(theirs, keys[2])   # random (not default) values
+  for key in jax.random.split(keys[3], 3):     # three training steps
+    x, mask = data(key)
+    mask = mask if masked else None
+    y_theirs, upd_theirs = theirs_fn(theirs, x, mask, True)
+    y_ours, upd_ours = ours_fn(ours, x, mask, True)
+    assert y_ours.shape == x.shape and y_ours.dtype == y_theirs.dtype
+    assert_close(y_ours, y_theirs)
+    assert_close(upd_ours, upd_theirs)
+    theirs, ours = {**theirs, **upd_theirs}, {**ours, **upd_ours}
+  x, mask = data(keys[4])
+  y_theirs, _ = theirs_fn(theirs, x, mask if masked else None, False)   # evaluation
+  y_ours, upd = ours_fn(ours, x, mask if masked else None, False)
+  assert_close(y_ours, y_theirs)
+  if name == "BatchNorm":
+    assert_close(upd, {"batch_stats": ours["batch_stats"]}, tol=0)   # unchanged in eval
+
+
+@pytest.mark.parametrize("name,kw,x_dtype", [
+    ("BatchNorm", {}, jnp.bfloat16),                         # float32 params: float32 out
+    ("BatchNorm", dict(dtype=jnp.bfloat16), jnp.float32),
+    ("BatchNorm", dict(force_float32_reductions=False, param_dtype=jnp.bfloat16), jnp.bfloat16),
+    ("LayerNorm", dict(dtype=jnp.bfloat16), jnp.bfloat16),
+    ("LayerNorm", dict(param_dtype=jnp.bfloat16), jnp.bfloat16),
+    ("RMSNorm", {}, jnp.bfloat16),
+    ("InstanceNorm", dict(dtype=jnp.bfloat16), jnp.float32),
+    ("GroupNorm", dict(num_groups=4), jnp.bfloat16),
+])
+def test_dtypes_match_flax(name, kw, x_dtype):
+  x, _ = data(jax.random.key(3), dtype=x_dtype)
+  call = dict(use_running_average=False) if name == "BatchNorm" else {}
+  mutable = ["batch_stats"] if name == "BatchNorm" else False
+  with permissive():
+    theirs = getattr(nn, name)(**kw)
+    variables = randomize(theirs.init(jax.random.key(4), x, **call), jax.random.key(5))
+    y_theirs = theirs.apply(variables, x, **call, mutable=mutable)
+  y_ours = getattr(njnn, name)(**kw).apply(variables, x, **call, mutable=mutable)
+  jax.tree.map(lambda a, b: (a.dtype == b.dtype) or pytest.fail(f"{a.dtype} != {b.dtype}"),
+               y_ours, y_theirs)
+  # One bfloat16 rounding of an O(1) output apart at most (the statistics are float32 in both).
+  assert_close(y_ours, y_theirs, tol=1e-5 if y_ours[0].dtype == jnp.float32 else 2e-2)
+
+
+def _standardize64(x, axes, eps):
+  x = np.asarray(x, np.float64)
+  return (x - x.mean(axes, keepdims=True)) / np.sqrt(x.var(axes, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("name,kw,axes", [
+    ("BatchNorm", dict(use_running_average=False), (0, 1, 2)),
+    ("LayerNorm", {}, (3,)),
+    ("InstanceNorm", {}, (1, 2)),
+    ("GroupNorm", dict(num_groups=1), (1, 2, 3)),
+])
+def test_large_mean_stays_correct_with_flax_default_fast_variance(name, kw, axes):
+  # flax's default use_fast_variance=True computes E[x^2] - E[x]^2, which for 1e4 + N(0, 1)
+  # in float32 has no correct digit; ours accepts the flag and stays within 1e-3 of float64.
+  x = 1e4 + jax.random.normal(jax.random.key(6), SHAPE)
+  module = getattr(njnn, name)(use_fast_variance=True, **kw)
+  variables = module.init(jax.random.key(7), x)
+  y = module.apply(variables, x, mutable=["batch_stats"])[0] if name == "BatchNorm" else (
+      module.apply(variables, x))
+  expected = _standardize64(x, axes, module.epsilon)
+  np.testing.assert_allclose(np.asarray(y, np.float64), expected, atol=1e-3)
+
+
+def test_jitted_training_step_matches_flax():
+  x, mask = data(jax.random.key(15))
+  outs = []
+  for ns, ctx in ((nn, permissive), (njnn, contextlib.nullcontext)):
+    module = ns.BatchNorm(axis=1, momentum=0.9)
+    variables = randomize(module.init(jax.random.key(0), x, use_running_average=True),
+                          jax.random.key(1))
+
+    @jax.jit
+    def train_step(variables, x, mask, module=module, ctx=ctx):
+      with ctx():
+        y, upd = module.apply(variables, x, use_running_average=False, mask=mask,
+                              mutable=["batch_stats"])
+      return y, {**variables, **upd}
+
+    y1, variables = train_step(variables, x, mask)
+    y2, variables = train_step(variables, 2.0 * x, mask)
+    outs.append((y1, y2, variables))
+  assert_close(outs[1], outs[0])
+
+
+def test_use_running_average_at_construction_or_call_as_flax():
+  x, _ = data(jax.random.key(8))
+  variables = njnn.BatchNorm().init(jax.random.key(0), x, use_running_average=True)
+  variables = randomize(variables, jax.random.key(9))
+  y_attr = njnn.BatchNorm(use_running_average=True).apply(variables, x)
+  y_call = njnn.BatchNorm().apply(variables, x, use_running_average=True)
+  with permissive():
+    y_flax = nn.BatchNorm(use_running_average=True).apply(variables, x)
+  assert_close(y_attr, y_flax)
+  assert_close(y_call, y_flax)
+  for module, call in ((njnn.BatchNorm(), {}), (njnn.BatchNorm(use_running_average=True),
+                                                dict(use_running_average=False))):
+    with pytest.raises(ValueError, match="use_running_average"):   # flax's merge_param rule
+      module.apply(variables, x, **call)
+
+
+def test_init_does_not_update_or_need_a_batch():
+  x, _ = data(jax.random.key(10))
+  variables = njnn.BatchNorm(momentum=None).init(jax.random.key(0), x, use_running_average=False)
+  np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(8))
+  np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(8))
+  assert int(variables["batch_stats"]["count"]) == 0
+  one = njnn.BatchNorm().init(jax.random.key(0), jnp.ones((1, 8)), use_running_average=False)
+  assert one["batch_stats"]["mean"].shape == (8,)
+
+
+def test_momentum_none_is_the_cumulative_average_with_a_count():
+  module = njnn.BatchNorm(momentum=None, use_running_average=False)
+  xs = [data(k)[0] * (i + 1) for i, k in enumerate(jax.random.split(jax.random.key(11), 4))]
+  variables = module.init(jax.random.key(0), xs[0])
+  assert set(variables["batch_stats"]) == {"mean", "var", "count"}
+  for x in xs:
+    _, upd = module.apply(variables, x, mutable=["batch_stats"])
+    variables = {**variables, **upd}
+  stats = variables["batch_stats"]
+  xs64 = [np.asarray(x, np.float64) for x in xs]
+  assert int(stats["count"]) == 4 and stats["count"].dtype == jnp.int32
+  np.testing.assert_allclose(stats["mean"], np.mean([x.mean((0, 1, 2)) for x in xs64], 0),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stats["var"], np.mean([x.var((0, 1, 2)) for x in xs64], 0),
+                             rtol=1e-5)
+
+
+def test_unbiased_running_var_and_mask():
+  x, mask = data(jax.random.key(12))
+  module = njnn.BatchNorm(momentum=0.8, unbiased_running_var=True, use_running_average=False)
+  variables = module.init(jax.random.key(0), x)
+  y, upd = module.apply(variables, x, mask=mask, mutable=["batch_stats"])
+  x64, m = np.asarray(x, np.float64), np.asarray(mask)
+  n = m.sum((0, 1, 2))
+  mean = (x64 * m).sum((0, 1, 2)) / n
+  var = (((x64 - mean) ** 2) * m).sum((0, 1, 2)) / n
+  np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.2 * mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(upd["batch_stats"]["var"], 0.8 + 0.2 * var * n / (n - 1), rtol=1e-5)
+  # Normalization uses the biased variance of the valid elements, also at masked positions.
+  np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_channels_first_equals_flax_channels_last():
+  x, mask = data(jax.random.key(13))
+  with permissive():
+    flax_gn = nn.GroupNorm(num_groups=4)
+    variables = randomize(flax_gn.init(jax.random.key(0), x), jax.random.key(1))
+    expected = flax_gn.apply(variables, x, mask=mask)
+  to_nchw = lambda a: jnp.transpose(a, (0, 3, 1, 2))
+  y = njnn.GroupNorm(num_groups=4, feature_axis=1).apply(variables, to_nchw(x),
+                                                         mask=to_nchw(mask))
+  assert_close(y, to_nchw(expected))
+
+
+def test_cross_device_statistics_match_flax():
+  # Four host devices (conftest), statistics pooled within two groups of two devices.
+  x, _ = data(jax.random.key(14), (4, 3, 2, 5))
+  outs = []
+  for ns, ctx in ((nn, permissive), (njnn, contextlib.nullcontext)):
+    module = ns.BatchNorm(use_running_average=False, axis_name="d",
+                          axis_index_groups=[[0, 1], [2, 3]])
+    variables = randomize(module.init(jax.random.key(0), x[0]), jax.random.key(1))
+
+    def apply(v, x, module=module, ctx=ctx):
+      with ctx():
+        return module.apply(v, x, mutable=["batch_stats"])
+    outs.append(jax.pmap(apply, axis_name="d", in_axes=(None, 0))(variables, x))
+  assert_close(outs[1], outs[0])
+  assert not np.allclose(outs[1][1]["batch_stats"]["mean"][0],
+                         outs[1][1]["batch_stats"]["mean"][2])   # the groups differ
+
+
+@pytest.mark.parametrize("make,x_shape,error,match", [
+    (lambda: njnn.GroupNorm(num_groups=3), SHAPE, ValueError, "num_groups=3 must divide"),
+    (lambda: njnn.GroupNorm(group_size=2), SHAPE, ValueError, "exactly one of num_groups"),
+    (lambda: njnn.GroupNorm(num_groups=2, reduction_axes=(1, 2)), SHAPE, ValueError,
+     "must include the channel axis"),
+    (lambda: njnn.LayerNorm(axis_index_groups=[[0]]), SHAPE, ValueError, "axis_index_groups"),
+    (lambda: njnn.LayerNorm(reduction_axes=(1, 1)), SHAPE, ValueError, "same axis more than once"),
+    (lambda: njnn.BatchNorm(axis=4, use_running_average=True), SHAPE, ValueError, "out of range"),
+    (lambda: njnn.BatchNorm(use_running_average=False), (1, 8), ValueError, "more than 1 value"),
+    (lambda: njnn.InstanceNorm(feature_axes=(0, 3)), SHAPE, ValueError, "batch axis"),
+    (lambda: njnn.InstanceNorm(feature_axes=0), SHAPE, ValueError, "must differ"),
+    (lambda: njnn.LayerNorm(epsilon=-1.0), SHAPE, ValueError, "eps must be a non-negative"),
+])
+def test_bad_configurations_raise_the_functional_errors(make, x_shape, error, match):
+  module = make()
+  with pytest.raises(error, match=match):
+    variables = module.init(jax.random.key(0), jnp.ones(x_shape))
+    module.apply(variables, jnp.ones(x_shape), mutable=["batch_stats"])
+
+
+def test_bad_inputs_raise():
+  module = njnn.LayerNorm()
+  variables = module.init(jax.random.key(0), jnp.ones(SHAPE))
+  with pytest.raises(TypeError, match="floating dtype"):
+    module.apply(variables, jnp.ones(SHAPE, jnp.int32))
+  with pytest.raises(ValueError, match="broadcastable"):
+    module.apply(variables, jnp.ones(SHAPE), mask=jnp.ones((3,), bool))
+  with pytest.raises(TypeError, match="boolean"):
+    module.apply(variables, jnp.ones(SHAPE), mask=jnp.ones(SHAPE))

@@ -1,0 +1,237 @@
+"""normjax.nnx against flax.nnx's modules (the same state loaded with nnx.update gives the same
+outputs and BatchStats), under nnx.jit / nnx.vmap / nnx.value_and_grad, and float64 references
+for the extras."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from flax_helpers import SHAPE, assert_close, data, permissive, random_init, randomize
+from flax_helpers import fast_compiles  # noqa: F401  (module-scoped autouse fixture)
+
+import normjax.nnx as njnnx
+
+CASES = [  # (module, num_features, options, masked)
+    ("BatchNorm", 8, {}, True),
+    ("BatchNorm", 5, dict(axis=1), False),                  # channels-first
+    ("BatchNorm", 8, dict(momentum=0.9, epsilon=1e-3, use_bias=False), False),
+    ("LayerNorm", 8, {}, True),
+    ("LayerNorm", 8, dict(reduction_axes=(1, 2), feature_axes=-1), True),  # features not reduced
+    ("LayerNorm", 32, dict(reduction_axes=(-2, -1), feature_axes=(-2, -1)), False),
+    ("RMSNorm", 8, {}, True),
+    ("RMSNorm", 32, dict(reduction_axes=(1, 2, 3), feature_axes=(2, 3)), False),
+    ("InstanceNorm", 8, {}, True),
+    ("InstanceNorm", 5, dict(feature_axes=1, use_scale=False), False),
+    ("GroupNorm", 8, dict(num_groups=4), True),
+    ("GroupNorm", 8, dict(num_groups=None, group_size=2, use_bias=False), False),
+]
+
+
+def make(ns, name, num_features, options, seed=0, random_inits=False):
+  if random_inits:
+    options = dict(options, scale_init=random_init(1.0))
+    options.update({} if name == "RMSNorm" else dict(bias_init=random_init(0.0)))
+  return getattr(ns, name)(num_features, **options, rngs=nnx.Rngs(seed))
+
+
+def load(module, pure_dict):
+  state = nnx.state(module)
+  nnx.replace_by_pure_dict(state, pure_dict)
+  nnx.update(module, state)
+
+
+def randomize_state(module, key):
+  load(module, randomize(pure(module), key))
+
+
+def pure(module):
+  return nnx.to_pure_dict(nnx.state(module))
+
+
+@pytest.mark.parametrize("name,num_features,options,masked", CASES,
+                         ids=[f"{c[0]}-{c[2]}{'-mask' * c[3]}" for c in CASES])
+def test_matches_flax_nnx(name, num_features, options, masked):
+  # Construction: the same Params and BatchStats, value for value, with random initializers.
+  theirs = make(nnx, name, num_features, options, random_inits=True)
+  ours = make(njnnx, name, num_features, options, random_inits=True)
+  assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(theirs))
+  jax.tree.map(np.testing.assert_array_equal, pure(ours), pure(theirs))
+
+  # A flax module's (random) state loads into ours with nnx.update.
+  randomize_state(theirs, jax.random.key(1))
+  ours = make(njnnx, name, num_features, options, seed=99)
+  nnx.update(ours, nnx.state(theirs))
+  for key in jax.random.split(jax.random.key(2), 3):    # three training steps
+    x, mask = data(key)
+    mask = mask if masked else None
+    with permissive():
+      y_theirs = theirs(x, mask=mask)
+    y_ours = ours(x, mask=mask)
+    assert y_ours.dtype == y_theirs.dtype
+    assert_close(y_ours, y_theirs)
+    assert_close(pure(ours), pure(theirs))
+  theirs.eval()
+  ours.eval()
+  before = pure(ours)
+  x, mask = data(jax.random.key(3))
+  with permissive():
+    y_theirs = theirs(x, mask=mask if masked else None)
+  assert_close(ours(x, mask=mask if masked else None), y_theirs)
+  assert_close(pure(ours), before, tol=0)    # evaluation leaves the statistics alone
+
+
+class Block(nnx.Module):
+  """Linear -> BatchNorm -> relu -> GroupNorm -> LayerNorm, from either namespace."""
+
+  def __init__(self, ns, rngs):
+    self.linear = nnx.Linear(6, 8, rngs=rngs)
+    self.bn = ns.BatchNorm(8, momentum=0.9, rngs=rngs)
+    self.gn = ns.GroupNorm(8, num_groups=2, rngs=rngs)
+    self.ln = ns.LayerNorm(8, rngs=rngs)
+
+  def __call__(self, x):
+    return self.ln(self.gn(nnx.relu(self.bn(self.linear(x)))))
+
+
+def test_jit_and_value_and_grad_match_flax():
+  x = 1.0 + 2.0 * jax.random.normal(jax.random.key(4), (16, 6))
+  w = jax.random.normal(jax.random.key(5), (16, 8))
+  theirs, ours = Block(nnx, nnx.Rngs(0)), Block(njnnx, nnx.Rngs(1))
+  randomize_state(theirs, jax.random.key(6))
+  nnx.update(ours, nnx.state(theirs))
+
+  @nnx.jit
+  def step(model, x):
+    with permissive():
+      return nnx.value_and_grad(lambda m: jnp.mean(m(x) * w))(model)
+
+  for t in range(2):
+    loss_theirs, grads_theirs = step(theirs, x + t)
+    loss_ours, grads_ours = step(ours, x + t)
+    assert_close(loss_ours, loss_theirs)
+    assert_close(nnx.to_pure_dict(grads_ours), nnx.to_pure_dict(grads_theirs), tol=1e-4)
+    assert_close(pure(ours), pure(theirs))          # BatchStats updated through nnx.jit
+
+
+def test_train_eval_switching_as_flax():
+  x, _ = data(jax.random.key(7))
+  model = Block(njnnx, nnx.Rngs(0))
+  model.eval()
+  assert model.bn.use_running_average is True
+  y_eval = model.bn(x[:, 0, 0, :6] @ jnp.ones((6, 8)))
+  np.testing.assert_allclose(y_eval, x[:, 0, 0, :6] @ jnp.ones((6, 8)) / np.sqrt(1 + 1e-5),
+                             rtol=1e-5)   # fresh statistics: mean 0, var 1
+  model.train()
+  assert model.bn.use_running_average is False
+  viewed = nnx.view(model, use_running_average=True)
+  assert viewed.bn.use_running_average is True
+  bn = njnnx.BatchNorm(8, use_running_average=None, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="use_running_average"):
+    bn(x)
+  before = pure(bn)
+  bn(x, use_running_average=True)                 # the call argument decides
+  assert_close(pure(bn), before, tol=0)
+  bn(x, use_running_average=False)
+  assert not np.allclose(pure(bn)["mean"], before["mean"])
+
+
+@pytest.mark.parametrize("ensemble", [True, False], ids=["ensemble", "axis_name"])
+def test_vmap_matches_flax(ensemble):
+  x, _ = data(jax.random.key(8), (4, 6, 3))
+  outs = []
+  for ns in (nnx, njnnx):
+    if ensemble:   # four independent BatchNorms, one per slice of x
+      create = nnx.vmap(lambda rngs: ns.BatchNorm(3, scale_init=random_init(1.0), rngs=rngs))
+      model = create(nnx.Rngs(0).split(4))
+      forward = nnx.vmap(lambda m, x: m(x), in_axes=(0, 0))
+    else:          # one BatchNorm, statistics over the vmapped axis as well
+      model = ns.BatchNorm(3, axis_name="b", scale_init=random_init(1.0), rngs=nnx.Rngs(0))
+      forward = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="b")
+    with permissive():
+      y = forward(model, x)
+    outs.append((y, pure(model)))
+  assert_close(outs[1], outs[0])
+
+
+def test_momentum_none_count_and_unbiased_running_var():
+  xs = [data(k)[0] * (i + 1) for i, k in enumerate(jax.random.split(jax.random.key(9), 3))]
+  bn = njnnx.BatchNorm(8, momentum=None, unbiased_running_var=True, rngs=nnx.Rngs(0))
+  assert isinstance(bn.count, nnx.BatchStat) and bn.count[...].dtype == jnp.int32
+  for x in xs:
+    bn(x)
+  xs64 = [np.asarray(x, np.float64) for x in xs]
+  assert int(bn.count[...]) == 3
+  np.testing.assert_allclose(bn.mean[...], np.mean([x.mean((0, 1, 2)) for x in xs64], 0),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(bn.var[...], np.mean([x.var((0, 1, 2), ddof=1) for x in xs64], 0),
+                             rtol=1e-5)
+  assert "count" not in pure(njnnx.BatchNorm(8, rngs=nnx.Rngs(0)))
+
+
+def test_extensions_match_flax_linen():
+  """Two configurations flax.nnx gets wrong, compared with flax.linen's modules instead:
+  BatchNorm over a tuple of axes (flax.nnx fails to update its statistics) and GroupNorm with
+  custom reduction_axes (flax.nnx repeats the group statistics along axis 1)."""
+  import flax.linen as nn
+  x, mask = data(jax.random.key(10))
+  with permissive():
+    bn = nn.BatchNorm(axis=(1, 3), use_running_average=False)
+    variables = randomize(bn.init(jax.random.key(0), x), jax.random.key(1))
+    y_bn, upd = bn.apply(variables, x, mask=mask, mutable=["batch_stats"])
+    gn = nn.GroupNorm(num_groups=2, reduction_axes=(2, 3))
+    gn_variables = randomize(gn.init(jax.random.key(0), x), jax.random.key(2))
+    y_gn = gn.apply(gn_variables, x)
+  ours_bn = njnnx.BatchNorm(40, axis=(1, 3), rngs=nnx.Rngs(0))
+  flat = lambda tree: jax.tree.map(lambda a: a.reshape(-1), tree)
+  load(ours_bn, flat({**variables["params"], **variables["batch_stats"]}))
+  assert_close(ours_bn(x, mask=mask), y_bn)
+  assert_close({k: pure(ours_bn)[k] for k in ("mean", "var")}, flat(upd["batch_stats"]))
+  ours_gn = njnnx.GroupNorm(8, num_groups=2, reduction_axes=(2, 3), rngs=nnx.Rngs(0))
+  load(ours_gn, gn_variables["params"])
+  assert_close(ours_gn(x), y_gn)
+
+
+def test_group_norm_channels_first_equals_flax_channels_last():
+  x, mask = data(jax.random.key(11))
+  theirs = make(nnx, "GroupNorm", 8, dict(num_groups=4), random_inits=True)
+  ours = make(njnnx, "GroupNorm", 8, dict(num_groups=4, feature_axis=1), seed=5)
+  nnx.update(ours, nnx.state(theirs))
+  to_nchw = lambda a: jnp.transpose(a, (0, 3, 1, 2))
+  with permissive():
+    expected = theirs(x, mask=mask)
+  assert_close(ours(to_nchw(x), mask=to_nchw(mask)), to_nchw(expected))
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("name,options", [("BatchNorm", dict(dtype=jnp.bfloat16)),
+                                          ("LayerNorm", {}), ("GroupNorm", dict(num_groups=2))])
+def test_dtypes_match_flax(name, options, x_dtype):
+  x, _ = data(jax.random.key(12), dtype=x_dtype)
+  theirs = make(nnx, name, 8, options, random_inits=True)
+  ours = make(njnnx, name, 8, options, random_inits=True)
+  with permissive():
+    y_theirs = theirs(x)
+  y_ours = ours(x)
+  assert y_ours.dtype == y_theirs.dtype
+  assert_close(y_ours, y_theirs, tol=1e-5 if y_ours.dtype == jnp.float32 else 2e-2)
+  assert_close(pure(ours), pure(theirs))
+
+
+@pytest.mark.parametrize("build,x_shape,match", [
+    (lambda: njnnx.GroupNorm(8, num_groups=3, rngs=nnx.Rngs(0)), None, "num_groups=3 must divide"),
+    (lambda: njnnx.GroupNorm(8, group_size=2, rngs=nnx.Rngs(0)), None, "exactly one of"),
+    (lambda: njnnx.LayerNorm(8, axis_index_groups=[[0]], rngs=nnx.Rngs(0)), None,
+     "axis_index_groups"),
+    (lambda: njnnx.BatchNorm(5, rngs=nnx.Rngs(0)), SHAPE, r"scale must have shape \(8,\)"),
+    (lambda: njnnx.BatchNorm(5, use_scale=False, use_bias=False, rngs=nnx.Rngs(0)), SHAPE,
+     r"stats.mean must have shape \(8,\)"),
+    (lambda: njnnx.BatchNorm(8, axis=(1, 3), rngs=nnx.Rngs(0)), SHAPE, "must have 40 values"),
+    (lambda: njnnx.GroupNorm(8, num_groups=2, reduction_axes=(1, 2), rngs=nnx.Rngs(0)), SHAPE,
+     "must include the channel axis"),
+    (lambda: njnnx.InstanceNorm(8, epsilon=-1.0, rngs=nnx.Rngs(0)), SHAPE, "eps must be a non-neg"),
+])
+def test_bad_configurations_raise_the_functional_errors(build, x_shape, match):
+  with pytest.raises(ValueError, match=match):
+    module = build()
+    module(jnp.ones(x_shape))

@@ -1,0 +1,211 @@
+"""Numerics beyond the anchors: large means, low precision, degenerate inputs, gradients."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+
+import normjax as nj
+from tests import reference as ref
+from tests.helpers import fast_compiles, rand
+
+
+def _bn_train(x, **kw):
+  y, _ = nj.batch_norm(x, None, None, nj.init_batch_stats(x.shape[-1]), train=True, **kw)
+  return y
+
+
+LARGE_MEAN_CASES = {
+    "layer_norm": (lambda x: nj.layer_norm(x), lambda x: ref.layer_norm(x)),
+    "batch_norm": (_bn_train, lambda x: ref.batch_norm(x, None, None, np.zeros(x.shape[-1]),
+                                                      np.ones(x.shape[-1]), train=True)[0]),
+    "group_norm": (lambda x: nj.group_norm(x, num_groups=4),
+                   lambda x: ref.group_norm(x, num_groups=4)),
+    "instance_norm": (lambda x: nj.instance_norm(x), lambda x: ref.instance_norm(x)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LARGE_MEAN_CASES))
+@pytest.mark.parametrize("offset", [1e4, 1e5])
+def test_large_mean_float32(name, offset):
+  """`offset + N(0, 1)` in float32 normalizes to within 1e-4 of float64 (the input's own values)."""
+  ours, reference = LARGE_MEAN_CASES[name]
+  x = rand((16, 8, 64), 1, loc=offset)
+  err = np.abs(np.asarray(jax.jit(ours)(jnp.asarray(x)), np.float64)
+               - reference(x.astype(np.float64))).max()
+  assert err < 1e-4, f"{name}: max error {err:.2e} at offset {offset:g}"
+
+
+def test_fast_variance_is_documented_as_inaccurate():
+  """The opt-in one-pass formula does lose the large-mean case (why it is not the default)."""
+  x = rand((16, 256), 2, loc=1e4)
+  fast = np.asarray(nj.layer_norm(jnp.asarray(x), fast_variance=True), np.float64)
+  assert np.abs(fast - ref.layer_norm(x)).max() > 1e-2
+  # ... and agrees with the stable default on well-scaled data.
+  x = rand((16, 256), 3)
+  np.testing.assert_allclose(nj.layer_norm(jnp.asarray(x), fast_variance=True),
+                             ref.layer_norm(x), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_accumulates_in_float32(dtype):
+  """bf16/fp16 in, same dtype out, with statistics as accurate as the input allows."""
+  x = jnp.asarray(rand((4, 4096), 4, loc=3.0), dtype)   # a long row: bf16 sums would drift
+  y = nj.layer_norm(x)
+  assert y.dtype == dtype
+  expected = ref.layer_norm(np.asarray(x.astype(jnp.float32), np.float64))
+  # One rounding of the output to the dtype, no more.
+  tol = 2 * float(jnp.finfo(dtype).eps) * (np.abs(expected) + 1)
+  assert np.all(np.abs(np.asarray(y.astype(jnp.float32), np.float64) - expected) <= tol)
+  _, stats = nj.batch_norm(x.reshape(64, 256), None, None, nj.init_batch_stats(256), train=True)
+  assert stats.mean.dtype == jnp.float32
+
+
+def test_float64_input_keeps_float64_statistics():
+  with jax.enable_x64(True):
+    x = jnp.asarray(rand((8, 32), 5, loc=1e8).astype(np.float64))
+    y = nj.layer_norm(x)
+    assert y.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(y), ref.layer_norm(np.asarray(x)), atol=1e-7)
+
+
+ALL_VARIANTS = {
+    "batch_norm": lambda x, s, b, **kw: nj.batch_norm(x, s, b, nj.init_batch_stats(x.shape[-1]),
+                                                      train=True, **kw)[0],
+    "layer_norm": lambda x, s, b, **kw: nj.layer_norm(x, s, b, **kw),
+    "rms_norm": lambda x, s, b, **kw: nj.rms_norm(x, s, **kw),
+    "instance_norm": lambda x, s, b, **kw: nj.instance_norm(x, s, b, **kw),
+    "group_norm": lambda x, s, b, **kw: nj.group_norm(x, s, b, num_groups=2, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_VARIANTS))
+def test_zero_variance_is_finite(name):
+  fn = ALL_VARIANTS[name]
+  x = jnp.full((4, 3, 4), 7.0)
+  s, b = jnp.full((4,), 1.5), jnp.full((4,), 0.5)
+  loss = lambda x, s, b: jnp.sum(fn(x, s, b) ** 2)
+  y = fn(x, s, b)
+  grads = jax.grad(loss, argnums=(0, 1, 2))(x, s, b)
+  assert np.all(np.isfinite(y))
+  assert all(np.all(np.isfinite(g)) for g in grads)
+  if name != "rms_norm":   # constant input normalizes to exactly the bias
+    np.testing.assert_allclose(y, np.broadcast_to(0.5, x.shape), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "instance_norm", "group_norm",
+                                  "batch_norm"])
+def test_fully_masked_rows_are_finite(name):
+  fn = ALL_VARIANTS[name]
+  x = jnp.asarray(rand((4, 3, 4), 6, loc=2.0))
+  mask = np.ones((4, 3, 4), bool)
+  mask[1] = False                   # a whole example (row / instance / group) is padding
+  mask[:, :, 2] = False if name == "batch_norm" else mask[:, :, 2]   # a whole channel
+  mask = jnp.asarray(mask)
+  s, b = jnp.ones((4,)), jnp.zeros((4,))
+  y = fn(x, s, b, mask=mask)
+  g = jax.grad(lambda x: jnp.sum(fn(x, s, b, mask=mask) ** 2))(x)
+  assert np.all(np.isfinite(y)) and np.all(np.isfinite(g))
+
+
+def test_fully_masked_channel_keeps_running_stats():
+  x = jnp.asarray(rand((6, 3), 7, loc=4.0))
+  mask = jnp.asarray(np.array([[True, False, True]] * 6))
+  stats = nj.BatchStats(jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray([4.0, 5.0, 6.0]),
+                        jnp.asarray(0, jnp.int32))
+  _, new = nj.batch_norm(x, None, None, stats, train=True, momentum=0.5, mask=mask)
+  assert float(new.mean[1]) == 2.0 and float(new.var[1]) == 5.0
+  assert float(new.mean[0]) != 1.0
+
+
+GRAD_CASES = {
+    "batch_norm": dict(fn=ALL_VARIANTS["batch_norm"], shape=(5, 3)),
+    "batch_norm_nchw": dict(fn=lambda x, s, b: nj.batch_norm(
+        x, s, b, nj.init_batch_stats(3), train=True, channel_axis=1)[0], shape=(2, 3, 4)),
+    "batch_norm_eval": dict(fn=lambda x, s, b: nj.batch_norm(
+        x, s, b, nj.BatchStats(jnp.ones(3), 2 * jnp.ones(3), jnp.zeros((), jnp.int32)),
+        train=False)[0], shape=(5, 3)),
+    "layer_norm": dict(fn=ALL_VARIANTS["layer_norm"], shape=(3, 5)),
+    "layer_norm_2axes": dict(fn=lambda x, s, b: nj.layer_norm(x, s[:, None] * jnp.ones((3, 4)),
+                                                              None, axis=(1, 2)),
+                             shape=(2, 3, 4)),
+    "rms_norm": dict(fn=ALL_VARIANTS["rms_norm"], shape=(3, 5)),
+    "instance_norm": dict(fn=ALL_VARIANTS["instance_norm"], shape=(2, 4, 3)),
+    "group_norm": dict(fn=lambda x, s, b: nj.group_norm(x, s, b, num_groups=2), shape=(2, 3, 4)),
+    "group_norm_masked": dict(fn=lambda x, s, b: nj.group_norm(
+        x, s, b, num_groups=2, mask=jnp.arange(12).reshape(1, 3, 4) % 5 != 0), shape=(2, 3, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+def test_gradients_second_order(name):
+  """Forward and reverse mode, first and second order, against finite differences (float64)."""
+  case = GRAD_CASES[name]
+  with jax.enable_x64(True), fast_compiles():
+    x = jnp.asarray(rand(case["shape"], 8, loc=1.0).astype(np.float64))
+    c = case["shape"][-1] if not name.endswith(("nchw", "2axes")) else 3
+    s = jnp.asarray(1.0 + rand((c,), 9).astype(np.float64) * 0.3)
+    b = jnp.asarray(rand((c,), 10).astype(np.float64))
+    w = jnp.asarray(rand(case["shape"], 11).astype(np.float64))
+    loss = jax.jit(lambda x, s, b: jnp.sum(jnp.sin(case["fn"](x, s, b)) * w))
+    check_grads(loss, (x, s, b), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
+    # jax.hessian (forward over reverse) runs and is symmetric.
+    h = jax.jit(jax.hessian(lambda x: loss(x, s, b)))(x)
+    h = np.asarray(h).reshape(x.size, x.size)
+    np.testing.assert_allclose(h, h.T, atol=1e-8)
+
+
+def test_layer_norm_gradient_matches_closed_form():
+  """d/dx of sum(w * LN(x)) = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = w * scale."""
+  x = rand((3, 7), 12, loc=2.0).astype(np.float64)
+  w = rand((3, 7), 13).astype(np.float64)
+  scale = rand((7,), 14).astype(np.float64)
+  grad = jax.grad(lambda x: jnp.sum(nj.layer_norm(x, jnp.asarray(scale, jnp.float32)) * w))(
+      jnp.asarray(x, jnp.float32))
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  rstd = 1 / np.sqrt(var + 1e-5)
+  xhat, g = (x - mean) * rstd, w * scale
+  expected = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_VARIANTS))
+def test_jit_and_eager_agree(name):
+  fn = ALL_VARIANTS[name]
+  x = jnp.asarray(rand((4, 3, 4), 15, loc=-1.0))
+  s, b = jnp.asarray(rand((4,), 16)), jnp.asarray(rand((4,), 17))
+  np.testing.assert_allclose(jax.jit(fn)(x, s, b), fn(x, s, b), rtol=1e-6, atol=1e-6)
+  ge = jax.grad(lambda x: jnp.sum(fn(x, s, b) ** 3))(x)
+  gj = jax.jit(jax.grad(lambda x: jnp.sum(fn(x, s, b) ** 3)))(x)
+  np.testing.assert_allclose(gj, ge, rtol=1e-5, atol=1e-5)
+
+
+def test_training_step_does_not_retrace():
+  """A jitted optax step threading BatchStats compiles once, whatever the values."""
+  optimizer = optax.sgd(0.1)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, stats, opt_state, x):
+    def loss_fn(params):
+      y, new_stats = nj.batch_norm(x, params["scale"], params["bias"], stats, train=True,
+                                   momentum=0.9)
+      return jnp.mean((y - 1.0) ** 2), new_stats
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state)
+    return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+  chex.clear_trace_counter()
+  params = {"scale": jnp.ones(3), "bias": jnp.zeros(3)}
+  stats, opt_state = nj.init_batch_stats(3), optimizer.init(params)
+  losses = []
+  for i in range(4):
+    params, stats, opt_state, loss = step(params, stats, opt_state, jnp.asarray(rand((8, 3), i)))
+    losses.append(float(loss))
+  assert int(stats.count) == 4
+  assert losses[-1] < losses[0]

@@ -1,0 +1,99 @@
+"""PyTorch and flax define the semantics: match them (PyTorch tests skip without torch)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import normjax as nj
+from tests.helpers import rand
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def _t(a):
+  return torch.from_numpy(np.asarray(a, np.float32).copy())
+
+
+@pytest.mark.parametrize("torch_momentum", [0.1, 0.3, None])
+def test_batch_norm_2d_training_run_matches_torch(torch_momentum):
+  """Several training steps then eval: outputs and running stats of BatchNorm2d to 1e-5."""
+  torch.manual_seed(0)
+  c = 5
+  bn = torch.nn.BatchNorm2d(c, momentum=torch_momentum, eps=1e-5)
+  with torch.no_grad():
+    bn.weight.copy_(torch.randn(c))
+    bn.bias.copy_(torch.randn(c))
+  scale, bias = jnp.asarray(bn.weight.detach().numpy()), jnp.asarray(bn.bias.detach().numpy())
+  stats = nj.init_batch_stats(c)
+  ours_momentum = None if torch_momentum is None else 1.0 - torch_momentum
+  step = jax.jit(lambda x, s: nj.batch_norm(x, scale, bias, s, train=True, channel_axis=1,
+                                            momentum=ours_momentum, unbiased_running_var=True))
+  bn.train()
+  for i in range(6):
+    x = rand((4, c, 3, 5), 100 + i, loc=float(i), spread=1.0 + i)   # NCHW
+    y, stats = step(jnp.asarray(x), stats)
+    y_torch = bn(_t(x)).detach().numpy()
+    np.testing.assert_allclose(y, y_torch, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats.mean, bn.running_mean.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats.var, bn.running_var.numpy(), rtol=1e-5, atol=1e-5)
+  assert int(stats.count) == int(bn.num_batches_tracked)
+  bn.eval()
+  x = rand((3, c, 4, 4), 200)
+  y, same = nj.batch_norm(jnp.asarray(x), scale, bias, stats, train=False, channel_axis=1)
+  np.testing.assert_allclose(y, bn(_t(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(same.mean, stats.mean)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_group_norm_matches_torch_nchw(groups):
+  x, w, b = rand((3, 8, 5, 7), 1, loc=2.0), rand((8,), 2), rand((8,), 3)
+  y = nj.group_norm(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), num_groups=groups,
+                    channel_axis=1)
+  y_torch = F.group_norm(_t(x), groups, _t(w), _t(b), eps=1e-5).numpy()
+  np.testing.assert_allclose(y, y_torch, rtol=1e-5, atol=1e-5)
+
+
+def test_instance_norm_matches_torch_nchw():
+  x, w, b = rand((3, 4, 6, 5), 4, loc=-1.0), rand((4,), 5), rand((4,), 6)
+  y = nj.instance_norm(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), channel_axis=1)
+  y_torch = F.instance_norm(_t(x), weight=_t(w), bias=_t(b), eps=1e-5).numpy()
+  np.testing.assert_allclose(y, y_torch, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalized_shape", [(16,), (6, 16)])
+def test_layer_norm_matches_torch(normalized_shape):
+  x = rand((4, 6, 16), 7, loc=0.5)
+  w, b = rand(normalized_shape, 8), rand(normalized_shape, 9)
+  axis = tuple(range(-len(normalized_shape), 0))
+  y = nj.layer_norm(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), axis=axis)
+  y_torch = F.layer_norm(_t(x), normalized_shape, _t(w), _t(b), eps=1e-5).numpy()
+  np.testing.assert_allclose(y, y_torch, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_gradients_match_torch():
+  x, w, b, g = rand((4, 16), 10), rand((16,), 11), rand((16,), 12), rand((4, 16), 13)
+  tx, tw, tb = (_t(a).requires_grad_() for a in (x, w, b))
+  (F.layer_norm(tx, (16,), tw, tb) * _t(g)).sum().backward()
+  grads = jax.grad(lambda x, w, b: jnp.sum(nj.layer_norm(x, w, b) * jnp.asarray(g)),
+                   argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))
+  for ours, theirs in zip(grads, (tx.grad, tw.grad, tb.grad)):
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_rms_norm_matches_torch():
+  x, w = rand((4, 6, 16), 14, loc=0.5), rand((16,), 15)
+  y = nj.rms_norm(jnp.asarray(x), jnp.asarray(w), eps=1e-6)
+  y_torch = F.rms_norm(_t(x), (16,), _t(w), eps=1e-6).numpy()
+  np.testing.assert_allclose(y, y_torch, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_loses_digits_where_we_do_not():
+  """The large-mean case: PyTorch's float32 layer norm is far off, ours is not."""
+  x = rand((8, 512), 16, loc=1e5)
+  x64 = x.astype(np.float64)
+  expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+  ours = np.abs(np.asarray(nj.layer_norm(jnp.asarray(x)), np.float64) - expected).max()
+  theirs = np.abs(F.layer_norm(_t(x), (512,)).numpy().astype(np.float64) - expected).max()
+  assert ours < 1e-4 < theirs
