@@ -1,8 +1,8 @@
 """Shared pieces of the normjax examples: the digits data, the small CNN, the optimizer.
 
-Imported by `compare_variants.py` and `flax_models.py` (run the scripts from this folder's parent
-or with `examples/` on the path; both add it themselves). Everything here is plain JAX + optax
-and is clean under `jax_numpy_dtype_promotion="strict"` and `jax_numpy_rank_promotion="raise"`.
+Imported by `compare_variants.py`, `flax_models.py` and `masked_sequences.py`, which put this
+folder on `sys.path` themselves. Everything here is plain JAX + optax and is clean under
+`jax_numpy_dtype_promotion="strict"` and `jax_numpy_rank_promotion="raise"`.
 """
 
 from __future__ import annotations

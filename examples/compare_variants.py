@@ -9,13 +9,17 @@ Fairness: every run sees the same number of training examples and follows the sa
 rate schedule as a function of the fraction of training done (linear warmup over 5%, cosine
 decay to 0). The optimizer is SGD with momentum 0.9 and the linear scaling rule of Goyal et al.
 (2017), which Wu & He also use: peak lr = base_lr * B / 32. So a small batch takes more, smaller
-steps. Batch norm is evaluated with its running statistics (`train=False`), as deployed; a
-diagnostic row also evaluates it with population statistics recomputed on the training set
-after training ("precise BN"), which separates bad running estimates from bad training.
+steps. For a given seed every run starts from the same weights and sees the same examples in
+the same order. Batch norm is evaluated with its running statistics (`train=False`), as
+deployed, with momentum 0.9 (PyTorch's default; flax's 0.99 would leave the running averages
+partly at their initial values after the ~260 steps of batch size 64); a diagnostic row also
+evaluates it with population statistics recomputed on the training set after training
+("precise BN"), which separates bad running estimates from a badly trained model. The sweep
+starts at batch size 1, where batch norm's training statistics are those of a single image.
 
-Everything uses the functional API in a custom loop: one jitted program per (variant, batch
-size) runs all seeds (`jax.vmap`) and all steps (`jax.lax.scan`), threading the batch
-statistics explicitly, so there is no per-step Python dispatch.
+Everything uses the functional API in a custom loop: one jitted program per batch size runs
+any variant (a `lax.switch`), all seeds (`jax.vmap`) and all steps (`jax.lax.scan`), threading
+the batch statistics explicitly, so there is no per-step Python dispatch.
 
 Run (from the repository root, or anywhere once normjax is installed):
 

@@ -21,6 +21,7 @@ for comparison; `--norms batch group --epochs 2` for a shorter run).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -179,20 +180,21 @@ def max_logit_gap(kind: str, x: jax.Array) -> dict[str, float]:
   """normjax-built vs Flax-built CNN on the same variables: max |logits difference|."""
   out = {}
   ref, ours = LinenCNN(kind, "flax"), LinenCNN(kind, "normjax")
-  variables = ref.init(_key(0), x, train=False)
+  variables = jax.jit(functools.partial(ref.init, train=False))(_key(0), x)
   for train in (True, False):
     mutable = ["batch_stats"] if train else False
-    a = ref.apply(variables, x, train=train, mutable=mutable)
-    b = ours.apply(variables, x, train=train, mutable=mutable)
+    a, b = (jax.jit(functools.partial(m.apply, train=train, mutable=mutable))(variables, x)
+            for m in (ref, ours))
     a, b = (a[0], b[0]) if train else (a, b)
     out[f"linen {'train' if train else 'eval'}"] = float(jnp.abs(a - b).max())
   ref = NnxCNN(kind, rngs=nnx.Rngs(_key(0)), impl="flax")
   ours = NnxCNN(kind, rngs=nnx.Rngs(_key(1)))
   nnx.update(ours, nnx.state(ref))      # the Flax model's variables, loaded unchanged
+  call = nnx.jit(lambda m, x: m(x))
   for train in (True, False):
     for m in (ref, ours):
       m.train() if train else m.eval()
-    out[f"nnx {'train' if train else 'eval'}"] = float(jnp.abs(ref(x) - ours(x)).max())
+    out[f"nnx {'train' if train else 'eval'}"] = float(jnp.abs(call(ref, x) - call(ours, x)).max())
   return out
 
 

@@ -84,7 +84,7 @@ def test_flax_models_end_to_end(tmp_path):
   pytest.importorskip("normjax.nnx", reason="normjax.nnx (the Flax wrappers) not available")
   import flax_models
 
-  out = flax_models.main(["--norms", "batch", "group", "--epochs", "1", "--out", str(tmp_path)])
+  out = flax_models.main(["--norms", "batch", "--epochs", "1", "--out", str(tmp_path)])
   for row in out["rows"]:
     for name, gap in row["max_logit_gap_vs_flax"].items():
       assert gap < 1e-4, (row["norm"], name, gap)
