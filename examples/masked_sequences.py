@@ -184,9 +184,9 @@ def exact_checks(seqs: Sequence[np.ndarray]) -> dict[str, float]:
     _, stats = nj.batch_norm(jnp.asarray(x32), None, None, nj.init_batch_stats(FEATURES),
                              train=True, momentum=0.0,
                              mask=jnp.asarray(m32)[..., None] if masked else None)
-    out[f"batch_norm {kind}: |running mean - mean of real tokens|"] = float(
+    out[f"batch_norm {kind}: running mean - mean of real tokens"] = float(
         np.abs(np.asarray(stats.mean) - tokens.mean(0)).max())
-    out[f"batch_norm {kind}: |running var / var of real tokens - 1|"] = float(
+    out[f"batch_norm {kind}: running var / var of real tokens - 1"] = float(
         np.abs(np.asarray(stats.var) / tokens.var(0) - 1).max())
   return out
 
@@ -237,8 +237,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   md = ["# Masked vs unmasked normalization on padded sequences", "",
         f"{args.train_size} train / {args.test_size} test synthetic sequences (4 classes, "
         f"lengths {MIN_LEN}..{MAX_LEN}, random offset and gain per sequence), trained padded "
-        f"to {MAX_LEN}. Command: `python examples/masked_sequences.py "
-        f"{' '.join(argv) if argv is not None else ''}`".rstrip() + f"; {wall_s:.0f} s.", "",
+        f"to {MAX_LEN}. Command: `" + " ".join(["python examples/masked_sequences.py",
+                                              *(sys.argv[1:] if argv is None else argv)])
+        + f"`; {wall_s:.0f} s.", "",
         "## Exact checks (max abs deviation on real tokens, 16 test sequences)", "",
         "| check | value |", "|---|---:|",
         *[f"| {k} | {v:.2e} |" for k, v in checks.items()], "",
