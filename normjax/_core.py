@@ -7,13 +7,23 @@ statistics take.
 Numerics:
   * Statistics are accumulated in `promote_types(x.dtype, float32)` (float32 for bf16/fp16/f32
     input, float64 for float64 input) and the output is cast back to `x.dtype`.
-  * The default variance is a shifted two-pass scheme: a first pass finds a shift `K` (the
-    plain mean, held constant for differentiation); the second sums `d = x - K` and `d**2`;
+  * The default variance is conditional. Pass 1 sums `x` and `x**2` (flax's one-pass cost) and
+    forms `mean = E[x]`, `var1 = E[x**2] - mean**2`. Its relative error is about
+    `c * eps * (1 + mean**2 / var)` (`c` the summation's error growth), so when EVERY row
+    satisfies `mean**2 <= TAU * var1` (`TAU = 10`: at most ~1 digit lost) it is kept (`shift`
+    zero, `offset = mean`). Otherwise (one scalar `lax.cond` predicate for the whole input,
+    agreed across devices after the `psum`s) a shifted second pass runs with the pass-1 mean as
+    the shift `K` (held constant for differentiation): it sums `d = x - K` and `d**2`;
     `var = E[d**2] - E[d]**2` then cancels nothing significant because `E[d]` is tiny. The
     normalize step subtracts `K` and `E[d]` separately, so `1e5 + N(0, 1)` in float32 comes
     out as accurate as the input allows (no rounding of the mean to a float32 near 1e5).
-  * `fast_variance=True` is the one-pass `E[x**2] - E[x]**2`: one read less, but it loses
-    `log10(mean**2 / var)` digits (it is garbage for `1e4 + N(0, 1)` in float32).
+    Constant rows with a non-zero mean (`var1 == 0`), a negative `var1` and NaN fail the
+    predicate and take the shifted pass. The predicate is sound while `c * eps << 1 / TAU`:
+    an ill-conditioned row can only pass it if the one-pass error exceeds `mean**2 / TAU`.
+    Cost: well-conditioned input pays two reductions (as flax); ill-conditioned input pays
+    four (both passes). Under `jax.vmap` the cond becomes a select, so both passes run.
+  * `fast_variance=True` always keeps the one-pass `E[x**2] - E[x]**2` (no predicate, no cond):
+    it loses `log10(mean**2 / var)` digits (it is garbage for `1e4 + N(0, 1)` in float32).
   * Variance is clamped at zero; empty (fully masked) groups count as one element, so they give
     mean 0, variance 0 and a finite output and gradient.
 
@@ -44,6 +54,9 @@ from jax.ad_checkpoint import checkpoint_name
 from normjax import _axes
 
 _STATS_NAME = "normjax_stats"
+
+# The one-pass variance is kept when `mean**2 <= TAU * var` for every row (see module doc).
+TAU = 10.0
 
 
 class Moments(NamedTuple):
@@ -125,6 +138,7 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
     `Moments` whose arrays have `x.ndim` dims, size 1 along `axes`, in `stats_dtype(x.dtype)`.
   """
   dtype = stats_dtype(x.dtype)
+  x_in = x   # uncast: the cond's operand (a cast operand would be materialized for bf16)
   x = x.astype(dtype)
   keep = lambda v: v if mask is None else jnp.where(mask, v, jnp.zeros((), dtype))
   count = _count(x.shape, axes, mask, dtype, axis_name, axis_index_groups, groups)
@@ -134,17 +148,42 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
   if not centered:
     mean_square = total(keep(x * x)) / safe_count
     return Moments(shift=None, offset=None, var=mean_square, count=count)
+  zero = jnp.zeros((), dtype)
+  # Pass 1 (both sums from the same input, as flax's one-pass variance).
+  s1, s2 = total((keep(x), keep(x * x)))
+  mean = s1 / safe_count
+  var_fast = s2 / safe_count - mean * mean
   if fast_variance:
-    s1, s2 = total((keep(x), keep(x * x)))
-    mean = s1 / safe_count
-    var = jnp.maximum(s2 / safe_count - mean * mean, jnp.zeros((), dtype))
-    return Moments(shift=None, offset=mean, var=var, count=count)
-  # Shifted two-pass: the result does not depend on `shift`, so it is held constant.
-  shift = lax.stop_gradient(total(keep(x)) / safe_count)
-  d = keep(x - shift)
-  s1, s2 = total((d, d * d))
-  offset = s1 / safe_count
-  var = jnp.maximum(s2 / safe_count - offset * offset, jnp.zeros((), dtype))
+    return Moments(shift=None, offset=mean, var=jnp.maximum(var_fast, zero), count=count)
+  # Conditional fast path: keep the one-pass variance when every row is well conditioned
+  # (`mean**2 <= TAU * var`, so at most ~1 digit lost); otherwise a second, shifted pass with
+  # the pass-1 mean as the shift. False for NaN, zero-variance rows with a non-zero mean, and a
+  # negative `var_fast`, which all take the shifted pass. One scalar predicate for the whole
+  # batch (and, with `axis_name`, for every device, so that the collectives inside the shifted
+  # pass run everywhere or nowhere); under `jax.vmap` the cond is a select (both passes run).
+  well_conditioned = jnp.all(mean * mean <= jnp.asarray(TAU, dtype) * var_fast)
+  if axis_name is not None:
+    ill = jnp.logical_not(well_conditioned).astype(jnp.int32)
+    well_conditioned = lax.psum(ill, axis_name) == 0
+  # The result does not depend on `shift`, so it is held constant. It is rounded to one bit
+  # less than the dtype's mantissa: `reduce_precision` keeps XLA from contracting `x - s1 * (1/n)`
+  # into an FMA wherever the shift is recomputed (the normalize loop), which would subtract a
+  # value half an ulp of the mean away from the one the second pass used (1e-3 error at 1e5).
+  fi = jnp.finfo(dtype)
+  shift = lax.stop_gradient(lax.reduce_precision(mean, exponent_bits=fi.nexp,
+                                                 mantissa_bits=fi.nmant - 1))
+
+  def one_pass(x):
+    del x
+    return jnp.zeros_like(shift), mean, jnp.maximum(var_fast, zero)
+
+  def shifted_pass(x):
+    d = keep(x.astype(dtype) - shift)
+    t1, t2 = total((d, d * d))
+    offset = t1 / safe_count
+    return shift, offset, jnp.maximum(t2 / safe_count - offset * offset, zero)
+
+  shift, offset, var = lax.cond(well_conditioned, one_pass, shifted_pass, x_in)
   return Moments(shift=shift, offset=offset, var=var, count=count)
 
 

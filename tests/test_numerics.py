@@ -11,6 +11,7 @@ import pytest
 from jax.test_util import check_grads
 
 import normjax as nj
+from normjax import _core
 from tests import reference as ref
 from tests.helpers import fast_compiles, rand
 
@@ -32,13 +33,84 @@ LARGE_MEAN_CASES = {
 
 @pytest.mark.parametrize("name", sorted(LARGE_MEAN_CASES))
 @pytest.mark.parametrize("offset", [1e4, 1e5])
-def test_large_mean_float32(name, offset):
-  """`offset + N(0, 1)` in float32 normalizes to within 1e-4 of float64 (the input's own values)."""
+@pytest.mark.parametrize("shape", [(16, 8, 64), (3, 7, 9, 256)])
+def test_large_mean_float32(name, offset, shape):
+  """`offset + N(0, 1)` in float32 normalizes to within 1e-4 of float64 (the input's own values).
+
+  (3, 7, 9, 256) reduces over counts that are not powers of two, where `sum / n` becomes
+  `sum * (1 / n)`, which XLA:CPU could contract into an FMA when recomputed in the output loop
+  (a shift differing from the one the sums used by up to half an ulp of the mean).
+  """
   ours, reference = LARGE_MEAN_CASES[name]
-  x = rand((16, 8, 64), 1, loc=offset)
+  x = rand(shape, 1, loc=offset)
   err = np.abs(np.asarray(jax.jit(ours)(jnp.asarray(x)), np.float64)
                - reference(x.astype(np.float64))).max()
   assert err < 1e-4, f"{name}: max error {err:.2e} at offset {offset:g}"
+
+
+def _branch_inputs():
+  """A well-conditioned batch, an ill-conditioned one (`1e5 + N(0, 1)`), and both rows mixed."""
+  good = rand((8, 512), 11, loc=0.5, spread=2.0)          # mean**2 / var ~ 0.06: one pass
+  bad = rand((8, 512), 12, loc=1e5)                        # mean**2 / var ~ 1e10: shifted pass
+  mixed = np.where(np.arange(8)[:, None] % 2 == 0, good, bad).astype(np.float32)
+  return {"well_conditioned": (good, True), "ill_conditioned": (bad, False),
+          "mixed": (mixed, False)}
+
+
+@pytest.mark.parametrize("case", ["well_conditioned", "ill_conditioned", "mixed"])
+@pytest.mark.parametrize("use_jit", [True, False])
+def test_conditional_fast_path_both_branches(case, use_jit):
+  """The one-pass variance is used only when every row is well conditioned; both agree with
+  float64 (layer norm over rows, batch norm over the batch axis, moments directly)."""
+  x, one_pass = _branch_inputs()[case]
+  maybe = jax.jit if use_jit else (lambda f: f)
+  stats = maybe(lambda x: _core.moments(x, (1,)))(jnp.asarray(x))
+  # The branch taken: the one-pass result has a zero shift, the shifted pass the pass-1 mean.
+  assert bool(np.all(np.asarray(stats.shift) == 0)) == one_pass
+  mean, var, _ = ref.moments(x, (1,))
+  np.testing.assert_allclose(np.asarray(stats.mean, np.float64), mean, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(stats.var, np.float64), var, rtol=1e-4)
+  y = np.asarray(maybe(nj.layer_norm)(jnp.asarray(x)), np.float64)
+  assert np.abs(y - ref.layer_norm(x)).max() < 1e-4
+  # Columns of the transposed input: per-channel statistics over the batch axis.
+  xt = np.ascontiguousarray(x.T)
+  y = np.asarray(maybe(_bn_train)(jnp.asarray(xt)), np.float64)
+  expected = ref.batch_norm(xt, None, None, np.zeros(8), np.ones(8), train=True)[0]
+  assert np.abs(y - expected).max() < 1e-4
+  # The gradient (the JVP rule calls the same `moments`) matches the float64 closed form.
+  w = np.linspace(-1.0, 1.0, 512)
+  g = maybe(jax.grad(lambda x: jnp.sum(nj.layer_norm(x) * jnp.asarray(w[None], jnp.float32))))(
+      jnp.asarray(x))
+  rstd = 1.0 / np.sqrt(var + 1e-5)
+  xhat = (x.astype(np.float64) - mean) * rstd
+  expected = rstd * (w - w.mean() - xhat * (xhat * w).mean(axis=1, keepdims=True))
+  np.testing.assert_allclose(np.asarray(g, np.float64), expected, atol=1e-4)
+
+
+def test_conditional_fast_path_threshold():
+  """Rows just inside `mean**2 <= TAU * var` take the one pass, rows just outside the second."""
+  base = rand((4, 256), 13)
+  base = (base - base.mean(1, keepdims=True)) / base.std(1, keepdims=True)   # var 1, mean 0
+  for ratio, one_pass in ((0.5 * _core.TAU, True), (2.0 * _core.TAU, False)):
+    x = (base + np.sqrt(ratio)).astype(np.float32)
+    stats = _core.moments(jnp.asarray(x), (1,))
+    assert bool(np.all(np.asarray(stats.shift) == 0)) == one_pass
+    np.testing.assert_allclose(np.asarray(stats.var), 1.0, rtol=1e-5)
+  # Constant rows with a non-zero mean (var 0) take the shifted pass and give exactly 0.
+  stats = _core.moments(jnp.full((2, 64), 3.0, jnp.float32), (1,))
+  assert not np.all(np.asarray(stats.shift) == 0)
+  np.testing.assert_array_equal(np.asarray(stats.var), 0.0)
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "instance_norm"])
+def test_large_mean_float32_under_vmap(name):
+  """Under `jax.vmap` the fast-path cond becomes a select; the shifted pass stays accurate."""
+  ours, reference = LARGE_MEAN_CASES[name]
+  x = rand((2, 3, 7, 9, 256), 2, loc=1e5)
+  y = np.asarray(jax.jit(jax.vmap(ours))(jnp.asarray(x)), np.float64)
+  for i in range(x.shape[0]):
+    err = np.abs(y[i] - reference(x[i].astype(np.float64))).max()
+    assert err < 1e-4, f"{name}: max error {err:.2e} in example {i}"
 
 
 def test_fast_variance_is_documented_as_inaccurate():
