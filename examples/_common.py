@@ -8,6 +8,8 @@ folder on `sys.path` themselves. Everything here is plain JAX + optax and is cle
 from __future__ import annotations
 
 import functools
+import json
+import os
 import platform
 import time
 from typing import Any, NamedTuple
@@ -157,3 +159,15 @@ def machine_info() -> dict[str, Any]:
           "cpu_count": os.cpu_count(), "jax": jax.__version__,
           "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def write_results(out_dir: str, markdown_lines: list[str], result: dict[str, Any],
+                  wall_s: float) -> dict[str, Any]:
+  """Writes `results.md` and `results.json` into `out_dir` and says so; returns `result`."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write("\n".join(markdown_lines))
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"\nwrote {out_dir}/results.md and results.json; wall time {wall_s:.0f} s")
+  return result

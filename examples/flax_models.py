@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -243,13 +242,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         *[f"| {r['norm']} | {100 * r['linen_test_acc']:.1f} | {100 * r['nnx_test_acc']:.1f} | "
           + (f"{max(r['max_logit_gap_vs_flax'].values()):.1e}"
              if "max_logit_gap_vs_flax" in r else "n/a") + " |" for r in rows], ""]
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write("\n".join(md))
-  result = {"args": vars(args), "rows": rows, "wall_s": wall_s}
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {args.out}/results.md and results.json; wall time {wall_s:.0f} s")
-  return result
+  return _common.write_results(args.out, md, {"args": vars(args), "rows": rows, "wall_s": wall_s},
+                               wall_s)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ shorten). Writes `results.md` and `results.json` into `--out` (default
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -248,14 +247,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "|---|---|" + "---:|" * len(EVAL_PADS),
         *[f"| {r['norm']} | {'masked' if r['masked'] else 'unmasked'} | " +
           " | ".join(f"{100 * a:.1f}" for a in r["test_acc"].values()) + " |" for r in rows], ""]
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write("\n".join(md))
   result = {"checks": checks, "training": rows, "wall_s": wall_s, "args": vars(args)}
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"\nwrote {args.out}/results.md and results.json; wall time {wall_s:.0f} s")
-  return result
+  return _common.write_results(args.out, md, result, wall_s)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ itself differentiable: forward mode, reverse mode and any order of derivative wo
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax

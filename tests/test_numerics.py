@@ -1,6 +1,5 @@
 """Numerics beyond the anchors: large means, low precision, degenerate inputs, gradients."""
 
-import functools
 
 import chex
 import jax
