@@ -120,8 +120,13 @@ def axis_size(axis_name: Any, axis_index_groups: Any = None) -> int | None:
     return None
 
 
-def broadcast_to_axes(param: jax.Array, ndim: int, axes: Axes) -> jax.Array:
-  """Reshapes a parameter of shape `[x.shape[a] for a in axes]` so it broadcasts against `x`."""
+def broadcast_to_axes(param: jax.Array | None, ndim: int, axes: Axes) -> jax.Array | None:
+  """Reshapes a parameter of shape `[x.shape[a] for a in axes]` so it broadcasts against `x`.
+
+  An absent parameter (None) stays None.
+  """
+  if param is None:
+    return None
   shape = [1] * ndim
   for a, n in zip(axes, param.shape):
     shape[a] = n

@@ -107,6 +107,11 @@ def _total(values: Any, axes: _axes.Axes, axis_name: Any, axis_index_groups: Any
   return sums
 
 
+def _counted_only(v: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """`v` where `mask` is True and zero elsewhere (all of `v` without a mask)."""
+  return v if mask is None else jnp.where(mask, v, jnp.zeros((), v.dtype))
+
+
 def _count(x_shape, axes, mask, dtype, axis_name, axis_index_groups, groups):
   if mask is None:
     size = _axes.reduced_size(x_shape, axes) * (1 if groups is None else groups[1])
@@ -139,7 +144,7 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
   dtype = stats_dtype(x.dtype)
   x_in = x   # uncast: the cond's operand (a cast operand would be materialized for bf16)
   x = x.astype(dtype)
-  keep = lambda v: v if mask is None else jnp.where(mask, v, jnp.zeros((), dtype))
+  keep = lambda v: _counted_only(v, mask)
   count = _count(x.shape, axes, mask, dtype, axis_name, axis_index_groups, groups)
   safe_count = jnp.maximum(count, jnp.ones((), dtype))
   total = lambda v: _total(v, axes, axis_name, axis_index_groups, groups)
@@ -261,7 +266,7 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
     xc = _centered(x, stats)
     y = _affine(xc, rstd, scale, bias).astype(x.dtype)
 
-    keep = lambda v: v if mask is None else jnp.where(mask, v, jnp.zeros((), dtype))
+    keep = lambda v: _counted_only(v, mask)
     safe_count = jnp.maximum(stats.count, jnp.ones((), dtype))
     mean = lambda v: _total(keep(v), axes, **reduce) / safe_count
     xhat = xc * rstd

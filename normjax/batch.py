@@ -74,7 +74,7 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
   _axes.check_eps(eps)
   _axes.check_momentum(momentum)
   mask = _axes.check_mask(mask, x.shape)
-  per_channel = lambda p: None if p is None else _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
+  per_channel = lambda p: _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
 
   if not train:
     dtype = _core.stats_dtype(x.dtype)

@@ -46,7 +46,8 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
     Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
   """
   x, axes, scale, bias, mask = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=bias)
-  y, _ = _core.standardize(x, axes, _feature(scale, x, axes), _feature(bias, x, axes), eps,
+  feature = lambda p: _axes.broadcast_to_axes(p, x.ndim, axes)
+  y, _ = _core.standardize(x, axes, feature(scale), feature(bias), eps,
                            mask=mask, axis_name=axis_name, fast_variance=fast_variance)
   return y
 
@@ -68,8 +69,8 @@ def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequen
     Array([[0.84852815, 1.1313709 ]], dtype=float32)
   """
   x, axes, scale, _, mask = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=None)
-  y, _ = _core.standardize(x, axes, _feature(scale, x, axes), None, eps, mask=mask,
-                           axis_name=axis_name, centered=False)
+  y, _ = _core.standardize(x, axes, _axes.broadcast_to_axes(scale, x.ndim, axes), None, eps,
+                           mask=mask, axis_name=axis_name, centered=False)
   return y
 
 
@@ -83,7 +84,3 @@ def _prepare(x, axis, eps, mask, axis_name, *, scale, bias):
   bias = _axes.check_param(bias, "bias", feature_shape)
   _axes.check_eps(eps)
   return x, axes, scale, bias, _axes.check_mask(mask, x.shape)
-
-
-def _feature(param, x, axes):
-  return None if param is None else _axes.broadcast_to_axes(param, x.ndim, axes)
