@@ -39,6 +39,11 @@ reverse mode needs no normalized copy of `x`. It runs under `jax.checkpoint` wit
 that saves only the named statistics, so the backward keeps `x` and per-row `(shift, offset,
 rstd)` and recomputes `xhat` elementwise. Being a JVP rule written in `jax.numpy`, it is
 itself differentiable: forward mode, reverse mode and any order of derivative work.
+
+Row normalizations (layer/RMS norm over the trailing axes of float32/bfloat16 input, per-feature
+scale and bias, no mask, named axis or grouping) take `normjax._rows` instead: the same maths
+as primitives with a native CPU kernel (one read of each row per pass) and `jax.numpy`
+definitions (built from `moments` and `normalize`) everywhere else.
 """
 
 from __future__ import annotations
@@ -245,6 +250,8 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
   all work), evaluated under `jax.checkpoint` so that reverse mode keeps only `x` and the
   per-row statistics (`shift`, `offset`, `rstd`) for the backward.
   """
+  if _rows.applies(x, axes, scale, bias, mask, axis_name, groups, fast_variance):
+    return _rows.standardize_rows(x, len(axes), scale, bias, eps, centered=centered)
   dtype = stats_dtype(x.dtype)
   reduce = dict(axis_name=axis_name, axis_index_groups=axis_index_groups, groups=groups)
   moment_args = dict(mask=mask, fast_variance=fast_variance, centered=centered, **reduce)
@@ -295,3 +302,8 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
 
   policy = jax.checkpoint_policies.save_only_these_names(_STATS_NAME)
   return jax.checkpoint(fn, policy=policy)(x, scale, bias, mask)
+
+
+# Row normalizations (layer/RMS norm over trailing axes) have their own primitives and CPU
+# kernel; imported last because it builds on the functions above.
+from normjax import _rows  # noqa: E402

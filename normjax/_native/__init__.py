@@ -1,0 +1,1 @@
+"""Sources of normjax's native CPU kernels (built by setup.py; see normjax/_rows.py)."""

@@ -1,0 +1,314 @@
+// Native CPU kernels for normalization over contiguous rows (layer norm, RMS norm).
+//
+// XLA:CPU reads a layer-norm row three to five times (one reduction per sum, then the
+// normalize pass, and as many again in the backward). These kernels read each row from memory
+// once: the row stays in L1 while its statistics and output are computed. They are XLA FFI
+// handlers, registered by normjax/_native.py and called through the primitives there; every
+// other platform (and a CPU without this library) uses the jax.numpy definition of the same
+// primitives.
+//
+// Layout: x is [rows, features] (row-major, the features contiguous); statistics are per row,
+// scale and bias per feature, all statistics in float32. The mean is split as
+// `shift + offset` with `shift` the row's first element, so that `x - shift` is exact for
+// rows whose spread is small next to their mean (Sterbenz) and the variance is a two-pass
+// sum over the cached row: `1e5 + N(0, 1)` in float32 loses nothing to cancellation.
+//
+// Threads: rows are split over XLA's intra-op thread pool in chunks fixed by the shape, so the
+// results do not depend on the thread count. The calling thread works too, and a scheduled
+// task that starts after the work is done returns at once, so a busy pool delays nothing and
+// cannot deadlock.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;                  // independent accumulators (vectorizable)
+constexpr int64_t kMinElementsPerTask = 1 << 15;  // smaller inputs run on the calling thread
+constexpr int64_t kMaxChunks = 64;
+
+inline float Load(const float* p, int64_t i) { return p[i]; }
+inline float Load(const uint16_t* p, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline void Store(float* p, int64_t i, float v) { p[i] = v; }
+inline void Store(uint16_t* p, int64_t i, float v) {  // round to nearest even, keep NaN
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    p[i] = static_cast<uint16_t>((bits >> 16) | 0x40u);
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  p[i] = static_cast<uint16_t>(bits >> 16);
+}
+
+// The row as float32: the row itself for float input, converted into `scratch` otherwise.
+inline const float* AsFloat(const float* row, int64_t n, std::vector<float>& scratch) {
+  (void)n;
+  (void)scratch;
+  return row;
+}
+inline const float* AsFloat(const uint16_t* row, int64_t n, std::vector<float>& scratch) {
+  scratch.resize(n);
+  for (int64_t i = 0; i < n; ++i) scratch[i] = Load(row, i);
+  return scratch.data();
+}
+
+// Sum of (x - s) and of ((x - s) - m)^2, each with kLanes independent accumulators.
+inline float SumShifted(const float* x, int64_t n, float s) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += x[i + l] - s;
+  float total = 0.f;
+  for (; i < n; ++i) total += x[i] - s;
+  for (int64_t l = 0; l < kLanes; ++l) total += acc[l];
+  return total;
+}
+
+inline float SumSquares(const float* x, int64_t n, float s, float m) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      float d = (x[i + l] - s) - m;
+      acc[l] += d * d;
+    }
+  float total = 0.f;
+  for (; i < n; ++i) {
+    float d = (x[i] - s) - m;
+    total += d * d;
+  }
+  for (int64_t l = 0; l < kLanes; ++l) total += acc[l];
+  return total;
+}
+
+// Rows are cut into a fixed number of chunks that depends only on the shape (so sums over
+// rows, added chunk by chunk in order, are the same whatever the thread count and timing).
+int64_t NumChunks(int64_t rows, int64_t row_elements) {
+  const int64_t by_size = rows * row_elements / kMinElementsPerTask;
+  return std::max<int64_t>(1, std::min<int64_t>({by_size, rows, kMaxChunks}));
+}
+
+// Runs body(begin_row, end_row, chunk) for every chunk of [0, rows), on the calling thread
+// and up to `pool.num_threads() - 1` pool tasks. A task that starts after the calling thread
+// has claimed the last chunk returns at once; the caller waits only for tasks that claimed
+// work, so a busy pool delays nothing and cannot deadlock.
+struct Shared {
+  std::atomic<int64_t> next_chunk{0};
+  std::mutex mu;
+  std::condition_variable done;
+  int64_t active = 0;
+  bool closed = false;
+};
+
+template <typename Body>
+void ParallelChunks(ffi::ThreadPool& pool, int64_t rows, int64_t chunks, Body body) {
+  const int64_t chunk_rows = (rows + chunks - 1) / chunks;
+  auto run_chunk = [&body, rows, chunk_rows](int64_t c) {
+    const int64_t begin = c * chunk_rows;
+    if (begin < rows) body(begin, std::min(rows, begin + chunk_rows), c);
+  };
+  const int64_t tasks = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  if (tasks <= 0) {
+    for (int64_t c = 0; c < chunks; ++c) run_chunk(c);
+    return;
+  }
+  auto shared = std::make_shared<Shared>();
+  auto drain = [shared, chunks, run_chunk]() {
+    for (int64_t c; (c = shared->next_chunk.fetch_add(1)) < chunks;) run_chunk(c);
+  };
+  for (int64_t t = 0; t < tasks; ++t) {
+    // `body` lives on the caller's stack: a task only touches it after registering, and the
+    // caller does not return before every registered task has finished.
+    pool.Schedule([shared, drain]() {
+      {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        if (shared->closed) return;
+        ++shared->active;
+      }
+      drain();
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (--shared->active == 0) shared->done.notify_all();
+    });
+  }
+  drain();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->closed = true;
+  shared->done.wait(lock, [&] { return shared->active == 0; });
+}
+
+template <ffi::DataType T>
+ffi::Error RowsForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<ffi::F32, 1> scale,
+                       ffi::Buffer<ffi::F32, 1> bias, ffi::ResultBuffer<T, 2> y,
+                       ffi::ResultBuffer<ffi::F32, 1> shift,
+                       ffi::ResultBuffer<ffi::F32, 1> offset,
+                       ffi::ResultBuffer<ffi::F32, 1> var, float eps, bool centered) {
+  const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
+  if (scale.element_count() != static_cast<size_t>(n) ||
+      bias.element_count() != static_cast<size_t>(n)) {
+    return ffi::Error::InvalidArgument("normjax rows_forward: scale/bias size != features");
+  }
+  const auto* xp = x.typed_data();
+  auto* yp = y->typed_data();
+  const float* g = scale.typed_data();
+  const float* b = bias.typed_data();
+  float* shift_p = shift->typed_data();
+  float* offset_p = offset->typed_data();
+  float* var_p = var->typed_data();
+  const float inv_n = 1.0f / static_cast<float>(n);
+  ParallelChunks(pool, rows, NumChunks(rows, n), [&](int64_t begin, int64_t end, int64_t) {
+    std::vector<float> scratch;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = AsFloat(xp + r * n, n, scratch);
+      float s = 0.f, m = 0.f;
+      if (centered && n > 0) {
+        s = row[0];
+        m = SumShifted(row, n, s) * inv_n;
+      }
+      const float v = SumSquares(row, n, s, m) * inv_n;
+      const float rstd = 1.0f / std::sqrt(v + eps);
+      auto* out = yp + r * n;
+      for (int64_t i = 0; i < n; ++i) Store(out, i, ((row[i] - s) - m) * (rstd * g[i]) + b[i]);
+      shift_p[r] = s;
+      offset_p[r] = m;
+      var_p[r] = v;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// dx = rstd * (g*scale - E[g*scale] - xhat * E[g*scale*xhat])  (no E[g*scale] term for RMS),
+// dscale = sum over rows of g * xhat, dbias = sum over rows of g.
+template <ffi::DataType T>
+ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T, 2> ct,
+                        ffi::Buffer<ffi::F32, 1> shift, ffi::Buffer<ffi::F32, 1> offset,
+                        ffi::Buffer<ffi::F32, 1> rstd, ffi::Buffer<ffi::F32, 1> scale,
+                        ffi::ResultBuffer<T, 2> dx, ffi::ResultBuffer<ffi::F32, 1> dscale,
+                        ffi::ResultBuffer<ffi::F32, 1> dbias, bool centered) {
+  const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
+  if (scale.element_count() != static_cast<size_t>(n)) {
+    return ffi::Error::InvalidArgument("normjax rows_backward: scale size != features");
+  }
+  const auto* xp = x.typed_data();
+  const auto* cp = ct.typed_data();
+  auto* dxp = dx->typed_data();
+  const float* s_p = shift.typed_data();
+  const float* m_p = offset.typed_data();
+  const float* r_p = rstd.typed_data();
+  const float* gamma = scale.typed_data();
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const int64_t chunks = NumChunks(rows, n);
+  // Per-chunk partial sums of g * xhat and g (one row of n each), added up in chunk order.
+  std::vector<float> partial(static_cast<size_t>(chunks) * 2 * n, 0.f);
+  ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t chunk) {
+    std::vector<float> x_scratch, c_scratch, xhat(n);
+    float* dscale_acc = partial.data() + chunk * 2 * n;
+    float* dbias_acc = dscale_acc + n;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = AsFloat(xp + r * n, n, x_scratch);
+      const float* cr = AsFloat(cp + r * n, n, c_scratch);
+      const float s = s_p[r], m = m_p[r], rs = r_p[r];
+      float acc_g[kLanes] = {}, acc_gx[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= n; i += kLanes)
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const float h = ((xr[i + l] - s) - m) * rs;
+          const float gg = cr[i + l] * gamma[i + l];
+          xhat[i + l] = h;
+          acc_g[l] += gg;
+          acc_gx[l] += gg * h;
+        }
+      float sum_g = 0.f, sum_gx = 0.f;
+      for (; i < n; ++i) {
+        const float h = ((xr[i] - s) - m) * rs;
+        const float gg = cr[i] * gamma[i];
+        xhat[i] = h;
+        sum_g += gg;
+        sum_gx += gg * h;
+      }
+      for (int64_t l = 0; l < kLanes; ++l) {
+        sum_g += acc_g[l];
+        sum_gx += acc_gx[l];
+      }
+      const float a = centered ? sum_g * inv_n : 0.f;
+      const float c = sum_gx * inv_n;
+      auto* out = dxp + r * n;
+      for (int64_t j = 0; j < n; ++j) {
+        const float gj = cr[j];
+        Store(out, j, rs * ((gj * gamma[j] - a) - xhat[j] * c));
+        dscale_acc[j] += gj * xhat[j];
+        dbias_acc[j] += gj;
+      }
+    }
+  });
+  float* ds = dscale->typed_data();
+  float* db = dbias->typed_data();
+  for (int64_t j = 0; j < n; ++j) {
+    float a = 0.f, b = 0.f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      a += partial[c * 2 * n + j];
+      b += partial[c * 2 * n + n + j];
+    }
+    ds[j] = a;
+    db[j] = b;
+  }
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType T>
+auto BindForward() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<T, 2>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Attr<float>("eps")
+      .template Attr<bool>("centered");
+}
+
+template <ffi::DataType T>
+auto BindBackward() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<T, 2>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Attr<bool>("centered");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsForwardF32, RowsForward<ffi::F32>,
+                              BindForward<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsForwardBF16, RowsForward<ffi::BF16>,
+                              BindForward<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsBackwardF32, RowsBackward<ffi::F32>,
+                              BindBackward<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsBackwardBF16, RowsBackward<ffi::BF16>,
+                              BindBackward<ffi::BF16>());

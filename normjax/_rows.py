@@ -1,0 +1,270 @@
+"""Normalization over contiguous rows (layer and RMS norm over trailing axes) as primitives.
+
+`_core.standardize` hands this module the common case of layer/RMS norm: the normalized axes
+are the trailing axes of a float32/bfloat16 input, the scale and bias are per feature, and
+there is no mask, named axis or channel grouping. The input is viewed as `[rows, features]`
+and three primitives do the work:
+
+  * `rows_forward_p`: `x, scale, bias -> y, shift, offset, var` (per-row statistics; the mean
+    is `shift + offset`, as in `_core.Moments`).
+  * `rows_tangent_p`: the tangent of `y`, linear in `(dx, dscale, dbias)` (the closed form of
+    `_core.standardize`'s JVP rule). Its transpose is
+  * `rows_backward_p`: `x, g, stats, scale -> dx, dscale, dbias`, the closed-form backward.
+
+Each has a `jax.numpy` definition (`_forward_reference`, ...) that gives its lowering on every
+platform, its JVP (so forward mode and all higher orders work) and its batching rule when the
+batch cannot be folded into the rows. On CPU, when the native library
+(`normjax/_native/rows.cc`, built at install time) is present, `rows_forward_p` and
+`rows_backward_p` lower to XLA FFI calls instead: one read of each row per pass, two threads.
+Set `NORMJAX_NATIVE=0` before importing normjax to use the `jax.numpy` definitions everywhere.
+
+A custom call is a fusion barrier: an elementwise op producing `x` (a residual add) is
+written out before the kernel reads it, where XLA could have fused it into its own layer norm.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+from jax.extend import core as jex_core
+from jax.interpreters import ad, batching, mlir
+
+from normjax import _core
+
+_F32 = jnp.dtype(jnp.float32)
+_NATIVE_DTYPES = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.bfloat16): "BF16"}
+_LIBRARY_GLOB = os.path.join(os.path.dirname(__file__), "_native", "_rows_cpu*.so")
+
+
+def _load_native() -> bool:
+  """Registers the CPU kernels with XLA if the built library is present; True if it is."""
+  if os.environ.get("NORMJAX_NATIVE", "1") == "0":
+    return False
+  paths = sorted(glob.glob(_LIBRARY_GLOB))
+  if not paths:
+    return False
+  library = ctypes.CDLL(paths[0])
+  for kind in ("Forward", "Backward"):
+    for dtype in _NATIVE_DTYPES.values():
+      name = f"NormjaxRows{kind}{dtype}"
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
+                                  platform="cpu")
+  return True
+
+
+NATIVE = _load_native()
+
+
+def applies(x, axes, scale, bias, mask, axis_name, groups, fast_variance) -> bool:
+  """Whether `_core.standardize(x, axes, ...)` is a row normalization this module handles."""
+  k = len(axes)
+  if (mask is not None or axis_name is not None or groups is not None or fast_variance
+      or jnp.dtype(x.dtype) not in _NATIVE_DTYPES or k == 0 or x.size == 0
+      or tuple(axes) != tuple(range(x.ndim - k, x.ndim))):
+    return False
+  param_shape = (1,) * (x.ndim - k) + x.shape[x.ndim - k:]
+  return all(p is None or p.shape == param_shape for p in (scale, bias))
+
+
+# ----------------------------------------------------------------- jax.numpy definitions
+
+def _forward_reference(x, scale, bias, *, eps, centered):
+  stats = _core.moments(x, (1,), centered=centered)
+  y = _core.normalize(x, stats, scale[None], bias[None], eps)
+  zero = jnp.zeros_like(stats.var)
+  shift = zero if stats.shift is None else stats.shift
+  offset = zero if stats.offset is None else stats.offset
+  return y, shift[:, 0], offset[:, 0], stats.var[:, 0]
+
+
+def _xhat(x, shift, offset, rstd):
+  return ((x.astype(_F32) - shift[:, None]) - offset[:, None]) * rstd[:, None]
+
+
+def _tangent_reference(x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered):
+  """d y = rstd*scale*(dx - E[dx] - xhat E[xhat dx]) + xhat dscale + dbias (no E[dx] for RMS)."""
+  xhat = _xhat(x, shift, offset, rstd)
+  dx = dx.astype(_F32)
+  centred_dx = dx - jnp.mean(dx, axis=1, keepdims=True) if centered else dx
+  dxhat = rstd[:, None] * (centred_dx - xhat * jnp.mean(xhat * dx, axis=1, keepdims=True))
+  return ((dxhat * scale[None] + xhat * dscale[None] + dbias[None]).astype(x.dtype),)
+
+
+def _backward_reference(x, g, shift, offset, rstd, scale, *, centered):
+  """The transpose of `_tangent_reference` in `(dx, dscale, dbias)`."""
+  xhat = _xhat(x, shift, offset, rstd)
+  g = g.astype(_F32)
+  gs = g * scale[None]
+  centred_gs = gs - jnp.mean(gs, axis=1, keepdims=True) if centered else gs
+  dx = rstd[:, None] * (centred_gs - xhat * jnp.mean(gs * xhat, axis=1, keepdims=True))
+  return dx.astype(x.dtype), jnp.sum(g * xhat, axis=0), jnp.sum(g, axis=0)
+
+
+# ----------------------------------------------------------------- the primitives
+
+@functools.lru_cache(maxsize=None)
+def _compiled_bind(p, params):
+  """Eager evaluation of primitive `p`: compiled, so that the CPU kernel runs as under jit."""
+  return jax.jit(lambda *args: p.bind(*args, **dict(params)))
+
+
+def _primitive(name, reference, abstract_eval):
+  p = jex_core.Primitive(name)
+  p.multiple_results = True
+  p.def_impl(lambda *args, **params: _compiled_bind(p, tuple(sorted(params.items())))(*args))
+  p.def_abstract_eval(abstract_eval)
+  mlir.register_lowering(p, mlir.lower_fun(reference, multiple_results=True))
+
+  def jvp(primals, tangents, **params):
+    tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+    primals_out, tangents_out = jax.jvp(functools.partial(reference, **params), tuple(primals),
+                                        tangents)
+    return list(primals_out), list(tangents_out)
+  ad.primitive_jvps[p] = jvp
+  return p
+
+
+def _shaped(shape, dtype):
+  return jax.core.ShapedArray(shape, dtype)
+
+
+def _forward_abstract(x, scale, bias, *, eps, centered):
+  del scale, bias, eps, centered
+  row = _shaped(x.shape[:1], _F32)
+  return [_shaped(x.shape, x.dtype), row, row, row]
+
+
+def _tangent_abstract(x, *args, centered):
+  del args, centered
+  return [_shaped(x.shape, x.dtype)]
+
+
+def _backward_abstract(x, g, shift, offset, rstd, scale, *, centered):
+  del g, shift, offset, rstd, centered
+  return [_shaped(x.shape, x.dtype), _shaped(scale.shape, _F32), _shaped(scale.shape, _F32)]
+
+
+rows_forward_p = _primitive("normjax_rows_forward", _forward_reference, _forward_abstract)
+rows_tangent_p = _primitive("normjax_rows_tangent", _tangent_reference, _tangent_abstract)
+rows_backward_p = _primitive("normjax_rows_backward", _backward_reference, _backward_abstract)
+
+
+def _tangent_transpose(cts, x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered):
+  (ct,) = cts
+  linear = (dx, dscale, dbias)
+  if type(ct) is ad.Zero:
+    return [None] * 5 + [None] * 3
+  grads = rows_backward_p.bind(x, ct, shift, offset, rstd, scale, centered=centered)
+  return [None] * 5 + [g if ad.is_undefined_primal(v) else None for g, v in zip(grads, linear)]
+
+
+ad.primitive_transposes[rows_tangent_p] = _tangent_transpose
+
+
+def _native_lowering(kind, fallback):
+  def lowering(ctx, *args, **params):
+    dtype = _NATIVE_DTYPES.get(jnp.dtype(ctx.avals_in[0].dtype))
+    if dtype is None:
+      return fallback(ctx, *args, **params)
+    params = {k: np.float32(v) if k == "eps" else bool(v) for k, v in params.items()}
+    return jax.ffi.ffi_lowering(f"NormjaxRows{kind}{dtype}")(ctx, *args, **params)
+  return lowering
+
+
+if NATIVE:
+  for _p, _reference, _kind in ((rows_forward_p, _forward_reference, "Forward"),
+                                (rows_backward_p, _backward_reference, "Backward")):
+    mlir.register_lowering(
+        _p, _native_lowering(_kind, mlir.lower_fun(_reference, multiple_results=True)),
+        platform="cpu")
+
+
+# ----------------------------------------------------------------- batching
+
+def _batch_by_reference(reference):
+  def rule(args, dims, **params):
+    outs = jax.vmap(functools.partial(reference, **params), in_axes=tuple(dims))(*args)
+    return outs, [0] * len(outs)
+  return rule
+
+
+def _batch_rows(p, reference, row_operands):
+  """Folds the batch into the rows when only per-row operands (positions `row_operands`) are
+  batched: every output is per row, so `[B, rows, ...]` is `[B * rows, ...]`. Otherwise (a
+  batched scale, say) the batch is handled by `jax.vmap` of the `jax.numpy` definition."""
+  fallback = _batch_by_reference(reference)
+
+  def rule(args, dims, **params):
+    if any(d is not None for i, d in enumerate(dims) if i not in row_operands):
+      return fallback(args, dims, **params)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    args = list(args)
+    for i in row_operands:
+      a = batching.bdim_at_front(args[i], dims[i], size)
+      args[i] = a.reshape((-1,) + a.shape[2:])
+    outs = p.bind(*args, **params)
+    return [o.reshape((size, -1) + o.shape[1:]) for o in outs], [0] * len(outs)
+  return rule
+
+
+batching.primitive_batchers[rows_forward_p] = _batch_rows(
+    rows_forward_p, _forward_reference, (0,))
+batching.primitive_batchers[rows_tangent_p] = _batch_rows(
+    rows_tangent_p, _tangent_reference, (0, 1, 2, 3, 5))
+# The backward sums dscale and dbias over the rows, so a batch cannot be folded into them.
+batching.primitive_batchers[rows_backward_p] = _batch_by_reference(_backward_reference)
+
+
+# ----------------------------------------------------------------- the row normalization
+
+_STATS_NAME = _core._STATS_NAME
+
+
+def standardize_rows(x: jax.Array, n_axes: int, scale, bias, eps: float, *,
+                     centered: bool = True) -> tuple[jax.Array, _core.Moments]:
+  """`_core.standardize` over the last `n_axes` axes (see `applies`), via the primitives."""
+  lead, features = x.shape[:x.ndim - n_axes], x.shape[x.ndim - n_axes:]
+  n = math.prod(features)
+  x2 = x.reshape(math.prod(lead), n)
+  g = jnp.ones((n,), _F32) if scale is None else scale.reshape(n).astype(_F32)
+  b = jnp.zeros((n,), _F32) if bias is None else bias.reshape(n).astype(_F32)
+
+  @jax.custom_jvp
+  def fn(x2, g, b):
+    y2, shift, offset, var = rows_forward_p.bind(x2, g, b, eps=eps, centered=centered)
+    return y2, (shift, offset, var)
+
+  @fn.defjvp
+  def fn_jvp(primals, tangents):
+    x2, g, b = primals
+    dx, dg, db = tangents
+    y2, shift, offset, var = rows_forward_p.bind(x2, g, b, eps=eps, centered=centered)
+    rstd = lax.rsqrt(var + jnp.asarray(eps, _F32))
+    shift, offset, rstd = checkpoint_name((shift, offset, rstd), _STATS_NAME)
+    (dy,) = rows_tangent_p.bind(x2, shift, offset, rstd, g, dx, dg.astype(_F32),
+                                db.astype(_F32), centered=centered)
+    xhat_dx = jnp.mean(_xhat(x2, shift, offset, rstd) * dx.astype(_F32), axis=1)
+    dvar = 2.0 * xhat_dx / rstd                                  # 2 E[(x - mean) dx]
+    doffset = jnp.mean(dx.astype(_F32), axis=1) if centered else jnp.zeros_like(offset)
+    return (y2, (shift, offset, var)), (dy, (jnp.zeros_like(shift), doffset, dvar))
+
+  policy = jax.checkpoint_policies.save_only_these_names(_STATS_NAME)
+  y2, (shift, offset, var) = jax.checkpoint(fn, policy=policy)(x2, g, b)
+  stats_shape = lead + (1,) * n_axes
+  per_row = lambda v: v.reshape(stats_shape)
+  count = jnp.asarray(n, _F32)
+  if centered:
+    stats = _core.Moments(shift=per_row(shift), offset=per_row(offset), var=per_row(var),
+                          count=count)
+  else:
+    stats = _core.Moments(shift=None, offset=None, var=per_row(var), count=count)
+  return y2.reshape(x.shape), stats

@@ -1,0 +1,185 @@
+"""The row-normalization primitives (normjax/_rows.py) and their native CPU kernel.
+
+Layer and RMS norm over trailing axes run through three primitives whose CPU lowering is an
+XLA FFI call into normjax/_native/rows.cc. The tests here check that the kernel is built and
+used, that kernel and `jax.numpy` definitions agree with each other and with float64 NumPy,
+and that every transformation reaches the right rule (batch folding, the batching fallbacks,
+the transpose, higher derivatives). The variant-level tests (test_variants, test_numerics,
+test_torch_parity, ...) run through the kernel as well.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import normjax as nj
+from normjax import _rows
+from tests import reference
+from tests.helpers import rand
+
+F32 = jnp.float32
+
+
+def _hlo(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_native_kernel_is_built():
+  """The install (setup.py) builds the kernel; NORMJAX_NATIVE=0 is the only way to be without."""
+  if os.environ.get("NORMJAX_NATIVE") == "0":
+    assert not _rows.NATIVE
+  else:
+    assert _rows.NATIVE, "normjax/_native/_rows_cpu*.so missing: reinstall with a C++ compiler"
+
+
+@pytest.mark.skipif(not _rows.NATIVE, reason="native kernel not built")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_and_rms_norm_call_the_kernel(dtype):
+  x = rand((4, 16, 64), dtype=dtype)
+  g, b = rand((64,), seed=1), rand((64,), seed=2)
+  grad = jax.grad(lambda x, g, b: jnp.sum(nj.layer_norm(x, g, b).astype(F32) ** 2),
+                  argnums=(0, 1, 2))
+  suffix = "F32" if dtype == jnp.float32 else "BF16"
+  assert f"NormjaxRowsForward{suffix}" in _hlo(nj.layer_norm, x, g, b)
+  assert f"NormjaxRowsForward{suffix}" in _hlo(nj.rms_norm, x, g)
+  text = _hlo(grad, x, g, b)
+  assert f"NormjaxRowsForward{suffix}" in text and f"NormjaxRowsBackward{suffix}" in text
+
+
+def test_other_cases_do_not_call_the_kernel():
+  x = rand((4, 16, 64))
+  mask = jnp.arange(64) < 40
+  for fn in (lambda x: nj.layer_norm(x, axis=1),                      # not trailing
+             lambda x: nj.layer_norm(x, mask=jnp.broadcast_to(mask, x.shape)),
+             lambda x: nj.layer_norm(x, fast_variance=True),
+             lambda x: nj.layer_norm(x.astype(jnp.float16))):
+    assert "NormjaxRows" not in _hlo(fn, x)
+
+
+def _numpy_rows(x, scale, bias, eps, centered):
+  x = np.asarray(x, np.float64)
+  mean = x.mean(1, keepdims=True) if centered else np.zeros((x.shape[0], 1))
+  var = ((x - mean) ** 2).mean(1, keepdims=True)
+  xhat = (x - mean) / np.sqrt(var + eps)
+  return xhat * np.asarray(scale, np.float64) + np.asarray(bias, np.float64), mean[:, 0], var[:, 0]
+
+
+SHAPES = [(1, 1), (3, 7), (5, 1023), (64, 128), (300, 1024)]   # the last is cut into chunks
+
+
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_kernel_matches_reference_and_numpy(shape, dtype, centered):
+  x = rand(shape, dtype=dtype, loc=0.5, seed=3)
+  g, b = rand(shape[1:], seed=4), rand(shape[1:], seed=5)
+  eps = 1e-5
+  kernel = jax.jit(lambda *a: _rows.rows_forward_p.bind(*a, eps=eps, centered=centered))
+  ref = jax.jit(lambda *a: _rows._forward_reference(*a, eps=eps, centered=centered))
+  y, shift, offset, var = kernel(x, g, b)
+  y_ref, shift_ref, offset_ref, var_ref = ref(x, g, b)
+  y64, mean64, var64 = _numpy_rows(np.asarray(x.astype(F32)), g, b, eps, centered)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  assert y.dtype == x.dtype and var.dtype == F32
+  np.testing.assert_allclose(np.asarray(y, np.float64), y64, atol=tol * 4, rtol=tol)
+  np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(y_ref, np.float64),
+                             atol=tol * 4, rtol=tol)
+  np.testing.assert_allclose(np.asarray(shift + offset, np.float64), mean64, atol=1e-6, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(shift_ref + offset_ref, np.float64), mean64, atol=1e-6,
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(var, np.float64), var64, atol=1e-6, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(var_ref, np.float64), var64, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_backward_kernel_matches_reference_and_numpy(shape, dtype, centered):
+  x = rand(shape, dtype=dtype, loc=-0.3, seed=6)
+  ct = rand(shape, dtype=dtype, seed=7)
+  scale = rand(shape[1:], seed=8)
+  eps = 1e-3
+  _, shift, offset, var = jax.jit(lambda *a: _rows._forward_reference(
+      *a, eps=eps, centered=centered))(x, scale, scale)
+  rstd = jax.lax.rsqrt(var + eps)
+  args = (x, ct, shift, offset, rstd, scale)
+  dx, dscale, dbias = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, centered=centered))(*args)
+  ref = jax.jit(lambda *a: _rows._backward_reference(*a, centered=centered))(*args)
+  # float64 NumPy: the VJP of y = xhat(x) * scale + bias.
+  x64, g64, s64 = (np.asarray(a.astype(F32), np.float64) for a in (x, ct, scale))
+  mean = x64.mean(1, keepdims=True) if centered else 0.0
+  rs = 1 / np.sqrt(((x64 - mean) ** 2).mean(1, keepdims=True) + eps)
+  xhat = (x64 - mean) * rs
+  gs = g64 * s64
+  dx64 = rs * (gs - (gs.mean(1, keepdims=True) if centered else 0.0)
+               - xhat * (gs * xhat).mean(1, keepdims=True))
+  tol = 1e-4 if dtype == jnp.float32 else 3e-2
+  assert dx.dtype == x.dtype and dscale.dtype == F32 and dbias.dtype == F32
+  for got, want in ((dx, dx64), (ref[0], dx64), (dscale, (g64 * xhat).sum(0)),
+                    (ref[1], (g64 * xhat).sum(0)), (dbias, g64.sum(0)), (ref[2], g64.sum(0))):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want,
+                               atol=tol * max(1.0, np.abs(want).max()), rtol=tol)
+
+
+def test_backward_is_deterministic():
+  x, ct = rand((512, 512), seed=9), rand((512, 512), seed=10)
+  scale = rand((512,), seed=11)
+  stats = jax.jit(lambda *a: _rows._forward_reference(*a, eps=1e-5, centered=True))(x, scale,
+                                                                                    scale)
+  rstd = jax.lax.rsqrt(stats[3] + 1e-5)
+  bwd = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, centered=True))
+  first = bwd(x, ct, stats[1], stats[2], rstd, scale)
+  for _ in range(5):
+    for a, b in zip(first, bwd(x, ct, stats[1], stats[2], rstd, scale)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_large_mean_and_constant_rows():
+  x = jnp.asarray(1e5 + rand((8, 1000), seed=12))
+  x = x.at[3].set(7.0)                               # a constant row: variance 0, output 0
+  y = nj.layer_norm(x)
+  want = reference.layer_norm(np.asarray(x), eps=1e-5)
+  np.testing.assert_allclose(np.asarray(y), want, atol=2e-4)
+  assert np.all(np.asarray(y[3]) == 0.0)
+  g = jax.grad(lambda x: jnp.sum(nj.layer_norm(x) * jnp.arange(1000.0)[None]))(x)
+  assert np.all(np.isfinite(np.asarray(g)))
+
+
+def _loop(fn, *xs):
+  return jnp.stack([fn(*args) for args in zip(*xs)])
+
+
+def test_vmap_folds_the_batch_into_rows_and_falls_back_for_batched_params():
+  x = rand((3, 5, 32), seed=13)
+  g, gs = rand((32,), seed=14), rand((3, 32), seed=15)
+  folded = jax.jit(jax.vmap(lambda x: nj.layer_norm(x, g)))
+  np.testing.assert_allclose(folded(x), _loop(lambda x: nj.layer_norm(x, g), x), atol=1e-6)
+  assert "NormjaxRowsForward" in folded.lower(x).compile().as_text()
+  batched_scale = jax.vmap(lambda x, g: nj.layer_norm(x, g))
+  np.testing.assert_allclose(batched_scale(x, gs), _loop(lambda x, g: nj.layer_norm(x, g), x, gs),
+                             atol=1e-6)
+  # Per-example gradients (the backward's batching fallback) and vmap inside grad (folded
+  # tangent, transposed to the kernel).
+  loss = lambda x, g: jnp.sum(nj.layer_norm(x, g) ** 3)
+  per_example = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None))(x, g)
+  for got, want in zip(per_example, zip(*[jax.grad(loss, argnums=(0, 1))(xi, g) for xi in x])):
+    np.testing.assert_allclose(got, jnp.stack(want), rtol=1e-5, atol=1e-5)
+  whole = jax.grad(lambda x, g: jnp.sum(jax.vmap(lambda r: nj.layer_norm(r, g))(x) ** 3),
+                   argnums=(0, 1))(x, g)
+  direct = jax.grad(lambda x, g: loss(x, g), argnums=(0, 1))(x, g)
+  for got, want in zip(whole, direct):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_mode_and_second_order_through_the_primitives():
+  x = rand((2, 6), seed=16)
+  g, b = rand((6,), seed=17), rand((6,), seed=18)
+  fn = lambda x: nj.layer_norm(x, g, b)
+  jvp = jax.jvp(fn, (x,), (jnp.ones_like(x),))[1]
+  np.testing.assert_allclose(jvp, jax.jacfwd(fn)(x).sum((2, 3)), atol=1e-5)
+  np.testing.assert_allclose(jax.jacfwd(fn)(x), jax.jacrev(fn)(x), atol=1e-5)
+  loss = lambda x: jnp.sum(jnp.sin(nj.rms_norm(x, g)))
+  np.testing.assert_allclose(jax.hessian(loss)(x), jax.jacrev(jax.jacrev(loss))(x), atol=1e-4)
