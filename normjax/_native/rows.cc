@@ -98,6 +98,52 @@ inline float SumSquares(const float* x, int64_t n, float s, float m) {
   return total;
 }
 
+// One output row: y = ((x - s) - m) * (rstd * g) + b.
+template <typename T>
+void NormalizeRow(const float* __restrict__ x, const float* __restrict__ g,
+                  const float* __restrict__ b, float s, float m, float rstd, int64_t n,
+                  T* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) Store(out, i, ((x[i] - s) - m) * (rstd * g[i]) + b[i]);
+}
+
+// One row of the backward (see RowsBackward); adds the row's terms of dscale and dbias.
+template <typename T>
+void BackwardRow(const float* __restrict__ x, const float* __restrict__ ct,
+                 const float* __restrict__ gamma, float s, float m, float rs, bool centered,
+                 int64_t n, float* __restrict__ xhat, float* __restrict__ dscale,
+                 float* __restrict__ dbias, T* __restrict__ out) {
+  float acc_g[kLanes] = {}, acc_gx[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float h = ((x[i + l] - s) - m) * rs;
+      const float gg = ct[i + l] * gamma[i + l];
+      xhat[i + l] = h;
+      acc_g[l] += gg;
+      acc_gx[l] += gg * h;
+    }
+  float sum_g = 0.f, sum_gx = 0.f;
+  for (; i < n; ++i) {
+    const float h = ((x[i] - s) - m) * rs;
+    const float gg = ct[i] * gamma[i];
+    xhat[i] = h;
+    sum_g += gg;
+    sum_gx += gg * h;
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    sum_g += acc_g[l];
+    sum_gx += acc_gx[l];
+  }
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const float a = centered ? sum_g * inv_n : 0.f;
+  const float c = sum_gx * inv_n;
+  for (int64_t j = 0; j < n; ++j) {
+    Store(out, j, rs * ((ct[j] * gamma[j] - a) - xhat[j] * c));
+    dscale[j] += ct[j] * xhat[j];
+    dbias[j] += ct[j];
+  }
+}
+
 // Rows are cut into a fixed number of chunks that depends only on the shape (so sums over
 // rows, added chunk by chunk in order, are the same whatever the thread count and timing).
 int64_t NumChunks(int64_t rows, int64_t row_elements) {
@@ -183,8 +229,7 @@ ffi::Error RowsForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<ff
       }
       const float v = SumSquares(row, n, s, m) * inv_n;
       const float rstd = 1.0f / std::sqrt(v + eps);
-      auto* out = yp + r * n;
-      for (int64_t i = 0; i < n; ++i) Store(out, i, ((row[i] - s) - m) * (rstd * g[i]) + b[i]);
+      NormalizeRow(row, g, b, s, m, rstd, n, yp + r * n);
       shift_p[r] = s;
       offset_p[r] = m;
       var_p[r] = v;
@@ -212,7 +257,6 @@ ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T
   const float* m_p = offset.typed_data();
   const float* r_p = rstd.typed_data();
   const float* gamma = scale.typed_data();
-  const float inv_n = 1.0f / static_cast<float>(n);
   const int64_t chunks = NumChunks(rows, n);
   // Per-chunk partial sums of g * xhat and g (one row of n each), added up in chunk order.
   std::vector<float> partial(static_cast<size_t>(chunks) * 2 * n, 0.f);
@@ -223,38 +267,8 @@ ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = AsFloat(xp + r * n, n, x_scratch);
       const float* cr = AsFloat(cp + r * n, n, c_scratch);
-      const float s = s_p[r], m = m_p[r], rs = r_p[r];
-      float acc_g[kLanes] = {}, acc_gx[kLanes] = {};
-      int64_t i = 0;
-      for (; i + kLanes <= n; i += kLanes)
-        for (int64_t l = 0; l < kLanes; ++l) {
-          const float h = ((xr[i + l] - s) - m) * rs;
-          const float gg = cr[i + l] * gamma[i + l];
-          xhat[i + l] = h;
-          acc_g[l] += gg;
-          acc_gx[l] += gg * h;
-        }
-      float sum_g = 0.f, sum_gx = 0.f;
-      for (; i < n; ++i) {
-        const float h = ((xr[i] - s) - m) * rs;
-        const float gg = cr[i] * gamma[i];
-        xhat[i] = h;
-        sum_g += gg;
-        sum_gx += gg * h;
-      }
-      for (int64_t l = 0; l < kLanes; ++l) {
-        sum_g += acc_g[l];
-        sum_gx += acc_gx[l];
-      }
-      const float a = centered ? sum_g * inv_n : 0.f;
-      const float c = sum_gx * inv_n;
-      auto* out = dxp + r * n;
-      for (int64_t j = 0; j < n; ++j) {
-        const float gj = cr[j];
-        Store(out, j, rs * ((gj * gamma[j] - a) - xhat[j] * c));
-        dscale_acc[j] += gj * xhat[j];
-        dbias_acc[j] += gj;
-      }
+      BackwardRow(xr, cr, gamma, s_p[r], m_p[r], r_p[r], centered, n, xhat.data(), dscale_acc,
+                  dbias_acc, dxp + r * n);
     }
   });
   float* ds = dscale->typed_data();
