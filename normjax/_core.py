@@ -40,8 +40,9 @@ that saves only the named statistics, so the backward keeps `x` and per-row `(sh
 rstd)` and recomputes `xhat` elementwise. Being a JVP rule written in `jax.numpy`, it is
 itself differentiable: forward mode, reverse mode and any order of derivative work.
 
-Row normalizations (layer/RMS norm over the trailing axes of float32/bfloat16 input, per-feature
-scale and bias, no mask, named axis or grouping) take `normjax._rows` instead: the same maths
+Row normalizations (layer/RMS norm, or instance norm, over the trailing axes of
+float32/bfloat16 input, with scale and bias per feature or per row, and no mask, named axis
+or grouping) take `normjax._rows` instead: the same maths
 as primitives with a native CPU kernel (one read of each row per pass) and `jax.numpy`
 definitions (built from `moments` and `normalize`) everywhere else.
 """
@@ -250,8 +251,10 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
   all work), evaluated under `jax.checkpoint` so that reverse mode keeps only `x` and the
   per-row statistics (`shift`, `offset`, `rstd`) for the backward.
   """
-  if _rows.applies(x, axes, scale, bias, mask, axis_name, groups, fast_variance):
-    return _rows.standardize_rows(x, len(axes), scale, bias, eps, centered=centered)
+  layout = _rows.param_layout(x, axes, scale, bias, mask, axis_name, groups, fast_variance)
+  if layout is not None:
+    return _rows.standardize_rows(x, len(axes), scale, bias, eps, centered=centered,
+                                  layout=layout)
   dtype = stats_dtype(x.dtype)
   reduce = dict(axis_name=axis_name, axis_index_groups=axis_index_groups, groups=groups)
   moment_args = dict(mask=mask, fast_variance=fast_variance, centered=centered, **reduce)

@@ -64,22 +64,40 @@ def _load_native() -> bool:
 NATIVE = _load_native()
 
 
-def applies(x, axes, scale, bias, mask, axis_name, groups, fast_variance) -> bool:
-  """Whether `_core.standardize(x, axes, ...)` is a row normalization this module handles."""
+def param_layout(x, axes, scale, bias, mask, axis_name, groups, fast_variance) -> str | None:
+  """How `_core.standardize(x, axes, ...)` maps onto rows: None if it is not a row
+  normalization this module handles; "features" when the scale and bias vary along the
+  normalized (trailing) axes only (layer/RMS norm); "rows" when they vary along the other axes
+  only (instance norm over the trailing axes: one scale per row)."""
   k = len(axes)
   if (mask is not None or axis_name is not None or groups is not None or fast_variance
       or jnp.dtype(x.dtype) not in _NATIVE_DTYPES or k == 0 or x.size == 0
       or tuple(axes) != tuple(range(x.ndim - k, x.ndim))):
-    return False
-  param_shape = (1,) * (x.ndim - k) + x.shape[x.ndim - k:]
-  return all(p is None or p.shape == param_shape for p in (scale, bias))
+    return None
+  lead = x.ndim - k
+
+  def layout(p):
+    if p.shape == (1,) * lead + x.shape[lead:]:
+      return "features"
+    if all(d == 1 for d in p.shape[lead:]) and all(d in (1, n) for d, n in zip(p.shape, x.shape)):
+      return "rows"
+    return None
+  layouts = {layout(p) for p in (scale, bias) if p is not None}
+  if None in layouts or len(layouts) > 1:
+    return None
+  return layouts.pop() if layouts else "features"
 
 
 # ----------------------------------------------------------------- jax.numpy definitions
 
-def _forward_reference(x, scale, bias, *, eps, centered):
+def _expand(param, per_row):
+  """A per-feature `[features]` or per-row `[rows]` parameter as a 2-D `[rows, features]` operand."""
+  return param[:, None] if per_row else param[None]
+
+
+def _forward_reference(x, scale, bias, *, eps, centered, per_row):
   stats = _core.moments(x, (1,), centered=centered)
-  y = _core.normalize(x, stats, scale[None], bias[None], eps)
+  y = _core.normalize(x, stats, _expand(scale, per_row), _expand(bias, per_row), eps)
   zero = jnp.zeros_like(stats.var)
   shift = zero if stats.shift is None else stats.shift
   offset = zero if stats.offset is None else stats.offset
@@ -90,23 +108,25 @@ def _xhat(x, shift, offset, rstd):
   return ((x.astype(_F32) - shift[:, None]) - offset[:, None]) * rstd[:, None]
 
 
-def _tangent_reference(x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered):
+def _tangent_reference(x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered, per_row):
   """d y = rstd*scale*(dx - E[dx] - xhat E[xhat dx]) + xhat dscale + dbias (no E[dx] for RMS)."""
   xhat = _xhat(x, shift, offset, rstd)
   dx = dx.astype(_F32)
   centred_dx = dx - jnp.mean(dx, axis=1, keepdims=True) if centered else dx
   dxhat = rstd[:, None] * (centred_dx - xhat * jnp.mean(xhat * dx, axis=1, keepdims=True))
-  return ((dxhat * scale[None] + xhat * dscale[None] + dbias[None]).astype(x.dtype),)
+  e = functools.partial(_expand, per_row=per_row)
+  return ((dxhat * e(scale) + xhat * e(dscale) + e(dbias)).astype(x.dtype),)
 
 
-def _backward_reference(x, g, shift, offset, rstd, scale, *, centered):
+def _backward_reference(x, g, shift, offset, rstd, scale, *, centered, per_row):
   """The transpose of `_tangent_reference` in `(dx, dscale, dbias)`."""
   xhat = _xhat(x, shift, offset, rstd)
   g = g.astype(_F32)
-  gs = g * scale[None]
+  gs = g * _expand(scale, per_row)
   centred_gs = gs - jnp.mean(gs, axis=1, keepdims=True) if centered else gs
   dx = rstd[:, None] * (centred_gs - xhat * jnp.mean(gs * xhat, axis=1, keepdims=True))
-  return dx.astype(x.dtype), jnp.sum(g * xhat, axis=0), jnp.sum(g, axis=0)
+  params_axis = 1 if per_row else 0
+  return dx.astype(x.dtype), jnp.sum(g * xhat, axis=params_axis), jnp.sum(g, axis=params_axis)
 
 
 # ----------------------------------------------------------------- the primitives
@@ -137,19 +157,19 @@ def _shaped(shape, dtype):
   return jax.core.ShapedArray(shape, dtype)
 
 
-def _forward_abstract(x, scale, bias, *, eps, centered):
-  del scale, bias, eps, centered
+def _forward_abstract(x, scale, bias, *, eps, centered, per_row):
+  del scale, bias, eps, centered, per_row
   row = _shaped(x.shape[:1], _F32)
   return [_shaped(x.shape, x.dtype), row, row, row]
 
 
-def _tangent_abstract(x, *args, centered):
-  del args, centered
+def _tangent_abstract(x, *args, centered, per_row):
+  del args, centered, per_row
   return [_shaped(x.shape, x.dtype)]
 
 
-def _backward_abstract(x, g, shift, offset, rstd, scale, *, centered):
-  del g, shift, offset, rstd, centered
+def _backward_abstract(x, g, shift, offset, rstd, scale, *, centered, per_row):
+  del g, shift, offset, rstd, centered, per_row
   return [_shaped(x.shape, x.dtype), _shaped(scale.shape, _F32), _shaped(scale.shape, _F32)]
 
 
@@ -158,12 +178,14 @@ rows_tangent_p = _primitive("normjax_rows_tangent", _tangent_reference, _tangent
 rows_backward_p = _primitive("normjax_rows_backward", _backward_reference, _backward_abstract)
 
 
-def _tangent_transpose(cts, x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered):
+def _tangent_transpose(cts, x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered,
+                       per_row):
   (ct,) = cts
   linear = (dx, dscale, dbias)
   if type(ct) is ad.Zero:
     return [None] * 5 + [None] * 3
-  grads = rows_backward_p.bind(x, ct, shift, offset, rstd, scale, centered=centered)
+  grads = rows_backward_p.bind(x, ct, shift, offset, rstd, scale, centered=centered,
+                               per_row=per_row)
   return [None] * 5 + [g if ad.is_undefined_primal(v) else None for g, v in zip(grads, linear)]
 
 
@@ -197,31 +219,36 @@ def _batch_by_reference(reference):
   return rule
 
 
-def _batch_rows(p, reference, row_operands):
-  """Folds the batch into the rows when only per-row operands (positions `row_operands`) are
-  batched: every output is per row, so `[B, rows, ...]` is `[B * rows, ...]`. Otherwise (a
-  batched scale, say) the batch is handled by `jax.vmap` of the `jax.numpy` definition."""
+def _batch_rows(p, reference, feature_operands):
+  """Folds the batch into the rows when only per-row operands are batched: every output of a
+  per-row computation is per row, so `[B, rows, ...]` is `[B * rows, ...]`. The operands at
+  `feature_operands` are per feature (unless `per_row`), and a batch along them (a batched
+  scale, say) is handled by `jax.vmap` of the `jax.numpy` definition instead."""
   fallback = _batch_by_reference(reference)
 
   def rule(args, dims, **params):
-    if any(d is not None for i, d in enumerate(dims) if i not in row_operands):
+    per_feature = () if params["per_row"] else feature_operands
+    if any(dims[i] is not None for i in per_feature) or (
+        p is rows_backward_p and not params["per_row"]):
+      # The per-feature backward sums dscale and dbias over the rows: no folding there.
       return fallback(args, dims, **params)
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     args = list(args)
-    for i in row_operands:
-      a = batching.bdim_at_front(args[i], dims[i], size)
-      args[i] = a.reshape((-1,) + a.shape[2:])
+    for i in range(len(args)):
+      if i not in per_feature:
+        a = batching.bdim_at_front(args[i], dims[i], size)
+        args[i] = a.reshape((-1,) + a.shape[2:])
     outs = p.bind(*args, **params)
     return [o.reshape((size, -1) + o.shape[1:]) for o in outs], [0] * len(outs)
   return rule
 
 
 batching.primitive_batchers[rows_forward_p] = _batch_rows(
-    rows_forward_p, _forward_reference, (0,))
+    rows_forward_p, _forward_reference, (1, 2))
 batching.primitive_batchers[rows_tangent_p] = _batch_rows(
-    rows_tangent_p, _tangent_reference, (0, 1, 2, 3, 5))
-# The backward sums dscale and dbias over the rows, so a batch cannot be folded into them.
-batching.primitive_batchers[rows_backward_p] = _batch_by_reference(_backward_reference)
+    rows_tangent_p, _tangent_reference, (4, 6, 7))
+batching.primitive_batchers[rows_backward_p] = _batch_rows(
+    rows_backward_p, _backward_reference, (5,))
 
 
 # ----------------------------------------------------------------- the row normalization
@@ -230,28 +257,39 @@ _STATS_NAME = _core._STATS_NAME
 
 
 def standardize_rows(x: jax.Array, n_axes: int, scale, bias, eps: float, *,
-                     centered: bool = True) -> tuple[jax.Array, _core.Moments]:
-  """`_core.standardize` over the last `n_axes` axes (see `applies`), via the primitives."""
+                     centered: bool = True,
+                     layout: str = "features") -> tuple[jax.Array, _core.Moments]:
+  """`_core.standardize` over the last `n_axes` axes via the primitives; `layout` is
+  `param_layout(...)` ("features": parameters per feature, "rows": per row)."""
   lead, features = x.shape[:x.ndim - n_axes], x.shape[x.ndim - n_axes:]
-  n = math.prod(features)
-  x2 = x.reshape(math.prod(lead), n)
-  g = jnp.ones((n,), _F32) if scale is None else scale.reshape(n).astype(_F32)
-  b = jnp.zeros((n,), _F32) if bias is None else bias.reshape(n).astype(_F32)
+  rows, n = math.prod(lead), math.prod(features)
+  x2 = x.reshape(rows, n)
+  per_row = layout == "rows"
+  size = rows if per_row else n
+
+  def as_vector(p, default):
+    if p is None:
+      return jnp.full((size,), default, _F32)
+    if per_row:
+      p = jnp.broadcast_to(p, lead + (1,) * n_axes)
+    return p.reshape(size).astype(_F32)
+  g, b = as_vector(scale, 1.0), as_vector(bias, 0.0)
+  kw = dict(centered=centered, per_row=per_row)
 
   @jax.custom_jvp
   def fn(x2, g, b):
-    y2, shift, offset, var = rows_forward_p.bind(x2, g, b, eps=eps, centered=centered)
+    y2, shift, offset, var = rows_forward_p.bind(x2, g, b, eps=eps, **kw)
     return y2, (shift, offset, var)
 
   @fn.defjvp
   def fn_jvp(primals, tangents):
     x2, g, b = primals
     dx, dg, db = tangents
-    y2, shift, offset, var = rows_forward_p.bind(x2, g, b, eps=eps, centered=centered)
+    y2, shift, offset, var = rows_forward_p.bind(x2, g, b, eps=eps, **kw)
     rstd = lax.rsqrt(var + jnp.asarray(eps, _F32))
     shift, offset, rstd = checkpoint_name((shift, offset, rstd), _STATS_NAME)
     (dy,) = rows_tangent_p.bind(x2, shift, offset, rstd, g, dx, dg.astype(_F32),
-                                db.astype(_F32), centered=centered)
+                                db.astype(_F32), **kw)
     xhat_dx = jnp.mean(_xhat(x2, shift, offset, rstd) * dx.astype(_F32), axis=1)
     dvar = 2.0 * xhat_dx / rstd                                  # 2 E[(x - mean) dx]
     doffset = jnp.mean(dx.astype(_F32), axis=1) if centered else jnp.zeros_like(offset)
@@ -260,11 +298,11 @@ def standardize_rows(x: jax.Array, n_axes: int, scale, bias, eps: float, *,
   policy = jax.checkpoint_policies.save_only_these_names(_STATS_NAME)
   y2, (shift, offset, var) = jax.checkpoint(fn, policy=policy)(x2, g, b)
   stats_shape = lead + (1,) * n_axes
-  per_row = lambda v: v.reshape(stats_shape)
+  stats_of = lambda v: v.reshape(stats_shape)
   count = jnp.asarray(n, _F32)
   if centered:
-    stats = _core.Moments(shift=per_row(shift), offset=per_row(offset), var=per_row(var),
+    stats = _core.Moments(shift=stats_of(shift), offset=stats_of(offset), var=stats_of(var),
                           count=count)
   else:
-    stats = _core.Moments(shift=None, offset=None, var=per_row(var), count=count)
+    stats = _core.Moments(shift=None, offset=None, var=stats_of(var), count=count)
   return y2.reshape(x.shape), stats

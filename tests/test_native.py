@@ -37,7 +37,7 @@ def test_native_kernel_is_built():
 
 @pytest.mark.skipif(not _rows.NATIVE, reason="native kernel not built")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_layer_and_rms_norm_call_the_kernel(dtype):
+def test_row_normalizations_call_the_kernel(dtype):
   x = rand((4, 16, 64), dtype=dtype)
   g, b = rand((64,), seed=1), rand((64,), seed=2)
   grad = jax.grad(lambda x, g, b: jnp.sum(nj.layer_norm(x, g, b).astype(F32) ** 2),
@@ -47,6 +47,13 @@ def test_layer_and_rms_norm_call_the_kernel(dtype):
   assert f"NormjaxRowsForward{suffix}" in _hlo(nj.rms_norm, x, g)
   text = _hlo(grad, x, g, b)
   assert f"NormjaxRowsForward{suffix}" in text and f"NormjaxRowsBackward{suffix}" in text
+  # Instance norm with channels first normalizes trailing axes with one scale per row.
+  nchw, gc, bc = rand((2, 4, 5, 6), dtype=dtype), rand((4,), seed=3), rand((4,), seed=4)
+  instance = lambda x, g, b: nj.instance_norm(x, g, b, channel_axis=1)
+  assert f"NormjaxRowsForward{suffix}" in _hlo(instance, nchw, gc, bc)
+  text = _hlo(jax.grad(lambda *a: jnp.sum(instance(*a).astype(F32) ** 2), argnums=(0, 1, 2)),
+              nchw, gc, bc)
+  assert f"NormjaxRowsBackward{suffix}" in text
 
 
 def test_other_cases_do_not_call_the_kernel():
@@ -55,71 +62,79 @@ def test_other_cases_do_not_call_the_kernel():
   for fn in (lambda x: nj.layer_norm(x, axis=1),                      # not trailing
              lambda x: nj.layer_norm(x, mask=jnp.broadcast_to(mask, x.shape)),
              lambda x: nj.layer_norm(x, fast_variance=True),
-             lambda x: nj.layer_norm(x.astype(jnp.float16))):
+             lambda x: nj.layer_norm(x.astype(jnp.float16)),
+             lambda x: nj.instance_norm(x, channel_axis=-1)):           # channels last
     assert "NormjaxRows" not in _hlo(fn, x)
 
 
-def _numpy_rows(x, scale, bias, eps, centered):
+def _expand(param, per_row):
+  param = np.asarray(param, np.float64)
+  return param[:, None] if per_row else param[None]
+
+
+def _numpy_rows(x, scale, bias, eps, centered, per_row):
   x = np.asarray(x, np.float64)
   mean = x.mean(1, keepdims=True) if centered else np.zeros((x.shape[0], 1))
   var = ((x - mean) ** 2).mean(1, keepdims=True)
   xhat = (x - mean) / np.sqrt(var + eps)
-  return xhat * np.asarray(scale, np.float64) + np.asarray(bias, np.float64), mean[:, 0], var[:, 0]
+  return xhat * _expand(scale, per_row) + _expand(bias, per_row), mean[:, 0], var[:, 0]
 
 
 SHAPES = [(1, 1), (3, 7), (5, 1023), (64, 128), (300, 1024)]   # the last is cut into chunks
+KERNEL_CASES = [(shape, dtype, centered, per_row) for shape in SHAPES
+                for dtype in (jnp.float32, jnp.bfloat16) for centered in (True, False)
+                for per_row in (False, True)]
 
 
-@pytest.mark.parametrize("centered", [True, False])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_forward_kernel_matches_reference_and_numpy(shape, dtype, centered):
+@pytest.mark.parametrize("shape,dtype,centered,per_row", KERNEL_CASES)
+def test_forward_kernel_matches_reference_and_numpy(shape, dtype, centered, per_row):
   x = rand(shape, dtype=dtype, loc=0.5, seed=3)
-  g, b = rand(shape[1:], seed=4), rand(shape[1:], seed=5)
-  eps = 1e-5
-  kernel = jax.jit(lambda *a: _rows.rows_forward_p.bind(*a, eps=eps, centered=centered))
-  ref = jax.jit(lambda *a: _rows._forward_reference(*a, eps=eps, centered=centered))
+  params = shape[:1] if per_row else shape[1:]
+  g, b = rand(params, seed=4), rand(params, seed=5)
+  kw = dict(eps=1e-5, centered=centered, per_row=per_row)
+  kernel = jax.jit(lambda *a: _rows.rows_forward_p.bind(*a, **kw))
+  ref = jax.jit(lambda *a: _rows._forward_reference(*a, **kw))
   y, shift, offset, var = kernel(x, g, b)
   y_ref, shift_ref, offset_ref, var_ref = ref(x, g, b)
-  y64, mean64, var64 = _numpy_rows(np.asarray(x.astype(F32)), g, b, eps, centered)
+  y64, mean64, var64 = _numpy_rows(np.asarray(x.astype(F32)), g, b, 1e-5, centered, per_row)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   assert y.dtype == x.dtype and var.dtype == F32
   np.testing.assert_allclose(np.asarray(y, np.float64), y64, atol=tol * 4, rtol=tol)
   np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(y_ref, np.float64),
                              atol=tol * 4, rtol=tol)
-  np.testing.assert_allclose(np.asarray(shift + offset, np.float64), mean64, atol=1e-6, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(shift_ref + offset_ref, np.float64), mean64, atol=1e-6,
-                             rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(var, np.float64), var64, atol=1e-6, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(var_ref, np.float64), var64, atol=1e-6, rtol=1e-5)
+  for got in (shift + offset, shift_ref + offset_ref):
+    np.testing.assert_allclose(np.asarray(got, np.float64), mean64, atol=1e-6, rtol=1e-5)
+  for got in (var, var_ref):
+    np.testing.assert_allclose(np.asarray(got, np.float64), var64, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("centered", [True, False])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_backward_kernel_matches_reference_and_numpy(shape, dtype, centered):
+@pytest.mark.parametrize("shape,dtype,centered,per_row", KERNEL_CASES)
+def test_backward_kernel_matches_reference_and_numpy(shape, dtype, centered, per_row):
   x = rand(shape, dtype=dtype, loc=-0.3, seed=6)
   ct = rand(shape, dtype=dtype, seed=7)
-  scale = rand(shape[1:], seed=8)
+  scale = rand(shape[:1] if per_row else shape[1:], seed=8)
   eps = 1e-3
-  _, shift, offset, var = jax.jit(lambda *a: _rows._forward_reference(
-      *a, eps=eps, centered=centered))(x, scale, scale)
+  kw = dict(centered=centered, per_row=per_row)
+  _, shift, offset, var = jax.jit(lambda *a: _rows._forward_reference(*a, eps=eps, **kw))(
+      x, scale, scale)
   rstd = jax.lax.rsqrt(var + eps)
   args = (x, ct, shift, offset, rstd, scale)
-  dx, dscale, dbias = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, centered=centered))(*args)
-  ref = jax.jit(lambda *a: _rows._backward_reference(*a, centered=centered))(*args)
+  dx, dscale, dbias = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))(*args)
+  ref = jax.jit(lambda *a: _rows._backward_reference(*a, **kw))(*args)
   # float64 NumPy: the VJP of y = xhat(x) * scale + bias.
-  x64, g64, s64 = (np.asarray(a.astype(F32), np.float64) for a in (x, ct, scale))
+  x64, g64 = (np.asarray(a.astype(F32), np.float64) for a in (x, ct))
   mean = x64.mean(1, keepdims=True) if centered else 0.0
   rs = 1 / np.sqrt(((x64 - mean) ** 2).mean(1, keepdims=True) + eps)
   xhat = (x64 - mean) * rs
-  gs = g64 * s64
+  gs = g64 * _expand(scale, per_row)
   dx64 = rs * (gs - (gs.mean(1, keepdims=True) if centered else 0.0)
                - xhat * (gs * xhat).mean(1, keepdims=True))
+  axis = 1 if per_row else 0
+  dscale64, dbias64 = (g64 * xhat).sum(axis), g64.sum(axis)
   tol = 1e-4 if dtype == jnp.float32 else 3e-2
   assert dx.dtype == x.dtype and dscale.dtype == F32 and dbias.dtype == F32
-  for got, want in ((dx, dx64), (ref[0], dx64), (dscale, (g64 * xhat).sum(0)),
-                    (ref[1], (g64 * xhat).sum(0)), (dbias, g64.sum(0)), (ref[2], g64.sum(0))):
+  for got, want in ((dx, dx64), (ref[0], dx64), (dscale, dscale64), (ref[1], dscale64),
+                    (dbias, dbias64), (ref[2], dbias64)):
     np.testing.assert_allclose(np.asarray(got, np.float64), want,
                                atol=tol * max(1.0, np.abs(want).max()), rtol=tol)
 
@@ -127,10 +142,10 @@ def test_backward_kernel_matches_reference_and_numpy(shape, dtype, centered):
 def test_backward_is_deterministic():
   x, ct = rand((512, 512), seed=9), rand((512, 512), seed=10)
   scale = rand((512,), seed=11)
-  stats = jax.jit(lambda *a: _rows._forward_reference(*a, eps=1e-5, centered=True))(x, scale,
-                                                                                    scale)
+  kw = dict(centered=True, per_row=False)
+  stats = jax.jit(lambda *a: _rows._forward_reference(*a, eps=1e-5, **kw))(x, scale, scale)
   rstd = jax.lax.rsqrt(stats[3] + 1e-5)
-  bwd = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, centered=True))
+  bwd = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))
   first = bwd(x, ct, stats[1], stats[2], rstd, scale)
   for _ in range(5):
     for a, b in zip(first, bwd(x, ct, stats[1], stats[2], rstd, scale)):
@@ -183,3 +198,19 @@ def test_forward_mode_and_second_order_through_the_primitives():
   np.testing.assert_allclose(jax.jacfwd(fn)(x), jax.jacrev(fn)(x), atol=1e-5)
   loss = lambda x: jnp.sum(jnp.sin(nj.rms_norm(x, g)))
   np.testing.assert_allclose(jax.hessian(loss)(x), jax.jacrev(jax.jacrev(loss))(x), atol=1e-4)
+
+
+def test_instance_norm_rows_under_vmap_and_grad():
+  """Per-row parameters fold under vmap everywhere, the backward included."""
+  x = rand((3, 2, 4, 5, 6), seed=19)                    # a vmapped batch of NCHW inputs
+  g, b = rand((3, 4), seed=20), rand((4,), seed=21)
+  fn = lambda x, g: nj.instance_norm(x, g, b, channel_axis=1)
+  np.testing.assert_allclose(jax.vmap(fn)(x, g), _loop(fn, x, g), atol=1e-5)
+  loss = lambda x, g: jnp.sum(jnp.sin(fn(x, g)))
+  grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))
+  assert "NormjaxRowsBackward" in grads.lower(x, g).compile().as_text()
+  for got, want in zip(grads(x, g), zip(*[jax.grad(loss, argnums=(0, 1))(*a) for a in zip(x, g)])):
+    np.testing.assert_allclose(got, jnp.stack(want), rtol=1e-5, atol=1e-5)
+  want = reference.instance_norm(np.asarray(x[0]), np.asarray(g[0]), np.asarray(b),
+                                 channel_axis=1, eps=1e-5)
+  np.testing.assert_allclose(fn(x[0], g[0]), want, atol=2e-5)

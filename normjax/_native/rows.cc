@@ -8,7 +8,7 @@
 // primitives.
 //
 // Layout: x is [rows, features] (row-major, the features contiguous); statistics are per row,
-// scale and bias per feature, all statistics in float32. The mean is split as
+// scale and bias per feature (or, with `per_row`, per row), all statistics in float32. The mean is split as
 // `shift + offset` with `shift` the row's first element, so that `x - shift` is exact for
 // rows whose spread is small next to their mean (Sterbenz) and the variance is a two-pass
 // sum over the cached row: `1e5 + N(0, 1)` in float32 loses nothing to cancellation.
@@ -144,6 +144,49 @@ void BackwardRow(const float* __restrict__ x, const float* __restrict__ ct,
   }
 }
 
+// The same two with one scale and bias for the whole row (instance norm over the trailing
+// axes: one row per (example, channel)). BackwardRowScalar returns the row's dscale and dbias.
+template <typename T>
+void NormalizeRowScalar(const float* __restrict__ x, float g, float b, float s, float m,
+                        float rstd, int64_t n, T* __restrict__ out) {
+  const float factor = rstd * g;
+  for (int64_t i = 0; i < n; ++i) Store(out, i, ((x[i] - s) - m) * factor + b);
+}
+
+template <typename T>
+void BackwardRowScalar(const float* __restrict__ x, const float* __restrict__ ct, float gamma,
+                       float s, float m, float rs, bool centered, int64_t n,
+                       float* __restrict__ xhat, T* __restrict__ out, float* dscale,
+                       float* dbias) {
+  float acc_g[kLanes] = {}, acc_gx[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float h = ((x[i + l] - s) - m) * rs;
+      xhat[i + l] = h;
+      acc_g[l] += ct[i + l];
+      acc_gx[l] += ct[i + l] * h;
+    }
+  float sum_g = 0.f, sum_gx = 0.f;
+  for (; i < n; ++i) {
+    const float h = ((x[i] - s) - m) * rs;
+    xhat[i] = h;
+    sum_g += ct[i];
+    sum_gx += ct[i] * h;
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    sum_g += acc_g[l];
+    sum_gx += acc_gx[l];
+  }
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const float a = centered ? sum_g * inv_n : 0.f;
+  const float c = sum_gx * inv_n;
+  const float factor = rs * gamma;
+  for (int64_t j = 0; j < n; ++j) Store(out, j, factor * ((ct[j] - a) - xhat[j] * c));
+  *dscale = sum_gx;
+  *dbias = sum_g;
+}
+
 // Rows are cut into a fixed number of chunks that depends only on the shape (so sums over
 // rows, added chunk by chunk in order, are the same whatever the thread count and timing).
 int64_t NumChunks(int64_t rows, int64_t row_elements) {
@@ -204,11 +247,12 @@ ffi::Error RowsForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<ff
                        ffi::Buffer<ffi::F32, 1> bias, ffi::ResultBuffer<T, 2> y,
                        ffi::ResultBuffer<ffi::F32, 1> shift,
                        ffi::ResultBuffer<ffi::F32, 1> offset,
-                       ffi::ResultBuffer<ffi::F32, 1> var, float eps, bool centered) {
+                       ffi::ResultBuffer<ffi::F32, 1> var, float eps, bool centered,
+                       bool per_row) {
   const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
-  if (scale.element_count() != static_cast<size_t>(n) ||
-      bias.element_count() != static_cast<size_t>(n)) {
-    return ffi::Error::InvalidArgument("normjax rows_forward: scale/bias size != features");
+  const size_t params = static_cast<size_t>(per_row ? rows : n);
+  if (scale.element_count() != params || bias.element_count() != params) {
+    return ffi::Error::InvalidArgument("normjax rows_forward: scale/bias size mismatch");
   }
   const auto* xp = x.typed_data();
   auto* yp = y->typed_data();
@@ -229,7 +273,11 @@ ffi::Error RowsForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<ff
       }
       const float v = SumSquares(row, n, s, m) * inv_n;
       const float rstd = 1.0f / std::sqrt(v + eps);
-      NormalizeRow(row, g, b, s, m, rstd, n, yp + r * n);
+      if (per_row) {
+        NormalizeRowScalar(row, g[r], b[r], s, m, rstd, n, yp + r * n);
+      } else {
+        NormalizeRow(row, g, b, s, m, rstd, n, yp + r * n);
+      }
       shift_p[r] = s;
       offset_p[r] = m;
       var_p[r] = v;
@@ -239,16 +287,17 @@ ffi::Error RowsForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<ff
 }
 
 // dx = rstd * (g*scale - E[g*scale] - xhat * E[g*scale*xhat])  (no E[g*scale] term for RMS),
-// dscale = sum over rows of g * xhat, dbias = sum over rows of g.
+// dscale = sum over rows of g * xhat, dbias = sum over rows of g; with `per_row` (one scale
+// per row) dscale and dbias are per row instead, the same sums over the row.
 template <ffi::DataType T>
 ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T, 2> ct,
                         ffi::Buffer<ffi::F32, 1> shift, ffi::Buffer<ffi::F32, 1> offset,
                         ffi::Buffer<ffi::F32, 1> rstd, ffi::Buffer<ffi::F32, 1> scale,
                         ffi::ResultBuffer<T, 2> dx, ffi::ResultBuffer<ffi::F32, 1> dscale,
-                        ffi::ResultBuffer<ffi::F32, 1> dbias, bool centered) {
+                        ffi::ResultBuffer<ffi::F32, 1> dbias, bool centered, bool per_row) {
   const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
-  if (scale.element_count() != static_cast<size_t>(n)) {
-    return ffi::Error::InvalidArgument("normjax rows_backward: scale size != features");
+  if (scale.element_count() != static_cast<size_t>(per_row ? rows : n)) {
+    return ffi::Error::InvalidArgument("normjax rows_backward: scale size mismatch");
   }
   const auto* xp = x.typed_data();
   const auto* cp = ct.typed_data();
@@ -257,7 +306,21 @@ ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T
   const float* m_p = offset.typed_data();
   const float* r_p = rstd.typed_data();
   const float* gamma = scale.typed_data();
+  float* ds = dscale->typed_data();
+  float* db = dbias->typed_data();
   const int64_t chunks = NumChunks(rows, n);
+  if (per_row) {
+    ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t) {
+      std::vector<float> x_scratch, c_scratch, xhat(n);
+      for (int64_t r = begin; r < end; ++r) {
+        const float* xr = AsFloat(xp + r * n, n, x_scratch);
+        const float* cr = AsFloat(cp + r * n, n, c_scratch);
+        BackwardRowScalar(xr, cr, gamma[r], s_p[r], m_p[r], r_p[r], centered, n, xhat.data(),
+                          dxp + r * n, ds + r, db + r);
+      }
+    });
+    return ffi::Error::Success();
+  }
   // Per-chunk partial sums of g * xhat and g (one row of n each), added up in chunk order.
   std::vector<float> partial(static_cast<size_t>(chunks) * 2 * n, 0.f);
   ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t chunk) {
@@ -271,8 +334,6 @@ ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T
                   dbias_acc, dxp + r * n);
     }
   });
-  float* ds = dscale->typed_data();
-  float* db = dbias->typed_data();
   for (int64_t j = 0; j < n; ++j) {
     float a = 0.f, b = 0.f;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -297,7 +358,8 @@ auto BindForward() {
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
       .template Attr<float>("eps")
-      .template Attr<bool>("centered");
+      .template Attr<bool>("centered")
+      .template Attr<bool>("per_row");
 }
 
 template <ffi::DataType T>
@@ -313,7 +375,8 @@ auto BindBackward() {
       .template Ret<ffi::Buffer<T, 2>>()
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
-      .template Attr<bool>("centered");
+      .template Attr<bool>("centered")
+      .template Attr<bool>("per_row");
 }
 
 }  // namespace
