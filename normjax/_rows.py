@@ -1,9 +1,11 @@
-"""Normalization over contiguous rows (layer and RMS norm over trailing axes) as primitives.
+"""Normalization over contiguous rows (layer, RMS and instance norm over trailing axes).
 
-`_core.standardize` hands this module the common case of layer/RMS norm: the normalized axes
-are the trailing axes of a float32/bfloat16 input, the scale and bias are per feature, and
-there is no mask, named axis or channel grouping. The input is viewed as `[rows, features]`
-and three primitives do the work:
+`_core.standardize` hands this module every normalization whose normalized axes are the
+trailing axes of a float32/bfloat16 input, without a mask, named axis or channel grouping,
+and whose scale and bias vary either along the normalized axes only (layer/RMS norm:
+`per_row=False`) or along the other axes only (instance norm with channels first:
+`per_row=True`, one scale per row). The input is viewed as `[rows, features]` and three
+primitives do the work:
 
   * `rows_forward_p`: `x, scale, bias -> y, shift, offset, var` (per-row statistics; the mean
     is `shift + offset`, as in `_core.Moments`).
@@ -15,11 +17,18 @@ Each has a `jax.numpy` definition (`_forward_reference`, ...) that gives its low
 platform, its JVP (so forward mode and all higher orders work) and its batching rule when the
 batch cannot be folded into the rows. On CPU, when the native library
 (`normjax/_native/rows.cc`, built at install time) is present, `rows_forward_p` and
-`rows_backward_p` lower to XLA FFI calls instead: one read of each row per pass, two threads.
-Set `NORMJAX_NATIVE=0` before importing normjax to use the `jax.numpy` definitions everywhere.
+`rows_backward_p` lower to XLA FFI calls instead: one read of each row per pass, on XLA's
+intra-op threads. Set `NORMJAX_NATIVE=0` before importing normjax to use the `jax.numpy`
+definitions everywhere.
 
-A custom call is a fusion barrier: an elementwise op producing `x` (a residual add) is
-written out before the kernel reads it, where XLA could have fused it into its own layer norm.
+Costs of a custom call: it is a fusion barrier (an elementwise op producing `x`, such as a
+residual add, is written out before the kernel reads it, where XLA could have fused it), and
+XLA's SPMD partitioner does not know how to split it: under `jit` with an input sharded over
+several CPU devices along mesh axes of type `Auto`, the call runs on the gathered input
+(correct, not fast; use `shard_map`, as tests/test_distributed.py does, or
+`NORMJAX_NATIVE=0`). Inputs sharded along `Explicit` mesh axes (the default of
+`jax.make_mesh`) take `_core`'s XLA path instead, which shards like any jax.numpy code. A program exported with `jax.export`
+names the kernel, so loading it needs normjax imported.
 """
 
 from __future__ import annotations
@@ -74,6 +83,9 @@ def param_layout(x, axes, scale, bias, mask, axis_name, groups, fast_variance) -
       or jnp.dtype(x.dtype) not in _NATIVE_DTYPES or k == 0 or x.size == 0
       or tuple(axes) != tuple(range(x.ndim - k, x.ndim))):
     return None
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  if spec is not None and any(s is not None for s in spec):
+    return None   # explicitly sharded (jax.sharding.AxisType.Explicit): keep XLA's own ops
   lead = x.ndim - k
 
   def layout(p):

@@ -159,3 +159,28 @@ def test_jit_over_sharded_arrays_needs_no_axis_name():
   assert y.sharding.is_equivalent_to(x.sharding, x.ndim)
   g = jax.jit(jax.grad(lambda x: jnp.sum(nj.group_norm(x, num_groups=2) ** 3)))(x)
   assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_jit_over_sharded_arrays_row_normalizations(axis_type):
+  """Layer, RMS and channels-first instance norm (the row kernel's cases) under jit with a
+  batch-sharded input: explicit mesh axes keep the sharding (XLA's path); auto axes give the
+  right values (the CPU kernel runs on the gathered rows, see normjax/_rows.py)."""
+  mesh = jax.make_mesh((NDEV,), ("data",),
+                       axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+  x_host = rand((8, 6, 16), 15, loc=3.0)
+  x = jax.device_put(jnp.asarray(x_host), NamedSharding(mesh, P("data")))
+  g, b = jnp.asarray(rand((16,), 16)), jnp.asarray(rand((16,), 17))
+  gc, bc = g[:6], b[:6]
+  cases = [(lambda x: nj.layer_norm(x, g, b), lambda x: ref.layer_norm(x, g, b)),
+           (lambda x: nj.rms_norm(x, g), lambda x: ref.rms_norm(x, g, eps=1e-6)),
+           (lambda x: nj.instance_norm(x, gc, bc, channel_axis=1),
+            lambda x: ref.instance_norm(x, gc, bc, channel_axis=1))]
+  for fn, want in cases:
+    y = jax.jit(fn)(x)
+    np.testing.assert_allclose(y, want(x_host), rtol=2e-5, atol=2e-5)
+    if axis_type == "Explicit":
+      assert y.sharding.is_equivalent_to(x.sharding, x.ndim)
+    loss = lambda x: jnp.sum(jnp.sin(fn(x)))
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(x), jax.grad(loss)(jnp.asarray(x_host)),
+                               rtol=1e-4, atol=1e-5)

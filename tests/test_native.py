@@ -214,3 +214,47 @@ def test_instance_norm_rows_under_vmap_and_grad():
   want = reference.instance_norm(np.asarray(x[0]), np.asarray(g[0]), np.asarray(b),
                                  channel_axis=1, eps=1e-5)
   np.testing.assert_allclose(fn(x[0], g[0]), want, atol=2e-5)
+
+
+_SETUP = """
+import jax, jax.numpy as jnp, numpy as np
+import normjax as nj
+x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 33)).astype(np.float32)) + 1e4
+g, b = jnp.linspace(0.5, 1.5, 33), jnp.linspace(-1.0, 1.0, 33)
+"""
+_WITHOUT_KERNEL = _SETUP + """
+from normjax import _rows
+assert not _rows.NATIVE
+for fn in (lambda x: nj.layer_norm(x, g, b), lambda x: nj.rms_norm(x - 1e4, g),
+           lambda x: nj.instance_norm(x, g[:4], b[:4], channel_axis=1)):
+  text = jax.jit(fn).lower(x).compile().as_text()
+  assert "custom-call" not in text and "normjax_rows" not in text
+  loss = lambda x: jnp.sum(jnp.sin(fn(x)))
+  grad = jax.jit(jax.grad(loss))(x)
+  jvp = jax.jvp(loss, (x,), (grad,))[1]
+  print(repr((np.asarray(fn(x)).tolist(), np.asarray(grad).tolist(), float(jvp))))
+"""
+
+
+def test_jax_numpy_lowering_matches_the_kernel():
+  """What every non-CPU platform runs (and a CPU without the kernel): the primitives lowered
+  from their jax.numpy definitions, in a process started with NORMJAX_NATIVE=0."""
+  import ast
+  import subprocess
+  import sys
+  env = dict(os.environ, NORMJAX_NATIVE="0")
+  out = subprocess.run([sys.executable, "-c", _WITHOUT_KERNEL], env=env, check=True,
+                       capture_output=True, text=True).stdout.splitlines()
+  namespace = {}
+  exec(_SETUP, namespace)
+  x, g, b = namespace["x"], namespace["g"], namespace["b"]
+  fns = (lambda x: nj.layer_norm(x, g, b), lambda x: nj.rms_norm(x - 1e4, g),
+         lambda x: nj.instance_norm(x, g[:4], b[:4], channel_axis=1))
+  assert len(out) == len(fns)
+  for line, fn in zip(out, fns):
+    y, grad, jvp = ast.literal_eval(line)
+    loss = lambda x: jnp.sum(jnp.sin(fn(x)))
+    np.testing.assert_allclose(fn(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.grad(loss)(x), np.asarray(grad), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(float(jax.jvp(loss, (x,), (jnp.asarray(grad, F32),))[1]), jvp,
+                               rtol=1e-4)
