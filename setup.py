@@ -1,9 +1,10 @@
 """Builds normjax's optional native CPU kernel; everything else is in pyproject.toml.
 
-`normjax/_native/rows.cc` (layer/RMS norm forward and backward over contiguous rows) is
-compiled against the XLA FFI headers that jaxlib ships. It is optional: without a C++
+`normjax/_native/rows.cc` (layer/RMS/instance norm forward and backward over contiguous rows,
+and per-channel moments of channels-last input) is compiled against the XLA FFI headers that
+jaxlib ships. It is optional: without a C++
 compiler the build goes on without it, and normjax uses its `jax.numpy` definitions instead
-(`normjax._rows.NATIVE` says which). It is compiled for the machine it is built on
+(`normjax._native.NATIVE` says which). It is compiled for the machine it is built on
 (`-march=native`), as it is built at install time.
 """
 

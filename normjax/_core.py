@@ -147,6 +147,9 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
   Returns:
     `Moments` whose arrays have `x.ndim` dims, size 1 along `axes`, in `stats_dtype(x.dtype)`.
   """
+  if _columns.applies(x, axes, mask, axis_name, fast_variance, centered, groups):
+    shift, offset, var, count = _columns.shifted_moments(x, axes, groups)
+    return Moments(shift=shift, offset=offset, var=var, count=count)
   dtype = stats_dtype(x.dtype)
   x_in = x   # uncast: the cond's operand (a cast operand would be materialized for bf16)
   x = x.astype(dtype)
@@ -310,3 +313,5 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
 # Row normalizations (layer/RMS norm over trailing axes) have their own primitives and CPU
 # kernel; imported last because it builds on the functions above.
 from normjax import _rows  # noqa: E402
+# Channels-last moments (batch/instance/group norm on NHWC) from one read: see `moments`.
+from normjax import _columns  # noqa: E402

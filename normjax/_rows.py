@@ -27,17 +27,14 @@ XLA's SPMD partitioner does not know how to split it: under `jit` with an input 
 several CPU devices along mesh axes of type `Auto`, the call runs on the gathered input
 (correct, not fast; use `shard_map`, as tests/test_distributed.py does, or
 `NORMJAX_NATIVE=0`). Inputs sharded along `Explicit` mesh axes (the default of
-`jax.make_mesh`) take `_core`'s XLA path instead, which shards like any jax.numpy code. A program exported with `jax.export`
-names the kernel, so loading it needs normjax imported.
+`jax.make_mesh`) take `_core`'s XLA path instead, which shards like any jax.numpy code. A
+program exported with `jax.export` names the kernel, so loading it needs normjax imported.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import glob
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -48,29 +45,11 @@ from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
 from normjax import _core
+from normjax import _native
 
 _F32 = jnp.dtype(jnp.float32)
 _NATIVE_DTYPES = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.bfloat16): "BF16"}
-_LIBRARY_GLOB = os.path.join(os.path.dirname(__file__), "_native", "_rows_cpu*.so")
-
-
-def _load_native() -> bool:
-  """Registers the CPU kernels with XLA if the built library is present; True if it is."""
-  if os.environ.get("NORMJAX_NATIVE", "1") == "0":
-    return False
-  paths = sorted(glob.glob(_LIBRARY_GLOB))
-  if not paths:
-    return False
-  library = ctypes.CDLL(paths[0])
-  for kind in ("Forward", "Backward"):
-    for dtype in _NATIVE_DTYPES.values():
-      name = f"NormjaxRows{kind}{dtype}"
-      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
-                                  platform="cpu")
-  return True
-
-
-NATIVE = _load_native()
+NATIVE = _native.NATIVE
 
 
 def param_layout(x, axes, scale, bias, mask, axis_name, groups, fast_variance) -> str | None:
@@ -149,7 +128,7 @@ def _compiled_bind(p, params):
   return jax.jit(lambda *args: p.bind(*args, **dict(params)))
 
 
-def _primitive(name, reference, abstract_eval):
+def define_primitive(name, reference, abstract_eval):
   p = jex_core.Primitive(name)
   p.multiple_results = True
   p.def_impl(lambda *args, **params: _compiled_bind(p, tuple(sorted(params.items())))(*args))
@@ -185,9 +164,9 @@ def _backward_abstract(x, g, shift, offset, rstd, scale, *, centered, per_row):
   return [_shaped(x.shape, x.dtype), _shaped(scale.shape, _F32), _shaped(scale.shape, _F32)]
 
 
-rows_forward_p = _primitive("normjax_rows_forward", _forward_reference, _forward_abstract)
-rows_tangent_p = _primitive("normjax_rows_tangent", _tangent_reference, _tangent_abstract)
-rows_backward_p = _primitive("normjax_rows_backward", _backward_reference, _backward_abstract)
+rows_forward_p = define_primitive("normjax_rows_forward", _forward_reference, _forward_abstract)
+rows_tangent_p = define_primitive("normjax_rows_tangent", _tangent_reference, _tangent_abstract)
+rows_backward_p = define_primitive("normjax_rows_backward", _backward_reference, _backward_abstract)
 
 
 def _tangent_transpose(cts, x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered,

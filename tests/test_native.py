@@ -226,9 +226,10 @@ _WITHOUT_KERNEL = _SETUP + """
 from normjax import _rows
 assert not _rows.NATIVE
 for fn in (lambda x: nj.layer_norm(x, g, b), lambda x: nj.rms_norm(x - 1e4, g),
-           lambda x: nj.instance_norm(x, g[:4], b[:4], channel_axis=1)):
+           lambda x: nj.instance_norm(x, g[:4], b[:4], channel_axis=1),
+           lambda x: nj.group_norm(x, g, b, num_groups=3)):
   text = jax.jit(fn).lower(x).compile().as_text()
-  assert "custom-call" not in text and "normjax_rows" not in text
+  assert "custom-call" not in text and "normjax_" not in text
   loss = lambda x: jnp.sum(jnp.sin(fn(x)))
   grad = jax.jit(jax.grad(loss))(x)
   jvp = jax.jvp(loss, (x,), (grad,))[1]
@@ -249,7 +250,8 @@ def test_jax_numpy_lowering_matches_the_kernel():
   exec(_SETUP, namespace)
   x, g, b = namespace["x"], namespace["g"], namespace["b"]
   fns = (lambda x: nj.layer_norm(x, g, b), lambda x: nj.rms_norm(x - 1e4, g),
-         lambda x: nj.instance_norm(x, g[:4], b[:4], channel_axis=1))
+         lambda x: nj.instance_norm(x, g[:4], b[:4], channel_axis=1),
+         lambda x: nj.group_norm(x, g, b, num_groups=3))
   assert len(out) == len(fns)
   for line, fn in zip(out, fns):
     y, grad, jvp = ast.literal_eval(line)

@@ -1,4 +1,6 @@
-// Native CPU kernels for normalization over contiguous rows (layer norm, RMS norm).
+// Native CPU kernels for normalization over contiguous rows (layer, RMS and channels-first
+// instance norm; normjax/_rows.py), and per-channel moments of channels-last input (batch,
+// instance and group norm on NHWC; normjax/_columns.py).
 //
 // XLA:CPU reads a layer-norm row three to five times (one reduction per sum, then the
 // normalize pass, and as many again in the backward). These kernels read each row from memory
@@ -346,6 +348,84 @@ ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T
   return ffi::Error::Success();
 }
 
+// Per-channel moments of x viewed as [batch, positions, channels] (channels contiguous, as
+// batch/instance/group norm see NHWC input): shift = x[b, 0, c], sum1 = sum over positions of
+// (x - shift), sum2 = sum of (x - shift)^2, from one read of x. The shift is a sample of the
+// channel, so sum2 / n - (sum1 / n)^2 cancels nothing significant unless that sample is many
+// standard deviations from the mean.
+template <typename T>
+void AccumulateShifted(const float* __restrict__ x, const float* __restrict__ shift, int64_t n,
+                       float* __restrict__ sum1, float* __restrict__ sum2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = x[i] - shift[i];
+    sum1[i] += d;
+    sum2[i] += d * d;
+  }
+}
+
+template <ffi::DataType T>
+ffi::Error ColumnMoments(ffi::ThreadPool pool, ffi::Buffer<T, 3> x,
+                         ffi::ResultBuffer<ffi::F32, 2> shift, ffi::ResultBuffer<ffi::F32, 2> sum1,
+                         ffi::ResultBuffer<ffi::F32, 2> sum2) {
+  const int64_t batch = x.dimensions()[0], positions = x.dimensions()[1], c = x.dimensions()[2];
+  const auto* xp = x.typed_data();
+  float* shift_p = shift->typed_data();
+  float* s1 = sum1->typed_data();
+  float* s2 = sum2->typed_data();
+  if (positions == 0 || c == 0) {
+    std::fill(shift_p, shift_p + batch * c, 0.f);
+    std::fill(s1, s1 + batch * c, 0.f);
+    std::fill(s2, s2 + batch * c, 0.f);
+    return ffi::Error::Success();
+  }
+  // Chunks: each example's positions cut into `per_example` ranges fixed by the shape.
+  const int64_t per_example =
+      std::max<int64_t>(1, NumChunks(batch * positions, c) / std::max<int64_t>(1, batch));
+  const int64_t span = (positions + per_example - 1) / per_example;
+  const int64_t chunks = batch * per_example;
+  std::vector<float> partial(static_cast<size_t>(chunks) * 2 * c, 0.f);
+  for (int64_t b = 0; b < batch; ++b) {
+    std::vector<float> scratch;
+    const float* first = AsFloat(xp + b * positions * c, c, scratch);
+    std::copy(first, first + c, shift_p + b * c);
+  }
+  ParallelChunks(pool, chunks, chunks, [&](int64_t begin, int64_t end, int64_t) {
+    std::vector<float> scratch;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t b = k / per_example, part = k % per_example;
+      const int64_t m0 = part * span, m1 = std::min(positions, m0 + span);
+      float* a1 = partial.data() + k * 2 * c;
+      for (int64_t m = m0; m < m1; ++m) {
+        const float* row = AsFloat(xp + (b * positions + m) * c, c, scratch);
+        AccumulateShifted<float>(row, shift_p + b * c, c, a1, a1 + c);
+      }
+    }
+  });
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < c; ++i) {
+      float a = 0.f, q = 0.f;
+      for (int64_t part = 0; part < per_example; ++part) {
+        const float* p = partial.data() + (b * per_example + part) * 2 * c;
+        a += p[i];
+        q += p[c + i];
+      }
+      s1[b * c + i] = a;
+      s2[b * c + i] = q;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType T>
+auto BindColumnMoments() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T, 3>>()
+      .template Ret<ffi::Buffer<ffi::F32, 2>>()
+      .template Ret<ffi::Buffer<ffi::F32, 2>>()
+      .template Ret<ffi::Buffer<ffi::F32, 2>>();
+}
+
 template <ffi::DataType T>
 auto BindForward() {
   return ffi::Ffi::Bind()
@@ -389,3 +469,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsBackwardF32, RowsBackward<ffi::F32>,
                               BindBackward<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsBackwardBF16, RowsBackward<ffi::BF16>,
                               BindBackward<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxColumnMomentsF32, ColumnMoments<ffi::F32>,
+                              BindColumnMoments<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxColumnMomentsBF16, ColumnMoments<ffi::BF16>,
+                              BindColumnMoments<ffi::BF16>());

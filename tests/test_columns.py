@@ -1,0 +1,114 @@
+"""Per-channel moments of channels-last input (normjax/_columns.py) and their CPU kernel.
+
+Batch, instance and group norm on NHWC input take their statistics from `column_moments_p`
+(one read of `x`); these tests check the dispatch, the kernel against its jax.numpy
+definition and float64 NumPy, the regrouping for group norm at large means, and vmap. The
+variant-level suites (test_variants, test_numerics, test_torch_parity, ...) run through it
+as well.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import normjax as nj
+from normjax import _columns
+from normjax import _native
+from tests import reference
+from tests.helpers import rand
+
+F32 = jnp.float32
+KERNEL = "NormjaxColumnMoments"
+
+
+def _hlo(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def _batch_norm(x, **kw):
+  return nj.batch_norm(x, None, None, nj.init_batch_stats(x.shape[-1]), train=True, **kw)[0]
+
+
+@pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_channels_last_statistics_call_the_kernel(dtype):
+  x = rand((4, 6, 5, 32), dtype=dtype)
+  for fn in (_batch_norm, nj.instance_norm, lambda x: nj.group_norm(x, num_groups=8)):
+    assert KERNEL in _hlo(fn, x)
+    assert KERNEL in _hlo(jax.grad(lambda x: jnp.sum(fn(x).astype(F32) ** 2)), x)
+
+
+def test_other_statistics_do_not_call_the_kernel():
+  x = rand((4, 6, 5, 32))
+  mask = jnp.asarray(rand((4, 6, 5, 1), seed=1) > 0)
+  nchw = lambda x: nj.batch_norm(x, None, None, nj.init_batch_stats(x.shape[1]), train=True,
+                                 channel_axis=1)[0]
+  for fn in (nchw,                                                          # not one block
+             lambda x: _batch_norm(x, fast_variance=True),
+             lambda x: nj.instance_norm(x, mask=jnp.broadcast_to(mask, x.shape)),
+             lambda x: nj.layer_norm(x)):                                   # the rows kernel
+    assert KERNEL not in _hlo(fn, x)
+
+
+SHAPES = [(1, 1, 1), (2, 7, 3), (3, 1000, 64), (1, 4096, 48), (5, 33, 256)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_matches_reference_and_numpy(shape, dtype):
+  x = rand(shape, dtype=dtype, loc=100.0, spread=3.0, seed=2)
+  kernel = jax.jit(_columns.column_moments_p.bind)(x)
+  ref = jax.jit(_columns._moments_reference)(x)
+  x64 = np.asarray(x.astype(np.float32), np.float64)
+  n = shape[1]
+  mean, var = x64.mean(1), x64.var(1)
+  for shift, s1, s2 in (kernel, ref):
+    np.testing.assert_array_equal(np.asarray(shift), x64[:, 0, :])
+    np.testing.assert_allclose(np.asarray(shift) + np.asarray(s1) / n, mean, rtol=1e-6, atol=1e-5)
+    got_var = np.asarray(s2) / n - (np.asarray(s1, np.float64) / n) ** 2
+    np.testing.assert_allclose(got_var, var, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_regrouping_at_large_and_different_channel_means():
+  """Channels of a group with means 1e5 + 10 c: their shifts differ, and the re-shifted sums
+  must still give the group's variance to float32 accuracy."""
+  x = rand((2, 9, 7, 16), seed=3) + 1e5 + 10.0 * np.arange(16, dtype=np.float32)
+  y = jax.jit(lambda x: nj.group_norm(x, num_groups=4))(x)
+  np.testing.assert_allclose(y, reference.group_norm(x, num_groups=4), atol=2e-4)
+  x = rand((2, 9, 7, 16), seed=4) + 1e5
+  for fn, want in ((lambda x: nj.group_norm(x, num_groups=4),
+                    lambda x: reference.group_norm(x, num_groups=4)),
+                   (nj.instance_norm, reference.instance_norm),
+                   (_batch_norm, lambda x: reference.batch_norm(
+                       x, None, None, np.zeros(16), np.ones(16), train=True)[0])):
+    np.testing.assert_allclose(jax.jit(fn)(x), want(x), atol=2e-4)
+
+
+def test_vmap_folds_into_the_example_axis():
+  x = rand((3, 2, 5, 4, 8), seed=5)
+  fn = lambda x: nj.group_norm(x, num_groups=2)
+  np.testing.assert_allclose(jax.vmap(fn)(x), jnp.stack([fn(xi) for xi in x]), atol=1e-5)
+  assert KERNEL in _hlo(jax.vmap(fn), x) or not _native.NATIVE
+  loss = lambda x: jnp.sum(jnp.sin(fn(x)))
+  np.testing.assert_allclose(jax.vmap(jax.grad(loss))(x),
+                             jnp.stack([jax.grad(loss)(xi) for xi in x]), rtol=1e-5, atol=1e-5)
+
+
+def test_derivatives_agree_with_the_xla_path(monkeypatch):
+  """Gradient and Hessian-vector products (both modes) through the shifted moments equal
+  those of _core's own (conditional-variance) moments."""
+  x = jnp.asarray(rand((2, 3, 4, 8), seed=6, spread=2.0))
+  v, c = jnp.asarray(rand(x.shape, seed=7)), jnp.asarray(rand(x.shape, seed=8))
+
+  def quantities():
+    out = []
+    for fn in (_batch_norm, nj.instance_norm, lambda x: nj.group_norm(x, num_groups=2)):
+      loss = lambda x: jnp.vdot(fn(x), c)
+      out += [jax.grad(loss)(x), jax.jvp(jax.grad(loss), (x,), (v,))[1],
+              jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(x)]
+    return out
+  columns = quantities()
+  monkeypatch.setattr(_columns, "applies", lambda *args: False)
+  for got, want in zip(columns, quantities()):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
