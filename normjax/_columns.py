@@ -21,7 +21,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.interpreters import batching, mlir
 
@@ -107,9 +106,4 @@ def applies(x, axes, mask, axis_name, fast_variance, centered, groups) -> bool:
           and jnp.dtype(x.dtype) in _rows._NATIVE_DTYPES and x.size > 0
           and block_view(x, axes) is not None
           and (groups is None or (groups[0] == x.ndim - 1 and axes[-1] == x.ndim - 2))
-          and np.all([s is None for s in _explicit_spec(x)]))
-
-
-def _explicit_spec(x):
-  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-  return () if spec is None else tuple(spec)
+          and not _rows.explicitly_sharded(x))

@@ -52,6 +52,13 @@ _NATIVE_DTYPES = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.bfloat16): "BF16"
 NATIVE = _native.NATIVE
 
 
+def explicitly_sharded(x) -> bool:
+  """Whether `x` is sharded along an `Explicit` mesh axis (its type carries the sharding):
+  such inputs keep XLA's own ops, which shard like any jax.numpy code (see module doc)."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return spec is not None and any(s is not None for s in spec)
+
+
 def param_layout(x, axes, scale, bias, mask, axis_name, groups, fast_variance) -> str | None:
   """How `_core.standardize(x, axes, ...)` maps onto rows: None if it is not a row
   normalization this module handles; "features" when the scale and bias vary along the
@@ -62,9 +69,8 @@ def param_layout(x, axes, scale, bias, mask, axis_name, groups, fast_variance) -
       or jnp.dtype(x.dtype) not in _NATIVE_DTYPES or k == 0 or x.size == 0
       or tuple(axes) != tuple(range(x.ndim - k, x.ndim))):
     return None
-  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-  if spec is not None and any(s is not None for s in spec):
-    return None   # explicitly sharded (jax.sharding.AxisType.Explicit): keep XLA's own ops
+  if explicitly_sharded(x):
+    return None
   lead = x.ndim - k
 
   def layout(p):
