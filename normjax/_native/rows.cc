@@ -28,6 +28,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -108,34 +109,44 @@ void NormalizeRow(const float* __restrict__ x, const float* __restrict__ g,
   for (int64_t i = 0; i < n; ++i) Store(out, i, ((x[i] - s) - m) * (rstd * g[i]) + b[i]);
 }
 
+// The backward's first pass over a row: writes xhat = ((x - s) - m) * rs and returns
+// {sum of w, sum of w * xhat} with w = ct * gamma (w = ct when `gamma` is null).
+inline std::pair<float, float> XhatAndSums(const float* __restrict__ x,
+                                           const float* __restrict__ ct,
+                                           const float* __restrict__ gamma, float s, float m,
+                                           float rs, int64_t n, float* __restrict__ xhat) {
+  float acc_w[kLanes] = {}, acc_wx[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float h = ((x[i + l] - s) - m) * rs;
+      const float w = gamma ? ct[i + l] * gamma[i + l] : ct[i + l];
+      xhat[i + l] = h;
+      acc_w[l] += w;
+      acc_wx[l] += w * h;
+    }
+  float sum_w = 0.f, sum_wx = 0.f;
+  for (; i < n; ++i) {
+    const float h = ((x[i] - s) - m) * rs;
+    const float w = gamma ? ct[i] * gamma[i] : ct[i];
+    xhat[i] = h;
+    sum_w += w;
+    sum_wx += w * h;
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    sum_w += acc_w[l];
+    sum_wx += acc_wx[l];
+  }
+  return {sum_w, sum_wx};
+}
+
 // One row of the backward (see RowsBackward); adds the row's terms of dscale and dbias.
 template <typename T>
 void BackwardRow(const float* __restrict__ x, const float* __restrict__ ct,
                  const float* __restrict__ gamma, float s, float m, float rs, bool centered,
                  int64_t n, float* __restrict__ xhat, float* __restrict__ dscale,
                  float* __restrict__ dbias, T* __restrict__ out) {
-  float acc_g[kLanes] = {}, acc_gx[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float h = ((x[i + l] - s) - m) * rs;
-      const float gg = ct[i + l] * gamma[i + l];
-      xhat[i + l] = h;
-      acc_g[l] += gg;
-      acc_gx[l] += gg * h;
-    }
-  float sum_g = 0.f, sum_gx = 0.f;
-  for (; i < n; ++i) {
-    const float h = ((x[i] - s) - m) * rs;
-    const float gg = ct[i] * gamma[i];
-    xhat[i] = h;
-    sum_g += gg;
-    sum_gx += gg * h;
-  }
-  for (int64_t l = 0; l < kLanes; ++l) {
-    sum_g += acc_g[l];
-    sum_gx += acc_gx[l];
-  }
+  const auto [sum_g, sum_gx] = XhatAndSums(x, ct, gamma, s, m, rs, n, xhat);
   const float inv_n = 1.0f / static_cast<float>(n);
   const float a = centered ? sum_g * inv_n : 0.f;
   const float c = sum_gx * inv_n;
@@ -160,26 +171,7 @@ void BackwardRowScalar(const float* __restrict__ x, const float* __restrict__ ct
                        float s, float m, float rs, bool centered, int64_t n,
                        float* __restrict__ xhat, T* __restrict__ out, float* dscale,
                        float* dbias) {
-  float acc_g[kLanes] = {}, acc_gx[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float h = ((x[i + l] - s) - m) * rs;
-      xhat[i + l] = h;
-      acc_g[l] += ct[i + l];
-      acc_gx[l] += ct[i + l] * h;
-    }
-  float sum_g = 0.f, sum_gx = 0.f;
-  for (; i < n; ++i) {
-    const float h = ((x[i] - s) - m) * rs;
-    xhat[i] = h;
-    sum_g += ct[i];
-    sum_gx += ct[i] * h;
-  }
-  for (int64_t l = 0; l < kLanes; ++l) {
-    sum_g += acc_g[l];
-    sum_gx += acc_gx[l];
-  }
+  const auto [sum_g, sum_gx] = XhatAndSums(x, ct, nullptr, s, m, rs, n, xhat);
   const float inv_n = 1.0f / static_cast<float>(n);
   const float a = centered ? sum_g * inv_n : 0.f;
   const float c = sum_gx * inv_n;
