@@ -22,9 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.interpreters import batching, mlir
+from jax.interpreters import batching
 
-from normjax import _native
 from normjax import _rows
 
 _F32 = jnp.dtype(jnp.float32)
@@ -51,7 +50,8 @@ def _moments_abstract(x):
 
 
 column_moments_p = _rows.define_primitive("normjax_column_moments", _moments_reference,
-                                          _moments_abstract)
+                                          _moments_abstract,
+                                          native_target="NormjaxColumnMoments")
 
 
 def _fold_batch(args, dims):
@@ -63,15 +63,6 @@ def _fold_batch(args, dims):
 
 
 batching.primitive_batchers[column_moments_p] = _fold_batch
-
-if _native.NATIVE:
-  def _lowering(ctx, x):
-    dtype = _rows._NATIVE_DTYPES.get(jnp.dtype(ctx.avals_in[0].dtype))
-    if dtype is None:
-      return mlir.lower_fun(_moments_reference, multiple_results=True)(ctx, x)
-    return jax.ffi.ffi_lowering(f"NormjaxColumnMoments{dtype}")(ctx, x)
-  mlir.register_lowering(column_moments_p, _lowering, platform="cpu")
-
 
 def shifted_moments(x: jax.Array, axes: tuple[int, ...], groups: tuple[int, int] | None):
   """`(shift, offset, var, count)` of `x` over `axes` (see `block_view`), each with `x.ndim`

@@ -49,7 +49,6 @@ from normjax import _native
 
 _F32 = jnp.dtype(jnp.float32)
 _NATIVE_DTYPES = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.bfloat16): "BF16"}
-NATIVE = _native.NATIVE
 
 
 def explicitly_sharded(x) -> bool:
@@ -134,12 +133,20 @@ def _compiled_bind(p, params):
   return jax.jit(lambda *args: p.bind(*args, **dict(params)))
 
 
-def define_primitive(name, reference, abstract_eval):
+def define_primitive(name, reference, abstract_eval, native_target=None):
+  """A primitive defined by `reference` (a jax.numpy function returning a tuple of arrays):
+  its lowering, its JVP and its eager evaluation. With `native_target` (an FFI target name
+  without its dtype suffix) it lowers to that CPU kernel for float32/bfloat16 input, when the
+  native library is loaded."""
   p = jex_core.Primitive(name)
   p.multiple_results = True
   p.def_impl(lambda *args, **params: _compiled_bind(p, tuple(sorted(params.items())))(*args))
   p.def_abstract_eval(abstract_eval)
-  mlir.register_lowering(p, mlir.lower_fun(reference, multiple_results=True))
+  reference_lowering = mlir.lower_fun(reference, multiple_results=True)
+  mlir.register_lowering(p, reference_lowering)
+  if native_target is not None and _native.NATIVE:
+    mlir.register_lowering(p, _native_lowering(native_target, reference_lowering),
+                           platform="cpu")
 
   def jvp(primals, tangents, **params):
     tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
@@ -148,6 +155,16 @@ def define_primitive(name, reference, abstract_eval):
     return list(primals_out), list(tangents_out)
   ad.primitive_jvps[p] = jvp
   return p
+
+
+def _native_lowering(target, fallback):
+  def lowering(ctx, *args, **params):
+    dtype = _NATIVE_DTYPES.get(jnp.dtype(ctx.avals_in[0].dtype))
+    if dtype is None:
+      return fallback(ctx, *args, **params)
+    params = {k: np.float32(v) if k == "eps" else bool(v) for k, v in params.items()}
+    return jax.ffi.ffi_lowering(f"{target}{dtype}")(ctx, *args, **params)
+  return lowering
 
 
 def _shaped(shape, dtype):
@@ -170,9 +187,11 @@ def _backward_abstract(x, g, shift, offset, rstd, scale, *, centered, per_row):
   return [_shaped(x.shape, x.dtype), _shaped(scale.shape, _F32), _shaped(scale.shape, _F32)]
 
 
-rows_forward_p = define_primitive("normjax_rows_forward", _forward_reference, _forward_abstract)
+rows_forward_p = define_primitive("normjax_rows_forward", _forward_reference, _forward_abstract,
+                                  native_target="NormjaxRowsForward")
 rows_tangent_p = define_primitive("normjax_rows_tangent", _tangent_reference, _tangent_abstract)
-rows_backward_p = define_primitive("normjax_rows_backward", _backward_reference, _backward_abstract)
+rows_backward_p = define_primitive("normjax_rows_backward", _backward_reference,
+                                   _backward_abstract, native_target="NormjaxRowsBackward")
 
 
 def _tangent_transpose(cts, x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered,
@@ -189,24 +208,6 @@ def _tangent_transpose(cts, x, shift, offset, rstd, scale, dx, dscale, dbias, *,
 ad.primitive_transposes[rows_tangent_p] = _tangent_transpose
 
 
-def _native_lowering(kind, fallback):
-  def lowering(ctx, *args, **params):
-    dtype = _NATIVE_DTYPES.get(jnp.dtype(ctx.avals_in[0].dtype))
-    if dtype is None:
-      return fallback(ctx, *args, **params)
-    params = {k: np.float32(v) if k == "eps" else bool(v) for k, v in params.items()}
-    return jax.ffi.ffi_lowering(f"NormjaxRows{kind}{dtype}")(ctx, *args, **params)
-  return lowering
-
-
-if NATIVE:
-  for _p, _reference, _kind in ((rows_forward_p, _forward_reference, "Forward"),
-                                (rows_backward_p, _backward_reference, "Backward")):
-    mlir.register_lowering(
-        _p, _native_lowering(_kind, mlir.lower_fun(_reference, multiple_results=True)),
-        platform="cpu")
-
-
 # ----------------------------------------------------------------- batching
 
 def _batch_by_reference(reference):
@@ -216,18 +217,18 @@ def _batch_by_reference(reference):
   return rule
 
 
-def _batch_rows(p, reference, feature_operands):
+def _batch_rows(p, reference, feature_operands, sums_over_rows=False):
   """Folds the batch into the rows when only per-row operands are batched: every output of a
   per-row computation is per row, so `[B, rows, ...]` is `[B * rows, ...]`. The operands at
   `feature_operands` are per feature (unless `per_row`), and a batch along them (a batched
-  scale, say) is handled by `jax.vmap` of the `jax.numpy` definition instead."""
+  scale, say) is handled by `jax.vmap` of the `jax.numpy` definition instead; so is every
+  batch of a primitive that `sums_over_rows` into per-feature outputs (unless `per_row`)."""
   fallback = _batch_by_reference(reference)
 
   def rule(args, dims, **params):
     per_feature = () if params["per_row"] else feature_operands
-    if any(dims[i] is not None for i in per_feature) or (
-        p is rows_backward_p and not params["per_row"]):
-      # The per-feature backward sums dscale and dbias over the rows: no folding there.
+    if (sums_over_rows and not params["per_row"]) or any(dims[i] is not None
+                                                        for i in per_feature):
       return fallback(args, dims, **params)
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     args = list(args)
@@ -245,7 +246,7 @@ batching.primitive_batchers[rows_forward_p] = _batch_rows(
 batching.primitive_batchers[rows_tangent_p] = _batch_rows(
     rows_tangent_p, _tangent_reference, (4, 6, 7))
 batching.primitive_batchers[rows_backward_p] = _batch_rows(
-    rows_backward_p, _backward_reference, (5,))
+    rows_backward_p, _backward_reference, (5,), sums_over_rows=True)
 
 
 # ----------------------------------------------------------------- the row normalization

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import normjax as nj
+from normjax import _native
 from normjax import _rows
 from tests import reference
 from tests.helpers import rand
@@ -30,12 +31,12 @@ def _hlo(fn, *args):
 def test_native_kernel_is_built():
   """The install (setup.py) builds the kernel; NORMJAX_NATIVE=0 is the only way to be without."""
   if os.environ.get("NORMJAX_NATIVE") == "0":
-    assert not _rows.NATIVE
+    assert not _native.NATIVE
   else:
-    assert _rows.NATIVE, "normjax/_native/_rows_cpu*.so missing: reinstall with a C++ compiler"
+    assert _native.NATIVE, "normjax/_native/_rows_cpu*.so missing: reinstall with a C++ compiler"
 
 
-@pytest.mark.skipif(not _rows.NATIVE, reason="native kernel not built")
+@pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_row_normalizations_call_the_kernel(dtype):
   x = rand((4, 16, 64), dtype=dtype)
@@ -223,8 +224,8 @@ x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 33)).astype(np.float
 g, b = jnp.linspace(0.5, 1.5, 33), jnp.linspace(-1.0, 1.0, 33)
 """
 _WITHOUT_KERNEL = _SETUP + """
-from normjax import _rows
-assert not _rows.NATIVE
+from normjax import _native
+assert not _native.NATIVE
 for fn in (lambda x: nj.layer_norm(x, g, b), lambda x: nj.rms_norm(x - 1e4, g),
            lambda x: nj.instance_norm(x, g[:4], b[:4], channel_axis=1),
            lambda x: nj.group_norm(x, g, b, num_groups=3)):
