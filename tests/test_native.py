@@ -164,6 +164,39 @@ def test_large_mean_and_constant_rows():
   assert np.all(np.isfinite(np.asarray(g)))
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_bfloat16_output_rounds_like_xla(per_row):
+  # With a zero scale the kernel's output is exactly its float32 bias, so the bfloat16 output
+  # shows the kernel's rounding alone: it must equal XLA's float32 -> bfloat16 cast bit for
+  # bit (round to nearest even, overflow to inf) and keep NaN. Rows of 1003 (per-feature
+  # bias) or 37 (one bias per row) exercise the 16-wide vector loop and the scalar tail.
+  count = 1003
+  rng = np.random.default_rng(3)
+  mantissa = rng.integers(0, 1 << 23, size=count, dtype=np.uint32)
+  exponent = rng.integers(100, 160, size=count, dtype=np.uint32) << 23
+  sign = rng.integers(0, 2, size=count, dtype=np.uint32) << 31
+  bits = sign | exponent | mantissa
+  bits[::7] = (bits[::7] & 0xffff0000) | 0x8000                    # exact ties
+  bits[1::11] = 0x7f7fffff                                         # rounds up to inf
+  bits[2::13] = 0x7fc00001
+  bits[3::17] = 0xff800000                                         # -inf
+  bits[4::19] = 0x7f800001                                         # signalling NaN
+  bias = bits.view(np.float32)
+  rows, n = (count, 37) if per_row else (6, count)
+  values = np.broadcast_to(bias[:, None] if per_row else bias[None], (rows, n))
+  x = jnp.asarray(rand((rows, n), seed=4), jnp.bfloat16)
+  bias = jnp.asarray(bias)
+  zero = jnp.zeros_like(bias)
+  y = _rows.rows_forward_p.bind(x, zero, bias, eps=1e-5, centered=True, per_row=per_row)[0]
+  want = jnp.asarray(values).astype(jnp.bfloat16)
+  got_bits = np.asarray(y).view(np.uint16)
+  want_bits = np.asarray(want).view(np.uint16)
+  nan = np.isnan(values)
+  assert nan.any() and np.isinf(np.asarray(want, np.float32)).any()
+  np.testing.assert_array_equal(np.isnan(np.asarray(y, np.float32)), nan)
+  np.testing.assert_array_equal(got_bits[~nan], want_bits[~nan])
+
+
 def _loop(fn, *xs):
   return jnp.stack([fn(*args) for args in zip(*xs)])
 

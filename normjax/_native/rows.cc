@@ -28,8 +28,13 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -60,18 +65,6 @@ inline void Store(uint16_t* p, int64_t i, float v) {  // round to nearest even, 
   p[i] = static_cast<uint16_t>(bits >> 16);
 }
 
-// The row as float32: the row itself for float input, converted into `scratch` otherwise.
-inline const float* AsFloat(const float* row, int64_t n, std::vector<float>& scratch) {
-  (void)n;
-  (void)scratch;
-  return row;
-}
-inline const float* AsFloat(const uint16_t* row, int64_t n, std::vector<float>& scratch) {
-  scratch.resize(n);
-  for (int64_t i = 0; i < n; ++i) scratch[i] = Load(row, i);
-  return scratch.data();
-}
-
 // Eight floats, one AVX register (two SSE registers without AVX). The reductions below are
 // written with it explicitly: left to itself, GCC vectorized the same lane loops well in one
 // inlined copy and into shuffles and stack spills in another (the per-row backward ran 2-3x
@@ -88,11 +81,96 @@ inline V8 LoadV(const float* p) {
 inline void StoreV(float* p, V8 v) { std::memcpy(p, &v, sizeof(v)); }
 inline V8 Splat(float s) { return V8{} + s; }
 
+// bfloat16 <-> float32 eight at a time (the same maths as Load/Store below).
+typedef uint32_t U8 __attribute__((vector_size(32)));
+typedef uint16_t H8 __attribute__((vector_size(16)));
+
+inline V8 LoadV(const uint16_t* p) {
+  H8 h;
+  std::memcpy(&h, p, sizeof(h));
+  const U8 bits = __builtin_convertvector(h, U8) << 16;
+  V8 v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+typedef int32_t I8 __attribute__((vector_size(32)));
+inline void StoreV(uint16_t* p, V8 v) {  // round to nearest even, keep NaN (quieted)
+  U8 bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const U8 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const U8 quiet_nan = (bits >> 16) | 0x40u;
+  const U8 is_nan = reinterpret_cast<U8>(reinterpret_cast<I8>(bits & 0x7fffffffu) > 0x7f800000);
+  const H8 h = __builtin_convertvector((quiet_nan & is_nan) | (rounded & ~is_nan), H8);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// Sixteen values (`lo` then `hi`) at once: with AVX2, one pack instruction narrows both.
+inline void StoreV2(float* p, V8 lo, V8 hi) {
+  StoreV(p, lo);
+  StoreV(p + kWidth, hi);
+}
+#if defined(__AVX2__)
+inline __m256i RoundToBF16Bits(V8 v) {  // the 32-bit lanes hold the bfloat16 bits (StoreV)
+  const __m256i bits = _mm256_castps_si256(reinterpret_cast<__m256>(v));
+  const __m256i high = _mm256_srli_epi32(bits, 16);
+  const __m256i lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb),
+                        16);
+  const __m256i is_nan = _mm256_cmpgt_epi32(
+      _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  const __m256i quiet_nan = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
+  return _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+}
+inline void StoreV2(uint16_t* p, V8 lo, V8 hi) {
+  // packus works per 128-bit lane: [lo0..3 hi0..3 | lo4..7 hi4..7]; the permute restores order.
+  const __m256i packed = _mm256_packus_epi32(RoundToBF16Bits(lo), RoundToBF16Bits(hi));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xd8));
+}
+#else
+inline void StoreV2(uint16_t* p, V8 lo, V8 hi) {
+  StoreV(p, lo);
+  StoreV(p + kWidth, hi);
+}
+#endif
+
+// out[i] = f(i, V8{}) sixteen at a time, then f(i, 0.f) for the tail: `f` is written once for
+// both (its second argument only says which type to compute in; see Get).
+template <typename T, typename F>
+inline void MapRow(T* __restrict__ out, int64_t n, F f) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) StoreV2(out + i, f(i, V8{}), f(i + kWidth, V8{}));
+  for (; i < n; ++i) Store(out, i, f(i, 0.f));
+}
+template <typename V>
+inline V Get(const float* p, int64_t i) {
+  if constexpr (std::is_same_v<V, V8>) {
+    return LoadV(p + i);
+  } else {
+    return p[i];
+  }
+}
+
 // The lanes of `lo` then `hi` (lanes 0..15 in order) added to `total`.
 inline float AddLanes(float total, V8 lo, V8 hi) {
   for (int64_t l = 0; l < kWidth; ++l) total += lo[l];
   for (int64_t l = 0; l < kWidth; ++l) total += hi[l];
   return total;
+}
+
+// The row as float32: the row itself for float input, converted into `scratch` otherwise.
+inline const float* AsFloat(const float* row, int64_t n, std::vector<float>& scratch) {
+  (void)n;
+  (void)scratch;
+  return row;
+}
+inline const float* AsFloat(const uint16_t* row, int64_t n, std::vector<float>& scratch) {
+  scratch.resize(n);
+  float* out = scratch.data();
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) StoreV(out + i, LoadV(row + i));
+  for (; i < n; ++i) out[i] = Load(row, i);
+  return out;
 }
 
 // Sum of (x - s) and of ((x - s) - m)^2, each with kLanes independent accumulators.
@@ -131,7 +209,10 @@ template <typename T>
 void NormalizeRow(const float* __restrict__ x, const float* __restrict__ g,
                   const float* __restrict__ b, float s, float m, float rstd, int64_t n,
                   T* __restrict__ out) {
-  for (int64_t i = 0; i < n; ++i) Store(out, i, ((x[i] - s) - m) * (rstd * g[i]) + b[i]);
+  MapRow(out, n, [&](int64_t i, auto type) {
+    using V = decltype(type);
+    return ((Get<V>(x, i) - s) - m) * (rstd * Get<V>(g, i)) + Get<V>(b, i);
+  });
 }
 
 // The backward's first pass over a row: writes xhat = ((x - s) - m) * rs and returns
@@ -180,8 +261,11 @@ void BackwardRow(const float* __restrict__ x, const float* __restrict__ ct,
   const float inv_n = 1.0f / static_cast<float>(n);
   const float a = centered ? sum_g * inv_n : 0.f;
   const float c = sum_gx * inv_n;
+  MapRow(out, n, [&](int64_t j, auto type) {
+    using V = decltype(type);
+    return rs * ((Get<V>(ct, j) * Get<V>(gamma, j) - a) - Get<V>(xhat, j) * c);
+  });
   for (int64_t j = 0; j < n; ++j) {
-    Store(out, j, rs * ((ct[j] * gamma[j] - a) - xhat[j] * c));
     dscale[j] += ct[j] * xhat[j];
     dbias[j] += ct[j];
   }
@@ -193,7 +277,10 @@ template <typename T>
 void NormalizeRowScalar(const float* __restrict__ x, float g, float b, float s, float m,
                         float rstd, int64_t n, T* __restrict__ out) {
   const float factor = rstd * g;
-  for (int64_t i = 0; i < n; ++i) Store(out, i, ((x[i] - s) - m) * factor + b);
+  MapRow(out, n, [&](int64_t i, auto type) {
+    using V = decltype(type);
+    return ((Get<V>(x, i) - s) - m) * factor + b;
+  });
 }
 
 template <typename T>
@@ -206,7 +293,10 @@ void BackwardRowScalar(const float* __restrict__ x, const float* __restrict__ ct
   const float a = centered ? sum_g * inv_n : 0.f;
   const float c = sum_gx * inv_n;
   const float factor = rs * gamma;
-  for (int64_t j = 0; j < n; ++j) Store(out, j, factor * ((ct[j] - a) - xhat[j] * c));
+  MapRow(out, n, [&](int64_t j, auto type) {
+    using V = decltype(type);
+    return factor * ((Get<V>(ct, j) - a) - Get<V>(xhat, j) * c);
+  });
   *dscale = sum_gx;
   *dbias = sum_g;
 }
