@@ -86,12 +86,17 @@ typedef uint32_t U8 __attribute__((vector_size(32)));
 typedef uint16_t H8 __attribute__((vector_size(16)));
 
 inline V8 LoadV(const uint16_t* p) {
+#if defined(__AVX2__)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<V8>(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+#else
   H8 h;
   std::memcpy(&h, p, sizeof(h));
   const U8 bits = __builtin_convertvector(h, U8) << 16;
   V8 v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
+#endif
 }
 typedef int32_t I8 __attribute__((vector_size(32)));
 inline void StoreV(uint16_t* p, V8 v) {  // round to nearest even, keep NaN (quieted)
@@ -213,6 +218,43 @@ void NormalizeRow(const float* __restrict__ x, const float* __restrict__ g,
     using V = decltype(type);
     return ((Get<V>(x, i) - s) - m) * (rstd * Get<V>(g, i)) + Get<V>(b, i);
   });
+}
+
+// The forward's first pass over a row: returns the row as float32 (the row itself for float
+// input; a bfloat16 row is converted into `scratch` in the same loop) and sets `sum` to the
+// sum of (x - s) when `centered`, else of x^2.
+inline const float* FirstPass(const float* row, int64_t n, bool centered, float s,
+                              std::vector<float>& scratch, float* sum) {
+  (void)scratch;
+  *sum = centered ? SumShifted(row, n, s) : SumSquares(row, n, 0.f, 0.f);
+  return row;
+}
+inline const float* FirstPass(const uint16_t* row, int64_t n, bool centered, float s,
+                              std::vector<float>& scratch, float* sum) {
+  scratch.resize(n);
+  float* out = scratch.data();
+  const V8 vs = Splat(s);
+  V8 lo = {}, hi = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const V8 a = LoadV(row + i), b = LoadV(row + i + kWidth);
+    StoreV(out + i, a);
+    StoreV(out + i + kWidth, b);
+    if (centered) {
+      lo += a - vs;
+      hi += b - vs;
+    } else {
+      lo += a * a;
+      hi += b * b;
+    }
+  }
+  float total = 0.f;
+  for (; i < n; ++i) {
+    out[i] = Load(row, i);
+    total += centered ? out[i] - s : out[i] * out[i];
+  }
+  *sum = AddLanes(total, lo, hi);
+  return out;
 }
 
 // The backward's first pass over a row: writes xhat = ((x - s) - m) * rs and returns
@@ -379,13 +421,11 @@ ffi::Error RowsForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<ff
   ParallelChunks(pool, rows, NumChunks(rows, n), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<float> scratch;
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = AsFloat(xp + r * n, n, scratch);
-      float s = 0.f, m = 0.f;
-      if (centered && n > 0) {
-        s = row[0];
-        m = SumShifted(row, n, s) * inv_n;
-      }
-      const float v = SumSquares(row, n, s, m) * inv_n;
+      const float s = centered && n > 0 ? Load(xp + r * n, 0) : 0.f;
+      float first = 0.f;
+      const float* row = FirstPass(xp + r * n, n, centered, s, scratch, &first);
+      const float m = centered ? first * inv_n : 0.f;
+      const float v = (centered ? SumSquares(row, n, s, m) : first) * inv_n;
       const float rstd = 1.0f / std::sqrt(v + eps);
       if (per_row) {
         NormalizeRowScalar(row, g[r], b[r], s, m, rstd, n, yp + r * n);
