@@ -38,13 +38,33 @@ def block_view(x: jax.Array, axes: tuple[int, ...]) -> tuple[int, int, int] | No
           math.prod(x.shape[axes[-1] + 1:]))
 
 
-def _moments_reference(x):
+def _regroup(shift, s1, s2, n, size):
+  """Per-channel shifted sums pooled over groups of `size` consecutive channels: each
+  channel's sums re-shifted to its group's first channel K, sum(x - K) = s1 + n d and
+  sum((x - K)**2) = s2 + 2 d s1 + n d**2 with d = shift - K, added up, and held by every
+  channel of the group."""
+  batch, channels = shift.shape
+  grouped = (batch, channels // size, size)
+  shift, s1, s2 = (v.reshape(grouped) for v in (shift, s1, s2))
+  k = shift[:, :, :1]
+  d = shift - k
+  t1 = jnp.sum(s1 + n * d, axis=2, keepdims=True)
+  t2 = jnp.sum(s2 + 2.0 * d * s1 + n * d * d, axis=2, keepdims=True)
+  per_channel = lambda v: jnp.broadcast_to(v, grouped).reshape(batch, channels)
+  return per_channel(k), per_channel(t1), per_channel(t2)
+
+
+def _moments_reference(x, *, group_size):
   shift = lax.stop_gradient(x[:, 0, :].astype(_F32))
   d = x.astype(_F32) - shift[:, None, :]
-  return shift, jnp.sum(d, axis=1), jnp.sum(d * d, axis=1)
+  s1, s2 = jnp.sum(d, axis=1), jnp.sum(d * d, axis=1)
+  if group_size > 1:
+    return _regroup(shift, s1, s2, float(x.shape[1]), group_size)
+  return shift, s1, s2
 
 
-def _moments_abstract(x):
+def _moments_abstract(x, *, group_size):
+  del group_size
   per_channel = jax.core.ShapedArray((x.shape[0], x.shape[2]), _F32)
   return [per_channel] * 3
 
@@ -54,11 +74,11 @@ column_moments_p = _rows.define_primitive("normjax_column_moments", _moments_ref
                                           native_target="NormjaxColumnMoments")
 
 
-def _fold_batch(args, dims):
+def _fold_batch(args, dims, **params):
   """Every output is per example: a vmapped batch joins the example axis."""
   (x,), (d,) = args, dims
   x = batching.bdim_at_front(x, d, x.shape[d])
-  outs = column_moments_p.bind(x.reshape((-1,) + x.shape[2:]))
+  outs = column_moments_p.bind(x.reshape((-1,) + x.shape[2:]), **params)
   return [o.reshape((x.shape[0], -1) + o.shape[1:]) for o in outs], [0] * 3
 
 
@@ -69,21 +89,9 @@ def shifted_moments(x: jax.Array, axes: tuple[int, ...], groups: tuple[int, int]
   dims, size 1 along `axes`, in float32; `groups=(channel_axis, size)` also pools groups of
   `size` consecutive channels along the last axis (group norm), one value per channel."""
   batch, positions, channels = block_view(x, axes)
-  shift, s1, s2 = column_moments_p.bind(x.reshape(batch, positions, channels))
-  n = float(positions)
-  if groups is not None:
-    # Re-shift every channel's sums to its group's first channel, K, then add them up:
-    # sum(x - K) = s1 + n d, sum((x - K)**2) = s2 + 2 d s1 + n d**2, with d = shift - K.
-    size = groups[1]
-    grouped = (batch, channels // size, size)
-    shift, s1, s2 = (v.reshape(grouped) for v in (shift, s1, s2))
-    k = shift[:, :, :1]
-    d = shift - k
-    t1 = jnp.sum(s1 + n * d, axis=2, keepdims=True)
-    t2 = jnp.sum(s2 + 2.0 * d * s1 + n * d * d, axis=2, keepdims=True)
-    n = n * size
-    per_channel = lambda v: jnp.broadcast_to(v, grouped).reshape(batch, channels)
-    shift, s1, s2 = per_channel(k), per_channel(t1), per_channel(t2)
+  size = 1 if groups is None else groups[1]
+  shift, s1, s2 = column_moments_p.bind(x.reshape(batch, positions, channels), group_size=size)
+  n = float(positions * size)
   offset = s1 / n
   var = jnp.maximum(s2 / n - offset * offset, jnp.zeros((), _F32))
   stats_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))

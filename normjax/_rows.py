@@ -162,7 +162,8 @@ def _native_lowering(target, fallback):
     dtype = _NATIVE_DTYPES.get(jnp.dtype(ctx.avals_in[0].dtype))
     if dtype is None:
       return fallback(ctx, *args, **params)
-    params = {k: np.float32(v) if k == "eps" else bool(v) for k, v in params.items()}
+    params = {k: np.float32(v) if isinstance(v, float) else
+              v if isinstance(v, bool) else np.int64(v) for k, v in params.items()}
     return jax.ffi.ffi_lowering(f"{target}{dtype}")(ctx, *args, **params)
   return lowering
 

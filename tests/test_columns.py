@@ -7,6 +7,8 @@ variant-level suites (test_variants, test_numerics, test_torch_parity, ...) run 
 as well.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,19 +54,28 @@ def test_other_statistics_do_not_call_the_kernel():
 
 
 SHAPES = [(1, 1, 1), (2, 7, 3), (3, 1000, 64), (1, 4096, 48), (5, 33, 256)]
+GROUP_SIZES = {(1, 1, 1): 1, (2, 7, 3): 3, (3, 1000, 64): 4, (1, 4096, 48): 16, (5, 33, 256): 32}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_matches_reference_and_numpy(shape, dtype):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_kernel_matches_reference_and_numpy(shape, dtype, grouped):
+  size = GROUP_SIZES[shape] if grouped else 1
   x = rand(shape, dtype=dtype, loc=100.0, spread=3.0, seed=2)
-  kernel = jax.jit(_columns.column_moments_p.bind)(x)
-  ref = jax.jit(_columns._moments_reference)(x)
+  # Distinct channel means, so that a group's channels have different shifts to reconcile.
+  x = (x.astype(jnp.float32) + jnp.arange(shape[2], dtype=jnp.float32)[None, None]).astype(dtype)
+  kernel = jax.jit(functools.partial(_columns.column_moments_p.bind, group_size=size))(x)
+  ref = jax.jit(functools.partial(_columns._moments_reference, group_size=size))(x)
   x64 = np.asarray(x.astype(np.float32), np.float64)
-  n = shape[1]
-  mean, var = x64.mean(1), x64.var(1)
+  b, p, c = shape
+  groups = x64.reshape(b, p, c // size, size)
+  per_channel = lambda v: np.repeat(v, size, axis=-1)          # [b, c // size] -> [b, c]
+  n = p * size
+  mean, var = per_channel(groups.mean((1, 3))), per_channel(groups.var((1, 3)))
+  first = per_channel(groups[:, 0, :, 0])
   for shift, s1, s2 in (kernel, ref):
-    np.testing.assert_array_equal(np.asarray(shift), x64[:, 0, :])
+    np.testing.assert_array_equal(np.asarray(shift), first)
     np.testing.assert_allclose(np.asarray(shift) + np.asarray(s1) / n, mean, rtol=1e-6, atol=1e-5)
     got_var = np.asarray(s2) / n - (np.asarray(s1, np.float64) / n) ** 2
     np.testing.assert_allclose(got_var, var, rtol=1e-4, atol=1e-4)

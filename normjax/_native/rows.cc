@@ -520,8 +520,11 @@ void AccumulateShifted(const T* __restrict__ x, const float* __restrict__ shift,
 template <ffi::DataType T>
 ffi::Error ColumnMoments(ffi::ThreadPool pool, ffi::Buffer<T, 3> x,
                          ffi::ResultBuffer<ffi::F32, 2> shift, ffi::ResultBuffer<ffi::F32, 2> sum1,
-                         ffi::ResultBuffer<ffi::F32, 2> sum2) {
+                         ffi::ResultBuffer<ffi::F32, 2> sum2, int64_t group_size) {
   const int64_t batch = x.dimensions()[0], positions = x.dimensions()[1], c = x.dimensions()[2];
+  if (group_size < 1 || c % group_size != 0) {
+    return ffi::Error::InvalidArgument("normjax column_moments: bad group_size");
+  }
   const auto* xp = x.typed_data();
   float* shift_p = shift->typed_data();
   float* s1 = sum1->typed_data();
@@ -565,6 +568,26 @@ ffi::Error ColumnMoments(ffi::ThreadPool pool, ffi::Buffer<T, 3> x,
       s2[b * c + i] = q;
     }
   }
+  // Groups of `group_size` consecutive channels (group norm): each channel's sums re-shifted
+  // to its group's first channel K and added up, sum(x - K) = s1 + n d and sum((x - K)^2) =
+  // s2 + 2 d s1 + n d^2 with d = shift - K; every channel of the group then holds the group's.
+  if (group_size > 1) {
+    const float n = static_cast<float>(positions);
+    for (int64_t g = 0; g < batch * c; g += group_size) {
+      const float k = shift_p[g];
+      float t1 = 0.f, t2 = 0.f;
+      for (int64_t j = g; j < g + group_size; ++j) {
+        const float d = shift_p[j] - k;
+        t1 += s1[j] + n * d;
+        t2 += s2[j] + 2.f * d * s1[j] + n * d * d;
+      }
+      for (int64_t j = g; j < g + group_size; ++j) {
+        shift_p[j] = k;
+        s1[j] = t1;
+        s2[j] = t2;
+      }
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -575,7 +598,8 @@ auto BindColumnMoments() {
       .template Arg<ffi::Buffer<T, 3>>()
       .template Ret<ffi::Buffer<ffi::F32, 2>>()
       .template Ret<ffi::Buffer<ffi::F32, 2>>()
-      .template Ret<ffi::Buffer<ffi::F32, 2>>();
+      .template Ret<ffi::Buffer<ffi::F32, 2>>()
+      .template Attr<int64_t>("group_size");
 }
 
 template <ffi::DataType T>
