@@ -1,13 +1,17 @@
-"""Per-channel moments of channels-last input from one read (batch/instance/group norm, NHWC).
+"""Per-channel moments from one read of the input (batch/instance/group norm, NHWC and NCHW).
 
 XLA:CPU computes `sum(x)` and `sum(x**2)` with two reads of `x` (see
 benchmarks/OPTIMIZATION_LOG.md). When `_core.moments` reduces one contiguous block of axes
 with channels after it (batch norm over N, H, W; instance and group norm over H, W of NHWC
 input), without a mask or a named axis, it views `x` as `[batch, positions, channels]` and
 calls `column_moments_p`: per `(batch, channel)`, `shift` (the first position's value), and
-the sums of `x - shift` and `(x - shift)**2`. On CPU with the native library that is one
-kernel read of `x` (normjax/_native/rows.cc); elsewhere its `jax.numpy` definition. The
-normalize step and the derivatives stay in `_core` (XLA fuses them with their neighbours).
+the sums of `x - shift` and `(x - shift)**2`. Channels-first input whose reduced axes end
+the shape (batch norm over N, H, W and group norm over H, W of NCHW input) is viewed as
+`[outer, channels, positions]` instead, and `row_moments_p` takes the same sums per row
+`(outer, channel)`, pooled over `outer` for batch norm. Group norm's channel groups are
+pooled by both kernels (`_regroup`). On CPU with the native library each is one kernel read
+of `x` (normjax/_native/rows.cc); elsewhere its `jax.numpy` definition. The normalize step
+and the derivatives stay in `_core` (XLA fuses them with their neighbours).
 
 Accuracy: the shifted sums give `var = E[(x - shift)**2] - E[x - shift]**2`, which loses
 `log10((mean - shift)**2 / var)` digits: nothing when the shift is a sample of the channel
@@ -84,14 +88,79 @@ def _fold_batch(args, dims, **params):
 
 batching.primitive_batchers[column_moments_p] = _fold_batch
 
+def channels_first_view(x: jax.Array, axes: tuple[int, ...]):
+  """`(outer, channels, positions, pool_outer)` if the reduced `axes` are a trailing block of
+  `x`'s axes (the positions) after a block of kept axes (the channels), and the axes before
+  those are all reduced (`pool_outer`: batch norm on NCHW) or there are none (group norm on
+  NCHW: the batch is part of the channel block); else None."""
+  if not axes or axes[-1] != x.ndim - 1:
+    return None
+  p0 = x.ndim - 1
+  while p0 - 1 in axes:
+    p0 -= 1
+  c0 = p0
+  while c0 > 0 and c0 - 1 not in axes:
+    c0 -= 1
+  if c0 == p0 or any(a not in axes for a in range(c0)):
+    return None
+  return (math.prod(x.shape[:c0]), math.prod(x.shape[c0:p0]), math.prod(x.shape[p0:]),
+          c0 > 0)
+
+
+def _row_moments_reference(x, *, pool_outer, group_size):
+  shift = lax.stop_gradient(x[:, :, 0].astype(_F32))
+  d = x.astype(_F32) - shift[:, :, None]
+  s1, s2 = jnp.sum(d, axis=2), jnp.sum(d * d, axis=2)
+  n = float(x.shape[2])
+  if pool_outer:
+    shift, s1, s2 = (v.T for v in _regroup(shift.T, s1.T, s2.T, n, x.shape[0]))
+    n *= x.shape[0]
+  if group_size > 1:
+    shift, s1, s2 = _regroup(shift, s1, s2, n, group_size)
+  return shift, s1, s2
+
+
+def _row_moments_abstract(x, *, pool_outer, group_size):
+  del pool_outer, group_size
+  return [jax.core.ShapedArray(x.shape[:2], _F32)] * 3
+
+
+row_moments_p = _rows.define_primitive("normjax_row_moments", _row_moments_reference,
+                                       _row_moments_abstract, native_target="NormjaxRowMoments")
+_row_moments_fallback = _rows._batch_by_reference(_row_moments_reference)
+
+
+def _row_moments_batch(args, dims, *, pool_outer, group_size):
+  """A vmapped batch joins `outer` unless the moments pool over `outer`."""
+  if pool_outer:
+    return _row_moments_fallback(args, dims, pool_outer=pool_outer, group_size=group_size)
+  (x,), (d,) = args, dims
+  x = batching.bdim_at_front(x, d, x.shape[d])
+  outs = row_moments_p.bind(x.reshape((-1,) + x.shape[2:]), pool_outer=False,
+                            group_size=group_size)
+  return [o.reshape((x.shape[0], -1) + o.shape[1:]) for o in outs], [0] * 3
+
+
+batching.primitive_batchers[row_moments_p] = _row_moments_batch
+
+
 def shifted_moments(x: jax.Array, axes: tuple[int, ...], groups: tuple[int, int] | None):
-  """`(shift, offset, var, count)` of `x` over `axes` (see `block_view`), each with `x.ndim`
-  dims, size 1 along `axes`, in float32; `groups=(channel_axis, size)` also pools groups of
-  `size` consecutive channels along the last axis (group norm), one value per channel."""
-  batch, positions, channels = block_view(x, axes)
+  """`(shift, offset, var, count)` of `x` over `axes` (`block_view` or `channels_first_view`
+  must apply), each with `x.ndim` dims, size 1 along `axes`, in float32; `groups=(channel_axis,
+  size)` also pools groups of `size` consecutive channels (group norm), one value per channel."""
   size = 1 if groups is None else groups[1]
-  shift, s1, s2 = column_moments_p.bind(x.reshape(batch, positions, channels), group_size=size)
-  n = float(positions * size)
+  view = block_view(x, axes)
+  if view is not None:
+    batch, positions, channels = view
+    shift, s1, s2 = column_moments_p.bind(x.reshape(view), group_size=size)
+    n = float(positions * size)
+  else:
+    outer, channels, positions, pool_outer = channels_first_view(x, axes)
+    shift, s1, s2 = row_moments_p.bind(x.reshape(outer, channels, positions),
+                                       pool_outer=pool_outer, group_size=size)
+    if pool_outer:
+      shift, s1, s2 = shift[0], s1[0], s2[0]
+    n = float(positions * size * (outer if pool_outer else 1))
   offset = s1 / n
   var = jnp.maximum(s2 / n - offset * offset, jnp.zeros((), _F32))
   stats_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
@@ -99,10 +168,19 @@ def shifted_moments(x: jax.Array, axes: tuple[int, ...], groups: tuple[int, int]
   return shaped(shift), shaped(offset), shaped(var), jnp.asarray(n, _F32)
 
 
+def _groups_fit(x, axes, groups) -> bool:
+  """Whether the channel groups are consecutive entries of the kernels' channel dimension."""
+  if groups is None:
+    return True
+  if block_view(x, axes) is not None:
+    return groups[0] == x.ndim - 1 and axes[-1] == x.ndim - 2
+  return axes[0] == groups[0] + 1    # the channel axis ends the kept block
+
+
 def applies(x, axes, mask, axis_name, fast_variance, centered, groups) -> bool:
   """Whether `_core.moments(x, axes, ...)` can take `shifted_moments`."""
   return (mask is None and axis_name is None and not fast_variance and centered
           and jnp.dtype(x.dtype) in _rows._NATIVE_DTYPES and x.size > 0
-          and block_view(x, axes) is not None
-          and (groups is None or (groups[0] == x.ndim - 1 and axes[-1] == x.ndim - 2))
+          and (block_view(x, axes) is not None or channels_first_view(x, axes) is not None)
+          and _groups_fit(x, axes, groups)
           and not _rows.explicitly_sharded(x))

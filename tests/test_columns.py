@@ -1,10 +1,11 @@
-"""Per-channel moments of channels-last input (normjax/_columns.py) and their CPU kernel.
+"""Per-channel moments from one read (normjax/_columns.py) and their CPU kernels.
 
-Batch, instance and group norm on NHWC input take their statistics from `column_moments_p`
-(one read of `x`); these tests check the dispatch, the kernel against its jax.numpy
-definition and float64 NumPy, the regrouping for group norm at large means, and vmap. The
-variant-level suites (test_variants, test_numerics, test_torch_parity, ...) run through it
-as well.
+Batch, instance and group norm on NHWC input take their statistics from `column_moments_p`,
+batch and group norm on NCHW input from `row_moments_p` (one read of `x` each); these tests
+check the dispatch, the kernels against their jax.numpy definitions and float64 NumPy, the
+pooling of shifted sums (channel groups, and the batch for NCHW batch norm) at large means,
+vmap and derivatives. The variant-level suites (test_variants, test_numerics,
+test_torch_parity, ...) run through them as well.
 """
 
 import functools
@@ -22,6 +23,7 @@ from tests.helpers import rand
 
 F32 = jnp.float32
 KERNEL = "NormjaxColumnMoments"
+ROW_KERNEL = "NormjaxRowMoments"
 
 
 def _hlo(fn, *args):
@@ -30,6 +32,20 @@ def _hlo(fn, *args):
 
 def _batch_norm(x, **kw):
   return nj.batch_norm(x, None, None, nj.init_batch_stats(x.shape[-1]), train=True, **kw)[0]
+
+
+def _batch_norm_nchw(x):
+  return nj.batch_norm(x, None, None, nj.init_batch_stats(x.shape[1]), train=True,
+                       channel_axis=1)[0]
+
+
+def _group_norm_nchw(x):
+  return nj.group_norm(x, num_groups=2, channel_axis=1)
+
+
+def _nhwc(fn):
+  """`fn` of channels-first input, seen as a function of channels-last input."""
+  return lambda x: jnp.moveaxis(fn(jnp.moveaxis(x, -1, 1)), 1, -1)
 
 
 @pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
@@ -44,13 +60,69 @@ def test_channels_last_statistics_call_the_kernel(dtype):
 def test_other_statistics_do_not_call_the_kernel():
   x = rand((4, 6, 5, 32))
   mask = jnp.asarray(rand((4, 6, 5, 1), seed=1) > 0)
-  nchw = lambda x: nj.batch_norm(x, None, None, nj.init_batch_stats(x.shape[1]), train=True,
-                                 channel_axis=1)[0]
-  for fn in (nchw,                                                          # not one block
+  for fn in (_batch_norm_nchw,                                               # the row kernel
              lambda x: _batch_norm(x, fast_variance=True),
              lambda x: nj.instance_norm(x, mask=jnp.broadcast_to(mask, x.shape)),
              lambda x: nj.layer_norm(x)):                                   # the rows kernel
     assert KERNEL not in _hlo(fn, x)
+
+
+def _check_sums(sums, first, mean, var, n):
+  """A kernel's (shift, sum1, sum2) against the sample `first` and the float64 mean/variance
+  of the `n` elements pooled into each entry."""
+  shift, s1, s2 = (np.asarray(v, np.float64) for v in sums)
+  np.testing.assert_array_equal(shift, first)
+  np.testing.assert_allclose(shift + s1 / n, mean, rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(s2 / n - (s1 / n) ** 2, var, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_channels_first_statistics_call_the_row_kernel(dtype):
+  x = rand((4, 8, 5, 6), dtype=dtype)
+  for fn in (_batch_norm_nchw, _group_norm_nchw):
+    assert ROW_KERNEL in _hlo(fn, x)
+    assert ROW_KERNEL in _hlo(jax.grad(lambda x: jnp.sum(fn(x).astype(F32) ** 2)), x)
+  assert ROW_KERNEL not in _hlo(lambda x: _batch_norm(x), x)               # channels last
+  assert ROW_KERNEL not in _hlo(lambda x: nj.instance_norm(x, channel_axis=1), x)  # rows
+
+
+ROW_SHAPES = [(1, 1, 1), (2, 3, 7), (3, 64, 1000), (4, 48, 33), (1, 256, 4096)]
+
+
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("pool_outer,size", [(False, 1), (True, 1), (False, 0), (True, 0)])
+def test_row_kernel_matches_reference_and_numpy(shape, dtype, pool_outer, size):
+  outer, c, p = shape
+  size = size or {1: 1, 3: 3, 64: 4, 48: 16, 256: 32}[c]             # 0: a group size of c
+  x = rand(shape, dtype=dtype, loc=100.0, spread=3.0, seed=2)
+  # Distinct means per channel and per outer index, so that pooled rows have different shifts.
+  means = np.arange(c, dtype=np.float32)[None, :, None] + 5.0 * np.arange(outer)[:, None, None]
+  x = (x.astype(F32) + jnp.asarray(means)).astype(dtype)
+  kw = dict(pool_outer=pool_outer, group_size=size)
+  kernel = jax.jit(functools.partial(_columns.row_moments_p.bind, **kw))(x)
+  ref = jax.jit(functools.partial(_columns._row_moments_reference, **kw))(x)
+  x64 = np.asarray(x.astype(F32), np.float64)
+  pools = x64.reshape(outer, c // size, size, p)
+  axes = (0, 2, 3) if pool_outer else (2, 3)
+  spread = lambda v: np.broadcast_to(np.repeat(v, size, axis=-1), (outer, c))
+  mean, var = spread(pools.mean(axes)), spread(pools.var(axes))
+  first = spread(pools[0, :, 0, 0] if pool_outer else pools[:, :, 0, 0])
+  n = p * size * (outer if pool_outer else 1)
+  for sums in (kernel, ref):
+    _check_sums(sums, first, mean, var, n)
+
+
+def test_channels_first_pooling_at_large_and_different_means():
+  """NCHW batch and group norm at 1e5 + 10 c (+ 3 per example): the pooled shifted sums must
+  give the variance to float32 accuracy, as the channels-last reference does."""
+  means = 1e5 + 10.0 * np.arange(16, dtype=np.float32) + 3.0 * np.arange(2)[:, None, None, None]
+  x = (rand((2, 9, 7, 16), seed=3) + means).astype(np.float32)
+  want_bn = reference.batch_norm(x, None, None, np.zeros(16), np.ones(16), train=True)[0]
+  for fn, want in ((_nhwc(_batch_norm_nchw), want_bn),
+                   (_nhwc(_group_norm_nchw), reference.group_norm(x, num_groups=2))):
+    np.testing.assert_allclose(jax.jit(fn)(jnp.asarray(x)), want, atol=2e-4)
 
 
 SHAPES = [(1, 1, 1), (2, 7, 3), (3, 1000, 64), (1, 4096, 48), (5, 33, 256)]
@@ -74,11 +146,8 @@ def test_kernel_matches_reference_and_numpy(shape, dtype, grouped):
   n = p * size
   mean, var = per_channel(groups.mean((1, 3))), per_channel(groups.var((1, 3)))
   first = per_channel(groups[:, 0, :, 0])
-  for shift, s1, s2 in (kernel, ref):
-    np.testing.assert_array_equal(np.asarray(shift), first)
-    np.testing.assert_allclose(np.asarray(shift) + np.asarray(s1) / n, mean, rtol=1e-6, atol=1e-5)
-    got_var = np.asarray(s2) / n - (np.asarray(s1, np.float64) / n) ** 2
-    np.testing.assert_allclose(got_var, var, rtol=1e-4, atol=1e-4)
+  for sums in (kernel, ref):
+    _check_sums(sums, first, mean, var, n)
 
 
 def test_group_norm_regrouping_at_large_and_different_channel_means():
@@ -96,11 +165,14 @@ def test_group_norm_regrouping_at_large_and_different_channel_means():
     np.testing.assert_allclose(jax.jit(fn)(x), want(x), atol=2e-4)
 
 
-def test_vmap_folds_into_the_example_axis():
-  x = rand((3, 2, 5, 4, 8), seed=5)
-  fn = lambda x: nj.group_norm(x, num_groups=2)
+@pytest.mark.parametrize("fn,kernel", [(lambda x: nj.group_norm(x, num_groups=2), KERNEL),
+                                       (_group_norm_nchw, ROW_KERNEL),      # folds the batch
+                                       (_batch_norm_nchw, None)])          # pools: vmap(reference)
+def test_vmap_folds_into_the_example_axis(fn, kernel):
+  x = rand((3, 2, 8, 5, 4), seed=5)
   np.testing.assert_allclose(jax.vmap(fn)(x), jnp.stack([fn(xi) for xi in x]), atol=1e-5)
-  assert KERNEL in _hlo(jax.vmap(fn), x) or not _native.NATIVE
+  if kernel is not None:
+    assert kernel in _hlo(jax.vmap(fn), x) or not _native.NATIVE
   loss = lambda x: jnp.sum(jnp.sin(fn(x)))
   np.testing.assert_allclose(jax.vmap(jax.grad(loss))(x),
                              jnp.stack([jax.grad(loss)(xi) for xi in x]), rtol=1e-5, atol=1e-5)
@@ -114,7 +186,8 @@ def test_derivatives_agree_with_the_xla_path(monkeypatch):
 
   def quantities():
     out = []
-    for fn in (_batch_norm, nj.instance_norm, lambda x: nj.group_norm(x, num_groups=2)):
+    for fn in (_batch_norm, nj.instance_norm, lambda x: nj.group_norm(x, num_groups=2),
+               _nhwc(_batch_norm_nchw), _nhwc(_group_norm_nchw)):
       loss = lambda x: jnp.vdot(fn(x), c)
       out += [jax.grad(loss)(x), jax.jvp(jax.grad(loss), (x,), (v,))[1],
               jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(x)]

@@ -13,7 +13,7 @@ import os
 import jax
 
 TARGETS = tuple(f"Normjax{kind}{dtype}" for kind in ("RowsForward", "RowsBackward",
-                                                      "ColumnMoments")
+                                                      "ColumnMoments", "RowMoments")
                 for dtype in ("F32", "BF16"))
 
 

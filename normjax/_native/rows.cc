@@ -220,6 +220,28 @@ void NormalizeRow(const float* __restrict__ x, const float* __restrict__ g,
   });
 }
 
+// Sum of (x - s) and of (x - s)^2 in one pass (per-row moments without an output row).
+template <typename T>
+inline std::pair<float, float> SumShiftedAndSquares(const T* x, int64_t n, float s) {
+  const V8 vs = Splat(s);
+  V8 a_lo = {}, a_hi = {}, q_lo = {}, q_hi = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const V8 lo = LoadV(x + i) - vs, hi = LoadV(x + i + kWidth) - vs;
+    a_lo += lo;
+    a_hi += hi;
+    q_lo += lo * lo;
+    q_hi += hi * hi;
+  }
+  float a = 0.f, q = 0.f;
+  for (; i < n; ++i) {
+    const float d = Load(x, i) - s;
+    a += d;
+    q += d * d;
+  }
+  return {AddLanes(a, a_lo, a_hi), AddLanes(q, q_lo, q_hi)};
+}
+
 // The forward's first pass over a row: returns the row as float32 (the row itself for float
 // input; a bfloat16 row is converted into `scratch` in the same loop) and sets `sum` to the
 // sum of (x - s) when `centered`, else of x^2.
@@ -517,6 +539,37 @@ void AccumulateShifted(const T* __restrict__ x, const float* __restrict__ shift,
   }
 }
 
+// Pools shifted sums: entries start, start + stride, ... (`count` of them, each the sums of
+// `n` elements about its own shift) are re-shifted to the first entry's shift K and added up,
+// sum(x - K) = s1 + n d and sum((x - K)^2) = s2 + 2 d s1 + n d^2 with d = shift - K; every
+// pooled entry then holds the totals.
+inline void PoolShifted(float* shift, float* s1, float* s2, int64_t start, int64_t stride,
+                        int64_t count, float n) {
+  const float k = shift[start];
+  float t1 = 0.f, t2 = 0.f;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t j = start + t * stride;
+    const float d = shift[j] - k;
+    t1 += s1[j] + n * d;
+    t2 += s2[j] + 2.f * d * s1[j] + n * d * d;
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t j = start + t * stride;
+    shift[j] = k;
+    s1[j] = t1;
+    s2[j] = t2;
+  }
+}
+
+// Groups of `group_size` consecutive entries (group norm's channel groups) pooled.
+inline void PoolGroups(float* shift, float* s1, float* s2, int64_t entries, int64_t group_size,
+                       float n) {
+  if (group_size <= 1) return;
+  for (int64_t g = 0; g < entries; g += group_size) {
+    PoolShifted(shift, s1, s2, g, 1, group_size, n);
+  }
+}
+
 template <ffi::DataType T>
 ffi::Error ColumnMoments(ffi::ThreadPool pool, ffi::Buffer<T, 3> x,
                          ffi::ResultBuffer<ffi::F32, 2> shift, ffi::ResultBuffer<ffi::F32, 2> sum1,
@@ -568,38 +621,64 @@ ffi::Error ColumnMoments(ffi::ThreadPool pool, ffi::Buffer<T, 3> x,
       s2[b * c + i] = q;
     }
   }
-  // Groups of `group_size` consecutive channels (group norm): each channel's sums re-shifted
-  // to its group's first channel K and added up, sum(x - K) = s1 + n d and sum((x - K)^2) =
-  // s2 + 2 d s1 + n d^2 with d = shift - K; every channel of the group then holds the group's.
-  if (group_size > 1) {
-    const float n = static_cast<float>(positions);
-    for (int64_t g = 0; g < batch * c; g += group_size) {
-      const float k = shift_p[g];
-      float t1 = 0.f, t2 = 0.f;
-      for (int64_t j = g; j < g + group_size; ++j) {
-        const float d = shift_p[j] - k;
-        t1 += s1[j] + n * d;
-        t2 += s2[j] + 2.f * d * s1[j] + n * d * d;
-      }
-      for (int64_t j = g; j < g + group_size; ++j) {
-        shift_p[j] = k;
-        s1[j] = t1;
-        s2[j] = t2;
-      }
-    }
-  }
+  PoolGroups(shift_p, s1, s2, batch * c, group_size, static_cast<float>(positions));
   return ffi::Error::Success();
 }
 
+// x -> (shift, sum1, sum2), the binding both moments kernels start from.
 template <ffi::DataType T>
-auto BindColumnMoments() {
+auto BindMoments() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .template Arg<ffi::Buffer<T, 3>>()
       .template Ret<ffi::Buffer<ffi::F32, 2>>()
       .template Ret<ffi::Buffer<ffi::F32, 2>>()
-      .template Ret<ffi::Buffer<ffi::F32, 2>>()
-      .template Attr<int64_t>("group_size");
+      .template Ret<ffi::Buffer<ffi::F32, 2>>();
+}
+
+template <ffi::DataType T>
+auto BindColumnMoments() {
+  return BindMoments<T>().template Attr<int64_t>("group_size");
+}
+
+// Moments of channels-first input (batch/group norm on NCHW): x viewed as [outer, channels,
+// positions], positions contiguous. Per row (o, c): shift = x[o, c, 0] and the shifted sums
+// of its positions, one read of x. `pool_outer` pools each channel over `outer` too (batch
+// norm: outer is the batch); `group_size` pools groups of consecutive channels (group norm).
+template <ffi::DataType T>
+ffi::Error RowMoments(ffi::ThreadPool pool, ffi::Buffer<T, 3> x,
+                      ffi::ResultBuffer<ffi::F32, 2> shift, ffi::ResultBuffer<ffi::F32, 2> sum1,
+                      ffi::ResultBuffer<ffi::F32, 2> sum2, bool pool_outer, int64_t group_size) {
+  const int64_t outer = x.dimensions()[0], c = x.dimensions()[1], n = x.dimensions()[2];
+  if (group_size < 1 || c % group_size != 0) {
+    return ffi::Error::InvalidArgument("normjax row_moments: bad group_size");
+  }
+  const auto* xp = x.typed_data();
+  float* shift_p = shift->typed_data();
+  float* s1 = sum1->typed_data();
+  float* s2 = sum2->typed_data();
+  const int64_t rows = outer * c;
+  ParallelChunks(pool, rows, NumChunks(rows, n), [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float s = n > 0 ? Load(xp + r * n, 0) : 0.f;
+      const auto [a, q] = SumShiftedAndSquares(xp + r * n, n, s);
+      shift_p[r] = s;
+      s1[r] = a;
+      s2[r] = q;
+    }
+  });
+  float count = static_cast<float>(n);
+  if (pool_outer && outer > 1) {
+    for (int64_t j = 0; j < c; ++j) PoolShifted(shift_p, s1, s2, j, c, outer, count);
+    count *= static_cast<float>(outer);
+  }
+  PoolGroups(shift_p, s1, s2, rows, group_size, count);
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType T>
+auto BindRowMoments() {
+  return BindMoments<T>().template Attr<bool>("pool_outer").template Attr<int64_t>("group_size");
 }
 
 template <ffi::DataType T>
@@ -649,3 +728,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxColumnMomentsF32, ColumnMoments<ffi::F32>,
                               BindColumnMoments<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxColumnMomentsBF16, ColumnMoments<ffi::BF16>,
                               BindColumnMoments<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowMomentsF32, RowMoments<ffi::F32>,
+                              BindRowMoments<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowMomentsBF16, RowMoments<ffi::BF16>,
+                              BindRowMoments<ffi::BF16>());
