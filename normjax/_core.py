@@ -313,5 +313,6 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
 # Row normalizations (layer/RMS norm over trailing axes) have their own primitives and CPU
 # kernel; imported last because it builds on the functions above.
 from normjax import _rows  # noqa: E402
-# Channels-last moments (batch/instance/group norm on NHWC) from one read: see `moments`.
+# Per-channel moments from one read (batch/instance/group norm on NHWC, batch/group norm on
+# NCHW): see `moments`.
 from normjax import _columns  # noqa: E402

@@ -10,6 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 import normjax as nj
+from normjax import _columns
 from normjax import _core
 from tests import reference as ref
 from tests.helpers import fast_compiles, rand
@@ -56,6 +57,15 @@ def _branch_inputs():
           "mixed": (mixed, False)}
 
 
+@pytest.fixture
+def xla_moments(monkeypatch):
+  """`_core.moments` on its XLA path (the conditional variance, which masks, named axes and
+  float16/float64 input take), not the one-read kernels of `_columns` that plain float32
+  reductions like `moments(x, (1,))` are otherwise handed to."""
+  monkeypatch.setattr(_columns, "applies", lambda *args: False)
+
+
+@pytest.mark.usefixtures("xla_moments")
 @pytest.mark.parametrize("case", ["well_conditioned", "ill_conditioned", "mixed"])
 @pytest.mark.parametrize("use_jit", [True, False])
 def test_conditional_fast_path_both_branches(case, use_jit):
@@ -86,6 +96,7 @@ def test_conditional_fast_path_both_branches(case, use_jit):
   np.testing.assert_allclose(np.asarray(g, np.float64), expected, atol=1e-4)
 
 
+@pytest.mark.usefixtures("xla_moments")
 def test_conditional_fast_path_threshold():
   """Rows just inside `mean**2 <= TAU * var` take the one pass, rows just outside the second."""
   base = rand((4, 256), 13)
