@@ -88,6 +88,7 @@ def _fold_batch(args, dims, **params):
 
 batching.primitive_batchers[column_moments_p] = _fold_batch
 
+
 def channels_first_view(x: jax.Array, axes: tuple[int, ...]):
   """`(outer, channels, positions, pool_outer)` if the reduced `axes` are a trailing block of
   `x`'s axes (the positions) after a block of kept axes (the channels), and the axes before

@@ -163,7 +163,8 @@ def _native_lowering(target, fallback):
     if dtype is None:
       return fallback(ctx, *args, **params)
     params = {k: np.float32(v) if isinstance(v, float) else
-              v if isinstance(v, bool) else np.int64(v) for k, v in params.items()}
+              bool(v) if isinstance(v, (bool, np.bool_)) else np.int64(v)
+              for k, v in params.items()}
     return jax.ffi.ffi_lowering(f"{target}{dtype}")(ctx, *args, **params)
   return lowering
 
