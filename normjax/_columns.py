@@ -78,15 +78,17 @@ column_moments_p = _rows.define_primitive("normjax_column_moments", _moments_ref
                                           native_target="NormjaxColumnMoments")
 
 
-def _fold_batch(args, dims, **params):
-  """Every output is per example: a vmapped batch joins the example axis."""
+def _fold_batch(p, args, dims, params):
+  """Batching of a moments primitive `p` whose every output is per entry of `x`'s first axis
+  (the example axis): a vmapped batch joins that axis."""
   (x,), (d,) = args, dims
   x = batching.bdim_at_front(x, d, x.shape[d])
-  outs = column_moments_p.bind(x.reshape((-1,) + x.shape[2:]), **params)
-  return [o.reshape((x.shape[0], -1) + o.shape[1:]) for o in outs], [0] * 3
+  outs = p.bind(x.reshape((-1,) + x.shape[2:]), **params)
+  return [o.reshape((x.shape[0], -1) + o.shape[1:]) for o in outs], [0] * len(outs)
 
 
-batching.primitive_batchers[column_moments_p] = _fold_batch
+batching.primitive_batchers[column_moments_p] = (
+    lambda args, dims, **params: _fold_batch(column_moments_p, args, dims, params))
 
 
 def channels_first_view(x: jax.Array, axes: tuple[int, ...]):
@@ -131,15 +133,11 @@ row_moments_p = _rows.define_primitive("normjax_row_moments", _row_moments_refer
 _row_moments_fallback = _rows._batch_by_reference(_row_moments_reference)
 
 
-def _row_moments_batch(args, dims, *, pool_outer, group_size):
+def _row_moments_batch(args, dims, **params):
   """A vmapped batch joins `outer` unless the moments pool over `outer`."""
-  if pool_outer:
-    return _row_moments_fallback(args, dims, pool_outer=pool_outer, group_size=group_size)
-  (x,), (d,) = args, dims
-  x = batching.bdim_at_front(x, d, x.shape[d])
-  outs = row_moments_p.bind(x.reshape((-1,) + x.shape[2:]), pool_outer=False,
-                            group_size=group_size)
-  return [o.reshape((x.shape[0], -1) + o.shape[1:]) for o in outs], [0] * 3
+  if params["pool_outer"]:
+    return _row_moments_fallback(args, dims, **params)
+  return _fold_batch(row_moments_p, args, dims, params)
 
 
 batching.primitive_batchers[row_moments_p] = _row_moments_batch

@@ -109,8 +109,10 @@ inline void StoreV(uint16_t* p, V8 v) {  // round to nearest even, keep NaN (qui
   std::memcpy(p, &h, sizeof(h));
 }
 
-// Sixteen values (`lo` then `hi`) at once: with AVX2, one pack instruction narrows both.
-inline void StoreV2(float* p, V8 lo, V8 hi) {
+// Sixteen values (`lo` then `hi`) at once; for bfloat16 with AVX2 (the overload below), one
+// pack instruction narrows both.
+template <typename T>
+inline void StoreV2(T* p, V8 lo, V8 hi) {
   StoreV(p, lo);
   StoreV(p + kWidth, hi);
 }
@@ -131,11 +133,6 @@ inline void StoreV2(uint16_t* p, V8 lo, V8 hi) {
   // packus works per 128-bit lane: [lo0..3 hi0..3 | lo4..7 hi4..7]; the permute restores order.
   const __m256i packed = _mm256_packus_epi32(RoundToBF16Bits(lo), RoundToBF16Bits(hi));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xd8));
-}
-#else
-inline void StoreV2(uint16_t* p, V8 lo, V8 hi) {
-  StoreV(p, lo);
-  StoreV(p + kWidth, hi);
 }
 #endif
 
@@ -595,9 +592,7 @@ ffi::Error ColumnMoments(ffi::ThreadPool pool, ffi::Buffer<T, 3> x,
   const int64_t chunks = batch * per_example;
   std::vector<float> partial(static_cast<size_t>(chunks) * 2 * c, 0.f);
   for (int64_t b = 0; b < batch; ++b) {
-    std::vector<float> scratch;
-    const float* first = AsFloat(xp + b * positions * c, c, scratch);
-    std::copy(first, first + c, shift_p + b * c);
+    for (int64_t i = 0; i < c; ++i) shift_p[b * c + i] = Load(xp + b * positions * c, i);
   }
   ParallelChunks(pool, chunks, chunks, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t k = begin; k < end; ++k) {
