@@ -1,10 +1,10 @@
 """Builds normjax's optional native CPU kernel; everything else is in pyproject.toml.
 
-`normjax/_native/rows.cc` (layer/RMS/instance norm forward and backward over contiguous rows,
+`normjax/_kernels/cpu/normalize.cc` (layer/RMS/instance norm forward and backward over contiguous rows,
 and per-channel moments of channels-last input) is compiled against the XLA FFI headers that
 jaxlib ships. It is optional: without a C++
 compiler the build goes on without it, and normjax uses its `jax.numpy` definitions instead
-(`normjax._native.NATIVE` says which). It is compiled for the machine it is built on
+(`normjax._kernels.cpu.NATIVE` says which). It is compiled for the machine it is built on
 (`-march=native`), as it is built at install time.
 """
 
@@ -26,8 +26,8 @@ class BuildWithFfiHeaders(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "normjax._native._rows_cpu",
-            sources=["normjax/_native/rows.cc"],
+            "normjax._kernels.cpu._normalize",
+            sources=["normjax/_kernels/cpu/normalize.cc"],
             language="c++",
             extra_compile_args=["-std=c++17", "-O3", "-march=native", "-Wno-attributes",
                                 "-Wno-return-type"],

@@ -40,15 +40,19 @@ that saves only the named statistics, so the backward keeps `x` and per-row `(sh
 rstd)` and recomputes `xhat` elementwise. Being a JVP rule written in `jax.numpy`, it is
 itself differentiable: forward mode, reverse mode and any order of derivative work.
 
-Row normalizations (layer/RMS norm, or instance norm, over the trailing axes of
-float32/bfloat16 input, with scale and bias per feature or per row, and no mask, named axis
-or grouping) take `normjax._rows` instead: the same maths
-as primitives with a native CPU kernel (one read of each row per pass) and `jax.numpy`
-definitions (built from `moments` and `normalize`) everywhere else.
+Layering: this module is the reference. It imports no kernel. `normjax._kernels` defines
+primitives whose `jax.numpy` definitions are the functions here (on a 2-D or 3-D view), with
+faster lowerings per platform, and `normjax._dispatch` decides per call whether a kernel applies
+and hands its `forward`/`tangent` to `standardize`, so that the closed-form derivative and its
+`custom_jvp` + `checkpoint` wrapper exist once, here.
+
+Special values: a row whose variance is not finite (NaN or Inf in the row, or `(x - mean)**2`
+overflowing float32) normalizes to NaN on every path (as flax's does), never to zeros.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -147,9 +151,6 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
   Returns:
     `Moments` whose arrays have `x.ndim` dims, size 1 along `axes`, in `stats_dtype(x.dtype)`.
   """
-  if _columns.applies(x, axes, mask, axis_name, fast_variance, centered, groups):
-    shift, offset, var, count = _columns.shifted_moments(x, axes, groups)
-    return Moments(shift=shift, offset=offset, var=var, count=count)
   dtype = stats_dtype(x.dtype)
   x_in = x   # uncast: the cond's operand (a cast operand would be materialized for bf16)
   x = x.astype(dtype)
@@ -202,7 +203,7 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
 
 def _centered(x: jax.Array, stats: Moments) -> jax.Array:
   """`x - mean` in the statistics dtype, subtracting shift and offset separately."""
-  y = x.astype(stats.var.dtype)
+  y = x.astype(stats_dtype(x.dtype))
   if stats.shift is not None:
     y = y - stats.shift
   if stats.offset is not None:
@@ -225,9 +226,14 @@ def normalize(x: jax.Array, stats: Moments, scale: jax.Array | None, bias: jax.A
   Returns:
     Array of `x.shape` and `x.dtype`.
   """
-  dtype = stats_dtype(x.dtype)
-  factor = lax.rsqrt(stats.var + jnp.asarray(eps, dtype))
-  return _affine(_centered(x, stats), factor, scale, bias).astype(x.dtype)
+  return _affine(_centered(x, stats), rstd(stats.var, eps), scale, bias).astype(x.dtype)
+
+
+def rstd(var: jax.Array, eps: Any) -> jax.Array:
+  """`1 / sqrt(var + eps)`, or NaN where `var` is not finite (overflowed or NaN statistics
+  give a NaN row on every path, rather than `rsqrt(inf) = 0` and an all-zero row)."""
+  r = lax.rsqrt(var + jnp.asarray(eps, var.dtype))
+  return jnp.where(var < jnp.asarray(jnp.inf, var.dtype), r, jnp.asarray(jnp.nan, var.dtype))
 
 
 def _affine(xc, factor, scale, bias):
@@ -240,11 +246,56 @@ def _affine(xc, factor, scale, bias):
   return y
 
 
+def tangent(x: jax.Array, stats: Moments, rstd_: jax.Array, scale: jax.Array | None,
+            dx: jax.Array, dscale: jax.Array | None, dbias: jax.Array | None,
+            axes: _axes.Axes, *, mask: jax.Array | None = None, axis_name: Any = None,
+            axis_index_groups: Any = None,
+            groups: tuple[int, int] | None = None) -> jax.Array:
+  """The tangent of `normalize(x, moments(x, axes, ...), scale, bias, eps)`, in closed form.
+
+  `d y = rs (dx - E[dx] - xhat E[xhat dx]) + xhat dscale + dbias` with `rs = rstd * scale`
+  (no `E[dx]` term for uncentered statistics). Written as `rs * dx + xhat * a + c` with `a`,
+  `c` of the statistics' shape, so that its transpose (reverse mode) reduces `g * xhat` and `g`
+  once each for the mean terms, the scale and the bias alike whenever the parameters are
+  constant along the reduced axes.
+
+  Args:
+    x: the primal input.
+    stats: `moments(x, axes, ...)` (any split of the mean into `shift + offset`).
+    rstd_: `rstd(stats.var, eps)`.
+    scale: the multiplier or None; `dscale`, `dbias`: tangents of scale and bias, or None.
+    dx: the tangent of `x`.
+    axes, mask, axis_name, axis_index_groups, groups: as in `moments`.
+
+  Returns:
+    The tangent of `y`, of `x.shape` and `x.dtype`.
+  """
+  dtype = rstd_.dtype
+  keep = lambda v: _counted_only(v, mask)
+  safe_count = jnp.maximum(stats.count, jnp.ones((), dtype))
+  mean = lambda v: _total(keep(v), axes, axis_name, axis_index_groups, groups) / safe_count
+  xhat = _centered(x, stats) * rstd_
+  dx = dx.astype(dtype)
+  rs = rstd_ if scale is None else rstd_ * scale.astype(dtype)
+  a = -rs * mean(xhat * dx)                         # -rs E[xhat * dx]
+  if dscale is not None:
+    a = a + dscale.astype(dtype)
+  dy = rs * dx + xhat * a
+  if stats.offset is not None:
+    c = -rs * mean(dx)
+    dy = dy + (c if dbias is None else c + dbias.astype(dtype))
+  elif dbias is not None:
+    dy = dy + dbias.astype(dtype)
+  return dy.astype(x.dtype)
+
+
 def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
-                bias: jax.Array | None, eps: float, *, mask: jax.Array | None = None,
+                bias: jax.Array | None, eps: Any, *, mask: jax.Array | None = None,
                 axis_name: Any = None, axis_index_groups: Any = None,
                 fast_variance: bool = False, centered: bool = True,
-                groups: tuple[int, int] | None = None) -> tuple[jax.Array, Moments]:
+                groups: tuple[int, int] | None = None,
+                forward: Callable | None = None,
+                tangent_fn: Callable | None = None) -> tuple[jax.Array, Moments]:
   """`normalize(x, moments(x, axes, ...), scale, bias, eps)`, with a closed-form derivative.
 
   Same arguments as `moments` and `normalize`. Returns `(y, stats)`; `stats` (the `Moments`)
@@ -253,66 +304,48 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
   The derivative is a `jax.custom_jvp` rule (so forward mode, reverse mode and higher orders
   all work), evaluated under `jax.checkpoint` so that reverse mode keeps only `x` and the
   per-row statistics (`shift`, `offset`, `rstd`) for the backward.
+
+  `forward(x, scale, bias, mask) -> (y, Moments)` and `tangent_fn(x, stats, rstd, scale, dx,
+  dscale, dbias, mask) -> dy` replace the reference computations (`moments` + `normalize`,
+  and `tangent`) with a kernel's (`normjax._dispatch` passes them); they must compute the same
+  functions.
   """
-  layout = _rows.param_layout(x, axes, scale, bias, mask, axis_name, groups, fast_variance)
-  if layout is not None:
-    return _rows.standardize_rows(x, len(axes), scale, bias, eps, centered=centered,
-                                  layout=layout)
   dtype = stats_dtype(x.dtype)
   reduce = dict(axis_name=axis_name, axis_index_groups=axis_index_groups, groups=groups)
-  moment_args = dict(mask=mask, fast_variance=fast_variance, centered=centered, **reduce)
+  moment_args = dict(fast_variance=fast_variance, centered=centered, **reduce)
+
+  if forward is None:
+    def forward(x, scale, bias, mask):
+      stats = moments(x, axes, mask=mask, **moment_args)
+      return normalize(x, stats, scale, bias, eps), stats
+  if tangent_fn is None:
+    def tangent_fn(x, stats, rstd_, scale, dx, dscale, dbias, mask):
+      return tangent(x, stats, rstd_, scale, dx, dscale, dbias, axes, mask=mask, **reduce)
 
   @jax.custom_jvp
   def fn(x, scale, bias, mask):
-    stats = moments(x, axes, **dict(moment_args, mask=mask))
-    return normalize(x, stats, scale, bias, eps), stats
+    return forward(x, scale, bias, mask)
 
   @fn.defjvp
   def fn_jvp(primals, tangents):
     x, scale, bias, mask = primals
     dx, dscale, dbias, _ = tangents
-    stats = moments(x, axes, **dict(moment_args, mask=mask))
-    rstd = lax.rsqrt(stats.var + jnp.asarray(eps, dtype))
-    shift, offset, rstd = checkpoint_name(
-        (stats.shift, stats.offset, rstd), _STATS_NAME)
+    y, stats = forward(x, scale, bias, mask)
+    r = rstd(stats.var, eps)
+    shift, offset, r = checkpoint_name((stats.shift, stats.offset, r), _STATS_NAME)
     stats = stats._replace(shift=shift, offset=offset)
-    xc = _centered(x, stats)
-    y = _affine(xc, rstd, scale, bias).astype(x.dtype)
-
+    dy = tangent_fn(x, stats, r, scale, dx, None if scale is None else dscale,
+                    None if bias is None else dbias, mask)
+    # The statistics' own tangents (dropped when the caller does not use them).
     keep = lambda v: _counted_only(v, mask)
     safe_count = jnp.maximum(stats.count, jnp.ones((), dtype))
     mean = lambda v: _total(keep(v), axes, **reduce) / safe_count
-    xhat = xc * rstd
-    dx = dx.astype(dtype)
-    # d xhat = rstd (dx - E[dx] - xhat E[xhat dx]) (no E[dx] term for RMS). Written as
-    # `rs * dx + xhat * a + c` with `a`, `c` of the statistics' shape, so that the transpose
-    # (reverse mode) reduces `g * xhat` and `g` once each for the mean terms, the scale and the
-    # bias alike whenever the parameters are constant along the reduced axes.
-    rs = rstd if scale is None else rstd * scale.astype(dtype)
-    mean_xdx = mean(xhat * dx)                       # E[xhat * dx]
-    a = -rs * mean_xdx
-    if scale is not None:
-      a = a + dscale.astype(dtype)
-    dy = rs * dx + xhat * a
-    dmean = None
-    if stats.offset is not None:
-      dmean = mean(dx)
-      c = -rs * dmean
-      dy = dy + (c if bias is None else c + dbias.astype(dtype))
-    elif bias is not None:
-      dy = dy + dbias.astype(dtype)
-    dvar = 2.0 * mean_xdx / rstd                     # 2 E[(x - mean) dx]
+    dxf = dx.astype(dtype)
+    dvar = 2.0 * mean(_centered(x, stats) * dxf)     # 2 E[(x - mean) dx]
+    dmean = None if stats.offset is None else mean(dxf)
     dstats = Moments(shift=None if stats.shift is None else jnp.zeros_like(stats.shift),
                      offset=dmean, var=dvar, count=jnp.zeros_like(stats.count))
-    return (y, stats), (dy.astype(x.dtype), dstats)
+    return (y, stats), (dy, dstats)
 
   policy = jax.checkpoint_policies.save_only_these_names(_STATS_NAME)
   return jax.checkpoint(fn, policy=policy)(x, scale, bias, mask)
-
-
-# Row normalizations (layer/RMS norm over trailing axes) have their own primitives and CPU
-# kernel; imported last because it builds on the functions above.
-from normjax import _rows  # noqa: E402
-# Per-channel moments from one read (batch/instance/group norm on NHWC, batch/group norm on
-# NCHW): see `moments`.
-from normjax import _columns  # noqa: E402

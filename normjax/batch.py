@@ -11,6 +11,7 @@ from jax import lax
 
 from normjax import _axes
 from normjax import _core
+from normjax import _dispatch
 from normjax._state import BatchStats, update_running_stats
 
 
@@ -88,9 +89,10 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     raise ValueError(f"batch_norm with train=True needs more than 1 value per channel; got x of "
                      f"shape {tuple(x.shape)} with channel_axis={channel_axis} (and {devices} "
                      f"device(s) along axis_name={axis_name!r}). Use a larger batch, or train=False.")
-  y, batch = _core.standardize(x, reduce_axes, per_channel(scale), per_channel(bias), eps,
-                               mask=mask, axis_name=axis_name,
-                               axis_index_groups=axis_index_groups, fast_variance=fast_variance)
+  y, batch = _dispatch.standardize(x, reduce_axes, per_channel(scale), per_channel(bias), eps,
+                                   mask=mask, axis_name=axis_name,
+                                   axis_index_groups=axis_index_groups,
+                                   fast_variance=fast_variance)
 
   batch_mean = lax.stop_gradient(batch.mean).reshape(num_channels)
   batch_var = lax.stop_gradient(batch.var).reshape(num_channels)

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 
 from normjax import _axes
-from normjax import _core
+from normjax import _dispatch
 
 
 def instance_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,
@@ -104,9 +104,9 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
                      f"to normalize over; got x of shape {tuple(x.shape)} with group_size={size}, "
                      f"channel_axis={channel_axis}, batch_axis={batch_axis}.")
   per_channel = lambda p: _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
-  y, _ = _core.standardize(x, reduce_axes, per_channel(scale), per_channel(bias), eps, mask=mask,
-                           axis_name=axis_name, fast_variance=fast_variance,
-                           groups=None if size == 1 else (c_axis, size))
+  y, _ = _dispatch.standardize(x, reduce_axes, per_channel(scale), per_channel(bias), eps,
+                               mask=mask, axis_name=axis_name, fast_variance=fast_variance,
+                               groups=None if size == 1 else (c_axis, size))
   return y
 
 

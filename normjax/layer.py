@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from normjax import _axes
-from normjax import _core
+from normjax import _dispatch
 
 
 def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,
@@ -47,8 +47,8 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
   """
   x, axes, scale, bias, mask = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=bias)
   feature = lambda p: _axes.broadcast_to_axes(p, x.ndim, axes)
-  y, _ = _core.standardize(x, axes, feature(scale), feature(bias), eps,
-                           mask=mask, axis_name=axis_name, fast_variance=fast_variance)
+  y, _ = _dispatch.standardize(x, axes, feature(scale), feature(bias), eps,
+                               mask=mask, axis_name=axis_name, fast_variance=fast_variance)
   return y
 
 
@@ -69,8 +69,8 @@ def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequen
     Array([[0.84852815, 1.1313709 ]], dtype=float32)
   """
   x, axes, scale, _, mask = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=None)
-  y, _ = _core.standardize(x, axes, _axes.broadcast_to_axes(scale, x.ndim, axes), None, eps,
-                           mask=mask, axis_name=axis_name, centered=False)
+  y, _ = _dispatch.standardize(x, axes, _axes.broadcast_to_axes(scale, x.ndim, axes), None,
+                               eps, mask=mask, axis_name=axis_name, centered=False)
   return y
 
 

@@ -1,8 +1,8 @@
-"""normjax's native CPU kernels: `rows.cc`, built by setup.py into `_rows_cpu*.so`.
+"""normjax's native CPU kernels: `normalize.cc`, built by setup.py into `_normalize*.so`.
 
 Importing this package registers the kernels with XLA as FFI targets for the CPU platform
-(`NATIVE` is True) if the library was built; `normjax._rows` and `normjax._columns` lower
-their primitives to them on CPU. Set `NORMJAX_NATIVE=0` before importing normjax to use the
+(`NATIVE` is True) if the library was built; `normjax._kernels.primitives` lowers the
+primitives to them on CPU. Set `NORMJAX_NATIVE=0` before importing normjax to use the
 primitives' `jax.numpy` definitions everywhere.
 """
 
@@ -20,7 +20,7 @@ TARGETS = tuple(f"Normjax{kind}{dtype}" for kind in ("RowsForward", "RowsBackwar
 def _load() -> bool:
   if os.environ.get("NORMJAX_NATIVE", "1") == "0":
     return False
-  paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "_rows_cpu*.so")))
+  paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "_normalize*.so")))
   if not paths:
     return False
   library = ctypes.CDLL(paths[0])

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import normjax as nj
-from normjax import _native
-from normjax import _rows
+from normjax._kernels import cpu as _native
+from normjax._kernels import standardize as _rows
 from tests import reference
 from tests.helpers import rand
 
@@ -257,7 +257,7 @@ x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 33)).astype(np.float
 g, b = jnp.linspace(0.5, 1.5, 33), jnp.linspace(-1.0, 1.0, 33)
 """
 _WITHOUT_KERNEL = _SETUP + """
-from normjax import _native
+from normjax._kernels import cpu as _native
 assert not _native.NATIVE
 for fn in (lambda x: nj.layer_norm(x, g, b), lambda x: nj.rms_norm(x - 1e4, g),
            lambda x: nj.instance_norm(x, g[:4], b[:4], channel_axis=1),

@@ -1,0 +1,156 @@
+"""Per-channel moments from one read of the input (batch/instance/group norm, NHWC and NCHW).
+
+When `_core.moments` would reduce one contiguous block of axes with channels after it (batch
+norm over N, H, W; instance and group norm over H, W of NHWC input), the input is viewed as
+`[batch, positions, channels]` and `column_moments_p` gives per `(batch, channel)` the mean as
+`shift + offset` and the biased variance. Channels-first input whose reduced axes end the
+shape (batch norm over N, H, W and group norm over H, W of NCHW input) is viewed as
+`[outer, channels, positions]` instead, and `row_moments_p` does the same per row
+`(outer, channel)`, pooled over `outer` for batch norm (`pool_outer`). Both pool group norm's
+groups of `group_size` consecutive channels. Their definitions are `_core.moments` on the
+view; on CPU with the native library each is one kernel read of `x` (blocked two-pass sums
+merged with Chan's formula, exact to float32 rounding whatever the order and length). The
+normalize step and the derivatives stay `_core`'s (XLA fuses them with their neighbours).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.interpreters import batching
+
+from normjax import _core
+from normjax._kernels import primitives
+
+F32 = primitives.F32
+
+
+def _outputs(stats: _core.Moments, shape):
+  """`(shift, offset, var)` of `_core.Moments` as arrays of `shape`."""
+  zero = jnp.zeros_like(stats.var)
+  shift = zero if stats.shift is None else stats.shift
+  return tuple(jnp.broadcast_to(v, stats.var.shape).reshape(shape)
+               for v in (shift, stats.offset, stats.var))
+
+
+def _groups(axis, size):
+  return None if size == 1 else (axis, size)
+
+
+def _column_reference(x, *, group_size):
+  stats = _core.moments(x, (1,), groups=_groups(2, group_size))
+  return _outputs(stats, (x.shape[0], x.shape[2]))
+
+
+def _row_reference(x, *, pool_outer, group_size):
+  stats = _core.moments(x, (0, 2) if pool_outer else (2,), groups=_groups(1, group_size))
+  zero = jnp.zeros(x.shape[:2] + (1,), F32)
+  return _outputs(stats._replace(var=stats.var + zero), x.shape[:2])
+
+
+def _column_abstract(x, *, group_size):
+  del group_size
+  return [jax.core.ShapedArray((x.shape[0], x.shape[2]), F32)] * 3
+
+
+def _row_abstract(x, *, pool_outer, group_size):
+  del pool_outer, group_size
+  return [jax.core.ShapedArray(x.shape[:2], F32)] * 3
+
+
+column_moments_p = primitives.define_primitive(
+    "normjax_column_moments", _column_reference, _column_abstract,
+    target="NormjaxColumnMoments")
+row_moments_p = primitives.define_primitive(
+    "normjax_row_moments", _row_reference, _row_abstract, target="NormjaxRowMoments")
+
+
+def _fold_batch(p, reference):
+  """Batching of a moments primitive whose every output is per entry of `x`'s first axis (the
+  example axis): a vmapped batch joins that axis, unless the moments pool over it or the
+  batch is empty (then `jax.vmap` of the definition)."""
+  fallback = primitives.batch_by_reference(reference)
+
+  def rule(args, dims, **params):
+    (x,), (d,) = args, dims
+    if x.shape[d] == 0 or params.get("pool_outer", False):
+      return fallback(args, dims, **params)
+    x = batching.bdim_at_front(x, d, x.shape[d])
+    outs = p.bind(x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), **params)
+    return [o.reshape((x.shape[0], x.shape[1]) + o.shape[1:]) for o in outs], [0] * len(outs)
+  return rule
+
+
+batching.primitive_batchers[column_moments_p] = _fold_batch(column_moments_p, _column_reference)
+batching.primitive_batchers[row_moments_p] = _fold_batch(row_moments_p, _row_reference)
+
+
+# ----------------------------------------------------------------- views and one call's forward
+
+def _channels_last_view(shape, axes):
+  """`(batch, positions, channels)` if `axes` are one contiguous block of axes with at least
+  one axis after it (so `x` is `[batch, positions, channels]` row-major), else None."""
+  if not axes or tuple(axes) != tuple(range(axes[0], axes[-1] + 1)) or axes[-1] >= len(shape) - 1:
+    return None
+  return (math.prod(shape[:axes[0]]), math.prod(shape[axes[0]:axes[-1] + 1]),
+          math.prod(shape[axes[-1] + 1:]))
+
+
+def _channels_first_view(shape, axes):
+  """`(outer, channels, positions, pool_outer)` if the reduced `axes` are a trailing block
+  (the positions) after a block of kept axes (the channels), and the axes before those are
+  all reduced (`pool_outer`: batch norm on NCHW) or there are none (group norm on NCHW: the
+  batch is part of the channel block); else None."""
+  ndim = len(shape)
+  if not axes or axes[-1] != ndim - 1:
+    return None
+  p0 = ndim - 1
+  while p0 - 1 in axes:
+    p0 -= 1
+  c0 = p0
+  while c0 > 0 and c0 - 1 not in axes:
+    c0 -= 1
+  if c0 == p0 or any(a not in axes for a in range(c0)):
+    return None
+  return (math.prod(shape[:c0]), math.prod(shape[c0:p0]), math.prod(shape[p0:]), c0 > 0)
+
+
+def ops(x_shape: tuple[int, ...], axes: tuple[int, ...], groups: tuple[int, int] | None,
+        eps: float):
+  """`forward` for `_core.standardize(x, axes, ..., groups=groups)` with the statistics from a
+  moments kernel, or None when neither view applies (or the groups do not fit it)."""
+  size = 1 if groups is None else groups[1]
+  ndim = len(x_shape)
+  last = _channels_last_view(x_shape, axes)
+  first = None if last is not None else _channels_first_view(x_shape, axes)
+  if groups is not None:
+    # The channel groups must be consecutive entries of the kernels' channel dimension.
+    if last is not None and not (groups[0] == ndim - 1 and axes[-1] == ndim - 2):
+      return None
+    if first is not None and axes[0] != groups[0] + 1:
+      return None
+  if last is None and first is None:
+    return None
+  stats_shape = tuple(1 if a in axes else d for a, d in enumerate(x_shape))
+
+  if last is not None:
+    n = last[1] * size
+    moments = lambda x: column_moments_p.bind(x.reshape(last), group_size=size)
+  else:
+    outer, channels, positions, pool_outer = first
+    n = positions * size * (outer if pool_outer else 1)
+
+    def moments(x):
+      outs = row_moments_p.bind(x.reshape(outer, channels, positions), pool_outer=pool_outer,
+                                group_size=size)
+      return [o[:1] for o in outs] if pool_outer else outs
+
+  def forward(x, scale, bias, mask):
+    del mask
+    shift, offset, var = (v.reshape(stats_shape) for v in moments(x))
+    stats = _core.Moments(shift=shift, offset=offset, var=var, count=jnp.asarray(n, F32))
+    return _core.normalize(x, stats, scale, bias, eps), stats
+
+  return forward

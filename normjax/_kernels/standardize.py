@@ -1,0 +1,197 @@
+"""Normalization over contiguous rows: layer, RMS and instance norm over trailing axes.
+
+The input is viewed as `[rows, features]` and three primitives do the work:
+
+  * `rows_forward_p`: `x, scale, bias -> y, shift, offset, var` (per-row statistics; the mean
+    is `shift + offset`, as in `_core.Moments`).
+  * `rows_tangent_p`: the tangent of `y`, linear in `(dx, dscale, dbias)`: `_core.tangent`.
+    Its transpose is
+  * `rows_backward_p`: `x, g, shift, offset, rstd, scale -> dx, dscale, dbias`, whose
+    definition is the transpose of `_core.tangent` (`jax.linear_transpose`): the closed-form
+    derivative is written once, in `_core`.
+
+Scale and bias are vectors: per feature (layer/RMS norm, `per_row=False`) or per row
+(instance norm with channels first, `per_row=True`). On CPU, when the native library is
+loaded (`normjax._kernels.cpu`), the forward and backward lower to its kernels: one read of
+each row per pass, on XLA's intra-op threads. `ops` gives `_core.standardize` the
+`forward`/`tangent` pair for one call; `normjax._dispatch` decides when it applies.
+
+Costs of a custom call: it is a fusion barrier (an elementwise op producing `x`, such as a
+residual add, is written out before the kernel reads it), and XLA's SPMD partitioner does not
+know how to split it: under `jit` with an input sharded along `Auto` mesh axes the call runs
+on the gathered input (correct, not fast). Inputs sharded along `Explicit` mesh axes take the
+reference path (see `normjax._dispatch`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.interpreters import ad, batching
+
+from normjax import _core
+from normjax._kernels import primitives
+
+F32 = primitives.F32
+
+
+def _expand(param, per_row):
+  """A per-feature `[features]` or per-row `[rows]` vector as a 2-D `[rows, features]` operand."""
+  return param[:, None] if per_row else param[None]
+
+
+def _row_stats(x, shift, offset, var, centered):
+  count = jnp.asarray(x.shape[1], F32)
+  if not centered:
+    return _core.Moments(shift=None, offset=None, var=var[:, None], count=count)
+  return _core.Moments(shift=shift[:, None], offset=offset[:, None], var=var[:, None],
+                       count=count)
+
+
+# ----------------------------------------------------------------- definitions (from _core)
+
+def _forward_reference(x, scale, bias, *, eps, centered, per_row):
+  stats = _core.moments(x, (1,), centered=centered)
+  y = _core.normalize(x, stats, _expand(scale, per_row), _expand(bias, per_row), eps)
+  zero = jnp.zeros_like(stats.var)
+  shift = zero if stats.shift is None else stats.shift
+  offset = zero if stats.offset is None else stats.offset
+  return y, shift[:, 0], offset[:, 0], stats.var[:, 0]
+
+
+def _tangent_reference(x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered, per_row):
+  e = functools.partial(_expand, per_row=per_row)
+  stats = _row_stats(x, shift, offset, rstd, centered)
+  return (_core.tangent(x, stats, rstd[:, None], e(scale), dx, e(dscale), e(dbias), (1,)),)
+
+
+def _backward_reference(x, g, shift, offset, rstd, scale, *, centered, per_row):
+  def linear(dx, dscale, dbias):
+    return _tangent_reference(x, shift, offset, rstd, scale, dx, dscale, dbias,
+                              centered=centered, per_row=per_row)[0]
+  like = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(scale.shape, F32),
+          jax.ShapeDtypeStruct(scale.shape, F32))
+  return tuple(jax.linear_transpose(linear, *like)(g))
+
+
+# ----------------------------------------------------------------- the primitives
+
+def _shaped(shape, dtype):
+  return jax.core.ShapedArray(shape, dtype)
+
+
+def _forward_abstract(x, scale, bias, *, eps, centered, per_row):
+  del scale, bias, eps, centered, per_row
+  row = _shaped(x.shape[:1], F32)
+  return [_shaped(x.shape, x.dtype), row, row, row]
+
+
+def _tangent_abstract(x, *args, centered, per_row):
+  del args, centered, per_row
+  return [_shaped(x.shape, x.dtype)]
+
+
+def _backward_abstract(x, g, shift, offset, rstd, scale, *, centered, per_row):
+  del g, shift, offset, rstd, centered, per_row
+  return [_shaped(x.shape, x.dtype), _shaped(scale.shape, F32), _shaped(scale.shape, F32)]
+
+
+rows_forward_p = primitives.define_primitive(
+    "normjax_rows_forward", _forward_reference, _forward_abstract, target="NormjaxRowsForward")
+rows_tangent_p = primitives.define_primitive(
+    "normjax_rows_tangent", _tangent_reference, _tangent_abstract)
+rows_backward_p = primitives.define_primitive(
+    "normjax_rows_backward", _backward_reference, _backward_abstract,
+    target="NormjaxRowsBackward")
+
+
+def _tangent_transpose(cts, x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered,
+                       per_row):
+  (ct,) = cts
+  linear = (dx, dscale, dbias)
+  if type(ct) is ad.Zero:
+    return [None] * 8
+  grads = rows_backward_p.bind(x, ad.instantiate_zeros(ct), shift, offset, rstd, scale,
+                               centered=centered, per_row=per_row)
+  return [None] * 5 + [g if ad.is_undefined_primal(v) else None for g, v in zip(grads, linear)]
+
+
+ad.primitive_transposes[rows_tangent_p] = _tangent_transpose
+
+
+# ----------------------------------------------------------------- batching
+
+def _batch_rows(p, reference, feature_operands, sums_over_rows=False):
+  """Folds the batch into the rows when only per-row operands are batched: every output of a
+  per-row computation is per row, so `[B, rows, ...]` is `[B * rows, ...]`. The operands at
+  `feature_operands` are per feature (unless `per_row`), and a batch along them (a batched
+  scale, say) is handled by `jax.vmap` of the definition instead; so is every batch of a
+  primitive that `sums_over_rows` into per-feature outputs (unless `per_row`), and an empty
+  batch."""
+  fallback = primitives.batch_by_reference(reference)
+
+  def rule(args, dims, **params):
+    per_feature = () if params["per_row"] else feature_operands
+    size = primitives.batch_size(args, dims)
+    if (size == 0 or (sums_over_rows and not params["per_row"])
+        or any(dims[i] is not None for i in per_feature)):
+      return fallback(args, dims, **params)
+    args = list(args)
+    for i in range(len(args)):
+      if i not in per_feature:
+        a = batching.bdim_at_front(args[i], dims[i], size)
+        args[i] = a.reshape((size * a.shape[1],) + a.shape[2:])
+    outs = p.bind(*args, **params)
+    return [o.reshape((size, o.shape[0] // size) + o.shape[1:]) for o in outs], [0] * len(outs)
+  return rule
+
+
+batching.primitive_batchers[rows_forward_p] = _batch_rows(
+    rows_forward_p, _forward_reference, (1, 2))
+batching.primitive_batchers[rows_tangent_p] = _batch_rows(
+    rows_tangent_p, _tangent_reference, (4, 6, 7))
+batching.primitive_batchers[rows_backward_p] = _batch_rows(
+    rows_backward_p, _backward_reference, (5,), sums_over_rows=True)
+
+
+# ----------------------------------------------------------------- one call's forward/tangent
+
+def ops(x_shape: tuple[int, ...], n_axes: int, eps: float, *, centered: bool, per_row: bool):
+  """`(forward, tangent)` for `_core.standardize` over the last `n_axes` axes of an input of
+  `x_shape`, through the primitives; `per_row`: scale and bias vary along the other axes only
+  (one value per row), else along the normalized axes only (one per feature)."""
+  lead = tuple(x_shape[:len(x_shape) - n_axes])
+  rows, n = math.prod(lead), math.prod(x_shape[len(x_shape) - n_axes:])
+  size = rows if per_row else n
+  stats_shape = lead + (1,) * n_axes
+  kw = dict(centered=centered, per_row=per_row)
+
+  def vector(p, default):
+    if p is None:
+      return jnp.full((size,), default, F32)
+    if per_row:
+      p = jnp.broadcast_to(p, stats_shape)
+    return p.reshape(size).astype(F32)
+
+  def forward(x, scale, bias, mask):
+    del mask
+    y2, shift, offset, var = rows_forward_p.bind(x.reshape(rows, n), vector(scale, 1.0),
+                                                 vector(bias, 0.0), eps=eps, **kw)
+    stats = _row_stats(x.reshape(rows, n), shift, offset, var, centered)
+    stats = jax.tree.map(lambda v: v.reshape(stats_shape) if v.ndim else v, stats)
+    return y2.reshape(x_shape), stats
+
+  def tangent(x, stats, rstd, scale, dx, dscale, dbias, mask):
+    del mask
+    zero = jnp.zeros((rows,), F32)
+    per_row_stat = lambda v: zero if v is None else v.reshape(rows)
+    (dy,) = rows_tangent_p.bind(x.reshape(rows, n), per_row_stat(stats.shift),
+                                per_row_stat(stats.offset), rstd.reshape(rows),
+                                vector(scale, 1.0), dx.reshape(rows, n), vector(dscale, 0.0),
+                                vector(dbias, 0.0), **kw)
+    return dy.reshape(x_shape)
+
+  return forward, tangent
