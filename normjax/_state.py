@@ -73,3 +73,9 @@ def update_running_stats(stats: BatchStats, batch_mean: jax.Array, batch_var: ja
 
   return BatchStats(mean=fold(stats.mean, batch_mean), var=fold(stats.var, batch_var),
                     count=count.astype(stats.count.dtype))
+
+
+# `jax.export` serializes functions whose inputs or outputs hold a `BatchStats` under this
+# name. A process that loads such a program without importing normjax registers any
+# namedtuple with the fields `mean`, `var`, `count` under the same name.
+jax.export.register_namedtuple_serialization(BatchStats, serialized_name="normjax.BatchStats")

@@ -1,0 +1,180 @@
+"""One suite over every implementation `normjax._dispatch` can pick (the reference in
+`normjax._core`, the native CPU kernels, and any later kernel): each variant and layout
+against the float64 NumPy reference on adversarial data (a huge first element, large
+offsets, long rows, overflow, NaN/Inf, empty and size-1 axes, vmap over empty batches, eps of
+every real type). A new kernel joins by adding its name to `IMPLEMENTATIONS`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import normjax as nj
+from normjax import _dispatch
+from normjax._kernels import primitives
+from tests import reference as ref
+from tests.helpers import rand
+
+IMPLEMENTATIONS = ["reference", "native"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request, monkeypatch):
+  """Pins the dispatch to one implementation for the test."""
+  if request.param == "reference":
+    monkeypatch.setattr(_dispatch, "plan", lambda *args, **kwargs: _dispatch.REFERENCE)
+  elif not primitives.has_kernel("cpu"):
+    pytest.skip("native CPU kernels not built (or NORMJAX_NATIVE=0)")
+  return request.param
+
+
+def _bn(channel_axis):
+  def fn(x, eps=1e-5):
+    c = x.shape[channel_axis]
+    return nj.batch_norm(x, None, None, nj.init_batch_stats(c), train=True,
+                         channel_axis=channel_axis, eps=eps)[0]
+
+  def want(x, eps=1e-5):
+    c = x.shape[channel_axis]
+    return ref.batch_norm(x, None, None, np.zeros(c), np.ones(c), train=True,
+                          channel_axis=channel_axis, eps=eps)[0]
+  return fn, want
+
+
+# name -> (normjax function of (x, eps), float64 reference of (x, eps)); x is 4-D, NHWC or
+# NCHW as the name says (the kernels see rows, columns and channels-first rows).
+VARIANTS = {
+    "layer": (lambda x, eps=1e-5: nj.layer_norm(x, eps=eps),
+              lambda x, eps=1e-5: ref.layer_norm(x, eps=eps)),
+    "layer_2axes": (lambda x, eps=1e-5: nj.layer_norm(x, axis=(-2, -1), eps=eps),
+                    lambda x, eps=1e-5: ref.layer_norm(x, axis=(-2, -1), eps=eps)),
+    "rms": (lambda x, eps=1e-5: nj.rms_norm(x, eps=eps),
+            lambda x, eps=1e-5: ref.rms_norm(x, eps=eps)),
+    "instance_nhwc": (lambda x, eps=1e-5: nj.instance_norm(x, eps=eps),
+                      lambda x, eps=1e-5: ref.instance_norm(x, eps=eps)),
+    "instance_nchw": (lambda x, eps=1e-5: nj.instance_norm(x, channel_axis=1, eps=eps),
+                      lambda x, eps=1e-5: ref.instance_norm(x, channel_axis=1, eps=eps)),
+    "group_nhwc": (lambda x, eps=1e-5: nj.group_norm(x, num_groups=2, eps=eps),
+                   lambda x, eps=1e-5: ref.group_norm(x, num_groups=2, eps=eps)),
+    "group_nchw": (lambda x, eps=1e-5: nj.group_norm(x, num_groups=2, channel_axis=1, eps=eps),
+                   lambda x, eps=1e-5: ref.group_norm(x, num_groups=2, channel_axis=1,
+                                                      eps=eps)),
+    "batch_nhwc": _bn(-1),
+    "batch_nchw": _bn(1),
+}
+
+
+def _data(kind, shape=(4, 8, 16, 8), seed=0):
+  x = rand(shape, seed=seed).astype(np.float64)
+  if kind == "outlier_first":
+    # The first element of every statistic's reduction (rows, channels, groups, batch).
+    x[:, 0, 0, :] = 1e4
+    x[..., 0] = 3e4
+  elif kind == "offset":
+    x = x + 1e5
+  elif kind == "mixed_scales":
+    x = x * np.logspace(-3, 3, shape[-1])
+  return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["normal", "outlier_first", "offset", "mixed_scales"])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_matches_float64(implementation, name, kind):
+  fn, want = VARIANTS[name]
+  x = _data(kind)
+  y = np.asarray(jax.jit(fn)(jnp.asarray(x)), np.float64)
+  expected = want(x)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_bfloat16_matches_float64(implementation, name):
+  fn, want = VARIANTS[name]
+  x = jnp.asarray(_data("outlier_first"), jnp.bfloat16)
+  y = np.asarray(jax.jit(fn)(x).astype(jnp.float32), np.float64)
+  np.testing.assert_allclose(y, want(np.asarray(x.astype(jnp.float32))), rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_overflow_nan_and_inf_give_nan_statistics(implementation, name):
+  """A statistic that overflows float32, or sees a NaN or an Inf, gives NaN wherever it is
+  used (every path alike; flax's behaviour), and nothing else is touched."""
+  fn, want = VARIANTS[name]
+  y = np.asarray(jax.jit(fn)(jnp.asarray(_data("normal") * np.float32(1e20))))
+  assert np.isnan(y).all()
+  for special in (np.nan, np.inf, -np.inf):
+    x = _data("normal")
+    x[1, 2, 3, 4] = special
+    y = np.asarray(jax.jit(fn)(jnp.asarray(x)), np.float64)
+    expected = want(x)
+    if name == "rms" and np.isinf(special):
+      expected[1, 2, 3, :] = np.nan   # float64 gives x / inf = 0 beside it; an Inf statistic is NaN
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+    assert np.isnan(y).any()
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)   # NaNs compare equal
+
+
+@pytest.mark.parametrize("name", ["layer", "rms", "batch_nhwc", "batch_nchw", "group_nhwc",
+                                  "instance_nchw"])
+def test_long_reductions(implementation, name):
+  """2^24 values per statistic: no accuracy lost to summation order or length."""
+  fn, want = VARIANTS[name]
+  shape = {"layer": (1, 1, 1 << 12, 1 << 12), "rms": (1, 1, 1 << 12, 1 << 12),
+           "batch_nhwc": (1 << 10, 1 << 7, 1 << 7, 2), "batch_nchw": (1 << 10, 2, 1 << 7, 1 << 7),
+           "group_nhwc": (1, 1 << 12, 1 << 11, 4),
+           "instance_nchw": (1, 2, 1 << 12, 1 << 12)}[name]
+  if name == "layer":
+    fn = lambda x: nj.layer_norm(x, axis=(-2, -1))
+    want = lambda x: ref.layer_norm(x, axis=(-2, -1))
+  if name == "rms":
+    fn = lambda x: nj.rms_norm(x, axis=(-2, -1))
+    want = lambda x: ref.rms_norm(x, axis=(-2, -1), eps=1e-6)
+  x = (np.random.default_rng(1).standard_normal(shape, dtype=np.float32) + np.float32(3.0))
+  y = np.asarray(jax.jit(fn)(jnp.asarray(x)), np.float64)
+  expected = want(x)
+  # A variance off by a relative 1e-6 moves every output by about 5e-7 of its size.
+  err = np.abs(y - expected).max() / np.abs(expected).max()
+  assert err < 1e-6, err
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_empty_and_size_one_axes(implementation, name):
+  fn, want = VARIANTS[name]
+  for shape in ((0, 3, 4, 4), (2, 3, 4, 0) if not name.startswith("group") else (2, 3, 4, 2)):
+    x = jnp.zeros(shape)
+    if name.startswith("batch") or (name.endswith("nchw") and shape[-1] == 0):
+      continue   # nothing to normalize over per channel: batch norm refuses an empty batch
+    assert jax.jit(fn)(x).shape == shape
+  # vmap over an empty batch (the kernels' batching rules fold the batch into rows).
+  out = jax.vmap(fn)(jnp.zeros((0, 2, 3, 4, 4)))
+  assert out.shape == (0, 2, 3, 4, 4)
+  grad = jax.vmap(jax.grad(lambda x: jnp.sum(fn(x))))(jnp.zeros((0, 2, 3, 4, 4)))
+  assert grad.shape == (0, 2, 3, 4, 4)
+  if name in ("layer", "rms", "instance_nchw"):   # a size-1 reduction: var 0, y = bias = 0
+    x = jnp.asarray(rand((2, 3, 4, 1), seed=2))
+    np.testing.assert_allclose(jax.jit(fn)(x), want(np.asarray(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [0, 1, 0.5, np.float32(1e-5), np.int64(2), np.float64(1e-3)])
+@pytest.mark.parametrize("name", ["layer", "rms", "batch_nhwc", "group_nchw"])
+def test_eps_of_any_real_type(implementation, name, eps):
+  fn, want = VARIANTS[name]
+  x = _data("normal")
+  expected = want(x, float(eps))
+  np.testing.assert_allclose(jax.jit(lambda x: fn(x, eps))(jnp.asarray(x)), expected,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(fn(jnp.asarray(x), eps), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_gradients_match_the_reference_implementation(implementation, name, monkeypatch):
+  """First and second derivatives of every implementation equal the reference's."""
+  fn, _ = VARIANTS[name]
+  x = jnp.asarray(_data("offset", shape=(3, 4, 6, 4), seed=5))
+  c = jnp.asarray(rand(x.shape, seed=6))
+  loss = lambda x: jnp.vdot(jnp.sin(fn(x)), c)
+  got = [jax.jit(jax.grad(loss))(x), jax.jit(lambda x: jax.jvp(jax.grad(loss), (x,), (c,))[1])(x)]
+  monkeypatch.setattr(_dispatch, "plan", lambda *args, **kwargs: _dispatch.REFERENCE)
+  want = [jax.grad(loss)(x), jax.jvp(jax.grad(loss), (x,), (c,))[1]]
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
