@@ -19,17 +19,26 @@ Axes = tuple[int, ...]
 
 
 def canonicalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") -> Axes:
-  """Returns `axis` as a sorted tuple of non-negative ints, after range and repeat checks.
+  """Returns `axis` as a sorted tuple of non-negative ints, after type, range and repeat checks.
+
+  `axis` is an int (any integral type but bool) or a tuple/list of them.
 
   Raises:
-    TypeError: if an entry is not an int.
+    TypeError: if `axis` is neither an int nor a tuple/list of ints (e.g. None, 1.5, "1").
     ValueError: if an entry is outside `[-ndim, ndim)` or an axis is named twice.
   """
-  axes = (axis,) if isinstance(axis, (numbers.Integral, np.integer)) else tuple(axis)
+  if _is_int(axis):
+    axes = (axis,)
+  elif isinstance(axis, (tuple, list)):
+    axes = tuple(axis)
+  else:
+    raise TypeError(f"{name} must be an int or a tuple of ints; got {name}={axis!r} "
+                    f"(of type {type(axis).__name__}).")
   out = []
   for a in axes:
-    if isinstance(a, bool) or not isinstance(a, (numbers.Integral, np.integer)):
-      raise TypeError(f"{name} must be an int or a tuple of ints; got {axis!r}.")
+    if not _is_int(a):
+      raise TypeError(f"{name} must be an int or a tuple of ints; got {name}={axis!r}, whose "
+                      f"entry {a!r} is of type {type(a).__name__}.")
     if not -ndim <= a < ndim:
       raise ValueError(
           f"{name}={axis!r} is out of range: expected every axis in [{-ndim}, {ndim}) for an "
@@ -43,42 +52,130 @@ def canonicalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") 
 
 def canonicalize_axis(axis: int, ndim: int, name: str) -> int:
   """Returns one axis as a non-negative int (see `canonicalize_axes`)."""
-  if isinstance(axis, bool) or not isinstance(axis, (numbers.Integral, np.integer)):
-    raise TypeError(f"{name} must be an int; got {axis!r}.")
+  if not _is_int(axis):
+    raise TypeError(f"{name} must be an int; got {name}={axis!r} (of type "
+                    f"{type(axis).__name__}).")
   return canonicalize_axes(axis, ndim, name)[0]
 
 
 def check_floating(x: Any, name: str = "x") -> jax.Array:
   """Returns `x` as an array, raising `TypeError` unless its dtype is floating."""
   if not hasattr(x, "dtype"):
-    x = jnp.asarray(x)
+    try:
+      x = jnp.asarray(x)
+    except (TypeError, ValueError):
+      raise TypeError(f"{name} must be a floating array (float16, bfloat16, float32, float64); "
+                      f"got {name} of type {type(x).__name__}.") from None
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64); "
                     f"got dtype {x.dtype}.")
   return x
 
 
-def check_eps(eps: Any) -> None:
-  """Raises `ValueError` for a negative (concrete) `eps`."""
-  if _is_concrete_number(eps) and not float(eps) >= 0:
-    raise ValueError(f"eps must be a non-negative number; got eps={eps!r}.")
+def check_eps(eps: Any, name: str = "eps") -> Any:
+  """Returns `eps` as a Python float, after checking it is a finite number >= 0.
+
+  Accepted: a Python int or float, a NumPy integer or floating scalar, or a 0-d concrete
+  (NumPy or JAX) array of such a dtype; each comes back as a Python float, so that the value
+  enters the computation as a constant of the statistics' dtype whatever its original type.
+  A traced eps (a `jax.core.Tracer`, e.g. an argument of a jitted function) cannot be checked
+  for its value: it is returned unchanged once its shape `()` and real dtype are checked.
+
+  Raises:
+    TypeError: `eps` is a bool, complex, a string, None or any other non-real value.
+    ValueError: `eps` is not a scalar, or is negative, NaN or infinite.
+  """
+  value = _real_scalar(eps, name)
+  if isinstance(value, jax.core.Tracer):
+    return value
+  if not 0.0 <= value < math.inf:
+    raise ValueError(f"{name} must be a non-negative, finite number (finite and >= 0); got "
+                     f"{name}={eps!r}.")
+  return value
 
 
-def check_momentum(momentum: Any) -> None:
-  """Raises `ValueError` unless `momentum` is None or in [0, 1] (when concrete)."""
+def check_momentum(momentum: Any) -> Any:
+  """Returns `momentum` as None or a Python float in [0, 1].
+
+  The accepted types are those of `check_eps`; a traced momentum is returned unchanged (after
+  its shape and dtype are checked).
+
+  Raises:
+    TypeError: a bool, complex, string or other non-real value.
+    ValueError: a non-scalar array, or a value outside [0, 1] (or NaN).
+  """
   if momentum is None:
-    return
-  if _is_concrete_number(momentum) and not 0.0 <= float(momentum) <= 1.0:
+    return None
+  value = _real_scalar(momentum, "momentum")
+  if isinstance(value, jax.core.Tracer):
+    return value
+  if not 0.0 <= value <= 1.0:
     raise ValueError(
         "momentum must be in [0, 1] (flax/keras convention: new = momentum * old + "
         f"(1 - momentum) * batch; PyTorch's momentum m is 1 - m here) or None; got {momentum!r}.")
+  return value
+
+
+def check_bool(value: Any, name: str, meaning: str = "") -> bool:
+  """Returns `value` as a Python bool; `TypeError` unless it is a Python or NumPy bool.
+
+  Anything else (a string such as "no", an int, None, a JAX array or tracer) is rejected rather
+  than read by its truthiness.
+  """
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  extra = f" ({meaning})" if meaning else ""
+  raise TypeError(f"{name} must be a Python bool{extra}; got {name}={value!r} (of type "
+                  f"{type(value).__name__}).")
+
+
+def check_positive_int(value: Any, name: str) -> int:
+  """Returns `value` as a Python int >= 1; any integral type (Python, NumPy) but bool."""
+  if not _is_int(value):
+    raise TypeError(f"{name} must be a positive int; got {name}={value!r} (of type "
+                    f"{type(value).__name__}).")
+  if value < 1:
+    raise ValueError(f"{name} must be a positive int (>= 1); got {name}={value!r}.")
+  return int(value)
+
+
+def check_axis_index_groups(axis_index_groups: Any, axis_name: Any) -> Any:
+  """Checks `axis_index_groups`: None, or with an `axis_name`, a list of equal-size groups.
+
+  Returns it unchanged (as jax's collectives take it).
+
+  Raises:
+    ValueError: groups without `axis_name` (they would be ignored), empty or unequal groups, or
+      an index in more than one group.
+    TypeError: not a sequence of sequences of ints.
+  """
+  if axis_index_groups is None:
+    return None
+  if axis_name is None:
+    raise ValueError(f"axis_index_groups needs an axis_name (the mapped axis the groups "
+                     f"partition); got axis_index_groups={axis_index_groups!r} with "
+                     f"axis_name=None.")
+  expected = "a sequence of sequences of ints (device indices along axis_name)"
+  if not isinstance(axis_index_groups, (tuple, list)) or not all(
+      isinstance(g, (tuple, list, np.ndarray)) and all(_is_int(i) for i in g)
+      for g in axis_index_groups):
+    raise TypeError(f"axis_index_groups must be {expected}; got {axis_index_groups!r}.")
+  sizes = {len(g) for g in axis_index_groups}
+  if not axis_index_groups or 0 in sizes or len(sizes) != 1:
+    raise ValueError(f"axis_index_groups must be non-empty groups of equal size; got "
+                     f"{axis_index_groups!r}.")
+  flat = [int(i) for g in axis_index_groups for i in g]
+  if len(set(flat)) != len(flat) or min(flat) < 0:
+    raise ValueError(f"axis_index_groups must name each device index (>= 0) at most once; got "
+                     f"{axis_index_groups!r}.")
+  return axis_index_groups
 
 
 def check_param(param: Any, name: str, expected: tuple[int, ...]) -> jax.Array | None:
-  """Checks that an optional scale/bias has exactly the feature shape `expected`."""
+  """Checks that an optional scale/bias is floating with exactly the feature shape `expected`."""
   if param is None:
     return None
-  param = jnp.asarray(param)
+  param = check_floating(param, name)
   if tuple(param.shape) != tuple(expected):
     raise ValueError(f"{name} must have shape {tuple(expected)} (the feature shape); "
                      f"got shape {tuple(param.shape)}.")
@@ -89,7 +186,12 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
   """Returns `mask` broadcast to `x_shape`; it must be boolean and broadcastable to `x`."""
   if mask is None:
     return None
-  mask = jnp.asarray(mask)
+  if not hasattr(mask, "dtype"):
+    try:
+      mask = jnp.asarray(mask)
+    except (TypeError, ValueError):
+      raise TypeError(f"mask must be a boolean array (True marks elements that count in the "
+                      f"statistics); got mask of type {type(mask).__name__}.") from None
   if mask.dtype != jnp.bool_:
     raise TypeError(f"mask must be a boolean array (True marks elements that count in the "
                     f"statistics); got dtype {mask.dtype}.")
@@ -133,11 +235,27 @@ def broadcast_to_axes(param: jax.Array | None, ndim: int, axes: Axes) -> jax.Arr
   return param.reshape(shape)
 
 
-def _is_concrete_number(value: Any) -> bool:
+def _is_int(value: Any) -> bool:
+  """An integral Python or NumPy scalar, not a bool."""
+  return (isinstance(value, (numbers.Integral, np.integer))
+          and not isinstance(value, (bool, np.bool_)))
+
+
+def _real_scalar(value: Any, name: str) -> Any:
+  """A concrete real scalar as a Python float; a tracer of shape () and real dtype unchanged."""
+  expected = ("a real number (a Python int or float, a NumPy integer or floating scalar, or a "
+              "0-d array of such a dtype)")
+  if isinstance(value, (bool, np.bool_)) or not (
+      isinstance(value, (numbers.Real, np.integer, np.floating)) or hasattr(value, "dtype")):
+    raise TypeError(f"{name} must be {expected}; got {name}={value!r} (of type "
+                    f"{type(value).__name__}).")
+  dtype = np.dtype(getattr(value, "dtype", np.float64))
+  if dtype == np.bool_ or not (np.issubdtype(dtype, np.integer)
+                               or jnp.issubdtype(dtype, jnp.floating)):
+    raise TypeError(f"{name} must be {expected}; got {name}={value!r} of dtype {dtype}.")
+  shape = tuple(np.shape(value))
+  if shape != ():
+    raise ValueError(f"{name} must be a scalar (shape ()); got {name} of shape {shape}.")
   if isinstance(value, jax.core.Tracer):
-    return False
-  try:
-    float(value)
-  except (TypeError, ValueError):
-    return False
-  return True
+    return value
+  return float(value)

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from normjax import _axes
+
 
 class BatchStats(NamedTuple):
   """Running statistics of a batch-normalized layer; a pytree passed in and returned.
@@ -26,19 +28,31 @@ def init_batch_stats(num_features: int, dtype=jnp.float32) -> BatchStats:
   """Fresh running statistics: mean 0, variance 1, count 0 (as flax and PyTorch start).
 
   Args:
-    num_features: the number of channels `C`.
-    dtype: dtype of `mean` and `var` (default float32).
+    num_features: the number of channels `C`, a positive int (any integral type but bool).
+    dtype: floating dtype of `mean` and `var` (default float32).
 
   Returns:
     A `BatchStats` with `mean` of zeros `[C]`, `var` of ones `[C]` and `count` 0 (int32).
+
+  Raises:
+    TypeError: `num_features` is not an integer (e.g. a float or a bool), or `dtype` is not a
+      floating dtype.
+    ValueError: `num_features` < 1.
 
   Example:
     >>> import normjax as nj
     >>> nj.init_batch_stats(3)
     BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32), count=Array(0, dtype=int32))
   """
-  if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-    raise ValueError(f"num_features must be a positive int; got {num_features!r}.")
+  num_features = _axes.check_positive_int(num_features, "num_features")
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"dtype must be a floating dtype (float32, float64, bfloat16, float16); got "
+                    f"dtype={dtype!r}.") from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"dtype must be a floating dtype (float32, float64, bfloat16, float16): the "
+                    f"running mean and variance are averages; got dtype={dtype}.")
   return BatchStats(mean=jnp.zeros((num_features,), dtype),
                     var=jnp.ones((num_features,), dtype),
                     count=jnp.zeros((), jnp.int32))

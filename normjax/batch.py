@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from normjax import _axes
@@ -36,12 +35,14 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     channel_axis: the channel axis (-1 channels-last, 1 for PyTorch's NCHW).
     momentum: decay of the running averages, in [0, 1] (PyTorch's `momentum=m` is `1 - m`
       here); None for the cumulative average over all `count` batches (PyTorch's None).
-    eps: added to the variance.
+    eps: added to the variance: a finite number >= 0, used as a Python float (a traced eps is
+      used unchanged).
     mask: optional bool array broadcastable to `x`; only True elements enter the statistics.
       Channels with no True element keep their running statistics.
     axis_name: a `vmap`/`pmap`/`shard_map` axis whose shards are part of the batch: sums and
       counts are psum'd over it (count-weighted, exact for uneven masks).
-    axis_index_groups: device groups along `axis_name` that share statistics.
+    axis_index_groups: device groups along `axis_name` that share statistics (equal-size
+      groups; requires `axis_name`).
     unbiased_running_var: store `n / (n - 1)` times the batch variance in the running `var`, as
       PyTorch does (normalization always uses the biased variance).
     fast_variance: one-pass variance `E[x^2] - E[x]^2`, less accurate for large means.
@@ -51,10 +52,14 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     (evaluation) `BatchStats`.
 
   Raises:
-    TypeError: `x` is not floating, `train` is not a bool, or `mask` is not boolean.
-    ValueError: a bad axis, a `scale`/`bias`/`stats` shape other than `[C]`, `momentum` outside
-      [0, 1], negative `eps`, a mask not broadcastable to `x`, or training with a single value
-      per channel.
+    TypeError: `x`, `scale`, `bias`, `stats.mean` or `stats.var` is not floating, `stats` is
+      not a BatchStats (or `stats.count` is not an integer array), `train`,
+      `unbiased_running_var` or `fast_variance` is not a bool, `channel_axis` is not an int,
+      `eps`/`momentum` is not a real number, or `mask` is not boolean.
+    ValueError: an out-of-range axis, a `scale`/`bias`/`stats` shape other than `[C]` (a
+      non-scalar `stats.count`), `momentum` outside [0, 1], a negative, NaN or infinite `eps`,
+      `axis_index_groups` without `axis_name` (or of unequal groups), a mask not broadcastable
+      to `x`, or training with a single value per channel.
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
@@ -64,17 +69,22 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     Array([0.045, 0.055, 0.065], dtype=float32)
   """
   x = _axes.check_floating(x)
-  if not isinstance(train, (bool, np.bool_)):
-    raise TypeError(f"train must be a Python bool (True for batch statistics, False for the "
-                    f"running statistics); got {train!r}.")
+  train = _axes.check_bool(train, "train",
+                           "True for batch statistics, False for the running statistics")
   c_axis = _axes.canonicalize_axis(channel_axis, x.ndim, "channel_axis")
   num_channels = x.shape[c_axis]
   scale = _axes.check_param(scale, "scale", (num_channels,))
   bias = _axes.check_param(bias, "bias", (num_channels,))
   _check_stats(stats, num_channels)
-  _axes.check_eps(eps)
-  _axes.check_momentum(momentum)
+  eps = _axes.check_eps(eps)
+  momentum = _axes.check_momentum(momentum)
   mask = _axes.check_mask(mask, x.shape)
+  _axes.check_axis_index_groups(axis_index_groups, axis_name)
+  unbiased_running_var = _axes.check_bool(
+      unbiased_running_var, "unbiased_running_var",
+      "True to store the unbiased variance n / (n - 1) * var, as PyTorch does")
+  fast_variance = _axes.check_bool(fast_variance, "fast_variance",
+                                   "True for the one-pass variance")
   per_channel = lambda p: _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
 
   if not train:
@@ -104,12 +114,38 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
 
 
 def _check_stats(stats: Any, num_channels: int) -> None:
+  """Checks `stats`: a BatchStats-like record of `[C]` floating mean and var, scalar int count.
+
+  A `BatchStats`, or any object with array attributes `mean`, `var` and `count` (for a tuple, as
+  named fields: a namedtuple without `count` would otherwise offer `tuple.count`, a method).
+  """
+  example = f"e.g. from nj.init_batch_stats({num_channels})"
+  if isinstance(stats, tuple):
+    fields = getattr(type(stats), "_fields", ())
+  else:
+    fields = tuple(f for f in ("mean", "var", "count") if hasattr(stats, f))
+  missing = [f for f in ("mean", "var", "count") if f not in fields]
+  if missing:
+    raise TypeError(f"stats must be a BatchStats (fields mean, var, count), {example}; got "
+                    f"{type(stats).__name__}, which has no field {', '.join(missing)}.")
   for field in ("mean", "var", "count"):
-    if not hasattr(stats, field):
-      raise TypeError(f"stats must be a BatchStats (mean, var, count), e.g. from "
-                      f"nj.init_batch_stats({num_channels}); got {type(stats).__name__}.")
+    value = getattr(stats, field)
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+      raise TypeError(f"stats.{field} must be an array, {example}; got {value!r} (of type "
+                      f"{type(value).__name__}).")
   for field in ("mean", "var"):
-    shape = tuple(jnp.shape(getattr(stats, field)))
+    value = getattr(stats, field)
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+      raise TypeError(f"stats.{field} must have a floating dtype (the running averages; "
+                      f"float32 from init_batch_stats); got dtype {value.dtype}.")
+    shape = tuple(jnp.shape(value))
     if shape != (num_channels,):
       raise ValueError(f"stats.{field} must have shape ({num_channels},) (one value per channel "
                        f"of x); got shape {shape}.")
+  count = stats.count
+  if count.dtype == jnp.bool_ or not jnp.issubdtype(count.dtype, jnp.integer):
+    raise TypeError(f"stats.count must be a scalar integer array (the number of batches folded "
+                    f"in, int32 from init_batch_stats); got dtype {count.dtype}.")
+  if tuple(jnp.shape(count)) != ():
+    raise ValueError(f"stats.count must be a scalar (shape ()), the number of batches folded in; "
+                     f"got shape {tuple(jnp.shape(count))}.")

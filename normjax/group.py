@@ -65,7 +65,8 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
     group_size: the number of channels per group.
     channel_axis: the channel axis.
     batch_axis: the example axis, or None when `x` is a single example.
-    eps: added to the variance.
+    eps: added to the variance: a finite number >= 0, used as a Python float (a traced eps is
+      used unchanged).
     mask: optional bool array broadcastable to `x`; only True elements enter the statistics.
     axis_name: a mapped/sharded axis that is one of the reduced (spatial) axes.
     fast_variance: one-pass variance, less accurate for large means.
@@ -74,8 +75,12 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
     Array of `x.shape` and `x.dtype`.
 
   Raises:
+    TypeError: non-floating `x`, `scale` or `bias`, a non-int axis, a non-integral
+      `num_groups`/`group_size`, a non-real `eps`, a non-bool `fast_variance` or a non-boolean
+      `mask`.
     ValueError: both or neither of `num_groups`/`group_size`, a count that does not divide `C`,
-      `channel_axis == batch_axis`, bad shapes, or a single element per group.
+      `channel_axis == batch_axis`, bad shapes, a negative, NaN or infinite `eps`, or a single
+      element per group.
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
@@ -93,7 +98,8 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
   size = _group_size(num_channels, num_groups, group_size)
   scale = _axes.check_param(scale, "scale", (num_channels,))
   bias = _axes.check_param(bias, "bias", (num_channels,))
-  _axes.check_eps(eps)
+  eps = _axes.check_eps(eps)
+  _axes.check_bool(fast_variance, "fast_variance", "True for the one-pass variance")
   mask = _axes.check_mask(mask, x.shape)
 
   # Statistics per example and group: reduce every axis but the batch and channel axes (per
@@ -110,13 +116,16 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
   return y
 
 
-def _group_size(num_channels: int, num_groups: int | None, group_size: int | None) -> int:
+def _group_size(num_channels: int, num_groups: Any, group_size: Any) -> int:
+  """The number of channels per group, from exactly one of `num_groups` and `group_size`.
+
+  Either may be of any integral type (Python or NumPy int, not bool).
+  """
   if (num_groups is None) == (group_size is None):
     raise ValueError(f"give exactly one of num_groups and group_size; got num_groups={num_groups} "
                      f"and group_size={group_size}.")
   name, value = ("num_groups", num_groups) if num_groups is not None else ("group_size", group_size)
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name} must be a positive int; got {value!r}.")
+  value = _axes.check_positive_int(value, name)
   if num_channels % value:
     raise ValueError(f"{name}={value} must divide the number of channels; got {num_channels} "
                      f"channels, which {value} does not divide.")

@@ -25,7 +25,8 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
     scale: multiplier of shape `tuple(x.shape[a] for a in axis)`, or None.
     bias: offset of the same shape, or None.
     axis: the axis or axes normalized over.
-    eps: added to the variance.
+    eps: added to the variance: a finite number >= 0 (Python or NumPy int/float, or a 0-d
+      array), used as a Python float; a traced eps is used unchanged (its value unchecked).
     mask: optional bool array broadcastable to `x`; only True elements enter the statistics
       (padding is False). A fully masked row gives mean 0, var 0 and a finite output.
     axis_name: a mapped/sharded axis that is itself one of the normalized axes (a feature- or
@@ -36,16 +37,19 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
     Array of `x.shape` and `x.dtype`.
 
   Raises:
-    TypeError: non-floating `x` or non-boolean `mask`.
-    ValueError: bad or repeated axes, `scale`/`bias` of the wrong shape, negative `eps`, or a
-      mask not broadcastable to `x`.
+    TypeError: non-floating `x`, `scale` or `bias`, an `axis` that is not an int or a tuple of
+      ints, a non-real `eps` (bool, complex, string), a non-bool `fast_variance`, or a
+      non-boolean `mask`.
+    ValueError: out-of-range or repeated axes, `scale`/`bias` of the wrong shape, a negative,
+      NaN or infinite `eps`, or a mask not broadcastable to `x`.
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
     >>> nj.layer_norm(jnp.array([[1.0, 2.0, 3.0]]), eps=0.0).round(4)
     Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
   """
-  x, axes, scale, bias, mask = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=bias)
+  x, axes, scale, bias, mask, eps = _prepare(x, axis, eps, mask, axis_name, scale=scale,
+                                             bias=bias, fast_variance=fast_variance)
   feature = lambda p: _axes.broadcast_to_axes(p, x.ndim, axes)
   y, _ = _dispatch.standardize(x, axes, feature(scale), feature(bias), eps,
                                mask=mask, axis_name=axis_name, fast_variance=fast_variance)
@@ -68,13 +72,14 @@ def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequen
     >>> nj.rms_norm(jnp.array([[3.0, 4.0]]), eps=0.0)
     Array([[0.84852815, 1.1313709 ]], dtype=float32)
   """
-  x, axes, scale, _, mask = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=None)
+  x, axes, scale, _, mask, eps = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=None)
   y, _ = _dispatch.standardize(x, axes, _axes.broadcast_to_axes(scale, x.ndim, axes), None,
                                eps, mask=mask, axis_name=axis_name, centered=False)
   return y
 
 
-def _prepare(x, axis, eps, mask, axis_name, *, scale, bias):
+def _prepare(x, axis, eps, mask, axis_name, *, scale, bias, fast_variance=False):
+  """The checked arguments: `x`, canonical axes, `scale`, `bias`, `mask` and `eps` as a float."""
   x = _axes.check_floating(x)
   axes = _axes.canonicalize_axes(axis, x.ndim, "axis")
   if not axes and axis_name is None:
@@ -82,5 +87,6 @@ def _prepare(x, axis, eps, mask, axis_name, *, scale, bias):
   feature_shape = tuple(x.shape[a] for a in axes)
   scale = _axes.check_param(scale, "scale", feature_shape)
   bias = _axes.check_param(bias, "bias", feature_shape)
-  _axes.check_eps(eps)
-  return x, axes, scale, bias, _axes.check_mask(mask, x.shape)
+  eps = _axes.check_eps(eps)
+  _axes.check_bool(fast_variance, "fast_variance", "True for the one-pass variance")
+  return x, axes, scale, bias, _axes.check_mask(mask, x.shape), eps
