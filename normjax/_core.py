@@ -10,8 +10,8 @@ Numerics:
   * The default variance is conditional. Pass 1 sums `x` and `x**2` (flax's one-pass cost) and
     forms `mean = E[x]`, `var1 = E[x**2] - mean**2`. Its relative error is about
     `c * eps * (1 + mean**2 / var)` (`c` the summation's error growth), so when EVERY row
-    satisfies `mean**2 <= TAU * var1` (`TAU = 10`: at most ~1 digit lost) it is kept (`shift`
-    zero, `offset = mean`). Otherwise (one scalar `lax.cond` predicate for the whole input,
+    satisfies `mean**2 <= TAU * var1` (`TAU = 1`: at most twice the summation error) it is
+    kept (`shift` zero, `offset = mean`). Otherwise (one scalar `lax.cond` predicate for the whole input,
     agreed across devices after the `psum`s) a shifted second pass runs with the pass-1 mean as
     the shift `K` (held constant for differentiation): it sums `d = x - K` and `d**2`;
     `var = E[d**2] - E[d]**2` then cancels nothing significant because `E[d]` is tiny. The
@@ -65,7 +65,7 @@ from normjax import _axes
 _STATS_NAME = "normjax_stats"
 
 # The one-pass variance is kept when `mean**2 <= TAU * var` for every row (see module doc).
-TAU = 10.0
+TAU = 1.0
 
 
 class Moments(NamedTuple):
@@ -170,7 +170,7 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
   if fast_variance:
     return Moments(shift=None, offset=mean, var=jnp.maximum(var_fast, zero), count=count)
   # Conditional fast path: keep the one-pass variance when every row is well conditioned
-  # (`mean**2 <= TAU * var`, so at most ~1 digit lost); otherwise a second, shifted pass with
+  # (`mean**2 <= TAU * var`, so at most twice the summation error); otherwise a second, shifted pass with
   # the pass-1 mean as the shift. False for NaN, zero-variance rows with a non-zero mean, and a
   # negative `var_fast`, which all take the shifted pass. One scalar predicate for the whole
   # batch (and, with `axis_name`, for every device, so that the collectives inside the shifted

@@ -109,6 +109,8 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
     raise ValueError(f"group_norm/instance_norm needs more than one element per example and group "
                      f"to normalize over; got x of shape {tuple(x.shape)} with group_size={size}, "
                      f"channel_axis={channel_axis}, batch_axis={batch_axis}.")
+  if num_channels == 0:
+    return x   # no channel, no group: nothing to normalize (any group count divides 0)
   per_channel = lambda p: _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
   y, _ = _dispatch.standardize(x, reduce_axes, per_channel(scale), per_channel(bias), eps,
                                mask=mask, axis_name=axis_name, fast_variance=fast_variance,
