@@ -24,9 +24,8 @@ import numpy as np
 
 from normjax import _axes
 from normjax._state import BatchStats
-from normjax.batch import batch_norm as _batch_norm
-from normjax.group import group_norm as _group_norm
-from normjax.group import instance_norm as _instance_norm
+from normjax.batch import _batch_norm
+from normjax.group import _group_norm
 from normjax.layer import layer_norm as _layer_norm
 from normjax.layer import rms_norm as _rms_norm
 
@@ -121,8 +120,10 @@ def batch_norm(x: Any, scale: Any, bias: Any, stats: BatchStats, *, axis: Any, d
   """`nj.batch_norm` with flax's feature `axis` (an int, or a tuple of axes merged into one).
 
   `scale`, `bias`, `stats.mean` and `stats.var` may have the feature shape or be flat; the
-  new stats come back in the shape of `stats`. `kwargs` go to `nj.batch_norm`.
+  new stats come back in the shape of `stats`. `kwargs` go to `nj.batch_norm`. As in flax, a
+  single value per channel in training gives variance 0 and the output `bias` (no error).
   """
+  kwargs = dict(kwargs, fast_variance=False, single_value=True)
   x, out = _input(x, (scale, bias), dtype)
   axes = _axes.canonicalize_axes(axis, x.ndim, "axis")
   if len(axes) == 1:
@@ -170,20 +171,23 @@ def layer_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_ax
 
 def instance_norm(x: Any, scale: Any, bias: Any, *, feature_axes: Any, dtype: Any,
                   mask: Any = None, **kwargs: Any) -> jax.Array:
-  """`nj.instance_norm` with batch axis 0 and flax's `feature_axes` (several are merged)."""
+  """`nj.instance_norm` with batch axis 0 and flax's `feature_axes` (several are merged).
+
+  As in flax, nothing left to reduce (`[N, C]` input, or feature axes covering every non-batch
+  axis) gives variance 0 and the output `bias` (no error).
+  """
+  kwargs = dict(kwargs, num_groups=None, group_size=1, batch_axis=0)
   x, out = _input(x, (scale, bias), dtype)
   axes = _axes.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
-  if len(axes) == 1:
-    return _instance_norm(x, scale, bias, channel_axis=axes[0], batch_axis=0, mask=mask,
-                          **kwargs).astype(out)
   if 0 in axes:
     raise ValueError(f"feature_axes={feature_axes!r} must not include axis 0, the batch axis; got "
                      f"x of rank {x.ndim}.")
+  if len(axes) == 1:
+    return _group(x, scale, bias, channel_axis=axes[0], mask=mask, **kwargs).astype(out)
   xm, undo = merge_axes(x, axes)
   mask = None if mask is None else merge_axes(_axes.check_mask(mask, x.shape), axes)[0]
   flat = lambda p, name: to_shape(p, xm.shape[-1:], name)
-  y = _instance_norm(xm, flat(scale, "scale"), flat(bias, "bias"), channel_axis=-1, batch_axis=0,
-                     mask=mask, **kwargs)
+  y = _group(xm, flat(scale, "scale"), flat(bias, "bias"), channel_axis=-1, mask=mask, **kwargs)
   return undo(y).astype(out)
 
 
@@ -208,8 +212,15 @@ def group_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_ax
   inner_c = c_axis - sum(k < c_axis for k in kept[1:])
 
   def norm(x, mask):
-    return _group_norm(x, scale, bias, channel_axis=inner_c, batch_axis=kept[0] if kept else None,
-                       mask=mask, **kwargs)
+    return _group(x, scale, bias, channel_axis=inner_c, batch_axis=kept[0] if kept else None,
+                  mask=mask, **kwargs)
 
   mask = _axes.check_mask(mask, x.shape) if len(kept) > 1 else mask
   return map_axes(norm, kept[1:], x, mask).astype(out)
+
+
+def _group(x: jax.Array, scale: Any, bias: Any, *, num_groups: int | None = None,
+           group_size: int | None = None, **kwargs: Any) -> jax.Array:
+  """`nj.group_norm` that, like flax, accepts a single element per example and group."""
+  return _group_norm(x, scale, bias, num_groups=num_groups, group_size=group_size,
+                     fast_variance=False, single_element=True, **kwargs)

@@ -26,6 +26,10 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
   statistics are updated: `new = momentum * old + (1 - momentum) * batch`. In evaluation the
   stored `stats` are used and returned unchanged.
 
+  A single value per channel in training (e.g. a batch of one `[1, C]`) raises, as PyTorch
+  does: its batch variance is 0 and the output is just `bias`. The Flax modules
+  (`normjax.linen.BatchNorm`, `normjax.nnx.BatchNorm`) follow flax instead and return `bias`.
+
   Args:
     x: `[N, ..., C]` (or `[N, C, ...]` with `channel_axis=1`) floating input.
     scale: `[C]` multiplier, or None.
@@ -68,6 +72,23 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     >>> stats.mean
     Array([0.045, 0.055, 0.065], dtype=float32)
   """
+  return _batch_norm(x, scale, bias, stats, train=train, channel_axis=channel_axis,
+                     momentum=momentum, eps=eps, mask=mask, axis_name=axis_name,
+                     axis_index_groups=axis_index_groups,
+                     unbiased_running_var=unbiased_running_var, fast_variance=fast_variance,
+                     single_value=False)
+
+
+def _batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, stats: BatchStats,
+                *, train: bool, channel_axis: int, momentum: float | None, eps: float,
+                mask: jax.Array | None, axis_name: Any, axis_index_groups: Any,
+                unbiased_running_var: bool, fast_variance: bool,
+                single_value: bool) -> tuple[jax.Array, BatchStats]:
+  """`batch_norm`; `single_value=True` also trains on one value per channel (flax's behaviour).
+
+  With one value per channel the batch mean is that value and the batch variance 0, so the
+  output is `bias` (0 without bias) and the derivatives are finite. Used by the Flax modules.
+  """
   x = _axes.check_floating(x)
   train = _axes.check_bool(train, "train",
                            "True for batch statistics, False for the running statistics")
@@ -95,7 +116,8 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
 
   reduce_axes = tuple(a for a in range(x.ndim) if a != c_axis)
   devices = _axes.axis_size(axis_name, axis_index_groups)
-  if mask is None and devices is not None and _axes.reduced_size(x.shape, reduce_axes) * devices == 1:
+  if (not single_value and mask is None and devices is not None and
+      _axes.reduced_size(x.shape, reduce_axes) * devices == 1):
     raise ValueError(f"batch_norm with train=True needs more than 1 value per channel; got x of "
                      f"shape {tuple(x.shape)} with channel_axis={channel_axis} (and {devices} "
                      f"device(s) along axis_name={axis_name!r}). Use a larger batch, or train=False.")

@@ -80,13 +80,28 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
       `mask`.
     ValueError: both or neither of `num_groups`/`group_size`, a count that does not divide `C`,
       `channel_axis == batch_axis`, bad shapes, a negative, NaN or infinite `eps`, or a single
-      element per group.
+      element per group (the Flax modules instead return `bias` there, as flax does).
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
     >>> x = jnp.array([[0.0, 2.0, 10.0, 14.0]])         # [N=1, C=4]
     >>> nj.group_norm(x, num_groups=2, eps=0.0)
     Array([[-1.,  1., -1.,  1.]], dtype=float32)
+  """
+  return _group_norm(x, scale, bias, num_groups=num_groups, group_size=group_size,
+                     channel_axis=channel_axis, batch_axis=batch_axis, eps=eps, mask=mask,
+                     axis_name=axis_name, fast_variance=fast_variance, single_element=False)
+
+
+def _group_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, *,
+                num_groups: int | None, group_size: int | None, channel_axis: int,
+                batch_axis: int | None, eps: float, mask: jax.Array | None, axis_name: Any,
+                fast_variance: bool, single_element: bool) -> jax.Array:
+  """`group_norm`; `single_element=True` also accepts one element per example and group.
+
+  Flax's behaviour, used by the Flax modules (e.g. `InstanceNorm` on `[N, C]` input): the mean
+  is that element and the variance 0, so the output is `bias` (0 without bias), with finite
+  derivatives.
   """
   x = _axes.check_floating(x)
   c_axis = _axes.canonicalize_axis(channel_axis, x.ndim, "channel_axis")
@@ -105,7 +120,8 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
   # Statistics per example and group: reduce every axis but the batch and channel axes (per
   # channel, channels contiguous), then the channels of each group (see `_core`, `groups`).
   reduce_axes = tuple(a for a in range(x.ndim) if a not in (b_axis, c_axis))
-  if axis_name is None and _axes.reduced_size(x.shape, reduce_axes) * size == 1:
+  if (not single_element and axis_name is None and
+      _axes.reduced_size(x.shape, reduce_axes) * size == 1):
     raise ValueError(f"group_norm/instance_norm needs more than one element per example and group "
                      f"to normalize over; got x of shape {tuple(x.shape)} with group_size={size}, "
                      f"channel_axis={channel_axis}, batch_axis={batch_axis}.")

@@ -15,10 +15,13 @@ function and calls it; the maths is normjax's (see `normjax._core`). Differences
   float32) is accepted for compatibility and ignored.
 * Statistics are always reduced in at least float32. `force_float32_reductions=False` is
   accepted; as in flax it makes the `batch_stats` variables `param_dtype`.
-* `BatchNorm` does not compute batch statistics during `init`: it neither updates them (like
-  flax) nor uses them for the output of `init` (flax does), so `init` also works with a single
-  example per channel and outside the `axis_name` mapping.
+* Complex input raises `TypeError` (flax normalizes it).
 * `axis_index_groups` is supported by `BatchNorm` only; the others raise `ValueError` for it.
+
+As in flax, `BatchNorm` in `init` with `use_running_average=False` normalizes the returned
+output with the batch statistics (taken without `axis_name`) and leaves the running ones at
+their initial values; a single value per channel in training (a batch of one) gives variance 0
+and the output `bias`, and so does `InstanceNorm` with nothing left to reduce (`[N, C]` input).
 
 Extras flax lacks: `momentum=None` (a cumulative average; adds a `count` to `batch_stats`),
 `unbiased_running_var` (PyTorch's running variance), a `mask` call argument honoured by every
@@ -59,7 +62,9 @@ class BatchNorm(nn.Module):
       given here or at call time (exactly one of the two, as in flax).
     axis: the feature axis, or a tuple of feature axes (merged into one channel axis).
     momentum: decay of the running averages, `new = momentum * old + (1 - momentum) * batch`;
-      None for the cumulative average over all batches (adds `batch_stats/count`, int32).
+      None for the cumulative average over all batches (adds `batch_stats/count`, int32, the
+      number of batches averaged). Variables without a `count` (made by flax) evaluate as they
+      are; training them raises `ValueError` until a `count` is added.
     epsilon: added to the variance.
     dtype: output dtype (default: promoted from the input and the parameters).
     param_dtype: dtype of `scale` and `bias`.
@@ -117,17 +122,30 @@ class BatchNorm(nn.Module):
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
     mean = self.variable("batch_stats", "mean", jnp.zeros, shape, stats_dtype)
     var = self.variable("batch_stats", "var", jnp.ones, shape, stats_dtype)
-    count = (self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
-             if self.momentum is None else None)
+    init = self.is_initializing()
+    update = not use_running_average and not init  # flax: init uses but never updates them
+    count = None
+    if self.momentum is None and (init or self.has_variable("batch_stats", "count")):
+      count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
+    elif self.momentum is None and update:
+      where = "".join(f"[{k!r}]" for k in ("batch_stats", *self.scope.path, "count"))
+      raise ValueError(
+          "BatchNorm(momentum=None) averages over all batches so far, counted by "
+          "batch_stats/count, which these variables lack (flax's BatchNorm does not make it); "
+          "got batch_stats with " + ", ".join(sorted(self.variables.get("batch_stats", {})))
+          + f". Add it before training: variables{where} = jnp.asarray(n, jnp.int32), n the "
+          "number of batches the loaded mean and var average (0 restarts the average: the "
+          "first batch replaces them).")
     scale, bias = _affine(self, shape)
-    train = not use_running_average and not self.is_initializing()
     stats = BatchStats(mean.value, var.value,
                        jnp.zeros((), jnp.int32) if count is None else count.value)
     y, new = _flax.batch_norm(
-        x, scale, bias, stats, axis=self.axis, dtype=self.dtype, mask=mask, train=train,
-        momentum=self.momentum, eps=self.epsilon, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups, unbiased_running_var=self.unbiased_running_var)
-    if train:
+        x, scale, bias, stats, axis=self.axis, dtype=self.dtype, mask=mask,
+        train=not use_running_average, momentum=self.momentum, eps=self.epsilon,
+        axis_name=None if init else self.axis_name,
+        axis_index_groups=None if init else self.axis_index_groups,
+        unbiased_running_var=self.unbiased_running_var)
+    if update:
       mean.value, var.value = new.mean, new.var
       if count is not None:
         count.value = new.count

@@ -62,7 +62,10 @@ class BatchNorm(nnx.Module):
       (the default, as in flax) for batch statistics and an update of `mean`/`var`.
     axis: the feature axis (or a tuple of them, merged into one channel axis).
     momentum: `new = momentum * old + (1 - momentum) * batch`; None for the cumulative
-      average over all batches, which adds a `count` BatchStat.
+      average over all batches, which adds a `count` BatchStat (the number of batches
+      averaged). A flax state has no `count`: after `nnx.update(bn, nnx.state(flax_bn))` the
+      count stays 0, so set `bn.count[...] = n` (the number of batches the loaded mean and var
+      average) before training, or the first batch replaces them.
     epsilon: added to the variance.
     dtype: computation and output dtype (default: promoted from the input and parameters).
     param_dtype: dtype of `scale` and `bias`.
@@ -136,7 +139,12 @@ class BatchNorm(nnx.Module):
     return y
 
   def set_view(self, use_running_average: bool | None = None):
-    """Used by `nnx.view(model, use_running_average=...)`."""
+    """Used by `nnx.view(model, use_running_average=...)` (and described by `nnx.view_info`).
+
+    Args:
+      use_running_average: if True, the stored batch statistics are used instead of the
+        statistics of the input (evaluation); False for training; None leaves it unchanged.
+    """
     if use_running_average is not None:
       self.use_running_average = use_running_average
 

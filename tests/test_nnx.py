@@ -235,3 +235,50 @@ def test_bad_configurations_raise_the_functional_errors(build, x_shape, match):
   with pytest.raises(ValueError, match=match):
     module = build()
     module(jnp.ones(x_shape))
+
+
+@pytest.mark.parametrize("name,num_features,shape", [
+    ("BatchNorm", 8, (1, 8)),         # training on a batch of one (nnx.tabulate's (1, din))
+    ("InstanceNorm", 6, (10, 6)),     # nothing left to reduce
+    ("GroupNorm", 6, (10, 6)),        # group_size=1 on [N, C]
+], ids=["BatchNorm-batch-of-one", "InstanceNorm-NC", "GroupNorm-size-1-NC"])
+def test_single_element_statistics_give_the_bias_as_flax(name, num_features, shape):
+  options = dict(num_groups=None, group_size=1) if name == "GroupNorm" else {}
+  theirs = make(nnx, name, num_features, options, random_inits=True)
+  ours = make(njnnx, name, num_features, options, seed=3)
+  nnx.update(ours, nnx.state(theirs))
+  x = 2.0 + jax.random.normal(jax.random.key(13), shape)
+  with permissive():
+    y_theirs = theirs(x)
+  y = ours(x)
+  assert_close(y, y_theirs)
+  assert_close(pure(ours), pure(theirs))          # BatchNorm: batch variance 0 folded in
+  np.testing.assert_allclose(y, jnp.broadcast_to(ours.bias[...], shape), atol=1e-6)
+  grads = nnx.grad(lambda m: (m(x) ** 2).sum())(ours)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(nnx.to_pure_dict(grads)))
+
+
+def test_view_info_describes_use_running_average():
+  model = Block(njnnx, nnx.Rngs(0))
+  info = nnx.view_info(model)
+  assert "BatchNorm:" in info and "use_running_average: bool | None = None" in info
+  assert "stored batch statistics" in info
+  assert nnx.view(model, use_running_average=True).bn.use_running_average is True
+
+
+def test_momentum_none_loaded_from_flax_needs_its_count_set():
+  """The documented rule: a flax state has no count, so after nnx.update the count stays 0
+  and the first batch would replace the loaded statistics; setting the count continues them."""
+  theirs = make(nnx, "BatchNorm", 8, {}, random_inits=True)
+  randomize_state(theirs, jax.random.key(14))
+  ours = njnnx.BatchNorm(8, momentum=None, rngs=nnx.Rngs(0))
+  nnx.update(ours, nnx.state(theirs))
+  loaded = pure(ours)
+  assert int(loaded["count"]) == 0
+  ours.count[...] = jnp.asarray(3, jnp.int32)
+  x, _ = data(jax.random.key(15))
+  ours(x)
+  x64 = np.asarray(x, np.float64)
+  np.testing.assert_allclose(ours.mean[...], (3 * loaded["mean"] + x64.mean((0, 1, 2))) / 4,
+                             rtol=1e-5, atol=1e-6)
+  assert int(ours.count[...]) == 4
