@@ -4,19 +4,21 @@ XLA:CPU computes `sum(x)` and `sum(x**2)` with two reads of `x` (see
 benchmarks/OPTIMIZATION_LOG.md). When `_core.moments` reduces one contiguous block of axes
 with channels after it (batch norm over N, H, W; instance and group norm over H, W of NHWC
 input), without a mask or a named axis, it views `x` as `[batch, positions, channels]` and
-calls `column_moments_p`: per `(batch, channel)`, `shift` (the first position's value), and
-the sums of `x - shift` and `(x - shift)**2`. Channels-first input whose reduced axes end
-the shape (batch norm over N, H, W and group norm over H, W of NCHW input) is viewed as
-`[outer, channels, positions]` instead, and `row_moments_p` takes the same sums per row
-`(outer, channel)`, pooled over `outer` for batch norm. Group norm's channel groups are
-pooled by both kernels (`_regroup`). On CPU with the native library each is one kernel read
-of `x` (normjax/_native/rows.cc); elsewhere its `jax.numpy` definition. The normalize step
-and the derivatives stay in `_core` (XLA fuses them with their neighbours).
+calls `column_moments_p`: per `(batch, channel)`, `shift` (the float32 rounding of the mean,
+held constant for differentiation), `offset = mean(x - shift)` and the biased variance.
+Channels-first input whose reduced axes end the shape (batch norm over N, H, W and group norm
+over H, W of NCHW input) is viewed as `[outer, channels, positions]` instead, and
+`row_moments_p` gives the same statistics per row `(outer, channel)`, pooled over `outer` for
+batch norm. Group norm's channel groups are pooled by both (`_pool`). On CPU with the native
+library each is one kernel call (normjax/_native/rows.cc); elsewhere its `jax.numpy`
+definition. The normalize step and the derivatives stay in `_core` (XLA fuses them with their
+neighbours).
 
-Accuracy: the shifted sums give `var = E[(x - shift)**2] - E[x - shift]**2`, which loses
-`log10((mean - shift)**2 / var)` digits: nothing when the shift is a sample of the channel
-(a few standard deviations from the mean at most), however large the mean. So no
-conditional second pass is needed on this path.
+Accuracy: the kernels accumulate in cache-sized blocks, two passes over each block and Chan's
+merge of the blocks in double, so the variance is as accurate as float64 rounds it to float32
+whatever the data order (an outlier first, a large mean) and length. The `jax.numpy`
+definitions take two passes (the mean, then the sums of `x - shift`) and pool entries with
+Chan's formula, never by re-shifting one entry's sums to another's shift.
 """
 
 from __future__ import annotations
@@ -42,29 +44,40 @@ def block_view(x: jax.Array, axes: tuple[int, ...]) -> tuple[int, int, int] | No
           math.prod(x.shape[axes[-1] + 1:]))
 
 
-def _regroup(shift, s1, s2, n, size):
-  """Per-channel shifted sums pooled over groups of `size` consecutive channels: each
-  channel's sums re-shifted to its group's first channel K, sum(x - K) = s1 + n d and
-  sum((x - K)**2) = s2 + 2 d s1 + n d**2 with d = shift - K, added up, and held by every
-  channel of the group."""
-  batch, channels = shift.shape
-  grouped = (batch, channels // size, size)
-  shift, s1, s2 = (v.reshape(grouped) for v in (shift, s1, s2))
-  k = shift[:, :, :1]
-  d = shift - k
-  t1 = jnp.sum(s1 + n * d, axis=2, keepdims=True)
-  t2 = jnp.sum(s2 + 2.0 * d * s1 + n * d * d, axis=2, keepdims=True)
-  per_channel = lambda v: jnp.broadcast_to(v, grouped).reshape(batch, channels)
-  return per_channel(k), per_channel(t1), per_channel(t2)
+def _stats(x, axis):
+  """`(shift, offset, var)` of float32 `x` over `axis`, two-pass: shift = mean(x) (held
+  constant), offset = mean(x - shift) (tiny, but it carries the derivative of the mean) and
+  var = mean((x - shift)**2) - offset**2, clamped at zero (NaN kept)."""
+  shift = lax.stop_gradient(jnp.mean(x, axis=axis))
+  d = x - jnp.expand_dims(shift, axis)
+  offset = jnp.mean(d, axis=axis)
+  var = jnp.maximum(jnp.mean(d * d, axis=axis) - offset * offset, jnp.zeros((), _F32))
+  return shift, offset, var
+
+
+def _pool(shift, offset, var, size):
+  """`[batch, entries]` statistics, each of the same number of elements, pooled over groups of
+  `size` consecutive entries (Chan's formula for equal counts), held by every entry of the
+  group: with K the group's average shift (held constant), each entry's mean is
+  `e = (shift - K) + offset` about K (`shift - K` is exact for close shifts), the group's
+  offset is mean(e) and its variance mean(var) + mean((e - offset)**2)."""
+  batch, entries = shift.shape
+  grouped = (batch, entries // size, size)
+  shift, offset, var = (v.reshape(grouped) for v in (shift, offset, var))
+  k = lax.stop_gradient(jnp.mean(shift, axis=2, keepdims=True))
+  e = (shift - k) + offset
+  pooled_offset = jnp.mean(e, axis=2, keepdims=True)
+  pooled_var = (jnp.mean(var, axis=2, keepdims=True)
+                + jnp.mean(jnp.square(e - pooled_offset), axis=2, keepdims=True))
+  per_entry = lambda v: jnp.broadcast_to(v, grouped).reshape(batch, entries)
+  return per_entry(k), per_entry(pooled_offset), per_entry(pooled_var)
 
 
 def _moments_reference(x, *, group_size):
-  shift = lax.stop_gradient(x[:, 0, :].astype(_F32))
-  d = x.astype(_F32) - shift[:, None, :]
-  s1, s2 = jnp.sum(d, axis=1), jnp.sum(d * d, axis=1)
+  stats = _stats(x.astype(_F32), 1)
   if group_size > 1:
-    return _regroup(shift, s1, s2, float(x.shape[1]), group_size)
-  return shift, s1, s2
+    return _pool(*stats, group_size)
+  return stats
 
 
 def _moments_abstract(x, *, group_size):
@@ -111,16 +124,12 @@ def channels_first_view(x: jax.Array, axes: tuple[int, ...]):
 
 
 def _row_moments_reference(x, *, pool_outer, group_size):
-  shift = lax.stop_gradient(x[:, :, 0].astype(_F32))
-  d = x.astype(_F32) - shift[:, :, None]
-  s1, s2 = jnp.sum(d, axis=2), jnp.sum(d * d, axis=2)
-  n = float(x.shape[2])
+  stats = _stats(x.astype(_F32), 2)
   if pool_outer:
-    shift, s1, s2 = (v.T for v in _regroup(shift.T, s1.T, s2.T, n, x.shape[0]))
-    n *= x.shape[0]
+    stats = tuple(v.T for v in _pool(*(v.T for v in stats), x.shape[0]))
   if group_size > 1:
-    shift, s1, s2 = _regroup(shift, s1, s2, n, group_size)
-  return shift, s1, s2
+    stats = _pool(*stats, group_size)
+  return stats
 
 
 def _row_moments_abstract(x, *, pool_outer, group_size):
@@ -151,17 +160,15 @@ def shifted_moments(x: jax.Array, axes: tuple[int, ...], groups: tuple[int, int]
   view = block_view(x, axes)
   if view is not None:
     batch, positions, channels = view
-    shift, s1, s2 = column_moments_p.bind(x.reshape(view), group_size=size)
+    shift, offset, var = column_moments_p.bind(x.reshape(view), group_size=size)
     n = float(positions * size)
   else:
     outer, channels, positions, pool_outer = channels_first_view(x, axes)
-    shift, s1, s2 = row_moments_p.bind(x.reshape(outer, channels, positions),
-                                       pool_outer=pool_outer, group_size=size)
+    shift, offset, var = row_moments_p.bind(x.reshape(outer, channels, positions),
+                                            pool_outer=pool_outer, group_size=size)
     if pool_outer:
-      shift, s1, s2 = shift[0], s1[0], s2[0]
+      shift, offset, var = shift[0], offset[0], var[0]
     n = float(positions * size * (outer if pool_outer else 1))
-  offset = s1 / n
-  var = jnp.maximum(s2 / n - offset * offset, jnp.zeros((), _F32))
   stats_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
   shaped = lambda v: v.reshape(stats_shape)
   return shaped(shift), shaped(offset), shaped(var), jnp.asarray(n, _F32)

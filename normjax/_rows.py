@@ -91,9 +91,19 @@ def _expand(param, per_row):
   return param[:, None] if per_row else param[None]
 
 
+def _rstd(var, eps):
+  """`rsqrt(var + eps)` where the variance is finite, else NaN (as the kernel): a row whose
+  variance overflows float32 comes out NaN, not zero."""
+  return jnp.where(jnp.isfinite(var), lax.rsqrt(var + jnp.asarray(eps, var.dtype)),
+                   jnp.asarray(jnp.nan, var.dtype))
+
+
 def _forward_reference(x, scale, bias, *, eps, centered, per_row):
   stats = _core.moments(x, (1,), centered=centered)
-  y = _core.normalize(x, stats, _expand(scale, per_row), _expand(bias, per_row), eps)
+  # A non-finite variance normalizes with NaN (see _rstd); the variance itself is returned.
+  finite = stats._replace(var=jnp.where(jnp.isfinite(stats.var), stats.var,
+                                        jnp.asarray(jnp.nan, stats.var.dtype)))
+  y = _core.normalize(x, finite, _expand(scale, per_row), _expand(bias, per_row), eps)
   zero = jnp.zeros_like(stats.var)
   shift = zero if stats.shift is None else stats.shift
   offset = zero if stats.offset is None else stats.offset
@@ -286,7 +296,7 @@ def standardize_rows(x: jax.Array, n_axes: int, scale, bias, eps: float, *,
     x2, g, b = primals
     dx, dg, db = tangents
     y2, shift, offset, var = rows_forward_p.bind(x2, g, b, eps=eps, **kw)
-    rstd = lax.rsqrt(var + jnp.asarray(eps, _F32))
+    rstd = _rstd(var, eps)
     shift, offset, rstd = checkpoint_name((shift, offset, rstd), _STATS_NAME)
     (dy,) = rows_tangent_p.bind(x2, shift, offset, rstd, g, dx, dg.astype(_F32),
                                 db.astype(_F32), **kw)
