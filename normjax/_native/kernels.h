@@ -76,6 +76,7 @@ inline void StoreV(uint16_t* p, VF v) {  // round to nearest even, keep NaN (qui
 // kLanes values (v[0], v[1], ...) stored at p.
 template <typename T>
 inline void StoreLanes(T* p, const VF* v) {
+#pragma GCC unroll 4
   for (int k = 0; k < kVecs; ++k) StoreV(p + k * kWidth, v[k]);
 }
 #if NJ_AVX2 && NJ_WIDTH == 8
@@ -124,6 +125,7 @@ inline void MapRow(T* __restrict__ out, int64_t n, F f) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     VF v[kVecs];
+#pragma GCC unroll 4
     for (int k = 0; k < kVecs; ++k) v[k] = f(i + k * kWidth, VF{});
     StoreLanes(out + i, v);
   }
@@ -139,9 +141,11 @@ inline void LaneSums(int64_t begin, int64_t end, F f, double* totals) {
   VF acc[K][kVecs] = {};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
+#pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) {
       VF out[K];
       f(i + v * kWidth, out);
+#pragma GCC unroll 4
       for (int k = 0; k < K; ++k) acc[k][v] += out[k];
     }
   }
