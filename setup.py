@@ -1,11 +1,15 @@
 """Builds normjax's optional native CPU kernel; everything else is in pyproject.toml.
 
 `normjax/_kernels/cpu/normalize.cc` (layer/RMS/instance norm forward and backward over contiguous rows,
-and per-channel moments of channels-last input) is compiled against the XLA FFI headers that
-jaxlib ships. It is optional: without a C++
-compiler the build goes on without it, and normjax uses its `jax.numpy` definitions instead
-(`normjax._kernels.cpu.NATIVE` says which). It is compiled for the machine it is built on
-(`-march=native`), as it is built at install time.
+and per-channel moments for batch/instance/group norm) is compiled against the XLA FFI headers
+vendored in `normjax/_kernels/cpu/third_party` (from jaxlib; no jaxlib is needed to build). It is
+optional: without a C++ compiler the build goes on without it, and normjax uses its
+`jax.numpy` definitions instead (`normjax._kernels.cpu.NATIVE` says which).
+
+The library runs on every x86-64 CPU: it is compiled for the baseline instruction set, and its
+loops also for AVX2+FMA and AVX-512, picked at run time (`normjax._kernels.cpu.CPU_LEVEL`). Set
+`NORMJAX_NATIVE_MARCH=native` (or any other `-march` value) at build time to compile the
+baseline for a given CPU instead, for a machine-specific build.
 """
 
 import os
@@ -13,26 +17,39 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_NATIVE = os.path.join("normjax", "_kernels", "cpu")
 
-class BuildWithFfiHeaders(build_ext):
-  def build_extensions(self):
-    import jaxlib  # a build requirement (pyproject.toml): its headers define the XLA FFI
-    include = os.path.join(os.path.dirname(jaxlib.__file__), "include")
-    for extension in self.extensions:
-      extension.include_dirs.append(include)
-    super().build_extensions()
+# -ffp-contract=off: no FMA contraction, so that every instruction-set level rounds alike
+# (bit-identical results on every CPU). Warnings are errors in tests/test_kernels_cpu.py.
+_FLAGS = ["-std=c++17", "-O3", "-ffp-contract=off", "-Wall", "-Wextra",
+          "-isystem", os.path.join(_HERE, _NATIVE, "third_party")]
+
+
+class AlwaysRebuild(build_ext):
+  """build_ext that recompiles every time: setuptools' timestamp check can reuse an object
+  in a stale build/ tree (a changed header, a checkout with older timestamps)."""
+
+  def finalize_options(self):
+    super().finalize_options()
+    self.force = True
+
+
+def _flags():
+  march = os.environ.get("NORMJAX_NATIVE_MARCH")
+  return _FLAGS + ([f"-march={march}"] if march else [])
 
 
 setup(
     ext_modules=[
         Extension(
             "normjax._kernels.cpu._normalize",
-            sources=["normjax/_kernels/cpu/normalize.cc"],
+            sources=[os.path.join(_NATIVE, "normalize.cc")],
+            depends=[os.path.join(_NATIVE, "kernels.h")],
             language="c++",
-            extra_compile_args=["-std=c++17", "-O3", "-march=native", "-Wno-attributes",
-                                "-Wno-return-type"],
+            extra_compile_args=_flags(),
             optional=True,
         )
     ],
-    cmdclass={"build_ext": BuildWithFfiHeaders},
+    cmdclass={"build_ext": AlwaysRebuild},
 )

@@ -1,7 +1,7 @@
-"""The row-normalization primitives (normjax/_rows.py) and their native CPU kernel.
+"""The row-normalization primitives (normjax/_kernels/standardize.py) and their native CPU kernel.
 
 Layer and RMS norm over trailing axes run through three primitives whose CPU lowering is an
-XLA FFI call into normjax/_native/rows.cc. The tests here check that the kernel is built and
+XLA FFI call into normjax/_kernels/cpu/normalize.cc. The tests here check that the kernel is built and
 used, that kernel and `jax.numpy` definitions agree with each other and with float64 NumPy,
 and that every transformation reaches the right rule (batch folding, the batching fallbacks,
 the transpose, higher derivatives). The variant-level tests (test_variants, test_numerics,
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import normjax as nj
+from normjax._kernels import moments as _columns
 from normjax._kernels import cpu as _native
 from normjax._kernels import standardize as _rows
 from tests import reference
@@ -33,7 +34,7 @@ def test_native_kernel_is_built():
   if os.environ.get("NORMJAX_NATIVE") == "0":
     assert not _native.NATIVE
   else:
-    assert _native.NATIVE, "normjax/_native/_rows_cpu*.so missing: reinstall with a C++ compiler"
+    assert _native.NATIVE, "normjax/_kernels/cpu/_normalize*.so missing: reinstall with a C++ compiler"
 
 
 @pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
@@ -294,3 +295,274 @@ def test_jax_numpy_lowering_matches_the_kernel():
     np.testing.assert_allclose(jax.grad(loss)(x), np.asarray(grad), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(float(jax.jvp(loss, (x,), (jnp.asarray(grad, F32),))[1]), jvp,
                                rtol=1e-4)
+
+
+# ----------------------------------------------------------------- accuracy on adversarial data
+#
+# The kernels' statistics against float64 NumPy where summation order and cancellation bite:
+# an outlier as the first element (the old kernels shifted by it), rows of 2^24 elements, means
+# of 1e5, overflow, NaN/Inf, size-1 and empty axes, bfloat16.
+
+native_only = pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
+
+
+def _moments64(x, axes):
+  x = np.asarray(np.asarray(x, np.float32), np.float64)
+  return x.mean(axes), x.var(axes)
+
+
+def _check_moments(stats, mean, var, rtol, rms=None):
+  """(shift, offset, var) against float64: var to `rtol`; the mean to 1e-7 of the data's root
+  mean square `rms` (float32 inputs carry no more: an outlier's block sums its deviations
+  from the block mean in float32); shift is that mean rounded to float32 (within an ulp)."""
+  shift, offset, v = (np.asarray(a, np.float64) for a in stats)
+  atol = 1e-7 * (np.sqrt(var + mean ** 2) if rms is None else rms)
+  assert np.all(np.abs(shift + offset - mean) <= atol)
+  np.testing.assert_allclose(v, var, rtol=rtol, atol=0)
+  assert np.all(np.abs(shift - mean) <= 2.0 ** -23 * np.abs(mean) + atol)
+
+
+def _outlier_input(shape, dtype=jnp.float32, value=1e4):
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  x.reshape(-1)[:shape[-1]] = value          # the first position of every channel / row
+  return jnp.asarray(x).astype(dtype)
+
+
+@native_only
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_column_kernel_outlier_first_matches_float64(dtype, group_size):
+  """Batch/instance/group norm on NHWC: x[0, 0, :] = 1e4 among N(0, 1) (batch norm's variance
+  was 2240 for 1527 with the first element as the shift)."""
+  x = _outlier_input((1, 16 * 64 * 64, 8), dtype)
+  stats = jax.jit(lambda x: _columns.column_moments_p.bind(x, group_size=group_size))(x)
+  x64 = np.asarray(x.astype(F32), np.float64).reshape(1, -1, 8 // group_size, group_size)
+  mean, var = (np.repeat(v, group_size, -1) for v in _moments64(x64, (1, 3)))
+  _check_moments(stats, mean, var, rtol=1e-6)
+  ref = jax.jit(lambda x: _columns._column_reference(x, group_size=group_size))(x)
+  np.testing.assert_allclose(np.asarray(ref[2], np.float64), var, rtol=1e-4)
+
+
+@native_only
+def test_column_kernel_one_million_values_after_a_far_first_element():
+  """1M values per channel after a first element of 3e4: the variance clamped to 0 before."""
+  x = np.random.default_rng(1).normal(size=(1, 1 << 20, 2)).astype(np.float32)
+  x[0, 0] = 3e4
+  stats = jax.jit(lambda x: _columns.column_moments_p.bind(x, group_size=1))(x)
+  _check_moments(stats, *_moments64(x, 1), rtol=1e-6)
+
+
+@native_only
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("pool_outer,group_size", [(True, 1), (False, 4), (False, 1)])
+def test_row_moments_kernel_outlier_first_matches_float64(dtype, pool_outer, group_size):
+  """Batch norm (pooled over the batch) and group norm on NCHW, outlier first in every row."""
+  x = np.random.default_rng(2).normal(size=(16, 8, 64 * 64)).astype(np.float32)
+  x[:, :, 0] = 1e4
+  x[0, :, 1] = -3e4
+  x = jnp.asarray(x).astype(dtype)
+  kw = dict(pool_outer=pool_outer, group_size=group_size)
+  stats = jax.jit(lambda x: _columns.row_moments_p.bind(x, **kw))(x)
+  x64 = np.asarray(x.astype(F32), np.float64).reshape(16, 8 // group_size, group_size, -1)
+  axes = (0, 2, 3) if pool_outer else (2, 3)
+  mean, var = (np.broadcast_to(np.repeat(v, group_size, -1), (16, 8))
+               for v in _moments64(x64, axes))
+  _check_moments(stats, mean, var, rtol=1e-6)
+
+
+_VARIANTS = {
+    "batch": lambda x, axis: nj.batch_norm(x, None, None, nj.init_batch_stats(8), train=True,
+                                           channel_axis=axis)[0],
+    "group": lambda x, axis: nj.group_norm(x, num_groups=2, channel_axis=axis),
+    "instance": lambda x, axis: nj.instance_norm(x, channel_axis=axis),
+}
+# The axes of x viewed as [N, H, W, groups, channels per group] each variant reduces over.
+_REDUCED = {"batch": (0, 1, 2), "group": (1, 2, 4), "instance": (1, 2)}
+
+
+@native_only
+@pytest.mark.parametrize("channel_axis", [-1, 1])
+@pytest.mark.parametrize("kind", sorted(_VARIANTS))
+def test_variants_with_an_outlier_first_match_float64(kind, channel_axis):
+  """The normalized output of batch, group and instance norm (NHWC and NCHW), with 1e4 as the
+  first element in memory order of every channel (NHWC) or row (NCHW)."""
+  shape = (16, 32, 32, 8) if channel_axis == -1 else (16, 8, 32, 32)
+  x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+  if channel_axis == -1:
+    x[:, 0, 0, :] = 1e4
+  else:
+    x[:, :, 0, 0] = 1e4
+  y = np.asarray(jax.jit(lambda x: _VARIANTS[kind](x, channel_axis))(jnp.asarray(x)), np.float64)
+  xc = np.moveaxis(np.asarray(x, np.float64), channel_axis, -1)      # NHWC
+  groups = 2 if kind == "group" else 1
+  xg = xc.reshape(xc.shape[:3] + (groups, 8 // groups))
+  axes = _REDUCED[kind]
+  want = (xg - xg.mean(axes, keepdims=True)) / np.sqrt(xg.var(axes, keepdims=True) + 1e-5)
+  want = np.moveaxis(want.reshape(xc.shape), -1, channel_axis)
+  np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+
+
+@native_only
+def test_rows_of_2_24_values_match_float64():
+  n = 1 << 24
+  x = np.random.default_rng(4).standard_normal((1, n), dtype=np.float32)
+  x64 = np.asarray(x, np.float64)
+  ones, zeros = jnp.ones(n), jnp.zeros(n)
+  fwd = jax.jit(lambda x: _rows.rows_forward_p.bind(x, ones, zeros, eps=0.0, centered=True,
+                                                    per_row=False))
+  y, shift, offset, var = fwd(x)
+  assert abs(float(var[0]) / x64.var() - 1) <= 1e-6
+  assert abs(float(shift[0]) + float(offset[0]) - x64.mean()) <= 1e-9
+  np.testing.assert_allclose(np.asarray(y[0, :4096], np.float64),
+                             (x64[0, :4096] - x64.mean()) / x64.std(), atol=1e-6)
+  del y
+  rms = _rows.rows_forward_p.bind(x, ones, zeros, eps=0.0, centered=False, per_row=False)[3]
+  assert abs(float(rms[0]) / np.mean(x64 ** 2) - 1) <= 1e-6
+  row = jax.jit(lambda x: _columns.row_moments_p.bind(x, pool_outer=False, group_size=1))(
+      x.reshape(1, 1, n))
+  _check_moments(row, np.asarray([[x64.mean()]]), np.asarray([[x64.var()]]), rtol=1e-6)
+
+
+@native_only
+def test_backward_sums_of_long_rows_match_float64():
+  """Per-row dscale/dbias (instance norm over 2^22 positions) and the per-row sums inside dx."""
+  n = 1 << 22
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, n), dtype=np.float32)
+  ct = (1.0 + rng.standard_normal((2, n), dtype=np.float32)).astype(np.float32)
+  scale = jnp.asarray([1.5, 0.5], F32)
+  _, shift, offset, var = _rows.rows_forward_p.bind(x, scale, scale, eps=0.0, centered=True,
+                                                    per_row=True)
+  rstd = jax.lax.rsqrt(var)
+  dx, dscale, dbias = jax.jit(lambda *a: _rows.rows_backward_p.bind(
+      *a, centered=True, per_row=True))(x, ct, shift, offset, rstd, scale)
+  x64, g64 = np.asarray(x, np.float64), np.asarray(ct, np.float64)
+  xhat = (x64 - x64.mean(1, keepdims=True)) / x64.std(1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(dbias, np.float64), g64.sum(1), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(dscale, np.float64), (g64 * xhat).sum(1), rtol=1e-5,
+                             atol=1e-6 * np.abs(g64).sum())
+
+
+@native_only
+def test_backward_parameter_sums_over_many_rows_match_float64():
+  """dscale and dbias of layer norm summed over 2^17 rows."""
+  rows, n = 1 << 17, 16
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((rows, n), dtype=np.float32)
+  ct = (1.0 + 0.1 * rng.standard_normal((rows, n), dtype=np.float32)).astype(np.float32)
+  scale = jnp.ones(n)
+  kw = dict(centered=True, per_row=False)
+  _, shift, offset, var = _rows.rows_forward_p.bind(x, scale, scale, eps=1e-5, **kw)
+  rstd = jax.lax.rsqrt(var + 1e-5)
+  _, dscale, dbias = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))(
+      x, ct, shift, offset, rstd, scale)
+  x64, g64 = np.asarray(x, np.float64), np.asarray(ct, np.float64)
+  xhat = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(np.asarray(dbias, np.float64), g64.sum(0), rtol=2e-7)
+  np.testing.assert_allclose(np.asarray(dscale, np.float64), (g64 * xhat).sum(0),
+                             atol=2e-7 * np.abs(g64 * xhat).sum(0).max())
+
+
+@native_only
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rows_at_1e5_normalize_to_float64_accuracy(dtype):
+  x = (1e5 + np.random.default_rng(7).normal(size=(16, 4099))).astype(np.float32)
+  x = np.asarray(jnp.asarray(x).astype(dtype).astype(F32))
+  ones, zeros = jnp.ones(4099), jnp.zeros(4099)
+  y = jax.jit(lambda x: _rows.rows_forward_p.bind(x, ones, zeros, eps=1e-5, centered=True,
+                                                  per_row=False)[0])(jnp.asarray(x))
+  x64 = np.asarray(x, np.float64)
+  want = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-5)
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, atol=1e-5)
+  else:   # the output rounded to bfloat16
+    np.testing.assert_allclose(np.asarray(y.astype(F32), np.float64), want, atol=1e-2, rtol=1e-2)
+
+
+def _forward_both(x, centered=True):
+  """rows_forward_p's kernel and its jax.numpy definition, jitted."""
+  n = x.shape[1]
+  kw = dict(eps=1e-5, centered=centered, per_row=False)
+  ones, zeros = jnp.ones(n), jnp.zeros(n)
+  kernel = jax.jit(lambda x: _rows.rows_forward_p.bind(x, ones, zeros, **kw))(x)
+  ref = jax.jit(lambda x: _rows._forward_reference(x, ones, zeros, **kw))(x)
+  return kernel, ref
+
+
+@native_only
+@pytest.mark.parametrize("centered", [True, False])
+def test_overflowing_variance_gives_nan_rows(centered):
+  """Values whose squares overflow float32 (1e20..1e30): the row is NaN (it was all zeros), in
+  the kernel and in the jax.numpy definition alike; the other rows are unaffected."""
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(3, 300)).astype(np.float32)
+  x[1] = (rng.choice([-1, 1], 300) * 10.0 ** rng.uniform(20, 30, 300)).astype(np.float32)
+  for y, _, _, var in _forward_both(jnp.asarray(x), centered):
+    y, var = np.asarray(y), np.asarray(var)
+    assert np.all(np.isnan(y[1])) and not np.isfinite(var[1])
+    assert np.all(np.isfinite(y[[0, 2]]))
+  stats = jax.jit(lambda x: _columns.column_moments_p.bind(x, group_size=1))(x.T[None])
+  assert not np.isfinite(np.asarray(stats[2])[0, 1]) and np.all(np.isfinite(stats[2][0, [0, 2]]))
+
+
+@native_only
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_give_nan_rows(bad):
+  x = np.random.default_rng(9).normal(size=(3, 40)).astype(np.float32)
+  x[1, 17] = bad
+  for y, _, _, var in _forward_both(jnp.asarray(x)):
+    y = np.asarray(y)
+    assert np.all(np.isnan(y[1])) and np.all(np.isfinite(y[[0, 2]]))
+  for stats in (jax.jit(lambda x: _columns.column_moments_p.bind(x, group_size=1))(x.T[None]),
+                jax.jit(lambda x: _columns.row_moments_p.bind(x, pool_outer=False,
+                                                              group_size=1))(x[None])):
+    var = np.asarray(stats[2])[0]
+    assert np.isnan(var[1]) and np.all(np.isfinite(var[[0, 2]]))
+
+
+@native_only
+def test_size_one_and_empty_axes():
+  x = jnp.asarray([[3.0], [-2.0]], F32)
+  y, shift, offset, var = _rows.rows_forward_p.bind(x, jnp.ones(1), jnp.full((1,), 0.5), eps=1e-5,
+                                                    centered=True, per_row=False)
+  np.testing.assert_array_equal(np.asarray(y), [[0.5], [0.5]])
+  np.testing.assert_array_equal(np.asarray(shift), [3.0, -2.0])
+  np.testing.assert_array_equal(np.asarray(var), [0.0, 0.0])
+  for positions in (1, 0):
+    x = jnp.asarray(np.arange(2 * positions * 3, dtype=np.float32).reshape(2, positions, 3))
+    shift, offset, var = _columns.column_moments_p.bind(x, group_size=3)
+    want = np.broadcast_to(np.asarray(x).mean((1, 2), keepdims=True)[:, 0], (2, 3)) \
+        if positions else np.zeros((2, 3))
+    np.testing.assert_array_equal(np.asarray(shift) + np.asarray(offset), want)
+    assert np.all(np.asarray(var) == (2.0 / 3.0 if positions else 0.0)) or positions == 1
+    shift, offset, var = _columns.row_moments_p.bind(jnp.swapaxes(x, 1, 2), pool_outer=True,
+                                                     group_size=1)
+    assert shift.shape == (2, 3) and np.all(np.isfinite(np.asarray(var)))
+  y = _rows.rows_forward_p.bind(jnp.zeros((3, 0)), jnp.ones(0), jnp.zeros(0), eps=1e-5,
+                                centered=True, per_row=False)
+  assert y[0].shape == (3, 0) and np.all(np.asarray(y[3]) == 0.0)
+
+
+@native_only
+def test_kernel_errors_become_python_exceptions():
+  """A kernel's ffi::Error (here a bad group size) comes back as a Python exception. (The
+  C++-exception path, std::bad_alloc included, returns through the same ffi::Error; it has
+  no test that does not need huge memory.)"""
+  with pytest.raises(Exception, match="group_size"):
+    jax.jit(lambda x: _columns.column_moments_p.bind(x, group_size=3))(
+        jnp.zeros((1, 2, 4), F32)).block_until_ready()
+
+
+def test_native_source_compiles_without_warnings(tmp_path):
+  """rows.cc (and kernels.h) compile warning-free with -Wall -Wextra -Werror, the vendored XLA
+  headers included as system headers."""
+  import shutil
+  import subprocess
+  cxx = shutil.which("g++")
+  if cxx is None:
+    pytest.skip("g++ not installed")
+  native = os.path.join(os.path.dirname(_native.__file__))
+  subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
+                  "-fPIC", "-isystem", os.path.join(native, "third_party"), "-c",
+                  os.path.join(native, "rows.cc"), "-o", str(tmp_path / "rows.o")],
+                 check=True)

@@ -1,0 +1,403 @@
+// The hot loops of normjax's CPU kernels, compiled once per instruction-set level.
+//
+// normalize.cc includes this file several times, each time inside its own namespace and (on x86-64)
+// inside a `#pragma GCC target` region: the baseline every x86-64 CPU runs (SSE2), AVX2+FMA and
+// AVX-512. It has no include guard and includes nothing: every standard header is included by
+// normalize.cc before the first region, so that no library code is compiled for a wider target.
+// Before including it, normalize.cc defines
+//   NJ_WIDTH  floats per vector register (4, 8 or 16), and
+//   NJ_AVX2   1 where AVX2 intrinsics may be used in this region (0 otherwise),
+// and it declares the shared types (Kernels, ForwardArgs, BackwardArgs, RunningMoments,
+// kLanes, kBlock) outside the regions.
+//
+// Every level computes the same floating-point operations in the same order: sums run over
+// kLanes = 16 lanes (element i of a block in lane i % 16, as 4, 2 or 1 registers), the lanes
+// are added in order, and normalize.cc is compiled with -ffp-contract=off (no FMA contraction). So
+// the results are bit-identical whichever level runs (tests/test_native_portability.py).
+//
+// Accuracy: statistics are accumulated in blocks of at most kBlock elements (cache resident):
+// per block a float32 sum gives the block mean, a second pass over the cached block sums
+// (x - block mean) and its square, and the block's (count, mean, M2) is merged into the
+// row's with Chan's formula in double. Float32 error grows over at most kBlock / kLanes = 64
+// additions per lane, whatever the row length and whatever the data order.
+
+typedef float VF __attribute__((vector_size(NJ_WIDTH * 4)));
+typedef uint32_t VU __attribute__((vector_size(NJ_WIDTH * 4)));
+typedef int32_t VI __attribute__((vector_size(NJ_WIDTH * 4)));
+typedef uint16_t VH __attribute__((vector_size(NJ_WIDTH * 2)));
+
+constexpr int64_t kWidth = NJ_WIDTH;
+constexpr int kVecs = static_cast<int>(kLanes / kWidth);
+static_assert(kVecs * kWidth == kLanes, "kLanes is a whole number of vectors");
+
+inline float Load(const float* p, int64_t i) { return p[i]; }
+inline float Load(const uint16_t* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline void Store(float* p, int64_t i, float v) { p[i] = v; }
+inline void Store(uint16_t* p, int64_t i, float v) {  // round to nearest even, keep NaN
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    p[i] = static_cast<uint16_t>((bits >> 16) | 0x40u);
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  p[i] = static_cast<uint16_t>(bits >> 16);
+}
+
+inline VF LoadV(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline VF LoadV(const uint16_t* p) {  // bfloat16 -> float32: the bits shifted up
+  VH h;
+  std::memcpy(&h, p, sizeof(h));
+  const VU bits = __builtin_convertvector(h, VU) << 16;
+  VF v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+inline void StoreV(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
+inline void StoreV(uint16_t* p, VF v) {  // round to nearest even, keep NaN (quieted)
+  VU bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const VU rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const VU quiet_nan = (bits >> 16) | 0x40u;
+  const VU is_nan = reinterpret_cast<VU>(reinterpret_cast<VI>(bits & 0x7fffffffu) > 0x7f800000);
+  const VH h = __builtin_convertvector((quiet_nan & is_nan) | (rounded & ~is_nan), VH);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// kLanes values (v[0], v[1], ...) stored at p.
+template <typename T>
+inline void StoreLanes(T* p, const VF* v) {
+#pragma GCC unroll 4
+  for (int k = 0; k < kVecs; ++k) StoreV(p + k * kWidth, v[k]);
+}
+#if NJ_AVX2 && NJ_WIDTH == 8
+inline __m256i RoundToBF16Bits(VF v) {  // the 32-bit lanes hold the bfloat16 bits (StoreV)
+  const __m256i bits = _mm256_castps_si256(reinterpret_cast<__m256>(v));
+  const __m256i high = _mm256_srli_epi32(bits, 16);
+  const __m256i lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i is_nan = _mm256_cmpgt_epi32(
+      _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  const __m256i quiet_nan = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
+  return _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+}
+// One pack instruction narrows both registers (GCC's generic narrowing is slower here).
+inline void StoreLanes(uint16_t* p, const VF* v) {
+  // packus works per 128-bit lane: [lo0..3 hi0..3 | lo4..7 hi4..7]; the permute restores order.
+  const __m256i packed = _mm256_packus_epi32(RoundToBF16Bits(v[0]), RoundToBF16Bits(v[1]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xd8));
+}
+#endif
+
+// p[i] as V: a vector of kWidth elements from p + i (V = VF), or the one element (V = float).
+template <typename V, typename T>
+inline V Get(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<V, VF>) {
+    return LoadV(p + i);
+  } else {
+    return Load(p, i);
+  }
+}
+// p[i] += v, for kWidth elements or one.
+template <typename V>
+inline void AddTo(float* p, int64_t i, V v) {
+  if constexpr (std::is_same_v<V, VF>) {
+    StoreV(p + i, LoadV(p + i) + v);
+  } else {
+    p[i] += v;
+  }
+}
+
+// out[i] = f(i, VF{}) kLanes at a time, then f(i, 0.f) for the tail: `f` is written once for
+// both (its second argument only says which type to compute in).
+template <typename T, typename F>
+inline void MapRow(T* __restrict__ out, int64_t n, F f) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    VF v[kVecs];
+#pragma GCC unroll 4
+    for (int k = 0; k < kVecs; ++k) v[k] = f(i + k * kWidth, VF{});
+    StoreLanes(out + i, v);
+  }
+  for (; i < n; ++i) Store(out, i, f(i, 0.f));
+}
+
+// totals[k] += sum over [begin, end) of the k-th value f writes: f(i, VF* out) for kWidth
+// elements from i, f(i, float* out) for one. The sums run in float32 over kLanes lanes, so
+// [begin, end) should be one block (at most kBlock elements); the tail (the elements after the
+// last whole group of kLanes) is summed first, then the lanes in order.
+template <int K, typename F>
+inline void LaneSums(int64_t begin, int64_t end, F f, double* totals) {
+  VF acc[K][kVecs] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) {
+      VF out[K];
+      f(i + v * kWidth, out);
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k) acc[k][v] += out[k];
+    }
+  }
+  float tail[K] = {};
+  for (; i < end; ++i) {
+    float out[K];
+    f(i, out);
+    for (int k = 0; k < K; ++k) tail[k] += out[k];
+  }
+  for (int k = 0; k < K; ++k) {
+    float total = tail[k];
+    for (int v = 0; v < kVecs; ++v) {
+      for (int64_t l = 0; l < kWidth; ++l) total += acc[k][v][l];
+    }
+    totals[k] += static_cast<double>(total);
+  }
+}
+
+// LaneSums over [0, n), block by block (each block's float32 total added in double).
+template <int K, typename F>
+inline void BlockedSums(int64_t n, F f, double* totals) {
+  for (int64_t b = 0; b < n; b += kBlock) LaneSums<K>(b, std::min(n, b + kBlock), f, totals);
+}
+
+// A block of the row as float32: the row itself for float input, converted into `buf`
+// (kBlock floats) otherwise.
+inline const float* AsFloatBlock(const float* x, int64_t, float*) { return x; }
+inline const float* AsFloatBlock(const uint16_t* x, int64_t len, float* buf) {
+  int64_t i = 0;
+  for (; i + kWidth <= len; i += kWidth) StoreV(buf + i, LoadV(x + i));
+  for (; i < len; ++i) buf[i] = Load(x, i);
+  return buf;
+}
+
+// Mean and M2 (sum of squared deviations) of len <= kBlock cached floats, two-pass: the
+// float32 block mean, then the sums of d = x - block mean and d^2 (d is small, so the sums
+// lose nothing to cancellation), corrected in double.
+inline void BlockMoments(const float* __restrict__ x, int64_t len, double* mean, double* m2) {
+  double sum = 0.0;
+  LaneSums<1>(0, len, [&](int64_t i, auto* out) {
+    using V = std::remove_pointer_t<decltype(out)>;
+    out[0] = Get<V>(x, i);
+  }, &sum);
+  const double count = static_cast<double>(len);
+  const float mb = static_cast<float>(sum / count);
+  double t[2] = {0.0, 0.0};
+  LaneSums<2>(0, len, [&](int64_t i, auto* out) {
+    using V = std::remove_pointer_t<decltype(out)>;
+    const V d = Get<V>(x, i) - mb;
+    out[0] = d;
+    out[1] = d * d;
+  }, t);
+  *mean = static_cast<double>(mb) + t[0] / count;
+  *m2 = t[1] - t[0] * (t[0] / count);
+}
+
+// (count, mean, M2) of a row of n elements, centered; uncentered: mean 0 and M2 = sum of x^2.
+template <typename T>
+RunningMoments RowMoments(const T* __restrict__ x, int64_t n, bool centered) {
+  RunningMoments acc;
+  float buf[kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(n - b, kBlock);
+    const float* block = AsFloatBlock(x + b, len, buf);
+    if (centered) {
+      double mean, m2;
+      BlockMoments(block, len, &mean, &m2);
+      acc.Merge(static_cast<double>(len), mean, m2);
+    } else {
+      LaneSums<1>(0, len, [&](int64_t i, auto* out) {
+        using V = std::remove_pointer_t<decltype(out)>;
+        const V v = Get<V>(block, i);
+        out[0] = v * v;
+      }, &acc.m2);
+      acc.count += static_cast<double>(len);
+    }
+  }
+  return acc;
+}
+
+// Rows [begin, end) of the forward (see RowsForward in normalize.cc).
+template <typename T>
+void ForwardChunk(const ForwardArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = a.n;
+  const T* xp = static_cast<const T*>(a.x);
+  T* yp = static_cast<T*>(a.y);
+  const float* __restrict__ g = a.scale;
+  const float* __restrict__ bias = a.bias;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* __restrict__ x = xp + r * n;
+    const RunningMoments m = RowMoments(x, n, a.centered);
+    float s, off, v;
+    m.Finish(&s, &off, &v);
+    const float rstd = RstdOf(v, a.eps);
+    if (a.per_row) {
+      const float factor = rstd * g[r], b = bias[r];
+      MapRow(yp + r * n, n, [&](int64_t i, auto type) {
+        using V = decltype(type);
+        return ((Get<V>(x, i) - s) - off) * factor + b;
+      });
+    } else {
+      MapRow(yp + r * n, n, [&](int64_t i, auto type) {
+        using V = decltype(type);
+        return ((Get<V>(x, i) - s) - off) * (rstd * Get<V>(g, i)) + Get<V>(bias, i);
+      });
+    }
+    a.shift[r] = s;
+    a.offset[r] = off;
+    a.var[r] = v;
+  }
+}
+
+// Rows [begin, end) of the backward (see RowsBackward in normalize.cc). Per-row sums are blocked
+// (float32 lanes within a block, double across blocks). Without `per_row`, the chunk's
+// per-feature sums of g * xhat and g are added to acc[0, n) and acc[n, 2n): float32 partials
+// flushed into acc every kFlushRows rows, so their error grows over at most kFlushRows rows.
+template <typename T>
+void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* acc) {
+  const int64_t n = a.n;
+  const T* xp = static_cast<const T*>(a.x);
+  const T* cp = static_cast<const T*>(a.ct);
+  T* dxp = static_cast<T*>(a.dx);
+  const float* __restrict__ gamma = a.scale;
+  const double inv_n = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
+  std::vector<float> partial(a.per_row ? 0 : 2 * n, 0.f);
+  float* __restrict__ ds = partial.data();
+  float* __restrict__ db = ds + n;
+  auto flush = [&]() {
+    for (int64_t j = 0; j < 2 * n; ++j) {
+      acc[j] += static_cast<double>(partial[j]);
+      partial[j] = 0.f;
+    }
+  };
+  int64_t pending = 0;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* __restrict__ x = xp + r * n;
+    const T* __restrict__ ct = cp + r * n;
+    const float s = a.shift[r], m = a.offset[r], rs = a.rstd[r];
+    double t[2] = {0.0, 0.0};
+    if (a.per_row) {
+      BlockedSums<2>(n, [&](int64_t i, auto* out) {
+        using V = std::remove_pointer_t<decltype(out)>;
+        const V c = Get<V>(ct, i);
+        out[0] = c;
+        out[1] = c * (((Get<V>(x, i) - s) - m) * rs);
+      }, t);
+      const float mean_g = a.centered ? static_cast<float>(t[0] * inv_n) : 0.f;
+      const float mean_gx = static_cast<float>(t[1] * inv_n);
+      const float factor = rs * gamma[r];
+      MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
+        using V = decltype(type);
+        const V h = ((Get<V>(x, j) - s) - m) * rs;
+        return factor * ((Get<V>(ct, j) - mean_g) - h * mean_gx);
+      });
+      a.dscale_rows[r] = static_cast<float>(t[1]);
+      a.dbias_rows[r] = static_cast<float>(t[0]);
+      continue;
+    }
+    BlockedSums<2>(n, [&](int64_t i, auto* out) {
+      using V = std::remove_pointer_t<decltype(out)>;
+      const V w = Get<V>(ct, i) * Get<V>(gamma, i);
+      out[0] = w;
+      out[1] = w * (((Get<V>(x, i) - s) - m) * rs);
+    }, t);
+    const float mean_w = a.centered ? static_cast<float>(t[0] * inv_n) : 0.f;
+    const float mean_wx = static_cast<float>(t[1] * inv_n);
+    MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
+      using V = decltype(type);
+      const V c = Get<V>(ct, j);
+      const V h = ((Get<V>(x, j) - s) - m) * rs;
+      AddTo(ds, j, c * h);
+      AddTo(db, j, c);
+      return rs * ((c * Get<V>(gamma, j) - mean_w) - h * mean_wx);
+    });
+    if (++pending == kFlushRows) {
+      flush();
+      pending = 0;
+    }
+  }
+  if (pending > 0) flush();
+}
+
+// Mean and M2 of rows [begin, end) of x [rows, n] (the row moments kernel).
+template <typename T>
+void RowStatsChunk(const void* xv, int64_t n, int64_t begin, int64_t end, double* mean,
+                   double* m2) {
+  const T* xp = static_cast<const T*>(xv);
+  for (int64_t r = begin; r < end; ++r) {
+    const RunningMoments m = RowMoments(xp + r * n, n, true);
+    mean[r] = m.mean;
+    m2[r] = m.m2;
+  }
+}
+
+// Per-channel mean and M2 of positions [m0, m1) of example b of x [batch, positions, c]
+// (channels contiguous), written to mean[0, c) and m2[0, c). Blocks of positions small enough
+// to stay in cache are read twice (block mean, then sums of deviations from it) and merged
+// with Chan's formula in double; within a block each channel's sums run over at most
+// kBlockPositions positions in float32.
+template <typename T>
+void ColumnStatsChunk(const void* xv, int64_t positions, int64_t c, int64_t b, int64_t m0,
+                      int64_t m1, double* __restrict__ mean, double* __restrict__ m2) {
+  const T* x = static_cast<const T*>(xv) + b * positions * c;
+  const int64_t block = ColumnBlockPositions(c);
+  std::vector<float> buf(3 * c);
+  float* __restrict__ mb = buf.data();
+  float* __restrict__ s1 = mb + c;
+  float* __restrict__ s2 = s1 + c;
+  std::fill(mean, mean + c, 0.0);
+  std::fill(m2, m2 + c, 0.0);
+  double count = 0.0;
+  for (int64_t p0 = m0; p0 < m1; p0 += block) {
+    const int64_t p1 = std::min(m1, p0 + block);
+    std::fill(mb, mb + 3 * c, 0.f);
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* __restrict__ row = x + p * c;
+      for (int64_t i = 0; i < c; ++i) mb[i] += Load(row, i);
+    }
+    const float inv = 1.0f / static_cast<float>(p1 - p0);
+    for (int64_t i = 0; i < c; ++i) mb[i] *= inv;
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* __restrict__ row = x + p * c;
+      for (int64_t i = 0; i < c; ++i) {
+        const float d = Load(row, i) - mb[i];
+        s1[i] += d;
+        s2[i] += d * d;
+      }
+    }
+    const double nb = static_cast<double>(p1 - p0), total = count + nb;
+    const double w_new = nb / total, w_cross = count * nb / total;
+    for (int64_t i = 0; i < c; ++i) {
+      const double a1 = s1[i];
+      const double block_mean = static_cast<double>(mb[i]) + a1 / nb;
+      const double block_m2 = static_cast<double>(s2[i]) - a1 * (a1 / nb);
+      const double delta = block_mean - mean[i];
+      mean[i] += delta * w_new;
+      m2[i] += block_m2 + delta * delta * w_cross;
+    }
+    count = total;
+  }
+}
+
+inline Kernels MakeKernels(const char* name) {
+  Kernels k;
+  k.name = name;
+  k.forward[0] = &ForwardChunk<float>;
+  k.forward[1] = &ForwardChunk<uint16_t>;
+  k.backward[0] = &BackwardChunk<float>;
+  k.backward[1] = &BackwardChunk<uint16_t>;
+  k.row_stats[0] = &RowStatsChunk<float>;
+  k.row_stats[1] = &RowStatsChunk<uint16_t>;
+  k.column_stats[0] = &ColumnStatsChunk<float>;
+  k.column_stats[1] = &ColumnStatsChunk<uint16_t>;
+  return k;
+}

@@ -1,0 +1,175 @@
+"""The native kernel builds as a user builds it and runs on every x86-64 CPU.
+
+setup.py compiles the kernel for the x86-64 baseline and its loops also for AVX2+FMA and
+AVX-512, picked at run time (normjax/_kernels/cpu/normalize.cc). These tests build the extension into a
+temporary directory with `setup.py build_ext`, then run one script with every variant (layer
+and RMS norm, instance norm NHWC and NCHW, group norm, batch norm NHWC and NCHW; forward and
+gradient; float32 and bfloat16): in-process at every level this CPU has
+(`NORMJAX_CPU_LEVEL`), where the kernels' outputs must be bit-identical, and under
+`qemu-x86_64 -cpu max` (a CPU with AVX2 but no AVX-512 in qemu 7.2), where the dispatched level
+must not be AVX-512 and the results must match. The baseline code must not use AVX registers.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+X86 = os.uname().machine == "x86_64"
+
+_SCRIPT = r'''
+import sys
+import numpy as np
+import jax, jax.numpy as jnp
+import normjax as nj
+from normjax._kernels import cpu as _native, moments as _columns, standardize as _rows
+assert _native.NATIVE
+rng = np.random.default_rng(0)
+out = {"level": np.asarray(_native.CPU_LEVEL)}
+nhwc = rng.normal(size=(2, 5, 6, 8)).astype(np.float32) + 3.0
+nhwc[0, 0, 0] = 1e3                                  # an outlier first
+nchw = np.ascontiguousarray(np.moveaxis(nhwc, -1, 1))
+rows = rng.normal(size=(37, 67)).astype(np.float32)  # vector loops and scalar tails
+g8, g67 = jnp.linspace(0.5, 1.5, 8), jnp.linspace(0.5, 1.5, 67)
+bn = lambda x, axis: nj.batch_norm(x, g8, g8, nj.init_batch_stats(8), train=True,
+                                   channel_axis=axis)[0]
+variants = {
+    "layer": (lambda x: nj.layer_norm(x, g67, g67), rows),
+    "rms": (lambda x: nj.rms_norm(x, g67), rows),
+    "instance_nhwc": (lambda x: nj.instance_norm(x, g8, g8), nhwc),
+    "instance_nchw": (lambda x: nj.instance_norm(x, g8, g8, channel_axis=1), nchw),
+    "group_nhwc": (lambda x: nj.group_norm(x, g8, g8, num_groups=2), nhwc),
+    "group_nchw": (lambda x: nj.group_norm(x, g8, g8, num_groups=2, channel_axis=1), nchw),
+    "batch_nhwc": (lambda x: bn(x, -1), nhwc),
+    "batch_nchw": (lambda x: bn(x, 1), nchw),
+}
+def everything(inputs, x):
+  """Every variant's output and gradient, and the kernels' own outputs, in one program (one
+  compile: compiling is what takes the time under qemu)."""
+  results = {}
+  for key, (fn, _) in variants.items():
+    loss = lambda x: jnp.sum(jnp.sin(fn(x).astype(jnp.float32)))
+    results[f"{key}/y"] = fn(inputs[key])
+    results[f"{key}/grad"] = jax.grad(loss)(inputs[key])
+  for per_row in (False, True):     # the kernels alone: bit-identical at every level
+    p = jnp.linspace(0.5, 1.5, 37 if per_row else 67)
+    for centered in (True, False):
+      kw = dict(centered=centered, per_row=per_row)
+      y, s, o, v = _rows.rows_forward_p.bind(x, p, p, eps=1e-5, **kw)
+      # Any rstd will do; XLA's own rsqrt or division would round differently under qemu.
+      rstd = jnp.asarray(np.linspace(0.5, 2.0, 37, dtype=np.float32))
+      grads = _rows.rows_backward_p.bind(x, x, s, o, rstd, p, **kw)
+      for i, a in enumerate((y, s, o, v) + tuple(grads)):
+        results[f"kernel/rows/{per_row}/{centered}/{i}"] = a
+  for size in (1, 4):
+    for i, a in enumerate(_columns.column_moments_p.bind(
+        inputs["batch_nhwc"].reshape(2, 30, 8), group_size=size)):
+      results[f"kernel/columns/{size}/{i}"] = a
+    for pool in (False, True):
+      for i, a in enumerate(_columns.row_moments_p.bind(
+          inputs["batch_nchw"].reshape(2, 8, 30), pool_outer=pool, group_size=size)):
+        results[f"kernel/row_moments/{pool}/{size}/{i}"] = a
+  return results
+
+
+for dtype in (jnp.float32, jnp.bfloat16):
+  name = jnp.dtype(dtype).name
+  inputs = {key: jnp.asarray(x).astype(dtype) for key, (_, x) in variants.items()}
+  for key, v in jax.jit(everything)(inputs, jnp.asarray(rows).astype(dtype)).items():
+    key = f"kernel/{name}/{key[7:]}" if key.startswith("kernel/") else f"{name}/{key}"
+    out[key] = np.asarray(v.astype(jnp.float32))
+np.savez(sys.argv[1], **out)
+'''
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  """normjax with the extension built by `setup.py build_ext` into a temporary directory."""
+  if shutil.which("g++") is None and shutil.which("c++") is None:
+    pytest.skip("no C++ compiler")
+  tmp = tmp_path_factory.mktemp("build")
+  subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp / "lib"),
+                  "--build-temp", str(tmp / "temp")], cwd=ROOT, check=True, capture_output=True)
+  built = [os.path.join(d, f) for d, _, fs in os.walk(tmp / "lib") for f in fs
+           if f.startswith("_normalize") and f.endswith(".so")]
+  assert len(built) == 1, "setup.py build_ext did not build the kernel"
+  shutil.copytree(os.path.join(ROOT, "normjax"), tmp / "pkg" / "normjax",
+                  ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+  shutil.copy(built[0], tmp / "pkg" / "normjax" / "_kernels" / "cpu")
+  (tmp / "check.py").write_text(_SCRIPT)
+  return tmp, built[0]
+
+
+@pytest.fixture(scope="module")
+def native(built):
+  """The script's results in-process, at the best level this CPU has."""
+  return _run(built[0], "native")
+
+
+def _run(tmp, name, prefix=(), **env):
+  env = dict(os.environ, PYTHONPATH=str(tmp / "pkg"), JAX_PLATFORMS="cpu", **env)
+  env.pop("XLA_FLAGS", None)
+  env.pop("NORMJAX_NATIVE", None)
+  result = subprocess.run(list(prefix) + [sys.executable, str(tmp / "check.py"),
+                                          str(tmp / f"{name}.npz")],
+                          cwd=str(tmp), env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return dict(np.load(tmp / f"{name}.npz"))
+
+
+def _compare(got, want, exact_kernels):
+  assert set(got) == set(want)
+  for key in want:
+    if key == "level":
+      continue
+    if key.startswith("kernel/") and exact_kernels:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    else:   # XLA's own code around the kernels may round differently on another CPU
+      rtol, atol = (2e-2, 2e-2) if "bfloat16" in key else (1e-4, 1e-5)
+      np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=atol, err_msg=key)
+
+
+@pytest.mark.skipif(not X86, reason="the dispatched levels are x86-64 only")
+def test_every_level_gives_the_same_results(built, native):
+  tmp, _ = built
+  best = native
+  levels = {"avx512": ["avx2", "baseline"], "avx2": ["baseline"], "baseline": []}
+  for level in levels[str(best["level"])]:
+    capped = _run(tmp, level, NORMJAX_CPU_LEVEL=level)
+    assert str(capped["level"]) == level
+    _compare(capped, best, exact_kernels=True)
+
+
+@pytest.mark.skipif(not X86, reason="qemu-x86_64 emulates an x86-64 CPU")
+def test_runs_under_qemu_without_avx512(built, native):
+  qemu = shutil.which("qemu-x86_64")
+  if qemu is None:
+    pytest.skip("qemu-x86_64 not installed (Debian: apt-get install qemu-user)")
+  tmp, _ = built
+  emulated = _run(tmp, "qemu", prefix=(qemu, "-cpu", "max"))
+  assert str(emulated["level"]) in ("avx2", "baseline")
+  _compare(emulated, native, exact_kernels=True)
+
+
+@pytest.mark.skipif(not X86, reason="x86-64 registers")
+def test_baseline_code_uses_no_avx_registers(built):
+  objdump = shutil.which("objdump")
+  if objdump is None:
+    pytest.skip("objdump not installed")
+  _, library = built
+  text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", library], check=True,
+                        capture_output=True, text=True).stdout
+  offenders = set()
+  for function in re.split(r"\n(?=[0-9a-f]+ <)", text):
+    name = function.split("\n", 1)[0]
+    if "::avx2::" in name or "::avx512::" in name:
+      continue
+    if re.search(r"%[yz]mm", function):
+      offenders.add(name)
+  assert not offenders, sorted(offenders)[:5]
+  assert re.search(r"::avx512::.*\n(.*\n)*?.*%zmm", text), "no AVX-512 clone found"
