@@ -554,7 +554,7 @@ def test_kernel_errors_become_python_exceptions():
 
 
 def test_native_source_compiles_without_warnings(tmp_path):
-  """rows.cc (and kernels.h) compile warning-free with -Wall -Wextra -Werror, the vendored XLA
+  """normalize.cc (and kernels.h) compile warning-free with -Wall -Wextra -Werror, the vendored XLA
   headers included as system headers."""
   import shutil
   import subprocess
@@ -564,5 +564,5 @@ def test_native_source_compiles_without_warnings(tmp_path):
   native = os.path.join(os.path.dirname(_native.__file__))
   subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
                   "-fPIC", "-isystem", os.path.join(native, "third_party"), "-c",
-                  os.path.join(native, "rows.cc"), "-o", str(tmp_path / "rows.o")],
+                  os.path.join(native, "normalize.cc"), "-o", str(tmp_path / "normalize.o")],
                  check=True)
