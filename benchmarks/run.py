@@ -222,6 +222,11 @@ def run_models(args, device, rounds, target_s) -> list:
         rec = Mo.run_model_case(case, timer, rounds, target_s, device)
         rec.update(path=here, allocator=allocator_name())
         records.append(rec)
+        ag = rec["agreement"]
+        if ag["grad_flag"]:
+          print(f"warning: {case.name} ({here}): gradients of {ag['grad_worst_leaf']} differ "
+                f"from flax's by {ag['grad_leaf_rel_diff']:.1e} of their largest value",
+                file=sys.stderr, flush=True)
         r = rec["ratios"]
         print(f"[{here} {i + 1}/{len(cases)}] {case.name:42s} "
               f"fwd {rec['times']['fwd']['normjax']['median_s'] * 1e3:7.1f} ms /flax "
@@ -276,7 +281,9 @@ def models_markdown(meta, records, summary) -> str:
            "with `normjax.linen`'s (nothing else differs), and both run on the SAME variables "
            "(flax's `init`, reused). Checked before timing: the same variable tree from both "
            "`init`s, eval outputs within 1e-4 (relative to max(1, |y|)), loss and gradients "
-           "agree (`max dy` below: the largest absolute difference of the eval outputs). `fwd`: eval forward. `train`: one training step (loss, "
+           "agree (`max dy`: the largest absolute difference of the eval outputs). `grad diff`: "
+           "the largest difference of a gradient leaf from flax's, relative to that leaf's "
+           "largest flax value, worst leaf (reported, not asserted; `!` above 1e-3). `fwd`: eval forward. `train`: one training step (loss, "
            "grad, `optax.adamw` update, new `batch_stats` for BatchNorm), same inputs every "
            "call, no donation. Times: median of interleaved calls (ms); ratios are **normjax / "
            "flax** (below 1.00 = normjax faster or smaller). Memory: XLA's "
@@ -286,7 +293,7 @@ def models_markdown(meta, records, summary) -> str:
            "process.", ""]
   head = ["model", "path", "params", "fwd normjax ms", "fwd flax ms", "fwd /flax",
           "train normjax ms", "train flax ms", "train /flax", "train temp MiB", "temp /flax",
-          "train total MiB", "total /flax", "fwd temp /flax", "max dy"]
+          "train total MiB", "total /flax", "fwd temp /flax", "max dy", "grad diff"]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in records:
     t, ra, m = r["times"], r["ratios"], r["memory"]
@@ -299,7 +306,10 @@ def models_markdown(meta, records, summary) -> str:
     row += ([f"{mib(mt['temp'])} / {mib(mf['temp'])}", f"{ra['train_temp']:.2f}",
              f"{mib(total(mt))} / {mib(total(mf))}", f"{ra['train_total']:.2f}",
              f"{ra['fwd_temp']:.2f}"] if mt and mf else [""] * 5)
-    row.append(f"{r['agreement']['fwd_max_abs_diff']:.1e}")
+    ag = r["agreement"]
+    row.append(f"{ag['fwd_max_abs_diff']:.1e}")
+    row.append(f"{ag['grad_leaf_rel_diff']:.1e}" + (
+        f" ! (`{ag['grad_worst_leaf']}`)" if ag["grad_flag"] else ""))
     lines.append("| " + " | ".join(row) + " |")
   lines += ["", "## Summary", ""]
   for path, s in summary.items():

@@ -84,6 +84,7 @@ def test_quick_models_json(quick_models_run):
     # The two builds ran on the same variables and computed the same thing.
     assert rec["agreement"]["fwd_max_abs_diff"] <= 1e-4 * rec["agreement"]["fwd_max_abs"]
     assert rec["agreement"]["grad_max_abs_diff"] <= 1e-3 * rec["agreement"]["grad_max_abs"]
+    assert rec["agreement"]["grad_leaf_rel_diff"] >= 0 and rec["agreement"]["grad_worst_leaf"]
     mem = rec["memory"]["normjax"]["train"]
     assert mem is None or mem["argument"] > 0
   assert data["meta"]["allocator"] in ("glibc", "tcmalloc")
