@@ -2,12 +2,12 @@
 
 Usage (from the repository root):
 
-  python benchmarks/run.py                 # full suite: kernels, then whole models (~30 min on 2 CPU cores)
+  python benchmarks/run.py                 # full suite: kernels, then whole models (< 25 min, 2 CPU cores)
   python benchmarks/run.py --no-models     # the kernel cases only (< 15 min on 2 CPU cores)
   python benchmarks/run.py --quick         # smoke run: 2 small shapes, few reps (< 60 s; no models)
   python benchmarks/run.py --device gpu    # on a GPU (torch baseline if torch.cuda works)
   python benchmarks/run.py --filter 'group fwd'   # a subset (regex on the case name)
-  python benchmarks/run.py --models        # only the whole-model cases (models.py), both paths
+  python benchmarks/run.py --models        # only the whole-model cases (models.py), both paths (~8 min)
   python benchmarks/run.py --models --quick --paths native   # their smoke-test sizes
 
 Writes `results.md`, `results.json` and `results.png` under `--out` (default
@@ -298,7 +298,8 @@ def models_markdown(meta, records, summary) -> str:
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in records:
     t, ra, m = r["times"], r["ratios"], r["memory"]
-    ms = lambda op, k: f"{t[op][k]['median_s'] * 1e3:.3g}"
+    ms = lambda op, k: (lambda v: f"{v:.0f}" if v >= 100 else f"{v:.3g}")(
+        t[op][k]["median_s"] * 1e3)
     mt, mf = m["normjax"]["train"], m["flax"]["train"]
     total = lambda v: v["temp"] + v["argument"] + v["output"]
     row = [r["case"], r["path"], f"{r['params'] / 1e6:.2f}M", ms("fwd", "normjax"),
