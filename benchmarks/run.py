@@ -2,13 +2,26 @@
 
 Usage (from the repository root):
 
-  python benchmarks/run.py                 # full suite (< 15 min on 2 CPU cores)
-  python benchmarks/run.py --quick         # smoke run: 2 small shapes, few reps (< 60 s)
+  python benchmarks/run.py                 # full suite: kernels, then whole models (< 25 min, 2 CPU cores)
+  python benchmarks/run.py --no-models     # the kernel cases only (< 15 min on 2 CPU cores)
+  python benchmarks/run.py --quick         # smoke run: 2 small shapes, few reps (< 60 s; no models)
   python benchmarks/run.py --device gpu    # on a GPU (torch baseline if torch.cuda works)
   python benchmarks/run.py --filter 'group fwd'   # a subset (regex on the case name)
+  python benchmarks/run.py --models        # only the whole-model cases (models.py), both paths (~8 min)
+  python benchmarks/run.py --models --quick --paths native   # their smoke-test sizes
 
 Writes `results.md`, `results.json` and `results.png` under `--out` (default
-`benchmarks/results/`; `--quick` writes `quick.*` so the committed full results stay).
+`benchmarks/results/`; `--quick` writes `quick.*` so the committed full results stay), and for
+the whole-model cases `models.md` and `models.json` (`quick_models.*` with `--quick`).
+
+Whole models (`benchmarks/models.py`): a pre-LN transformer stack (4 blocks, d_model 512, 8
+heads, MLP 4x, seq 256, batch 8; LayerNorm and RMSNorm) and a ResNet-style CNN (3 stages of 2
+residual blocks, widths 16/32/64, 32x32x3 input, batch 32; BatchNorm and GroupNorm), each built
+from flax.linen with flax's normalization class and with normjax.linen's, on the same variables.
+Timed: the eval forward and a full adamw training step; memory: XLA's `memory_analysis()` of
+each compiled program. `--paths native,jnp` (default) measures normjax's native CPU kernels in
+this process and its jax.numpy path (`NORMJAX_NATIVE=0`, which must be set before normjax is
+imported) in a subprocess; flax is timed again, interleaved, in each.
 
 Timing: every candidate of a case is compiled first (compile time recorded on the side),
 warmed up, then called in interleaved round-robin (one call of each candidate in turn, the
@@ -57,6 +70,13 @@ def parse_args(argv=None):
                  help="skip timing a few cases under the other allocator")
   p.add_argument("--impls", default=",".join(CPU_IMPLS), help="candidates to time")
   p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--models", action="store_true",
+                 help="only the whole-model cases (transformer, ResNet; see models.py)")
+  p.add_argument("--no-models", action="store_true",
+                 help="skip the whole-model cases in a full run")
+  p.add_argument("--paths", default="native,jnp",
+                 help="normjax paths for the model cases: native (NORMJAX_NATIVE=1) and/or\n"
+                      "jnp (NORMJAX_NATIVE=0, in a subprocess unless this process already is)")
   p.add_argument("--json-only", default=None, help=argparse.SUPPRESS)   # allocator subprocess
   return p.parse_args(argv)
 
@@ -86,17 +106,23 @@ def maybe_reexec(args) -> None:
 
 # --- timing -------------------------------------------------------------------------------------
 
-def time_interleaved(calls: dict, rounds: int, target_s: float, max_reps: int = 400) -> dict:
-  """Median seconds per call of each candidate, measured in interleaved round-robin."""
+def time_interleaved(calls: dict, rounds: int, target_s: float, max_reps: int = 400,
+                     min_reps: int = 3, probes: int = 3) -> dict:
+  """Median seconds per call of each candidate, measured in interleaved round-robin.
+
+  Each candidate is warmed up and probed (`probes` calls, median) to pick its calls per round:
+  enough for `target_s` seconds, between `min_reps` and `max_reps`.
+  """
   reps = {}
   for name, call in calls.items():
     call()   # warm-up (compilation already happened at build time)
     t = []
-    for _ in range(3):
+    for _ in range(probes):
       t0 = time.perf_counter()
       call()
       t.append(time.perf_counter() - t0)
-    reps[name] = int(min(max_reps, max(3, math.ceil(target_s / max(sorted(t)[1], 1e-7)))))
+    probe = sorted(t)[(len(t) - 1) // 2]
+    reps[name] = int(min(max_reps, max(min_reps, math.ceil(target_s / max(probe, 1e-7)))))
   samples = {name: [] for name in calls}
   names = list(calls)
   for r in range(rounds):
@@ -158,6 +184,145 @@ def run_case(case, impls, rounds, target_s, device, torch_device):
     rec["ratios"] = ratios
     rec["gbps"] = case.bytes_moved / t["normjax"] / 1e9
   return rec
+
+
+# --- whole models -------------------------------------------------------------------------------
+
+PATH_ENV = {"native": "1", "jnp": "0"}
+
+
+def native_path() -> str:
+  """Which normjax path this process runs: "native" (the CPU kernels loaded) or "jnp"."""
+  try:
+    from normjax import _native  # pylint: disable=import-outside-toplevel
+    return "native" if getattr(_native, "NATIVE", False) else "jnp"
+  except ImportError:
+    return "native" if os.environ.get("NORMJAX_NATIVE", "1") != "0" else "jnp"
+
+
+def run_models(args, device, rounds, target_s) -> list:
+  """The whole-model records for every path in `--paths`: this process's path here, the other
+  in a subprocess with `NORMJAX_NATIVE` set (read once, when normjax is imported)."""
+  import models as Mo  # pylint: disable=import-outside-toplevel
+  cases = Mo.model_cases(args.quick)
+  if args.filter:
+    cases = [c for c in cases if re.search(args.filter, c.name)]
+  paths = [p for p in args.paths.split(",") if p]
+  if not cases or not paths:
+    return []
+  if set(paths) - set(PATH_ENV):
+    sys.exit(f"--paths: unknown path in {args.paths!r} (native, jnp)")
+  here, records = native_path(), []
+  if args.json_only:   # a subprocess of the call below: this process's path only, labelled
+    paths = [here]
+  for path in paths:
+    if path == here:
+      for i, case in enumerate(cases):
+        timer = lambda c, r, t: time_interleaved(c, r, t, min_reps=1, probes=1)
+        rec = Mo.run_model_case(case, timer, rounds, target_s, device)
+        rec.update(path=here, allocator=allocator_name())
+        records.append(rec)
+        ag = rec["agreement"]
+        if ag["grad_flag"]:
+          print(f"warning: {case.name} ({here}): gradients of {ag['grad_worst_leaf']} differ "
+                f"from flax's by {ag['grad_leaf_rel_diff']:.1e} of their largest value",
+                file=sys.stderr, flush=True)
+        r = rec["ratios"]
+        print(f"[{here} {i + 1}/{len(cases)}] {case.name:42s} "
+              f"fwd {rec['times']['fwd']['normjax']['median_s'] * 1e3:7.1f} ms /flax "
+              f"{r['fwd']:.2f}  train {rec['times']['train']['normjax']['median_s'] * 1e3:7.1f} "
+              f"ms /flax {r['train']:.2f}  train temp /flax {r.get('train_temp', float('nan')):.2f}",
+              flush=True)
+      continue
+    tmp = os.path.join(args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "results"), f".models_{path}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--models", "--paths", path,
+           "--allocator", "current", "--device", args.device, "--rounds", str(rounds),
+           "--target-s", str(target_s), "--json-only", tmp]
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--filter", args.filter] if args.filter else []
+    subprocess.run(cmd, check=True, env=dict(os.environ, NORMJAX_NATIVE=PATH_ENV[path]))
+    with open(tmp) as f:
+      sub = json.load(f)
+    os.remove(tmp)
+    if any(r["path"] != path for r in sub):   # e.g. native asked for, kernels not built
+      print(f"warning: path {path!r} unavailable (the subprocess ran {sub[0]['path']!r}); "
+            f"dropped", file=sys.stderr)
+      continue
+    records += sub
+  return records
+
+
+def models_summary(records) -> dict:
+  """Per path: geometric means (and ranges) of the normjax / flax ratios over the models."""
+  s = {}
+  for path in dict.fromkeys(r["path"] for r in records):
+    rs = [r for r in records if r["path"] == path]
+    s[path] = {}
+    for key in ("fwd", "train", "fwd_temp", "train_temp", "train_total"):
+      v = [r["ratios"][key] for r in rs if key in r["ratios"]]
+      if v:
+        s[path][key] = {"geomean": geomean(v), "min": min(v), "max": max(v)}
+  return s
+
+
+def models_markdown(meta, records, summary) -> str:
+  mib = lambda b: f"{b / 2**20:.1f}"
+  lines = ["# normjax whole-model benchmark results", "",
+           f"- command: `{meta['command']}`",
+           f"- machine: {meta['machine']}",
+           f"- software: {meta['software']}",
+           f"- allocator: **{meta['allocator']}**" + (
+               " (LD_PRELOAD)" if meta["allocator"] == "tcmalloc" else ""),
+           f"- date: {meta['date']}; wall time {meta['wall_s']:.0f} s; "
+           f"{meta['rounds']} interleaved rounds, >= {meta['target_s']} s of calls per "
+           f"candidate per round", "",
+           "Each model is built from `flax.linen` twice, with flax's normalization class and "
+           "with `normjax.linen`'s (nothing else differs), and both run on the SAME variables "
+           "(flax's `init`, reused). Checked before timing: the same variable tree from both "
+           "`init`s, eval outputs within 1e-4 (relative to max(1, |y|)), loss and gradients "
+           "agree (`max dy`: the largest absolute difference of the eval outputs). `grad diff`: "
+           "the largest difference of a gradient leaf from flax's, relative to that leaf's "
+           "largest flax value (at least 1e-2 x the largest gradient of the model), worst leaf "
+           "(reported, not asserted; `!` above 1e-3). `fwd`: eval forward. `train`: one training step (loss, "
+           "grad, `optax.adamw` update, new `batch_stats` for BatchNorm), same inputs every "
+           "call, no donation. Times: median of interleaved calls (ms); ratios are **normjax / "
+           "flax** (below 1.00 = normjax faster or smaller). Memory: XLA's "
+           "`compiled.memory_analysis()`; `temp` is the scratch buffer, `total` = temp + "
+           "arguments + outputs, in MiB. `path`: `native` = normjax's CPU kernels, `jnp` = "
+           "`NORMJAX_NATIVE=0` (pure jax.numpy), each measured against flax in its own "
+           "process.", ""]
+  head = ["model", "path", "params", "fwd normjax ms", "fwd flax ms", "fwd /flax",
+          "train normjax ms", "train flax ms", "train /flax", "train temp MiB", "temp /flax",
+          "train total MiB", "total /flax", "fwd temp /flax", "max dy", "grad diff"]
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in records:
+    t, ra, m = r["times"], r["ratios"], r["memory"]
+    ms = lambda op, k: (lambda v: f"{v:.0f}" if v >= 100 else f"{v:.3g}")(
+        t[op][k]["median_s"] * 1e3)
+    mt, mf = m["normjax"]["train"], m["flax"]["train"]
+    total = lambda v: v["temp"] + v["argument"] + v["output"]
+    row = [r["case"], r["path"], f"{r['params'] / 1e6:.2f}M", ms("fwd", "normjax"),
+           ms("fwd", "flax"), f"{ra['fwd']:.2f}", ms("train", "normjax"), ms("train", "flax"),
+           f"{ra['train']:.2f}"]
+    row += ([f"{mib(mt['temp'])} / {mib(mf['temp'])}", f"{ra['train_temp']:.2f}",
+             f"{mib(total(mt))} / {mib(total(mf))}", f"{ra['train_total']:.2f}",
+             f"{ra['fwd_temp']:.2f}"] if mt and mf else [""] * 5)
+    ag = r["agreement"]
+    row.append(f"{ag['fwd_max_abs_diff']:.1e}")
+    row.append(f"{ag['grad_leaf_rel_diff']:.1e}" + (
+        f" ! (`{ag['grad_worst_leaf']}`)" if ag["grad_flag"] else ""))
+    lines.append("| " + " | ".join(row) + " |")
+  lines += ["", "## Summary", ""]
+  for path, s in summary.items():
+    parts = [f"{k} {v['geomean']:.2f} ({v['min']:.2f}-{v['max']:.2f})" for k, v in s.items()]
+    lines.append(f"- {path}: normjax / flax, geometric mean (range) over the models: "
+                 + "; ".join(parts))
+  comp = [(r["case"], r["path"], r["compile_s"]) for r in records]
+  lines += ["", "Compile time (s, fwd + train), normjax / flax: " + "; ".join(
+      f"{c} ({p}) {sum(cs['normjax'].values()):.1f} / {sum(cs['flax'].values()):.1f}"
+      for c, p, cs in comp)]
+  return "\n".join(lines) + "\n"
 
 
 # --- reports ------------------------------------------------------------------------------------
@@ -368,7 +533,7 @@ def main(argv=None):
   device = jax.devices()[0]
   torch_device = None
   impls = [i for i in args.impls.split(",") if i]
-  if "torch" in impls:
+  if "torch" in impls and not args.models:
     try:
       import torch  # pylint: disable=import-outside-toplevel
       if device.platform == "cpu":
@@ -386,9 +551,17 @@ def main(argv=None):
   if device.platform == "gpu":
     stem += "_gpu"
 
-  case_list = C.all_cases(args.quick)
+  case_list = [] if args.models else C.all_cases(args.quick)
   if args.filter:
     case_list = [c for c in case_list if re.search(args.filter, c.name)]
+  with_models = args.models or not (args.quick or args.json_only or args.no_models)
+  m_rounds = args.rounds or (2 if args.quick else 7)
+  m_target = args.target_s or (0.02 if args.quick else 0.5)
+  if args.models and args.json_only:   # a model subprocess (run_models)
+    recs = run_models(args, device, m_rounds, m_target)
+    with open(args.json_only, "w") as f:
+      json.dump(recs, f)
+    return
   t_start = time.time()
   records = []
   for i, case in enumerate(case_list):
@@ -402,11 +575,33 @@ def main(argv=None):
       json.dump(records, f)
     return
   wall = time.time() - t_start
-  alloc = None
-  if not args.quick and not args.no_allocator_check and device.platform == "cpu":
-    alloc = allocator_table(args, out_dir)
+  if case_list:
+    write_suite(args, device, torch_device, records, wall, rounds, target_s, out_dir, stem)
+  if with_models:
+    t_start = time.time()
+    m_records = run_models(args, device, m_rounds, m_target)
+    if m_records:
+      meta = run_meta(args, device, None, time.time() - t_start, m_rounds, m_target,
+                      models=True)
+      summary = models_summary(m_records)
+      md = models_markdown(meta, m_records, summary)
+      m_stem = stem.replace("results", "models") if not args.quick else stem.replace(
+          "quick", "quick_models")
+      with open(os.path.join(out_dir, m_stem + ".md"), "w") as f:
+        f.write(md)
+      with open(os.path.join(out_dir, m_stem + ".json"), "w") as f:
+        json.dump({"meta": meta, "summary": summary, "records": m_records}, f, indent=1)
+      print(md)
+
+
+def run_meta(args, device, torch_device, wall, rounds, target_s, models=False) -> dict:
+  """The run's description written at the top of every report."""
+  import jax  # pylint: disable=import-outside-toplevel
   import flax  # pylint: disable=import-outside-toplevel
   versions = f"jax {jax.__version__}, flax {flax.__version__}"
+  if models:
+    import optax  # pylint: disable=import-outside-toplevel
+    versions += f", optax {optax.__version__}; normjax paths: {args.paths}"
   if torch_device:
     import torch  # pylint: disable=import-outside-toplevel
     versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
@@ -418,6 +613,15 @@ def main(argv=None):
           "rounds": rounds, "target_s": target_s}
   if device.platform == "gpu":
     meta["peak_gbps"] = next((v for k, v in PEAK_GBPS.items() if k in device.device_kind), None)
+  return meta
+
+
+def write_suite(args, device, torch_device, records, wall, rounds, target_s, out_dir, stem):
+  """Writes the kernel suite's reports (results.* or quick.*)."""
+  alloc = None
+  if not args.quick and not args.no_allocator_check and device.platform == "cpu":
+    alloc = allocator_table(args, out_dir)
+  meta = run_meta(args, device, torch_device, wall, rounds, target_s)
   summary = summarize(records)
   md = markdown(meta, records, summary, alloc)
   with open(os.path.join(out_dir, stem + ".md"), "w") as f:

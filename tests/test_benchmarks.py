@@ -52,3 +52,46 @@ def test_quick_markdown_table(quick_run):
   for name in ("layer fwd 8x128x256", "group fwdbwd 8x16x16x64", "batch_train fwd 8x16x16x64"):
     assert f"| {name} |" in md
   assert "allocator:" in md and "machine:" in md
+
+
+@pytest.fixture(scope="module")
+def quick_models_run(tmp_path_factory):
+  """`--models --quick`: the whole-model cases at smoke-test sizes, one transformer and one
+  ResNet, native path only (the jax.numpy path's subprocess is the same code again)."""
+  out = tmp_path_factory.mktemp("bench_models")
+  # No timing is checked: XLA's cheapest optimization level halves the compile time.
+  env = dict(os.environ, PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--models", "--quick",
+         "--paths", "native", "--filter", "^(transformer layer|resnet batch)", "--out", str(out),
+         "--allocator", "current", "--no-plot"]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return out
+
+
+def test_quick_models_json(quick_models_run):
+  with open(quick_models_run / "quick_models.json") as f:
+    data = json.load(f)
+  assert [r["case"] for r in data["records"]] == ["transformer layer 1x d64 h2 s16 b2",
+                                                  "resnet batch 8x8x3 w8-16x1 b4"]
+  for rec in data["records"]:
+    assert rec["path"] in ("native", "jnp")
+    for op in ("fwd", "train"):
+      assert {"normjax", "flax"} == set(rec["times"][op])
+      assert all(t["median_s"] > 0 for t in rec["times"][op].values())
+      assert rec["ratios"][op] > 0
+    # The two builds ran on the same variables and computed the same thing.
+    assert rec["agreement"]["fwd_max_abs_diff"] <= 1e-4 * rec["agreement"]["fwd_max_abs"]
+    assert rec["agreement"]["grad_max_abs_diff"] <= 1e-3 * rec["agreement"]["grad_max_abs"]
+    assert rec["agreement"]["grad_leaf_rel_diff"] >= 0 and rec["agreement"]["grad_worst_leaf"]
+    mem = rec["memory"]["normjax"]["train"]
+    assert mem is None or mem["argument"] > 0
+  assert data["meta"]["allocator"] in ("glibc", "tcmalloc")
+  assert data["summary"]
+
+
+def test_quick_models_markdown(quick_models_run):
+  md = (quick_models_run / "quick_models.md").read_text()
+  assert "| model | path | params | fwd normjax ms |" in md
+  assert "| transformer layer 1x d64 h2 s16 b2 |" in md and "allocator:" in md
