@@ -116,3 +116,12 @@ def test_tlu():
 def test_errors(call, err, match):
   with pytest.raises(err, match=match):
     call(jnp.ones((2, 4, 3)))
+
+
+def test_frn_learned_eps_gradient():
+  # d/d eps of sum(x * (nu2 + eps)**-0.5) = -0.5 * sum(x * (nu2 + eps)**-1.5), per channel.
+  x = jnp.asarray(rand((1, 5, 1), 18))
+  x64 = np.asarray(x, np.float64)
+  nu2 = (x64 ** 2).mean()
+  g = jax.grad(lambda e: jnp.sum(nj.filter_response_norm(x, eps=e)))(jnp.float32(0.2))
+  np.testing.assert_allclose(g, -0.5 * x64.sum() * (nu2 + 0.2) ** -1.5, rtol=1e-5)
