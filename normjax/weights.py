@@ -84,7 +84,8 @@ def weight_norm(v: jax.Array, g: jax.Array | None = None, *,
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
-    >>> nj.weight_norm(jnp.array([[3.0, 1.0], [4.0, 0.0]]), jnp.array([10.0, 2.0]), eps=0.0).round(4)
+    >>> v, g = jnp.array([[3.0, 1.0], [4.0, 0.0]]), jnp.array([10.0, 2.0])
+    >>> nj.weight_norm(v, g, eps=0.0).round(4)
     Array([[6., 2.],
            [8., 0.]], dtype=float32)
   """

@@ -103,7 +103,8 @@ def test_tlu():
 
 
 @pytest.mark.parametrize("call, err, match", [
-    (lambda x: nj.filter_response_norm(x, tau=jnp.ones(4)), ValueError, r"tau must have shape \(3,\)"),
+    (lambda x: nj.filter_response_norm(x, tau=jnp.ones(4)), ValueError,
+     r"tau must have shape \(3,\)"),
     (lambda x: nj.filter_response_norm(x, scale=jnp.ones((3, 1))), ValueError, "scale must have"),
     (lambda x: nj.filter_response_norm(x, channel_axis=0), ValueError, "must differ"),
     (lambda x: nj.filter_response_norm(x, eps=-1.0), ValueError, "eps"),
