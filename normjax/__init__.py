@@ -5,21 +5,35 @@ Pure functions with explicit batch-statistics state (state in, new state out); F
 """
 
 from normjax._state import BatchStats
+from normjax._state import SpectralState
 from normjax._state import init_batch_stats
 from normjax.batch import batch_norm
 from normjax.group import group_norm
 from normjax.group import instance_norm
 from normjax.layer import layer_norm
 from normjax.layer import rms_norm
+from normjax.response import filter_response_norm
+from normjax.response import tlu
+from normjax.weights import init_spectral_state
+from normjax.weights import spectral_normalize
+from normjax.weights import weight_norm
+from normjax.weights import weight_standardize
 
 __version__ = "0.1.0"
 
 __all__ = (
     "BatchStats",
+    "SpectralState",
     "batch_norm",
+    "filter_response_norm",
     "group_norm",
     "init_batch_stats",
+    "init_spectral_state",
     "instance_norm",
     "layer_norm",
     "rms_norm",
+    "spectral_normalize",
+    "tlu",
+    "weight_norm",
+    "weight_standardize",
 )

@@ -349,3 +349,24 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
 
   policy = jax.checkpoint_policies.save_only_these_names(_STATS_NAME)
   return jax.checkpoint(fn, policy=policy)(x, scale, bias, mask)
+
+
+def l2_normalize(v: jax.Array, eps: Any) -> jax.Array:
+  """`v * rsqrt(sum(v**2) + eps)` over the last axis (flax's `_l2_normalize`)."""
+  return v * lax.rsqrt(jnp.sum(v * v, axis=-1, keepdims=True) + jnp.asarray(eps, v.dtype))
+
+
+def power_iteration(w: jax.Array, u: jax.Array, n_steps: int,
+                    eps: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`n_steps` power iterations for the largest singular value of the matrix `w` `[M, K]`.
+
+  Each step is `v = l2(w u)`, `u = l2(w^T v)` (Miyato et al., 2018; flax's order). Returns
+  `(u [K], v [M], sigma)` with `sigma = v^T w u`; `u` and `v` are held constant
+  (`stop_gradient`), so `sigma` is differentiable in `w` only, as in the paper.
+  """
+  v = None
+  for _ in range(n_steps):
+    v = l2_normalize(w @ u, eps)
+    u = l2_normalize(v @ w, eps)
+  u, v = lax.stop_gradient(u), lax.stop_gradient(v)
+  return u, v, v @ (w @ u)

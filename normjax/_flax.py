@@ -28,6 +28,7 @@ from normjax.batch import _batch_norm
 from normjax.group import _group_norm
 from normjax.layer import layer_norm as _layer_norm
 from normjax.layer import rms_norm as _rms_norm
+from normjax.response import filter_response_norm as _frn
 
 
 def result_dtype(*args: Any, dtype: Any = None) -> jnp.dtype:
@@ -224,3 +225,10 @@ def _group(x: jax.Array, scale: Any, bias: Any, *, num_groups: int | None = None
   """`nj.group_norm` that, like flax, accepts a single element per example and group."""
   return _group_norm(x, scale, bias, num_groups=num_groups, group_size=group_size,
                      fast_variance=False, single_element=True, **kwargs)
+
+
+def filter_response_norm(x: Any, scale: Any, bias: Any, tau: Any, *, channel_axis: int,
+                         dtype: Any, **kwargs: Any) -> jax.Array:
+  """`nj.filter_response_norm` in flax's dtypes (output `dtype`, else promoted)."""
+  x, out = _input(x, (scale, bias, tau), dtype)
+  return _frn(x, scale, bias, tau, channel_axis=channel_axis, **kwargs).astype(out)

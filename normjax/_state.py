@@ -93,3 +93,19 @@ def update_running_stats(stats: BatchStats, batch_mean: jax.Array, batch_var: ja
 # name. A process that loads such a program without importing normjax registers any
 # namedtuple with the fields `mean`, `var`, `count` under the same name.
 jax.export.register_namedtuple_serialization(BatchStats, serialized_name="normjax.BatchStats")
+
+
+class SpectralState(NamedTuple):
+  """Power-iteration state of a spectrally normalized kernel; a pytree passed in and returned.
+
+  Attributes:
+    u: `[C_out]` estimate of the leading right singular vector of the kernel viewed as a
+      matrix `[prod(shape[:-1]), C_out]` (float32, or float64 for a float64 kernel).
+    sigma: scalar, the last estimate of the largest singular value (same dtype as `u`).
+  """
+  u: jax.Array
+  sigma: jax.Array
+
+
+jax.export.register_namedtuple_serialization(SpectralState,
+                                             serialized_name="normjax.SpectralState")

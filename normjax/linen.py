@@ -40,9 +40,12 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
 from normjax import _flax
+from normjax import _state
+from normjax import weights as _weights
 from normjax._state import BatchStats
 
-__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm")
+__all__ = ("BatchNorm", "FilterResponseNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
+           "SpectralNorm", "WSConv", "WeightNorm")
 
 
 def _affine(module: nn.Module, shape: tuple[int, ...], bias: bool = True):
@@ -337,3 +340,160 @@ class GroupNorm(nn.Module):
                             feature_axis=self.feature_axis, dtype=self.dtype, mask=mask,
                             num_groups=self.num_groups, group_size=self.group_size,
                             eps=self.epsilon, axis_name=self.axis_name)
+
+
+class FilterResponseNorm(nn.Module):
+  """Filter response normalization + TLU (`normjax.filter_response_norm`; Singh & Krishnan, 2019).
+
+  `y = max(x * rsqrt(mean(x**2) + eps) * scale + bias, tau)`, the mean per example and channel
+  over the spatial axes. Axis 0 is the batch axis.
+
+  Attributes:
+    epsilon: the fixed `eps` (default 1e-6); with `learned_epsilon`, its lower bound.
+    learned_epsilon: learn `eps = epsilon + |eps_l|` (param `eps`, a scalar), as the paper
+      does for `1x1` feature maps.
+    dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as in `BatchNorm`.
+    use_tau: apply the TLU with a learned `[C]` threshold `tau`.
+    tau_init: initializer of `tau` (zeros: a ReLU at the start).
+    epsilon_init: initializer of `eps` (1e-4, as in the paper).
+    feature_axis: the channel axis, -1 (NHWC); 1 for channels-first input.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, normjax.linen as njnn
+    >>> x = jnp.array([[[2.0], [-2.0]]])                # [N=1, L=2, C=1]
+    >>> frn = njnn.FilterResponseNorm(epsilon=0.0)
+    >>> variables = frn.init(jax.random.key(0), x)
+    >>> sorted(variables["params"])
+    ['bias', 'scale', 'tau']
+    >>> frn.apply(variables, x)[..., 0]
+    Array([[1., 0.]], dtype=float32)
+  """
+  epsilon: float = 1e-6
+  learned_epsilon: bool = False
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  use_tau: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  tau_init: Initializer = initializers.zeros
+  epsilon_init: Initializer = initializers.constant(1e-4)
+  feature_axis: int = -1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """Normalizes `x`; `mask` (bool, broadcastable to `x`) selects what enters `mean(x**2)`."""
+    axis = _flax.feature_axes(self.feature_axis, jnp.ndim(x), "feature_axis")
+    shape = (jnp.shape(x)[axis[0]],)
+    scale, bias = _affine(self, shape)
+    tau = self.param("tau", self.tau_init, shape, self.param_dtype) if self.use_tau else None
+    eps = self.epsilon
+    if self.learned_epsilon:
+      eps = eps + jnp.abs(self.param("eps", self.epsilon_init, (), self.param_dtype))
+    return _flax.filter_response_norm(x, scale, bias, tau, channel_axis=self.feature_axis,
+                                      eps=eps, dtype=self.dtype, mask=mask)
+
+
+class WSConv(nn.Conv):
+  """`flax.linen.Conv` whose kernel is weight-standardized (`normjax.weight_standardize`;
+  Qiao et al., 2019) over its fan-in (every axis but the last) on every call.
+
+  The attributes and variables are `flax.linen.Conv`'s (the stored `kernel` is the raw one),
+  plus `ws_epsilon`. The paper pairs it with group normalization of the activations.
+
+  Attributes:
+    ws_epsilon: added to the kernel's variance (default 1e-5).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, normjax.linen as njnn
+    >>> block = nn.Sequential([njnn.WSConv(8, (3, 3)), njnn.GroupNorm(num_groups=4), nn.relu])
+    >>> x = jnp.ones((2, 5, 5, 3))
+    >>> variables = block.init(jax.random.key(0), x)
+    >>> block.apply(variables, x).shape
+    (2, 5, 5, 8)
+  """
+  ws_epsilon: float = 1e-5
+
+  def param(self, name: str, init_fn: Any, *init_args: Any, **init_kwargs: Any) -> Any:
+    """`flax.linen.Module.param`; the `kernel` comes back standardized."""
+    value = super().param(name, init_fn, *init_args, **init_kwargs)
+    if name != "kernel":
+      return value
+    return _weights.weight_standardize(value, eps=self.ws_epsilon)
+
+
+class WeightNorm(nn.WeightNorm):
+  """`flax.linen.WeightNorm` (same attributes, variables and call) computed by
+  `normjax.weight_norm`: each selected variable `v` of the wrapped layer is used as
+  `scale * v / sqrt(sum(v**2) + epsilon)`, the sum over every axis but `feature_axes`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, normjax.linen as njnn
+    >>> layer = njnn.WeightNorm(nn.Dense(3))
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 2)))
+    >>> jax.tree.map(jnp.shape, variables["params"])
+    {'layer_instance': {'bias': (3,), 'kernel': (2, 3)}, 'layer_instance/kernel/scale': (3,)}
+  """
+
+  def _l2_normalize(self, path: Any, vs: Any) -> jax.Array:
+    value = jnp.asarray(vs)
+    str_path = (self.layer_instance.name + "/"
+                + jax.tree_util.keystr(path[1:], simple=True, separator="/"))
+    if self.variable_filter and not any(f in str_path for f in self.variable_filter):
+      return value
+    if self.feature_axes is None:
+      feature_axes = ()
+    else:
+      feature_axes = _flax.feature_axes(self.feature_axes, value.ndim, "feature_axes")
+    reduction = tuple(a for a in range(value.ndim) if a not in feature_axes)
+    scale = None
+    if self.use_scale:
+      scale = self.param(str_path + "/scale", self.scale_init,
+                         [value.shape[a] for a in feature_axes], self.param_dtype)
+    dtype = _flax.result_dtype(vs, scale, dtype=self.dtype)
+    compute = _flax.result_dtype(value, scale)
+    g = None if scale is None else scale.astype(compute)
+    return _weights.weight_norm(value.astype(compute), g, axis=reduction,
+                                eps=self.epsilon).astype(dtype)
+
+
+class SpectralNorm(nn.SpectralNorm):
+  """`flax.linen.SpectralNorm` (same attributes, variables, collection and call) computed by
+  `normjax.spectral_normalize`.
+
+  As in flax, every call runs `n_steps` power iterations from the stored `u` and divides by
+  the resulting `sigma`; `update_stats=True` stores the new `u` (`[1, C_out]`, flax's shape)
+  and `sigma`. Variables of rank <= 1 are used unchanged.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, normjax.linen as njnn
+    >>> layer = njnn.SpectralNorm(nn.Dense(3), n_steps=2)
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 2)), update_stats=False)
+    >>> jax.tree.map(jnp.shape, variables["batch_stats"])
+    {'layer_instance/kernel/sigma': (), 'layer_instance/kernel/u': (1, 3)}
+    >>> y, updates = layer.apply(variables, jnp.ones((1, 2)), update_stats=True,
+    ...                          mutable=["batch_stats"])
+  """
+
+  def _spectral_normalize(self, path: Any, vs: Any, update_stats: bool) -> jax.Array:
+    value = jnp.asarray(vs)
+    if value.ndim <= 1 or self.n_steps < 1:
+      return value
+    if value.ndim > 2 and self.error_on_non_matrix:
+      raise ValueError(f"SpectralNorm: the parameter {jax.tree_util.keystr(path)} has rank "
+                       f"{value.ndim} (shape {tuple(value.shape)}) but error_on_non_matrix is "
+                       f"True; expected a matrix.")
+    name = self.layer_instance.name + "/" + "/".join(k.key for k in path[1:])
+    out = value.shape[-1]
+    u = self.variable(self.collection_name, name + "/u", jax.random.normal,
+                      self.make_rng("params") if not self.has_variable(self.collection_name,
+                                                                       name + "/u") else None,
+                      (1, out), self.param_dtype)
+    sigma = self.variable(self.collection_name, name + "/sigma", jnp.ones, (), self.param_dtype)
+    state = _state.SpectralState(u=u.value.reshape(out), sigma=sigma.value)
+    value_bar, new = _weights.spectral_normalize(value, state, train=True, n_steps=self.n_steps,
+                                                 eps=self.epsilon)
+    if update_stats:
+      u.value, sigma.value = new.u.reshape(1, out), new.sigma
+    return value_bar.astype(_flax.result_dtype(vs, new.u, new.sigma, dtype=self.dtype))

@@ -28,10 +28,13 @@ from flax.nnx.nn import initializers
 from flax.typing import Axes, Dtype, Initializer
 
 from normjax import _flax
+from normjax import _state
+from normjax import weights as _weights
 from normjax._state import BatchStats
 from normjax.group import _group_size
 
-__all__ = ("BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm")
+__all__ = ("BatchNorm", "FilterResponseNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
+           "SpectralNorm", "WSConv", "WeightNorm")
 
 _NO_METADATA = MappingProxyType({})
 
@@ -335,3 +338,140 @@ class GroupNorm(nnx.Module):
                             feature_axis=self.feature_axis, dtype=self.dtype, mask=mask,
                             num_groups=self.num_groups, eps=self.epsilon,
                             axis_name=self.axis_name)
+
+
+class FilterResponseNorm(nnx.Module):
+  """Filter response normalization + TLU (`normjax.filter_response_norm`); see
+  `normjax.linen.FilterResponseNorm` for the options. Params `scale`, `bias`, `tau` (`[C]`)
+  and, with `learned_epsilon`, a scalar `eps` (`eps = epsilon + |eps|`).
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> frn = njnnx.FilterResponseNorm(1, epsilon=0.0, rngs=nnx.Rngs(0))
+    >>> frn(jnp.array([[[2.0], [-2.0]]]))[..., 0]
+    Array([[1., 0.]], dtype=float32)
+  """
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-6, learned_epsilon: bool = False,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+               use_bias: bool = True, use_scale: bool = True, use_tau: bool = True,
+               bias_init: Initializer = initializers.zeros_init(),
+               scale_init: Initializer = initializers.ones_init(),
+               tau_init: Initializer = initializers.zeros_init(),
+               epsilon_init: Initializer = initializers.constant(1e-4), feature_axis: int = -1,
+               promote_dtype: Any = _flax.promote_dtype, rngs: nnx.Rngs):
+    shape = (num_features,)
+    self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, _NO_METADATA)
+    self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, _NO_METADATA)
+    self.tau = _param(use_tau, tau_init, rngs, shape, param_dtype, _NO_METADATA)
+    self.eps = _param(learned_epsilon, epsilon_init, rngs, (), param_dtype, _NO_METADATA)
+    _store_options(self, {k: v for k, v in locals().items()
+                          if k not in ("tau_init", "epsilon_init", "shape")})
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """Normalizes `x`; `mask` (bool, broadcastable to `x`) selects what enters `mean(x**2)`."""
+    x, scale, bias, tau = self.promote_dtype(
+        (_flax.check_input(x), _value(self.scale), _value(self.bias), _value(self.tau)),
+        dtype=self.dtype)
+    eps = self.epsilon
+    if self.learned_epsilon:
+      eps = eps + jnp.abs(self.eps[...])
+    return _flax.filter_response_norm(x, scale, bias, tau, channel_axis=self.feature_axis,
+                                      eps=eps, dtype=self.dtype, mask=mask)
+
+
+class _StandardizedConv:
+  """`conv_general_dilated` with its kernel (`rhs`) weight-standardized over the fan-in."""
+
+  def __init__(self, conv: Any, eps: float):
+    self.conv, self.eps = conv, eps
+
+  def __call__(self, lhs, rhs, *args, **kwargs):
+    return self.conv(lhs, _weights.weight_standardize(rhs, eps=self.eps), *args, **kwargs)
+
+
+class WSConv(nnx.Conv):
+  """`flax.nnx.Conv` whose kernel is weight-standardized (`normjax.weight_standardize`) over
+  its fan-in on every call; same arguments and variables (the stored `kernel` is the raw one),
+  plus `ws_epsilon`. Pair it with `GroupNorm`, as the paper recommends.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> conv = njnnx.WSConv(3, 8, (3, 3), rngs=nnx.Rngs(0))
+    >>> gn = njnnx.GroupNorm(8, num_groups=4, rngs=nnx.Rngs(0))
+    >>> gn(conv(jnp.ones((2, 5, 5, 3)))).shape
+    (2, 5, 5, 8)
+  """
+
+  def __init__(self, *args: Any, ws_epsilon: float = 1e-5, **kwargs: Any):
+    super().__init__(*args, **kwargs)
+    self.ws_epsilon = ws_epsilon
+    self.conv_general_dilated = _StandardizedConv(self.conv_general_dilated, ws_epsilon)
+
+
+class WeightNorm(nnx.WeightNorm):
+  """`flax.nnx.WeightNorm` (same arguments, variables and in-place behaviour) computed by
+  `normjax.weight_norm`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> layer = njnnx.WeightNorm(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    >>> layer(jnp.ones((1, 2))).shape
+    (1, 3)
+  """
+
+  def _weightnorm_inplace(self, path: Any, param: Any) -> None:
+    if not self.variable_filter(path, param):
+      return
+    value = param[...]
+    feature_axes = _flax.feature_axes(self.feature_axes, value.ndim, "feature_axes")
+    reduction = tuple(a for a in range(value.ndim) if a not in feature_axes)
+    g = None
+    if self.use_scale:
+      if path not in self.scales:
+        raise RuntimeError(f"WeightNorm: no scale for the param {path}; the parameters of the "
+                           f"wrapped layer must not change after construction.")
+      g = jnp.reshape(self.scales[path], [value.shape[a] for a in feature_axes])
+    dtype = _flax.result_dtype(value, g, dtype=self.dtype)
+    compute = _flax.result_dtype(value, g)
+    y = _weights.weight_norm(value.astype(compute), None if g is None else g.astype(compute),
+                             axis=reduction, eps=self.epsilon)
+    param.set_value(y.astype(dtype))
+
+
+class SpectralNorm(nnx.SpectralNorm):
+  """`flax.nnx.SpectralNorm` (same arguments, `batch_stats` and in-place behaviour) computed by
+  `normjax.spectral_normalize`; as in flax, the power iteration runs on every call and
+  `update_stats` decides whether `u` and `sigma` are stored.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> layer = njnnx.SpectralNorm(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    >>> layer(jnp.ones((1, 2))).shape
+    (1, 3)
+  """
+
+  def _spectral_normalize_inplace(self, path: Any, orig_param: Any, update_stats: bool) -> None:
+    value = orig_param[...]
+    if value.ndim <= 1 or self.n_steps < 1:
+      return
+    if value.ndim > 2 and self.error_on_non_matrix:
+      raise ValueError(f"SpectralNorm: the parameter {path} has rank {value.ndim} (shape "
+                       f"{tuple(value.shape)}) but error_on_non_matrix is True; expected a matrix.")
+    path_u, path_sigma = path + ("u",), path + ("sigma",)
+    if path_u not in self.batch_stats or path_sigma not in self.batch_stats:
+      raise RuntimeError(f"SpectralNorm: no u/sigma batch stat for the param {path}; the "
+                         f"parameters of the wrapped layer must not change after construction.")
+    out = value.shape[-1]
+    u, sigma = self.batch_stats[path_u], self.batch_stats[path_sigma]
+    state = _state.SpectralState(u=u[...].reshape(out), sigma=sigma[...])
+    value_bar, new = _weights.spectral_normalize(value, state, train=True, n_steps=self.n_steps,
+                                                 eps=self.epsilon)
+    if update_stats:
+      u[...], sigma[...] = new.u.reshape(1, out), new.sigma
+    orig_param[...] = value_bar.astype(_flax.result_dtype(value, new.u, new.sigma,
+                                                          dtype=self.dtype))

@@ -103,3 +103,46 @@ def instance_norm(x, scale=None, bias=None, *, channel_axis=-1, batch_axis=0, ep
   ch = np.shape(x)[channel_axis]
   return group_norm(x, scale, bias, num_groups=ch, channel_axis=channel_axis,
                     batch_axis=batch_axis, eps=eps, mask=mask)
+
+
+def filter_response_norm(x, scale=None, bias=None, tau=None, *, channel_axis=-1, batch_axis=0,
+                         eps=1e-6, mask=None):
+  """nu2 = mean(x**2) over every axis but batch and channel; x / sqrt(nu2 + eps), affine, TLU."""
+  x = _f64(x)
+  c = channel_axis % x.ndim
+  b = None if batch_axis is None else batch_axis % x.ndim
+  axes = tuple(a for a in range(x.ndim) if a not in (b, c))
+  shape = [1] * x.ndim
+  shape[c] = x.shape[c]
+  m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
+  n = np.maximum(m.sum(axis=axes, keepdims=True), 1)
+  nu2 = np.where(m, x * x, 0.0).sum(axis=axes, keepdims=True) / n
+  y = _affine(x / np.sqrt(nu2 + eps), scale, bias, shape)
+  return y if tau is None else np.maximum(y, _f64(tau).reshape(shape))
+
+
+def weight_standardize(w, *, axis=None, eps=1e-5):
+  w = _f64(w)
+  axes = tuple(range(w.ndim - 1)) if axis is None else tuple(np.atleast_1d(axis) % w.ndim)
+  mean = w.mean(axis=axes, keepdims=True)
+  var = ((w - mean) ** 2).mean(axis=axes, keepdims=True)
+  return (w - mean) / np.sqrt(var + eps)
+
+
+def weight_norm(v, g=None, *, axis=None, eps=1e-12):
+  v = _f64(v)
+  axes = tuple(range(v.ndim - 1)) if axis is None else tuple(np.atleast_1d(axis) % v.ndim)
+  kept_shape = [1 if a in axes else v.shape[a] for a in range(v.ndim)]
+  y = v / np.sqrt((v * v).sum(axis=axes, keepdims=True) + eps)
+  return y if g is None else y * _f64(g).reshape(kept_shape)
+
+
+def power_iteration(w, u, n_steps, eps=1e-12):
+  """Returns (u, sigma) after n_steps of v = l2(W u), u = l2(W^T v) on W = w.reshape(-1, out)."""
+  w = _f64(w).reshape(-1, np.shape(w)[-1])
+  u = _f64(u)
+  l2 = lambda a: a / np.sqrt((a * a).sum() + eps)
+  for _ in range(n_steps):
+    v = l2(w @ u)
+    u = l2(w.T @ v)
+  return u, v @ w @ u
