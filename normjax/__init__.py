@@ -11,12 +11,14 @@ from normjax.group import group_norm
 from normjax.group import instance_norm
 from normjax.layer import layer_norm
 from normjax.layer import rms_norm
+from normjax.renorm import batch_renorm
 
 __version__ = "0.1.0"
 
 __all__ = (
     "BatchStats",
     "batch_norm",
+    "batch_renorm",
     "group_norm",
     "init_batch_stats",
     "instance_norm",
