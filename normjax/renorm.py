@@ -63,6 +63,15 @@ def batch_renorm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
     Array([[0.],
            [2.]], dtype=float32)
   """
+  return _batch_norm(x, scale, bias, stats, train=train, channel_axis=channel_axis,
+                     momentum=momentum, eps=eps, mask=mask, axis_name=axis_name,
+                     axis_index_groups=axis_index_groups, unbiased_running_var=False,
+                     fast_variance=False, single_value=False,
+                     renorm=settings(r_max, d_max, warmup_steps))
+
+
+def settings(r_max: Any, d_max: Any, warmup_steps: Any) -> Renorm:
+  """The checked `Renorm` settings (see `batch_renorm` for the errors)."""
   r_max = _axes._real_scalar(r_max, "r_max")
   if not isinstance(r_max, jax.core.Tracer) and not r_max >= 1.0:
     raise ValueError(f"r_max must be >= 1 (r is clipped to [1 / r_max, r_max]; 1 gives r = 1); "
@@ -71,12 +80,7 @@ def batch_renorm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
   if not isinstance(d_max, jax.core.Tracer) and not d_max >= 0.0:
     raise ValueError(f"d_max must be >= 0 (d is clipped to [-d_max, d_max]; 0 gives d = 0); got "
                      f"d_max={d_max!r}.")
-  warmup_steps = _check_steps(warmup_steps)
-  return _batch_norm(x, scale, bias, stats, train=train, channel_axis=channel_axis,
-                     momentum=momentum, eps=eps, mask=mask, axis_name=axis_name,
-                     axis_index_groups=axis_index_groups, unbiased_running_var=False,
-                     fast_variance=False, single_value=False,
-                     renorm=Renorm(r_max, d_max, warmup_steps))
+  return Renorm(r_max, d_max, _check_steps(warmup_steps))
 
 
 def _check_steps(steps: Any) -> Any:
