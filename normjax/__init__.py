@@ -7,6 +7,8 @@ Pure functions with explicit batch-statistics state (state in, new state out); F
 from normjax._state import BatchStats
 from normjax._state import init_batch_stats
 from normjax.batch import batch_norm
+from normjax.fold import fold_batch_norm
+from normjax.fold import fold_linen_params
 from normjax.group import group_norm
 from normjax.group import instance_norm
 from normjax.layer import layer_norm
@@ -19,6 +21,8 @@ __all__ = (
     "BatchStats",
     "batch_norm",
     "batch_renorm",
+    "fold_batch_norm",
+    "fold_linen_params",
     "group_norm",
     "init_batch_stats",
     "instance_norm",
