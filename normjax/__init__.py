@@ -14,6 +14,8 @@ from normjax.group import instance_norm
 from normjax.layer import layer_norm
 from normjax.layer import rms_norm
 from normjax.renorm import batch_renorm
+from normjax.torch_interop import from_torch_state_dict
+from normjax.torch_interop import to_torch_state_dict
 
 __version__ = "0.1.0"
 
@@ -23,9 +25,11 @@ __all__ = (
     "batch_renorm",
     "fold_batch_norm",
     "fold_linen_params",
+    "from_torch_state_dict",
     "group_norm",
     "init_batch_stats",
     "instance_norm",
     "layer_norm",
     "rms_norm",
+    "to_torch_state_dict",
 )
