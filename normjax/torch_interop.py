@@ -129,7 +129,7 @@ def to_torch_state_dict(*, scale: Any = None, bias: Any = None, stats: BatchStat
   for k, v in entries.items():
     if v is None:
       continue
-    v = np.asarray(v, np.float32)
+    v = np.array(v, np.float32, copy=True)   # writable (torch.from_numpy needs it)
     if v.ndim != 1 or (shape is not None and v.shape != shape):
       expected = "a 1-D [C] array" if shape is None else f"shape {shape}"
       name = {"weight": "scale", "running_mean": "stats.mean", "running_var": "stats.var"}.get(
@@ -138,5 +138,5 @@ def to_torch_state_dict(*, scale: Any = None, bias: Any = None, stats: BatchStat
     shape = v.shape
     out[prefix + k] = v
   if stats is not None:
-    out[prefix + "num_batches_tracked"] = np.asarray(stats.count, np.int64)
+    out[prefix + "num_batches_tracked"] = np.array(stats.count, np.int64, copy=True)
   return out

@@ -58,3 +58,14 @@ def test_torch_batch_norm_round_trip_and_training_rule():
   bn2 = torch.nn.BatchNorm2d(3)
   bn2.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
   assert int(bn2.num_batches_tracked) == 1
+
+
+def test_from_pytorch_example():
+  pytest.importorskip("torch")
+  import sys, os
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+  try:
+    import from_pytorch
+  finally:
+    sys.path.pop(0)
+  assert from_pytorch.main() < 1e-5
