@@ -29,6 +29,7 @@ from normjax.group import _group_norm
 from normjax.layer import layer_norm as _layer_norm
 from normjax.layer import rms_norm as _rms_norm
 from normjax.response import filter_response_norm as _frn
+from normjax.renorm import settings as _renorm_settings
 
 
 def result_dtype(*args: Any, dtype: Any = None) -> jnp.dtype:
@@ -139,6 +140,16 @@ def batch_norm(x: Any, scale: Any, bias: Any, stats: BatchStats, *, axis: Any, d
   new = new._replace(mean=new.mean.reshape(jnp.shape(stats.mean)),
                      var=new.var.reshape(jnp.shape(stats.var)))
   return undo(y).astype(out), new
+
+
+def batch_renorm(x: Any, scale: Any, bias: Any, stats: BatchStats, *, axis: Any, dtype: Any,
+                 r_max: Any, d_max: Any, warmup_steps: Any, **kwargs: Any
+                 ) -> tuple[jax.Array, BatchStats]:
+  """`nj.batch_renorm` with flax's feature `axis` (as `batch_norm` here); in evaluation, or
+  with `r_max=None` (flax's `init`, which normalizes with plain batch statistics), batch norm."""
+  renorm = None if r_max is None else _renorm_settings(r_max, d_max, warmup_steps)
+  return batch_norm(x, scale, bias, stats, axis=axis, dtype=dtype, renorm=renorm,
+                    unbiased_running_var=False, **kwargs)
 
 
 def layer_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_axes: Any,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,8 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
                *, train: bool, channel_axis: int = -1, momentum: float | None = 0.99,
                eps: float = 1e-5, mask: jax.Array | None = None, axis_name: Any = None,
                axis_index_groups: Any = None, unbiased_running_var: bool = False,
-               fast_variance: bool = False) -> tuple[jax.Array, BatchStats]:
+               fast_variance: bool = False,
+               virtual_batch_size: int | None = None) -> tuple[jax.Array, BatchStats]:
   """Batch normalization (Ioffe & Szegedy, 2015) with explicit running statistics.
 
   In training, `y = (x - E[x]) / sqrt(Var[x] + eps) * scale + bias` with the biased statistics of
@@ -50,6 +51,12 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     unbiased_running_var: store `n / (n - 1)` times the batch variance in the running `var`, as
       PyTorch does (normalization always uses the biased variance).
     fast_variance: one-pass variance `E[x^2] - E[x]^2`, less accurate for large means.
+    virtual_batch_size: ghost batch norm (Hoffer et al., 2017), training only: axis 0 (`N`) is
+      split into `N / k` consecutive groups of `k = virtual_batch_size` examples, each
+      normalized with its own statistics; the running statistics are updated once, with the
+      mean over groups of the group means and of the group variances. None (the default)
+      normalizes the whole batch at once. With `axis_name`, group `i` of every device is
+      normalized together. Evaluation ignores it.
 
   Returns:
     `(y, new_stats)`: `y` of `x.shape` and `x.dtype`, and the updated (training) or the same
@@ -63,7 +70,8 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     ValueError: an out-of-range axis, a `scale`/`bias`/`stats` shape other than `[C]` (a
       non-scalar `stats.count`), `momentum` outside [0, 1], a negative, NaN or infinite `eps`,
       `axis_index_groups` without `axis_name` (or of unequal groups), a mask not broadcastable
-      to `x`, or training with a single value per channel.
+      to `x`, training with a single value per channel, or a `virtual_batch_size` < 1 or not
+      dividing `N` (a non-int one is a TypeError).
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
@@ -76,18 +84,27 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
                      momentum=momentum, eps=eps, mask=mask, axis_name=axis_name,
                      axis_index_groups=axis_index_groups,
                      unbiased_running_var=unbiased_running_var, fast_variance=fast_variance,
-                     single_value=False)
+                     single_value=False, virtual_batch_size=virtual_batch_size)
+
+
+class Renorm(NamedTuple):
+  """Batch renormalization's settings (`normjax.renorm.batch_renorm`), checked."""
+  r_max: Any           # float >= 1, or a traced scalar
+  d_max: Any           # float >= 0, or a traced scalar
+  warmup_steps: Any    # int >= 0, or a traced integer scalar
 
 
 def _batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, stats: BatchStats,
                 *, train: bool, channel_axis: int, momentum: float | None, eps: float,
                 mask: jax.Array | None, axis_name: Any, axis_index_groups: Any,
-                unbiased_running_var: bool, fast_variance: bool,
-                single_value: bool) -> tuple[jax.Array, BatchStats]:
+                unbiased_running_var: bool, fast_variance: bool, single_value: bool,
+                virtual_batch_size: int | None = None,
+                renorm: Renorm | None = None) -> tuple[jax.Array, BatchStats]:
   """`batch_norm`; `single_value=True` also trains on one value per channel (flax's behaviour).
 
   With one value per channel the batch mean is that value and the batch variance 0, so the
   output is `bias` (0 without bias) and the derivatives are finite. Used by the Flax modules.
+  `renorm` (checked settings) makes it batch renormalization (`normjax.renorm`).
   """
   x = _axes.check_floating(x)
   train = _axes.check_bool(train, "train",
@@ -106,6 +123,13 @@ def _batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, s
       "True to store the unbiased variance n / (n - 1) * var, as PyTorch does")
   fast_variance = _axes.check_bool(fast_variance, "fast_variance",
                                    "True for the one-pass variance")
+  if virtual_batch_size is not None:
+    virtual_batch_size = _axes.check_positive_int(virtual_batch_size, "virtual_batch_size")
+    if x.ndim < 2 or c_axis == 0 or x.shape[0] % virtual_batch_size:
+      raise ValueError(
+          f"virtual_batch_size={virtual_batch_size} must divide the batch axis 0 of x (into "
+          f"groups of consecutive examples), which must not be the channel axis; got x of shape "
+          f"{tuple(x.shape)} with channel_axis={channel_axis}.")
   per_channel = lambda p: _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
 
   if not train:
@@ -114,24 +138,41 @@ def _batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, s
                             var=per_channel(stats.var.astype(dtype)), count=None)
     return _core.normalize(x, running, per_channel(scale), per_channel(bias), eps), stats
 
-  reduce_axes = tuple(a for a in range(x.ndim) if a != c_axis)
+  xg, mg, cg = x, mask, c_axis
+  if virtual_batch_size is not None:  # ghost batch norm: [N, ...] -> [N / k, k, ...]
+    split = lambda a: a.reshape((-1, virtual_batch_size) + a.shape[1:])
+    xg, mg, cg = split(x), None if mask is None else split(mask), c_axis + 1
+  kept = (cg,) if virtual_batch_size is None else (0, cg)
+  reduce_axes = tuple(a for a in range(xg.ndim) if a not in kept)
   devices = _axes.axis_size(axis_name, axis_index_groups)
   if (not single_value and mask is None and devices is not None and
-      _axes.reduced_size(x.shape, reduce_axes) * devices == 1):
+      _axes.reduced_size(xg.shape, reduce_axes) * devices == 1):
     raise ValueError(f"batch_norm with train=True needs more than 1 value per channel; got x of "
                      f"shape {tuple(x.shape)} with channel_axis={channel_axis} (and {devices} "
-                     f"device(s) along axis_name={axis_name!r}). Use a larger batch, or train=False.")
-  y, batch = _dispatch.standardize(x, reduce_axes, per_channel(scale), per_channel(bias), eps,
-                                   mask=mask, axis_name=axis_name,
-                                   axis_index_groups=axis_index_groups,
-                                   fast_variance=fast_variance)
+                     f"device(s) along axis_name={axis_name!r}, virtual_batch_size="
+                     f"{virtual_batch_size}). Use a larger batch, or train=False.")
+  as_kept = lambda p: _axes.broadcast_to_axes(p, xg.ndim, (cg,))
+  kw = dict(mask=mg, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            fast_variance=fast_variance)
+  if renorm is None:
+    y, batch = _dispatch.standardize(xg, reduce_axes, as_kept(scale), as_kept(bias), eps, **kw)
+  else:
+    xhat, batch = _dispatch.standardize(xg, reduce_axes, None, None, eps, **kw)
+    active = stats.count >= jnp.asarray(renorm.warmup_steps, stats.count.dtype)
+    y = _core.renormalize(xhat, batch, as_kept(stats.mean), as_kept(stats.var), as_kept(scale),
+                          as_kept(bias), eps, renorm.r_max, renorm.d_max, active)
+  y = y.reshape(x.shape)
 
-  batch_mean = lax.stop_gradient(batch.mean).reshape(num_channels)
-  batch_var = lax.stop_gradient(batch.var).reshape(num_channels)
-  count = jnp.broadcast_to(batch.count, batch.var.shape).reshape(num_channels)
+  per_group = lambda v: jnp.broadcast_to(v, batch.var.shape).reshape(-1, num_channels)
+  batch_mean = per_group(lax.stop_gradient(batch.mean))
+  batch_var = per_group(lax.stop_gradient(batch.var))
+  count = per_group(batch.count)
   if unbiased_running_var:
     batch_var = batch_var * count / jnp.maximum(count - 1, jnp.ones((), count.dtype))
-  new_stats = update_running_stats(stats, batch_mean, batch_var, count > 0, momentum)
+  # One group, or ghost batch norm's mean over the groups of the group statistics.
+  new_stats = update_running_stats(stats, jnp.mean(batch_mean, axis=0),
+                                   jnp.mean(batch_var, axis=0), jnp.sum(count, axis=0) > 0,
+                                   momentum)
   return y, new_stats
 
 

@@ -44,8 +44,8 @@ from normjax import _state
 from normjax import weights as _weights
 from normjax._state import BatchStats
 
-__all__ = ("BatchNorm", "FilterResponseNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
-           "SpectralNorm", "WSConv", "WeightNorm")
+__all__ = ("BatchNorm", "BatchRenorm", "FilterResponseNorm", "GroupNorm", "InstanceNorm",
+           "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv", "WeightNorm")
 
 
 def _affine(module: nn.Module, shape: tuple[int, ...], bias: bool = True):
@@ -81,6 +81,8 @@ class BatchNorm(nn.Module):
     force_float32_reductions: False stores `batch_stats` in `param_dtype` (as flax does);
       reductions are in at least float32 either way.
     unbiased_running_var: store the unbiased `n / (n - 1)` batch variance in `var` (PyTorch).
+    virtual_batch_size: ghost batch norm in training: groups of this many consecutive
+      examples along axis 0 are normalized separately (`normjax.batch_norm`).
 
   Example:
     >>> import jax, jax.numpy as jnp, normjax.linen as njnn
@@ -106,6 +108,7 @@ class BatchNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   unbiased_running_var: bool = False
+  virtual_batch_size: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
@@ -147,11 +150,100 @@ class BatchNorm(nn.Module):
         train=not use_running_average, momentum=self.momentum, eps=self.epsilon,
         axis_name=None if init else self.axis_name,
         axis_index_groups=None if init else self.axis_index_groups,
-        unbiased_running_var=self.unbiased_running_var)
+        unbiased_running_var=self.unbiased_running_var,
+        virtual_batch_size=None if init else self.virtual_batch_size)
     if update:
       mean.value, var.value = new.mean, new.var
       if count is not None:
         count.value = new.count
+    return y
+
+
+class BatchRenorm(nn.Module):
+  """Batch renormalization (`normjax.batch_renorm`, Ioffe 2017) as a linen module.
+
+  Attributes are `BatchNorm`'s (without `momentum=None`, `unbiased_running_var`,
+  `virtual_batch_size`) plus `r_max`, `d_max` and `warmup_steps`. `batch_stats` holds `mean`,
+  `var` and `count` (int32, the training steps so far, which drives the warmup). As flax's
+  `BatchNorm`, `init` normalizes with plain batch statistics and updates nothing.
+
+  Loading sbx's `BatchRenorm` (`sbx.common.jax_layers`, widely copied): its `batch_stats` hold
+  `mean`, `var`, `r_max`, `d_max` and `steps`. Such variables load unchanged: `steps` is used
+  as the count (and written back, incremented, in training), and the stored `r_max`/`d_max`
+  replace the attributes. Its attributes map as `use_running_average`, `axis`, `momentum`,
+  `epsilon` (same names; sbx's default epsilon is 1e-3) and `warm_up_steps` ->
+  `warmup_steps` (sbx's default 100_000). The normalization differs from sbx's in where `eps`
+  enters: sbx normalizes `x` with the corrected statistics `var_B / r**2` and
+  `mu_B - d * sqrt(var_B) / r` and then adds `eps` to that variance, i.e.
+  `y = (x - mu_B + d * sqrt(var_B) / r) / sqrt(var_B / r**2 + eps)`, which equals the paper's
+  `(x - mu_B) / sigma_B * r + d` (ours, with `sigma_B = sqrt(var_B + eps)`) only as
+  `eps -> 0`; sbx's batch variance is also flax's one-pass one by default. Expect differences
+  of order `eps / var_B` against outputs computed by sbx; the running statistics follow the
+  same rule.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, normjax.linen as njnn
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> brn = njnn.BatchRenorm(momentum=0.9, warmup_steps=10)
+    >>> variables = brn.init(jax.random.key(1), x, use_running_average=False)
+    >>> y, updates = brn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    >>> int(updates["batch_stats"]["count"])
+    1
+  """
+  use_running_average: bool | None = None
+  axis: int | tuple[int, ...] = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  r_max: Any = 3.0
+  d_max: Any = 5.0
+  warmup_steps: Any = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Normalizes `x`; in training (not during `init`) updates `batch_stats` (mutable).
+
+    Args:
+      x: floating input.
+      use_running_average: True for the stored statistics; here or as the attribute.
+      mask: optional bool array broadcastable to `x`; True elements enter the statistics.
+    """
+    use_running_average = nn.merge_param("use_running_average", self.use_running_average,
+                                         use_running_average)
+    feature_axes = _flax.feature_axes(self.axis, jnp.ndim(x), "axis")
+    shape = tuple(jnp.shape(x)[a] for a in feature_axes)
+    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+    mean = self.variable("batch_stats", "mean", jnp.zeros, shape, stats_dtype)
+    var = self.variable("batch_stats", "var", jnp.ones, shape, stats_dtype)
+    sbx = self.has_variable("batch_stats", "steps")   # variables made by sbx's BatchRenorm
+    count = self.variable("batch_stats", "steps" if sbx else "count", jnp.zeros, (), jnp.int32)
+    r_max, d_max = self.r_max, self.d_max
+    if sbx and self.has_variable("batch_stats", "r_max"):
+      r_max = self.get_variable("batch_stats", "r_max")
+    if sbx and self.has_variable("batch_stats", "d_max"):
+      d_max = self.get_variable("batch_stats", "d_max")
+    init = self.is_initializing()
+    update = not use_running_average and not init
+    scale, bias = _affine(self, shape)
+    stats = BatchStats(mean.value, var.value, jnp.asarray(count.value, jnp.int32))
+    y, new = _flax.batch_renorm(
+        x, scale, bias, stats, axis=self.axis, dtype=self.dtype, mask=mask,
+        train=not use_running_average, momentum=self.momentum, eps=self.epsilon,
+        r_max=None if init else r_max, d_max=d_max, warmup_steps=self.warmup_steps,
+        axis_name=None if init else self.axis_name,
+        axis_index_groups=None if init else self.axis_index_groups)
+    if update:
+      mean.value, var.value, count.value = new.mean, new.var, new.count
     return y
 
 

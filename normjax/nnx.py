@@ -33,8 +33,8 @@ from normjax import weights as _weights
 from normjax._state import BatchStats
 from normjax.group import _group_size
 
-__all__ = ("BatchNorm", "FilterResponseNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
-           "SpectralNorm", "WSConv", "WeightNorm")
+__all__ = ("BatchNorm", "BatchRenorm", "FilterResponseNorm", "GroupNorm", "InstanceNorm",
+           "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv", "WeightNorm")
 
 _NO_METADATA = MappingProxyType({})
 
@@ -79,6 +79,8 @@ class BatchNorm(nnx.Module):
     use_fast_variance: accepted for compatibility, ignored (the variance is always stable).
     promote_dtype: `fn((x, mean, var, scale, bias), dtype=...)` as in flax.
     unbiased_running_var: store the unbiased `n / (n - 1)` batch variance (PyTorch).
+    virtual_batch_size: ghost batch norm in training: groups of this many consecutive
+      examples along axis 0 are normalized separately (`normjax.batch_norm`).
     rngs: the `nnx.Rngs` the parameters are drawn from.
     bias_metadata, scale_metadata: metadata of the `nnx.Param`s.
 
@@ -101,7 +103,7 @@ class BatchNorm(nnx.Module):
                scale_init: Initializer = initializers.ones_init(), axis_name: str | None = None,
                axis_index_groups: Any = None, use_fast_variance: bool = True,
                promote_dtype: Any = _flax.promote_dtype, unbiased_running_var: bool = False,
-               rngs: nnx.Rngs, bias_metadata: Any = _NO_METADATA,
+               virtual_batch_size: int | None = None, rngs: nnx.Rngs, bias_metadata: Any = _NO_METADATA,
                scale_metadata: Any = _NO_METADATA):
     self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
@@ -134,7 +136,8 @@ class BatchNorm(nnx.Module):
     y, new = _flax.batch_norm(
         x, scale, bias, stats, axis=self.axis, dtype=self.dtype, mask=mask, train=train,
         momentum=self.momentum, eps=self.epsilon, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups, unbiased_running_var=self.unbiased_running_var)
+        axis_index_groups=self.axis_index_groups, unbiased_running_var=self.unbiased_running_var,
+        virtual_batch_size=self.virtual_batch_size)
     if train:
       self.mean[...], self.var[...] = new.mean, new.var
       if self.momentum is None:
@@ -148,6 +151,74 @@ class BatchNorm(nnx.Module):
       use_running_average: if True, the stored batch statistics are used instead of the
         statistics of the input (evaluation); False for training; None leaves it unchanged.
     """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+
+class BatchRenorm(nnx.Module):
+  """Batch renormalization (`normjax.batch_renorm`, Ioffe 2017) as an NNX module.
+
+  Constructed as `BatchNorm` (without `momentum=None`, `unbiased_running_var` and
+  `virtual_batch_size`) plus `r_max`, `d_max` and `warmup_steps`; holds `nnx.BatchStat`s
+  `mean`, `var` and `count` (int32, the training steps so far, which drives the warmup).
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> brn = njnnx.BatchRenorm(3, warmup_steps=10, rngs=nnx.Rngs(0))
+    >>> y = brn(jnp.arange(12.0).reshape(4, 3))      # training mode
+    >>> int(brn.count[...])
+    1
+  """
+
+  def __init__(self, num_features: int, *, use_running_average: bool | None = False,
+               axis: int | tuple[int, ...] = -1, momentum: float = 0.99,
+               epsilon: float = 1e-5, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
+               bias_init: Initializer = initializers.zeros_init(),
+               scale_init: Initializer = initializers.ones_init(), axis_name: str | None = None,
+               axis_index_groups: Any = None, use_fast_variance: bool = True,
+               promote_dtype: Any = _flax.promote_dtype, r_max: Any = 3.0, d_max: Any = 5.0,
+               warmup_steps: Any = 0, rngs: nnx.Rngs, bias_metadata: Any = _NO_METADATA,
+               scale_metadata: Any = _NO_METADATA):
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
+    self.bias = _param(use_bias, bias_init, rngs, (num_features,), param_dtype, bias_metadata)
+    _store_options(self, locals())
+
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Normalizes `x`; in training mode updates `mean`, `var` and `count`.
+
+    Args:
+      x: floating input.
+      use_running_average: overrides the attribute for this call.
+      mask: optional bool array broadcastable to `x`; True elements enter the statistics.
+    """
+    use_running_average = first_from(
+        use_running_average, self.use_running_average,
+        error_msg="No use_running_average was given to BatchRenorm: pass it to the "
+                  "constructor, to the call, or set it with model.train() / model.eval().")
+    x, mean, var, scale, bias = self.promote_dtype(
+        (_flax.check_input(x), self.mean[...], self.var[...], _value(self.scale),
+         _value(self.bias)), dtype=self.dtype)
+    train = not use_running_average
+    stats = (BatchStats(self.mean[...], self.var[...], self.count[...]) if train
+             else BatchStats(mean, var, self.count[...]))
+    y, new = _flax.batch_renorm(
+        x, scale, bias, stats, axis=self.axis, dtype=self.dtype, mask=mask, train=train,
+        momentum=self.momentum, eps=self.epsilon, r_max=self.r_max, d_max=self.d_max,
+        warmup_steps=self.warmup_steps, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups)
+    if train:
+      self.mean[...], self.var[...], self.count[...] = new.mean, new.var, new.count
+    return y
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by `nnx.view(model, use_running_average=...)`: True for evaluation."""
     if use_running_average is not None:
       self.use_running_average = use_running_average
 

@@ -345,3 +345,76 @@ def test_bad_inputs_raise():
     module.apply(variables, jnp.ones(SHAPE), mask=jnp.ones((3,), bool))
   with pytest.raises(TypeError, match="boolean"):
     module.apply(variables, jnp.ones(SHAPE), mask=jnp.ones(SHAPE))
+
+
+# --- BatchRenorm and ghost batch norm (issue 12) ---
+
+def _renorm_steps(module, variables, xs, **call):
+  """Runs training steps; returns the outputs and the final variables."""
+  ys = []
+  for x in xs:
+    y, upd = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"],
+                          **call)
+    variables = {**variables, "batch_stats": upd["batch_stats"]}
+    ys.append(y)
+  return ys, variables
+
+
+def test_batch_renorm_module_matches_the_function():
+  import normjax as nj
+  xs = [jnp.asarray(np.random.default_rng(i).normal(i, 1 + i, (6, 4)), jnp.float32)
+        for i in range(4)]
+  brn = njnn.BatchRenorm(momentum=0.8, r_max=1.5, d_max=0.5, warmup_steps=1,
+                         scale_init=nn.initializers.constant(2.0))
+  variables = brn.init(jax.random.key(0), xs[0], use_running_average=False)
+  assert set(variables["batch_stats"]) == {"mean", "var", "count"}
+  ys, variables = _renorm_steps(brn, variables, xs)
+  stats = nj.init_batch_stats(4)
+  for x, y in zip(xs, ys):
+    y_ref, stats = nj.batch_renorm(x, 2.0 * jnp.ones(4), jnp.zeros(4), stats, train=True,
+                                   momentum=0.8, r_max=1.5, d_max=0.5, warmup_steps=1)
+    np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(variables["batch_stats"]["var"], stats.var)
+  assert int(variables["batch_stats"]["count"]) == 4
+  y_eval = brn.apply(variables, xs[0], use_running_average=True)
+  np.testing.assert_array_equal(
+      y_eval, nj.batch_norm(xs[0], 2.0 * jnp.ones(4), jnp.zeros(4), stats, train=False)[0])
+
+
+def test_batch_renorm_loads_and_continues_sbx_variables():
+  """A tree of the shape sbx's BatchRenorm makes: batch_stats {mean, var, r_max, d_max, steps}."""
+  import normjax as nj
+  rng = np.random.default_rng(0)
+  mean, var = rng.normal(size=3).astype(np.float32), (1 + rng.random(3)).astype(np.float32)
+  sbx_tree = {"params": {"scale": jnp.ones(3), "bias": jnp.zeros(3)},
+              "batch_stats": {"mean": jnp.asarray(mean), "var": jnp.asarray(var),
+                              "r_max": jnp.asarray(2), "d_max": jnp.asarray(1),
+                              "steps": jnp.asarray(7)}}
+  # sbx's attributes: use_running_average, axis, momentum, epsilon, warm_up_steps=5.
+  brn = njnn.BatchRenorm(use_running_average=False, axis=-1, momentum=0.9, epsilon=1e-3,
+                         warmup_steps=5)
+  x = jnp.asarray(rng.normal(3.0, 4.0, (8, 3)), jnp.float32)
+  y, upd = jax.jit(lambda v, x: brn.apply(v, x, mutable=["batch_stats"]))(sbx_tree, x)
+  stats = nj.BatchStats(jnp.asarray(mean), jnp.asarray(var), jnp.asarray(7, jnp.int32))
+  y_ref, new = nj.batch_renorm(x, jnp.ones(3), jnp.zeros(3), stats, train=True, r_max=2.0,
+                               d_max=1.0, warmup_steps=5, momentum=0.9, eps=1e-3)
+  np.testing.assert_allclose(y, y_ref, 1e-6, 1e-6)
+  assert set(upd["batch_stats"]) == {"mean", "var", "r_max", "d_max", "steps"}
+  assert int(upd["batch_stats"]["steps"]) == 8
+  np.testing.assert_array_equal(upd["batch_stats"]["mean"], new.mean)
+  # The stored r_max / d_max (2, 1) are used, not the attribute defaults (3, 5).
+  y_default, _ = nj.batch_renorm(x, jnp.ones(3), jnp.zeros(3), stats, train=True,
+                                 warmup_steps=5, momentum=0.9, eps=1e-3)
+  assert not np.allclose(y, y_default, atol=1e-3)
+
+
+def test_batch_norm_virtual_batch_size():
+  import normjax as nj
+  x = jnp.asarray(np.random.default_rng(1).normal(2.0, 3.0, (8, 2, 3)), jnp.float32)
+  bn = njnn.BatchNorm(momentum=0.9, virtual_batch_size=4)
+  variables = bn.init(jax.random.key(0), x, use_running_average=False)
+  y, upd = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  y_ref, new = nj.batch_norm(x, jnp.ones(3), jnp.zeros(3), nj.init_batch_stats(3), train=True,
+                             momentum=0.9, virtual_batch_size=4)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(upd["batch_stats"]["var"], new.var)

@@ -282,3 +282,35 @@ def test_momentum_none_loaded_from_flax_needs_its_count_set():
   np.testing.assert_allclose(ours.mean[...], (3 * loaded["mean"] + x64.mean((0, 1, 2))) / 4,
                              rtol=1e-5, atol=1e-6)
   assert int(ours.count[...]) == 4
+
+
+# --- BatchRenorm and ghost batch norm (issue 12) ---
+
+def test_batch_renorm_module_matches_the_function():
+  import normjax as nj
+  xs = [jnp.asarray(np.random.default_rng(i).normal(i, 1 + i, (6, 4)), jnp.float32)
+        for i in range(4)]
+  brn = njnnx.BatchRenorm(4, momentum=0.8, r_max=1.5, d_max=0.5, warmup_steps=1,
+                          rngs=nnx.Rngs(0))
+  stats = nj.init_batch_stats(4)
+  for x in xs:
+    y = brn(x)
+    y_ref, stats = nj.batch_renorm(x, jnp.ones(4), jnp.zeros(4), stats, train=True,
+                                   momentum=0.8, r_max=1.5, d_max=0.5, warmup_steps=1)
+    np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(brn.var[...], stats.var)
+  assert int(brn.count[...]) == 4
+  brn.eval()
+  np.testing.assert_array_equal(
+      brn(xs[0]), nj.batch_norm(xs[0], jnp.ones(4), jnp.zeros(4), stats, train=False)[0])
+
+
+def test_batch_norm_virtual_batch_size():
+  import normjax as nj
+  x = jnp.asarray(np.random.default_rng(1).normal(2.0, 3.0, (8, 3)), jnp.float32)
+  bn = njnnx.BatchNorm(3, momentum=0.9, virtual_batch_size=2, rngs=nnx.Rngs(0))
+  y = bn(x)
+  y_ref, new = nj.batch_norm(x, jnp.ones(3), jnp.zeros(3), nj.init_batch_stats(3), train=True,
+                             momentum=0.9, virtual_batch_size=2)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(bn.var[...], new.var)

@@ -1,0 +1,126 @@
+"""Folding an evaluation-mode batch norm into the preceding Dense/Conv layer, for inference."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from normjax import _axes
+from normjax import _core
+from normjax._state import BatchStats
+
+
+def fold_batch_norm(kernel: jax.Array, bias: jax.Array | None, scale: jax.Array | None,
+                    bn_bias: jax.Array | None, stats: BatchStats, *, eps: float = 1e-5,
+                    out_axis: int = -1) -> tuple[jax.Array, jax.Array]:
+  """The kernel and bias of a Dense/Conv with an evaluation-mode batch norm folded in.
+
+  With `f = scale / sqrt(stats.var + eps)`: `kernel' = kernel * f` along `out_axis` and
+  `bias' = (bias - stats.mean) * f + bn_bias`, so that
+  `conv(x, kernel') + bias' == batch_norm(conv(x, kernel) + bias, scale, bn_bias, stats,
+  train=False, eps=eps)` for any linear `conv` (Dense, Conv of any layout).
+
+  Args:
+    kernel: the layer's kernel, with its `C` output features along `out_axis` (flax's Dense
+      `[in, C]` and Conv `[..., in, C]`: -1; PyTorch's Conv `[C, in, ...]`: 0).
+    bias: `[C]` layer bias, or None.
+    scale: `[C]` batch-norm scale, or None.
+    bn_bias: `[C]` batch-norm bias, or None.
+    stats: the running `BatchStats` (`[C]` mean and var).
+    eps: the batch norm's eps.
+    out_axis: the output-feature axis of `kernel`.
+
+  Returns:
+    `(kernel', bias')`: the kernel's shape and dtype, and a `[C]` bias in the dtype of the
+    kernel.
+
+  Raises:
+    ValueError: the size of `kernel` along `out_axis` is not `C`, or a `[C]` argument has
+      another shape.
+    TypeError: non-floating arrays, a non-int `out_axis`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> kernel, stats = jnp.ones((2, 3)), nj.BatchStats(jnp.ones(3), 4 * jnp.ones(3), None)
+    >>> k, b = nj.fold_batch_norm(kernel, None, None, None, stats, eps=0.0)
+    >>> k[0], b
+    (Array([0.5, 0.5, 0.5], dtype=float32), Array([-0.5, -0.5, -0.5], dtype=float32))
+  """
+  kernel = _axes.check_floating(kernel, "kernel")
+  axis = _axes.canonicalize_axis(out_axis, kernel.ndim, "out_axis")
+  c = int(jnp.shape(stats.mean)[0]) if jnp.ndim(stats.mean) == 1 else None
+  if c is None or kernel.shape[axis] != c:
+    raise ValueError(f"kernel must have the {c} channels of stats.mean (shape "
+                     f"{tuple(jnp.shape(stats.mean))}) along out_axis={out_axis}; got kernel of "
+                     f"shape {tuple(kernel.shape)}, with {kernel.shape[axis]} there.")
+  mean = _axes.check_param(stats.mean, "stats.mean", (c,))
+  var = _axes.check_param(stats.var, "stats.var", (c,))
+  bias = _axes.check_param(bias, "bias", (c,))
+  scale = _axes.check_param(scale, "scale", (c,))
+  bn_bias = _axes.check_param(bn_bias, "bn_bias", (c,))
+  eps = _axes.check_eps(eps)
+  dtype = _core.stats_dtype(kernel.dtype)
+  factor = _core.rstd(var.astype(dtype), eps)
+  if scale is not None:
+    factor = factor * scale.astype(dtype)
+  new_bias = -mean.astype(dtype) if bias is None else bias.astype(dtype) - mean.astype(dtype)
+  new_bias = new_bias * factor
+  if bn_bias is not None:
+    new_bias = new_bias + bn_bias.astype(dtype)
+  new_kernel = kernel.astype(dtype) * _axes.broadcast_to_axes(factor, kernel.ndim, (axis,))
+  return new_kernel.astype(kernel.dtype), new_bias.astype(kernel.dtype)
+
+
+def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
+                      pairs: Sequence[tuple[str, str]], *, eps: float = 1e-5) -> dict:
+  """Folds a linen model's Conv/Dense + BatchNorm pairs: the `params` of the folded model.
+
+  For each `(conv_name, bn_name)` pair (names in the top-level `params` dict; a path
+  `"block/conv"` reaches into submodules), the conv's `kernel` and `bias` (made if absent) are
+  replaced by the folded ones (`fold_batch_norm`, `out_axis=-1`) and the batch norm's entry is
+  removed. The recipe: define the model with a switch that builds the conv with
+  `use_bias=True` and no BatchNorm after it (e.g. `bn = (lambda y: y) if fold else
+  nn.BatchNorm(...)`), then `folded.apply({"params": fold_linen_params(...)}, x)` equals
+  `model.apply(variables, x, use_running_average=True)` (tested in tests/test_fold.py).
+
+  Args:
+    params: the trained model's `params` collection.
+    batch_stats: its `batch_stats` collection (`mean` and `var` per BatchNorm).
+    pairs: `(conv_name, bn_name)` pairs, `/`-separated paths.
+    eps: the BatchNorms' epsilon.
+
+  Returns:
+    A new nested dict of params; the input is not modified.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> params = {"conv": {"kernel": jnp.ones((1, 2))}, "bn": {"scale": jnp.ones(2),
+    ...           "bias": jnp.zeros(2)}}
+    >>> stats = {"bn": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}
+    >>> sorted(nj.fold_linen_params(params, stats, [("conv", "bn")], eps=0.0)["conv"])
+    ['bias', 'kernel']
+  """
+  out = jax.tree.map(lambda v: v, _plain(params))
+
+  def get(tree, path):
+    for k in path.split("/"):
+      tree = tree[k]
+    return tree
+
+  for conv_name, bn_name in pairs:
+    conv, bn, st = get(out, conv_name), get(out, bn_name), get(_plain(batch_stats), bn_name)
+    kernel, bias = fold_batch_norm(conv["kernel"], conv.get("bias"), bn.get("scale"),
+                                   bn.get("bias"), BatchStats(st["mean"], st["var"], None),
+                                   eps=eps)
+    conv["kernel"], conv["bias"] = kernel, bias
+    *parent, last = bn_name.split("/")
+    del (get(out, "/".join(parent)) if parent else out)[last]
+  return out
+
+
+def _plain(tree: Mapping[str, Any]) -> dict:
+  """A nested plain-dict copy (FrozenDicts included)."""
+  return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in tree.items()}

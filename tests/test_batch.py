@@ -1,0 +1,74 @@
+"""Ghost batch norm (`batch_norm(virtual_batch_size=k)`) against per-group float64 batch norm."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import normjax as nj
+from tests import reference as ref
+from tests.helpers import as_dtype, rand, tolerance
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape,channel_axis,k", [((12, 5), -1, 4), ((8, 3, 3, 4), -1, 2),
+                                                  ((6, 4, 5), 1, 3), ((6, 3), -1, 6)])
+def test_ghost_batch_norm(use_jit, dtype, shape, channel_axis, k):
+  c = shape[channel_axis]
+  # Groups with different means and spreads, so per-group statistics differ from the batch's.
+  x = np.concatenate([rand((k,) + shape[1:], 20 + g, loc=g, spread=1 + g)
+                      for g in range(shape[0] // k)])
+  x, x64 = as_dtype(x, dtype)
+  scale, bias = rand((c,), 1), rand((c,), 2)
+  mean, var = rand((c,), 3), np.abs(rand((c,), 4)) + 0.5
+  stats = nj.BatchStats(jnp.asarray(mean), jnp.asarray(var), jnp.asarray(0, jnp.int32))
+
+  def fn(x, stats):
+    return nj.batch_norm(x, jnp.asarray(scale), jnp.asarray(bias), stats, train=True,
+                         channel_axis=channel_axis, momentum=0.8, virtual_batch_size=k)
+  y, new = (jax.jit(fn) if use_jit else fn)(x, stats)
+
+  ys, means, vars_ = [], [], []
+  for g in range(shape[0] // k):
+    yg, mg, vg = ref.batch_norm(x64[g * k:(g + 1) * k], scale, bias, np.zeros(c), np.zeros(c),
+                                train=True, channel_axis=channel_axis, momentum=0.0)
+    ys.append(yg)
+    means.append(mg)     # momentum 0: the group's own mean and variance
+    vars_.append(vg)
+  rtol, atol = tolerance(dtype)
+  np.testing.assert_allclose(np.asarray(y, np.float64), np.concatenate(ys), rtol, atol)
+  np.testing.assert_allclose(new.mean, 0.8 * mean + 0.2 * np.mean(means, 0), 1e-5, 1e-5)
+  np.testing.assert_allclose(new.var, 0.8 * var + 0.2 * np.mean(vars_, 0), 1e-5, 1e-5)
+  assert int(new.count) == 1 and y.dtype == dtype
+
+
+def test_ghost_gradients_match_per_group_batch_norm():
+  x = jnp.asarray(rand((8, 3), 5, loc=2.0))
+  g = jnp.asarray(rand((8, 3), 6))
+  stats = nj.init_batch_stats(3)
+
+  def ghost(x):
+    return jnp.sum(g * nj.batch_norm(x, None, None, stats, train=True, virtual_batch_size=4)[0])
+
+  def per_group(x):
+    ys = [nj.batch_norm(x[i:i + 4], None, None, stats, train=True)[0] for i in (0, 4)]
+    return jnp.sum(g * jnp.concatenate(ys))
+  np.testing.assert_allclose(jax.grad(ghost)(x), jax.grad(per_group)(x), 1e-5, 1e-5)
+
+
+def test_ghost_is_ignored_in_evaluation():
+  x = jnp.asarray(rand((8, 3), 7))
+  stats = nj.init_batch_stats(3)
+  y, _ = nj.batch_norm(x, None, None, stats, train=False, virtual_batch_size=4)
+  np.testing.assert_array_equal(y, nj.batch_norm(x, None, None, stats, train=False)[0])
+
+
+@pytest.mark.parametrize("k,error,match", [
+    (3, ValueError, "must divide the batch axis 0"), (0, ValueError, "positive int"),
+    (2.0, TypeError, "virtual_batch_size must be a positive int"),
+])
+def test_ghost_bad_sizes(k, error, match):
+  with pytest.raises(error, match=match):
+    nj.batch_norm(jnp.ones((8, 2)), None, None, nj.init_batch_stats(2), train=True,
+                  virtual_batch_size=k)

@@ -1,0 +1,100 @@
+"""fold_batch_norm against batch_norm evaluation after a convolution, and PyTorch's fusion."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import normjax as nj
+import normjax.linen as njnn
+from tests import reference as ref
+from tests.helpers import rand
+
+
+def _conv(x, kernel, bias):  # NHWC, HWIO
+  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   precision=jax.lax.Precision.HIGHEST)
+  return y if bias is None else y + jnp.asarray(bias).reshape(1, 1, 1, -1)
+
+
+@pytest.mark.parametrize("with_bias,with_affine", [(True, True), (False, True), (True, False)])
+def test_fold_conv_matches_batch_norm_eval(with_bias, with_affine):
+  x = rand((2, 5, 5, 3), 1)
+  kernel, c = rand((3, 3, 3, 4), 2), 4
+  bias = rand((c,), 3) if with_bias else None
+  scale, bn_bias = (rand((c,), 4), rand((c,), 5)) if with_affine else (None, None)
+  mean, var = rand((c,), 6), np.abs(rand((c,), 7)) + 0.1
+  stats = nj.BatchStats(jnp.asarray(mean), jnp.asarray(var), jnp.zeros((), jnp.int32))
+  k2, b2 = nj.fold_batch_norm(kernel, bias, scale, bn_bias, stats, eps=1e-3)
+  y = _conv(jnp.asarray(x), k2, b2)
+  # float64 reference: the (float64) conv output through the NumPy batch norm.
+  conv64 = np.asarray(_conv(jnp.asarray(x), jnp.asarray(kernel), bias), np.float64)
+  y_ref, _, _ = ref.batch_norm(conv64, scale, bn_bias, mean, var, train=False, eps=1e-3)
+  np.testing.assert_allclose(y, y_ref, 1e-4, 1e-4)
+  assert k2.shape == kernel.shape and b2.shape == (c,)
+
+
+def test_fold_other_out_axis_dense():
+  x, kernel = rand((4, 3), 1), rand((5, 3), 2)   # kernel [C, in]: out_axis=0 (PyTorch's Linear)
+  mean, var, scale = rand((5,), 3), np.abs(rand((5,), 4)) + 0.5, rand((5,), 5)
+  stats = nj.BatchStats(jnp.asarray(mean), jnp.asarray(var), None)
+  k2, b2 = nj.fold_batch_norm(kernel, None, scale, None, stats, out_axis=0)
+  y_ref, _, _ = ref.batch_norm(x.astype(np.float64) @ kernel.T.astype(np.float64), scale, None,
+                               mean, var, train=False)
+  np.testing.assert_allclose(np.asarray(x, np.float64) @ np.asarray(k2, np.float64).T
+                             + np.asarray(b2, np.float64)[None],
+                             y_ref, 1e-5, 1e-5)
+
+
+def test_fold_wrong_channels():
+  with pytest.raises(ValueError, match="along out_axis=-1"):
+    nj.fold_batch_norm(jnp.ones((3, 5)), None, None, None, nj.init_batch_stats(4))
+
+
+def test_fold_matches_torch_fuse_conv_bn_eval():
+  torch = pytest.importorskip("torch")
+  from torch.nn.utils.fusion import fuse_conv_bn_eval
+  torch.manual_seed(0)
+  conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, eps=1e-3)
+  with torch.no_grad():
+    bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.normal_(), bn.bias.normal_()
+  conv.eval(), bn.eval()
+  fused = fuse_conv_bn_eval(conv, bn)
+  stats = nj.BatchStats(bn.running_mean.numpy(), bn.running_var.numpy(), None)
+  k2, b2 = nj.fold_batch_norm(conv.weight.detach().numpy(), conv.bias.detach().numpy(),
+                              bn.weight.detach().numpy(), bn.bias.detach().numpy(), stats,
+                              eps=1e-3, out_axis=0)
+  np.testing.assert_allclose(k2, fused.weight.detach().numpy(), 1e-6, 1e-6)
+  np.testing.assert_allclose(b2, fused.bias.detach().numpy(), 1e-6, 1e-6)
+
+
+class _Net(nn.Module):
+  fold: bool = False
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    for i in range(2):
+      x = nn.Conv(4, (3, 3), use_bias=self.fold, name=f"conv{i}")(x)
+      if not self.fold:
+        x = njnn.BatchNorm(use_running_average=not train, name=f"bn{i}")(x)
+      x = nn.relu(x)
+    return x
+
+
+def test_fold_linen_params_recipe():
+  x = jnp.asarray(rand((2, 6, 6, 3), 8))
+  model = _Net()
+  variables = model.init(jax.random.key(0), x)
+  # Non-trivial statistics and affine parameters.
+  variables = jax.tree.map(lambda v: v + 0.3 * jax.random.uniform(jax.random.key(1), v.shape),
+                           variables)
+  y = model.apply(variables, x)
+  params = nj.fold_linen_params(variables["params"], variables["batch_stats"],
+                                [("conv0", "bn0"), ("conv1", "bn1")])
+  assert set(params) == {"conv0", "conv1"}
+  y_folded = _Net(fold=True).apply({"params": params}, x)
+  np.testing.assert_allclose(y_folded, y, 1e-5, 1e-5)
+  assert "bn0" in variables["params"]   # the input is not modified

@@ -1,0 +1,71 @@
+"""state_dict conversion: exact round trips, errors, and PyTorch's running-statistics rule."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import normjax as nj
+
+
+def _sd(prefix="bn."):
+  rng = np.random.default_rng(0)
+  return {prefix + "weight": rng.normal(size=3).astype(np.float32),
+          prefix + "bias": rng.normal(size=3).astype(np.float32),
+          prefix + "running_mean": rng.normal(size=3).astype(np.float32),
+          prefix + "running_var": rng.random(3).astype(np.float32) + 0.5,
+          prefix + "num_batches_tracked": np.asarray(7, np.int64)}
+
+
+def test_round_trip_is_exact():
+  sd = _sd()
+  out = nj.from_torch_state_dict(sd, prefix="bn.")
+  back = nj.to_torch_state_dict(scale=out["scale"], bias=out["bias"], stats=out["stats"],
+                                prefix="bn.")
+  assert set(back) == set(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(back[k], v)
+    assert back[k].dtype == v.dtype
+  assert int(out["stats"].count) == 7
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda sd: sd.pop("bn.running_var"), "missing the key 'bn.running_var'"),
+    (lambda sd: sd.__setitem__("bn.bias", np.zeros(4, np.float32)), r"'bn.bias'.*\(3,\).*\(4,\)"),
+    (lambda sd: sd.clear(), "none of the keys"),
+])
+def test_errors_name_the_key(change, match):
+  sd = _sd()
+  change(sd)
+  with pytest.raises(ValueError, match=match):
+    nj.from_torch_state_dict(sd, prefix="bn.")
+
+
+def test_torch_batch_norm_round_trip_and_training_rule():
+  torch = pytest.importorskip("torch")
+  torch.manual_seed(0)
+  bn = torch.nn.BatchNorm2d(3, momentum=0.1, eps=1e-5)
+  with torch.no_grad():
+    bn.weight.normal_(), bn.bias.normal_(), bn.running_mean.normal_()
+  out = nj.from_torch_state_dict(bn.state_dict())   # tensors, no prefix
+  x = torch.randn(4, 3, 5, 5) * 2 + 1
+  y_torch = bn.train()(x).detach().numpy()
+  y, stats = nj.batch_norm(jnp.asarray(x.numpy()), out["scale"], out["bias"], out["stats"],
+                           train=True, channel_axis=1, momentum=0.9, unbiased_running_var=True)
+  np.testing.assert_allclose(y, y_torch, 1e-5, 1e-5)
+  sd = nj.to_torch_state_dict(scale=out["scale"], bias=out["bias"], stats=stats)
+  for k, v in bn.state_dict().items():
+    np.testing.assert_allclose(sd[k], v.numpy(), 1e-6, 1e-6)
+  bn2 = torch.nn.BatchNorm2d(3)
+  bn2.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+  assert int(bn2.num_batches_tracked) == 1
+
+
+def test_from_pytorch_example():
+  pytest.importorskip("torch")
+  import sys, os
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+  try:
+    import from_pytorch
+  finally:
+    sys.path.pop(0)
+  assert from_pytorch.main() < 1e-5
