@@ -9,12 +9,16 @@ from normjax._state import init_batch_stats
 from normjax.batch import batch_norm
 from normjax.group import group_norm
 from normjax.group import instance_norm
+from normjax.layer import add_layer_norm
+from normjax.layer import add_rms_norm
 from normjax.layer import layer_norm
 from normjax.layer import rms_norm
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "add_layer_norm",
+    "add_rms_norm",
     "BatchStats",
     "batch_norm",
     "group_norm",
