@@ -360,6 +360,21 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
   return jax.checkpoint(fn, policy=policy)(x, scale, bias, mask)
 
 
+def residual_sum(x: jax.Array, residual: jax.Array) -> jax.Array:
+  """`x + residual` in `x.dtype`, rounded to it for every consumer.
+
+  Under `jit`, XLA may keep a bfloat16/float16 sum in float32 where it fuses the add into a
+  consumer (excess precision), so that the reductions and the normalize step of one call see
+  differently rounded values (garbage for `1e5 + N(0, 1)` in bfloat16); `reduce_precision`
+  pins the rounding, so the statistics are those of the `h` that is returned.
+  """
+  h = x + residual
+  fi = jnp.finfo(h.dtype)
+  if fi.bits >= 32:
+    return h
+  return lax.reduce_precision(h, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+
+
 def add_standardize(x: jax.Array, residual: jax.Array, axes: _axes.Axes,
                     scale: jax.Array | None, bias: jax.Array | None, eps: Any, *,
                     centered: bool = True, add_forward: Callable | None = None,
@@ -374,7 +389,7 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: _axes.Axes,
   reduce = dict(axis_name=None, axis_index_groups=None, groups=None)
   if add_forward is None:
     def add_forward(x, residual, scale, bias):
-      h = x + residual
+      h = residual_sum(x, residual)
       stats = moments(h, axes, centered=centered, **reduce)
       return normalize(h, stats, scale, bias, eps), h, stats
   if tangent_fn is None:

@@ -18,7 +18,8 @@ that applies (`Plan.kernel`); `standardize` then hands that kernel's `forward`/`
 
 `add_standardize` (the residual-add norms) takes the fused rows kernel
 (`rows_add_forward_p`) where the plan is `"rows"`, and otherwise adds `x + residual` and
-calls `standardize` (XLA fuses the add into the reference's reductions).
+calls `standardize` (XLA fuses the add into the reference's reductions; the sum's rounding
+is pinned, see `_core.residual_sum`).
 """
 
 from __future__ import annotations
@@ -121,6 +122,6 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: _axes.Axes,
                                         per_row=p.per_row)
     return _core.add_standardize(x, residual, axes, scale, bias, eps, centered=centered,
                                  add_forward=add_forward, tangent_fn=tangent)
-  h = x + residual
+  h = _core.residual_sum(x, residual)
   y, _ = standardize(h, axes, scale, bias, eps, centered=centered)
   return y, h
