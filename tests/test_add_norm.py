@@ -250,3 +250,38 @@ def test_bad_residual(fn):
     fn(x, jnp.ones((2, 8), jnp.int32))
   with pytest.raises(ValueError, match="scale must have shape"):
     fn(x, x, jnp.ones(3))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flax_modules(dtype):
+  """linen/nnx AddLayerNorm/AddRMSNorm: the variables of LayerNorm/RMSNorm, and the output of
+  those modules on the sum (their fallback for feature axes outside the reduction too)."""
+  from flax import nnx
+  import normjax.linen as njnn
+  import normjax.nnx as njnnx
+  x, r, *_ = _inputs(dtype, shape=(2, 5, 16))
+  tol = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
+  for add, plain, kw in ((njnn.AddLayerNorm, njnn.LayerNorm, {}),
+                         (njnn.AddRMSNorm, njnn.RMSNorm, {}),
+                         (njnn.AddLayerNorm, njnn.LayerNorm, dict(dtype=dtype)),
+                         (njnn.AddLayerNorm, njnn.LayerNorm,
+                          dict(reduction_axes=(1, 2), feature_axes=-1))):
+    variables = plain(**kw).init(jax.random.key(0), x)
+    y, h = jax.jit(add(**kw).apply)(variables, x, r)
+    assert jax.tree.structure(add(**kw).init(jax.random.key(0), x, r)) == jax.tree.structure(
+        variables)
+    want = plain(**kw).apply(variables, (x + r).astype(h.dtype))
+    assert y.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32), **tol)
+    # h in the computation dtype (float32 for bfloat16 x with float32 params, as flax's rule)
+    h_want = np.asarray(x, np.float32) + np.asarray(r, np.float32)
+    np.testing.assert_array_equal(np.asarray(h, np.float32),
+                                  np.asarray(jnp.asarray(h_want, h.dtype), np.float32))
+  for add, plain in ((njnnx.AddLayerNorm, njnnx.LayerNorm), (njnnx.AddRMSNorm, njnnx.RMSNorm)):
+    y, h = add(16, rngs=nnx.Rngs(0))(x, r)
+    want = plain(16, rngs=nnx.Rngs(0))((x + r).astype(h.dtype))
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32), **tol)
+  with pytest.raises(ValueError, match="residual must have the shape of x"):
+    njnn.AddLayerNorm().init(jax.random.key(0), x, r[:1])
+  with pytest.raises(TypeError, match="residual must have the dtype of x"):
+    njnnx.AddRMSNorm(16, rngs=nnx.Rngs(0))(x, r.astype(jnp.float16))
