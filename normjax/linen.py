@@ -264,7 +264,8 @@ class AddLayerNorm(LayerNorm):
   """
 
   @nn.compact
-  def __call__(self, x: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array]:  # type: ignore[override]
+  def __call__(self, x: jax.Array,  # type: ignore[override]
+               residual: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(y, h)`: the normalized sum and the sum (`residual` of `x`'s shape and dtype)."""
     _flax.no_index_groups(self.axis_index_groups, "AddLayerNorm")
     feature_axes = _flax.feature_axes(self.feature_axes, jnp.ndim(x), "feature_axes")
@@ -278,7 +279,8 @@ class AddRMSNorm(RMSNorm):
   """`RMSNorm` of the residual sum: `__call__(x, residual) -> (y, h)`, as `AddLayerNorm`."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array]:  # type: ignore[override]
+  def __call__(self, x: jax.Array,  # type: ignore[override]
+               residual: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(y, h)`: the normalized sum and the sum (`residual` of `x`'s shape and dtype)."""
     _flax.no_index_groups(self.axis_index_groups, "AddRMSNorm")
     feature_axes = _flax.feature_axes(self.feature_axes, jnp.ndim(x), "feature_axes")

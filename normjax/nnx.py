@@ -246,7 +246,8 @@ class AddLayerNorm(LayerNorm):
   residual` and `y` the layer norm of `h` (`normjax.add_layer_norm`). Same constructor and
   variables as `LayerNorm`."""
 
-  def __call__(self, x: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array]:  # type: ignore[override]
+  def __call__(self, x: jax.Array,  # type: ignore[override]
+               residual: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(y, h)`: the normalized sum and the sum (`residual` of `x`'s shape and dtype)."""
     x = _flax.check_input(x)
     residual = _flax.check_residual(residual, x)
@@ -260,7 +261,8 @@ class AddLayerNorm(LayerNorm):
 class AddRMSNorm(RMSNorm):
   """`RMSNorm` of the residual sum: `__call__(x, residual) -> (y, h)`, as `AddLayerNorm`."""
 
-  def __call__(self, x: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array]:  # type: ignore[override]
+  def __call__(self, x: jax.Array,  # type: ignore[override]
+               residual: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(y, h)`: the normalized sum and the sum (`residual` of `x`'s shape and dtype)."""
     x = _flax.check_input(x)
     residual = _flax.check_residual(residual, x)

@@ -285,3 +285,20 @@ def test_flax_modules(dtype):
     njnn.AddLayerNorm().init(jax.random.key(0), x, r[:1])
   with pytest.raises(TypeError, match="residual must have the dtype of x"):
     njnnx.AddRMSNorm(16, rngs=nnx.Rngs(0))(x, r.astype(jnp.float16))
+
+
+def test_core_add_standardize_reference_definition():
+  """`_core.add_standardize` without a kernel's `add_forward` (its jax.numpy definition):
+  float64 values and the unfused form's gradients."""
+  from normjax import _core
+  x, r, s, b, s16, b16 = _inputs(jnp.float32)
+  fn = lambda x, r, s, b: _core.add_standardize(x, r, (3,), s, b, 1e-5)
+  y, h = jax.jit(fn)(x, r, s16, b16)
+  np.testing.assert_array_equal(h, _rounded_sum(x, r))
+  np.testing.assert_allclose(y, ref.layer_norm(np.asarray(h, np.float64), s16, b16),
+                             rtol=2e-5, atol=2e-5)
+  unfused = lambda x, r, s, b: (nj.layer_norm(x + r, s, b), x + r)
+  got = jax.grad(_loss(fn), argnums=(0, 1, 2, 3))(x, r, s16, b16)
+  want = jax.grad(_loss(unfused), argnums=(0, 1, 2, 3))(x, r, s16, b16)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
