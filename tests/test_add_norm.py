@@ -292,7 +292,8 @@ def test_core_add_standardize_reference_definition():
   float64 values and the unfused form's gradients."""
   from normjax import _core
   x, r, s, b, s16, b16 = _inputs(jnp.float32)
-  fn = lambda x, r, s, b: _core.add_standardize(x, r, (3,), s, b, 1e-5)
+  fn = lambda x, r, s, b: _core.add_standardize(x, r, (3,), s.reshape(1, 1, 1, 16),
+                                                 b.reshape(1, 1, 1, 16), 1e-5)
   y, h = jax.jit(fn)(x, r, s16, b16)
   np.testing.assert_array_equal(h, _rounded_sum(x, r))
   np.testing.assert_allclose(y, ref.layer_norm(np.asarray(h, np.float64), s16, b16),
