@@ -52,6 +52,7 @@ class ModelCase:
   heads: int = 8
   seq: int = 256
   mlp_ratio: int = 4
+  fused: bool = False   # normjax build: residual add + norm as one AddLayerNorm/AddRMSNorm call
   # resnet
   image: int = 32
   widths: tuple = (16, 32, 64)
@@ -63,7 +64,7 @@ class ModelCase:
   def name(self) -> str:
     if self.kind == "transformer":
       return (f"transformer {self.norm} {self.blocks}x d{self.d_model} h{self.heads} "
-              f"s{self.seq} b{self.batch}")
+              f"s{self.seq} b{self.batch}" + (" fused" if self.fused else ""))
     w = "-".join(str(c) for c in self.widths)
     return (f"resnet {self.norm} {self.image}x{self.image}x3 w{w}x{self.blocks_per_stage} "
             f"b{self.batch}")
@@ -96,21 +97,37 @@ def norm_class(impl: str, norm: str) -> type:
           "group": lib.GroupNorm}[norm]
 
 
+def _residual_norm(norm, add_norm, name, x, delta):
+  """`(norm(x + delta), x + delta)` (`delta` None: nothing to add): one `add_norm` call (the
+  fused `AddLayerNorm`/`AddRMSNorm`, same variables) when given, else the add then `norm`."""
+  if delta is None:
+    return norm(name=name)(x), x
+  if add_norm is not None:
+    return add_norm(name=name)(delta, x)
+  x = x + delta
+  return norm(name=name)(x), x
+
+
 class Block(nn.Module):
-  """Pre-LN transformer block: x + attn(norm(x)), then x + mlp(norm(x)) (GELU, `mlp_ratio`x)."""
+  """Pre-LN transformer block: x + attn(norm(x)), then x + mlp(norm(x)) (GELU, `mlp_ratio`x).
+
+  Takes and returns the residual stream as `(x, delta)` (its value is `x + delta`; `delta`
+  None for the first block) so that every residual add can meet the following norm
+  (`add_norm`); the values are the same either way."""
   norm: Callable[..., nn.Module]
   d_model: int
   heads: int
   mlp_ratio: int
+  add_norm: Callable[..., nn.Module] | None = None
 
   @nn.compact
-  def __call__(self, x):
-    h = self.norm(name="norm1")(x)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, deterministic=True,
-                                            name="attn")(h, h)
-    h = self.norm(name="norm2")(x)
+  def __call__(self, x, delta=None):
+    h, x = _residual_norm(self.norm, self.add_norm, "norm1", x, delta)
+    a = nn.MultiHeadDotProductAttention(num_heads=self.heads, deterministic=True,
+                                        name="attn")(h, h)
+    h, x = _residual_norm(self.norm, self.add_norm, "norm2", x, a)
     h = nn.gelu(nn.Dense(self.mlp_ratio * self.d_model, name="mlp_in")(h))
-    return x + nn.Dense(self.d_model, name="mlp_out")(h)
+    return x, nn.Dense(self.d_model, name="mlp_out")(h)
 
 
 class Transformer(nn.Module):
@@ -120,13 +137,16 @@ class Transformer(nn.Module):
   d_model: int
   heads: int
   mlp_ratio: int
+  add_norm: Callable[..., nn.Module] | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train   # no dropout, no batch statistics
+    delta = None
     for i in range(self.blocks):
-      x = Block(self.norm, self.d_model, self.heads, self.mlp_ratio, name=f"block{i}")(x)
-    return self.norm(name="norm_f")(x)
+      x, delta = Block(self.norm, self.d_model, self.heads, self.mlp_ratio, self.add_norm,
+                       name=f"block{i}")(x, delta)
+    return _residual_norm(self.norm, self.add_norm, "norm_f", x, delta)[0]
 
 
 class ResBlock(nn.Module):
@@ -179,8 +199,12 @@ def make_model(case: ModelCase, impl: str) -> nn.Module:
   """The model of `case` with `impl`'s ("flax" or "normjax") normalization class."""
   cls = norm_class(impl, case.norm)
   if case.kind == "transformer":
+    add_norm = None
+    if case.fused and impl == "normjax":
+      add_cls = {"layer": njnn.AddLayerNorm, "rms": njnn.AddRMSNorm}[case.norm]
+      add_norm = functools.partial(add_cls, epsilon=EPS)
     return Transformer(functools.partial(cls, epsilon=EPS), case.blocks, case.d_model,
-                       case.heads, case.mlp_ratio)
+                       case.heads, case.mlp_ratio, add_norm)
   if case.norm == "batch":
     norm = functools.partial(cls, momentum=0.9, epsilon=EPS)
   else:

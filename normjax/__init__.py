@@ -12,6 +12,8 @@ from normjax.fold import fold_batch_norm
 from normjax.fold import fold_linen_params
 from normjax.group import group_norm
 from normjax.group import instance_norm
+from normjax.layer import add_layer_norm
+from normjax.layer import add_rms_norm
 from normjax.layer import layer_norm
 from normjax.layer import rms_norm
 from normjax.renorm import batch_renorm
@@ -27,6 +29,8 @@ from normjax.weights import weight_standardize
 __version__ = "0.1.0"
 
 __all__ = (
+    "add_layer_norm",
+    "add_rms_norm",
     "BatchStats",
     "SpectralState",
     "batch_norm",

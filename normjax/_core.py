@@ -63,6 +63,7 @@ from jax.ad_checkpoint import checkpoint_name
 from normjax import _axes
 
 _STATS_NAME = "normjax_stats"
+_SUM_NAME = "normjax_residual_sum"  # h = x + residual in `add_standardize`, kept for the backward
 
 # The one-pass variance is kept when `mean**2 <= TAU * var` for every row (see module doc).
 TAU = 1.0
@@ -289,6 +290,17 @@ def tangent(x: jax.Array, stats: Moments, rstd_: jax.Array, scale: jax.Array | N
   return dy.astype(x.dtype)
 
 
+def _output_tangent(x, stats, eps, scale, bias, dx, dscale, dbias, mask, tangent_fn):
+  """`(stats, dy)` in a JVP rule: the statistics, named for the checkpoint policy (the
+  backward keeps them, not a normalized copy of `x`), and the tangent of `y` by `tangent_fn`."""
+  r = rstd(stats.var, eps)
+  shift, offset, r = checkpoint_name((stats.shift, stats.offset, r), _STATS_NAME)
+  stats = stats._replace(shift=shift, offset=offset)
+  dy = tangent_fn(x, stats, r, scale, dx, None if scale is None else dscale,
+                  None if bias is None else dbias, mask)
+  return stats, dy
+
+
 def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
                 bias: jax.Array | None, eps: Any, *, mask: jax.Array | None = None,
                 axis_name: Any = None, axis_index_groups: Any = None,
@@ -331,11 +343,8 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
     x, scale, bias, mask = primals
     dx, dscale, dbias, _ = tangents
     y, stats = forward(x, scale, bias, mask)
-    r = rstd(stats.var, eps)
-    shift, offset, r = checkpoint_name((stats.shift, stats.offset, r), _STATS_NAME)
-    stats = stats._replace(shift=shift, offset=offset)
-    dy = tangent_fn(x, stats, r, scale, dx, None if scale is None else dscale,
-                    None if bias is None else dbias, mask)
+    stats, dy = _output_tangent(x, stats, eps, scale, bias, dx, dscale, dbias, mask,
+                                tangent_fn)
     # The statistics' own tangents (dropped when the caller does not use them).
     keep = lambda v: _counted_only(v, mask)
     safe_count = jnp.maximum(stats.count, jnp.ones((), dtype))
@@ -349,6 +358,61 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
 
   policy = jax.checkpoint_policies.save_only_these_names(_STATS_NAME)
   return jax.checkpoint(fn, policy=policy)(x, scale, bias, mask)
+
+
+def residual_sum(x: jax.Array, residual: jax.Array) -> jax.Array:
+  """`x + residual` in `x.dtype`, rounded to it for every consumer.
+
+  Under `jit`, XLA may keep a bfloat16/float16 sum in float32 where it fuses the add into a
+  consumer (excess precision), so that the reductions and the normalize step of one call see
+  differently rounded values (garbage for `1e5 + N(0, 1)` in bfloat16); `reduce_precision`
+  pins the rounding, so the statistics are those of the `h` that is returned.
+  """
+  h = x + residual
+  fi = jnp.finfo(h.dtype)
+  if fi.bits >= 32:
+    return h
+  return lax.reduce_precision(h, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+
+
+def add_standardize(x: jax.Array, residual: jax.Array, axes: _axes.Axes,
+                    scale: jax.Array | None, bias: jax.Array | None, eps: Any, *,
+                    centered: bool = True, add_forward: Callable | None = None,
+                    tangent_fn: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+  """`(standardize(h, axes, scale, bias, eps)[0], h)` with `h = x + residual` (in `x.dtype`).
+
+  For a kernel that computes the residual add and the forward in one pass
+  (`add_forward(x, residual, scale, bias) -> (y, h, Moments of h)`). The derivative is the
+  same closed form as `standardize`'s, at `h`: `dh = dx + dresidual`, `dy = tangent_fn(h, ...,
+  dh, ...)`; under reverse mode the backward keeps `h` and the per-row statistics.
+  """
+  reduce = dict(axis_name=None, axis_index_groups=None, groups=None)
+  if add_forward is None:
+    def add_forward(x, residual, scale, bias):
+      h = residual_sum(x, residual)
+      stats = moments(h, axes, centered=centered, **reduce)
+      return normalize(h, stats, scale, bias, eps), h, stats
+  if tangent_fn is None:
+    def tangent_fn(x, stats, rstd_, scale, dx, dscale, dbias, mask):
+      return tangent(x, stats, rstd_, scale, dx, dscale, dbias, axes, mask=mask, **reduce)
+
+  @jax.custom_jvp
+  def fn(x, residual, scale, bias):
+    y, h, _ = add_forward(x, residual, scale, bias)
+    return y, h
+
+  @fn.defjvp
+  def fn_jvp(primals, tangents):
+    x, residual, scale, bias = primals
+    dx, dresidual, dscale, dbias = tangents
+    y, h, stats = add_forward(x, residual, scale, bias)
+    h = checkpoint_name(h, _SUM_NAME)
+    dh = dx + dresidual
+    _, dy = _output_tangent(h, stats, eps, scale, bias, dh, dscale, dbias, None, tangent_fn)
+    return (y, h), (dy, dh)
+
+  policy = jax.checkpoint_policies.save_only_these_names(_STATS_NAME, _SUM_NAME)
+  return jax.checkpoint(fn, policy=policy)(x, residual, scale, bias)
 
 
 def l2_normalize(v: jax.Array, eps: Any) -> jax.Array:

@@ -15,6 +15,11 @@ that applies (`Plan.kernel`); `standardize` then hands that kernel's `forward`/`
     (instance norm with channels first, `per_row`);
     `"moments"`: centered statistics whose reduced axes and channel groups fit a moments
     kernel's view (batch/instance/group norm on NHWC, batch/group norm on NCHW).
+
+`add_standardize` (the residual-add norms) takes the fused rows kernel
+(`rows_add_forward_p`) where the plan is `"rows"`, and otherwise adds `x + residual` and
+calls `standardize` (XLA fuses the add into the reference's reductions; the sum's rounding
+is pinned, see `_core.residual_sum`).
 """
 
 from __future__ import annotations
@@ -104,3 +109,19 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
     forward = moments.ops(x.shape, axes, groups, float(eps))
     return _core.standardize(x, axes, scale, bias, eps, forward=forward, **kw)
   return _core.standardize(x, axes, scale, bias, eps, **kw)
+
+
+def add_standardize(x: jax.Array, residual: jax.Array, axes: _axes.Axes,
+                    scale: jax.Array | None, bias: jax.Array | None, eps: Any, *,
+                    centered: bool = True) -> tuple[jax.Array, jax.Array]:
+  """`(standardize(h, ...)[0], h)` with `h = x + residual`, through the fused rows kernel
+  where `plan` picks `"rows"`."""
+  p = plan(x, axes, scale, bias, eps, centered=centered)
+  if p.kernel == "rows":
+    add_forward, tangent = rows.add_ops(x.shape, len(axes), float(eps), centered=centered,
+                                        per_row=p.per_row)
+    return _core.add_standardize(x, residual, axes, scale, bias, eps, centered=centered,
+                                 add_forward=add_forward, tangent_fn=tangent)
+  h = _core.residual_sum(x, residual)
+  y, _ = standardize(h, axes, scale, bias, eps, centered=centered)
+  return y, h

@@ -23,9 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from normjax import _axes
+from normjax import _core
 from normjax._state import BatchStats
 from normjax.batch import _batch_norm
 from normjax.group import _group_norm
+from normjax.layer import _check_residual as check_residual
+from normjax.layer import add_layer_norm as _add_layer_norm
+from normjax.layer import add_rms_norm as _add_rms_norm
 from normjax.layer import layer_norm as _layer_norm
 from normjax.layer import rms_norm as _rms_norm
 from normjax.response import filter_response_norm as _frn
@@ -179,6 +183,36 @@ def layer_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_ax
 
   mask = _axes.check_mask(mask, x.shape) if mapped else mask
   return map_axes(norm, mapped, x, mask, scale, bias).astype(out)
+
+
+def add_layer_norm(x: Any, residual: Any, scale: Any, bias: Any, *, reduction_axes: Any,
+                   feature_axes: Any, dtype: Any, centered: bool = True, eps: Any,
+                   axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
+  """`(layer_norm(h, ...), h)` with `h = x + residual` (`rms_norm` when not `centered`).
+
+  `residual` must have `x`'s shape and dtype; both are cast to the computation dtype (as `x`
+  is in `layer_norm`), `h` is their sum in it and `y` comes back in the output dtype. When the
+  feature axes are the reduction axes (the usual `[..., C]` layer norm) and there is no
+  `axis_name`, this is one `nj.add_layer_norm` / `nj.add_rms_norm` call (the fused kernel);
+  otherwise the sum, then `layer_norm`.
+  """
+  x = _axes.check_floating(x)
+  residual = check_residual(residual, x)
+  x, out = _input(x, (scale, bias), dtype)
+  residual = residual.astype(x.dtype)
+  red = _axes.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+  feat = _axes.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
+  if red != feat or axis_name is not None:
+    h = _core.residual_sum(x, residual)
+    return layer_norm(h, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes,
+                      dtype=dtype, centered=centered, eps=eps, axis_name=axis_name), h
+  shape = [x.shape[a] for a in red]
+  scale, bias = to_shape(scale, shape, "scale"), to_shape(bias, shape, "bias")
+  if centered:
+    y, h = _add_layer_norm(x, residual, scale, bias, axis=red, eps=eps)
+  else:
+    y, h = _add_rms_norm(x, residual, scale, axis=red, eps=eps)
+  return y.astype(out), h
 
 
 def instance_norm(x: Any, scale: Any, bias: Any, *, feature_axes: Any, dtype: Any,

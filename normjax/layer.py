@@ -1,4 +1,9 @@
-"""Layer and RMS normalization: statistics per example over the given feature axes."""
+"""Layer and RMS normalization: statistics per example over the given feature axes.
+
+`add_layer_norm` and `add_rms_norm` are the residual-add forms of a pre-norm block: they
+return the normalized `x + residual` and the sum itself, computed in one pass on the native
+CPU kernels (which read `x` and `residual` once and write `y` and `h`).
+"""
 
 from __future__ import annotations
 
@@ -76,6 +81,80 @@ def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequen
   y, _ = _dispatch.standardize(x, axes, _axes.broadcast_to_axes(scale, x.ndim, axes), None,
                                eps, mask=mask, axis_name=axis_name, centered=False)
   return y
+
+
+def add_layer_norm(x: jax.Array, residual: jax.Array, scale: jax.Array | None = None,
+                   bias: jax.Array | None = None, *, axis: int | Sequence[int] = -1,
+                   eps: float = 1e-5) -> tuple[jax.Array, jax.Array]:
+  """`h = x + residual`, then `layer_norm(h, scale, bias, axis=axis, eps=eps)`; returns both.
+
+  The residual stream of a pre-LN transformer block (`h` goes on to the next block, `y` into
+  the attention or MLP). The sum is taken in `x.dtype` (rounded as `x + residual` would be)
+  and normalized as `layer_norm` normalizes; the result equals `(layer_norm(h, ...), h)`,
+  derivatives included, but `h` is written once: on CPU with the native kernels the add
+  runs inside the normalization kernel (elsewhere XLA fuses it into the reductions).
+
+  Args:
+    x: floating input of any rank.
+    residual: the residual stream, of `x.shape` and `x.dtype`.
+    scale, bias, axis, eps: as in `layer_norm`.
+
+  Returns:
+    `(y, h)`, both of `x.shape` and `x.dtype`: the normalized sum and the sum.
+
+  Raises:
+    TypeError: `residual` of another dtype than `x`, and as `layer_norm`.
+    ValueError: `residual` of another shape than `x`, and as `layer_norm`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> y, h = nj.add_layer_norm(jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[1.0, 0.0, -1.0]]),
+    ...                          eps=0.0)
+    >>> h
+    Array([[2., 2., 2.]], dtype=float32)
+  """
+  x, axes, scale, bias, _, eps = _prepare(x, axis, eps, None, None, scale=scale, bias=bias)
+  residual = _check_residual(residual, x)
+  feature = lambda p: _axes.broadcast_to_axes(p, x.ndim, axes)
+  return _dispatch.add_standardize(x, residual, axes, feature(scale), feature(bias), eps)
+
+
+def add_rms_norm(x: jax.Array, residual: jax.Array, scale: jax.Array | None = None, *,
+                 axis: int | Sequence[int] = -1,
+                 eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+  """`h = x + residual`, then `rms_norm(h, scale, axis=axis, eps=eps)`; returns both.
+
+  As `add_layer_norm`, for RMS norm.
+
+  Returns:
+    `(y, h)`, both of `x.shape` and `x.dtype`.
+
+  Raises:
+    TypeError, ValueError: as `add_layer_norm`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> y, h = nj.add_rms_norm(jnp.array([[1.0, 2.0]]), jnp.array([[2.0, 2.0]]), eps=0.0)
+    >>> y
+    Array([[0.84852815, 1.1313709 ]], dtype=float32)
+  """
+  x, axes, scale, _, _, eps = _prepare(x, axis, eps, None, None, scale=scale, bias=None)
+  residual = _check_residual(residual, x)
+  return _dispatch.add_standardize(x, residual, axes,
+                                   _axes.broadcast_to_axes(scale, x.ndim, axes), None, eps,
+                                   centered=False)
+
+
+def _check_residual(residual, x):
+  """`residual` as an array of exactly `x`'s shape and dtype (never broadcast or promoted)."""
+  residual = _axes.check_floating(residual, "residual")
+  if tuple(residual.shape) != tuple(x.shape):
+    raise ValueError(f"residual must have the shape of x, {tuple(x.shape)}; got shape "
+                     f"{tuple(residual.shape)}.")
+  if residual.dtype != x.dtype:
+    raise TypeError(f"residual must have the dtype of x, {x.dtype}; got dtype "
+                    f"{residual.dtype} (cast one of them first).")
+  return residual
 
 
 def _prepare(x, axis, eps, mask, axis_name, *, scale, bias, fast_variance=False):

@@ -27,6 +27,12 @@ Extras flax lacks: `momentum=None` (a cumulative average; adds a `count` to `bat
 `unbiased_running_var` (PyTorch's running variance), a `mask` call argument honoured by every
 module, and a channels-first `GroupNorm` (`feature_axis=1`; `InstanceNorm` already takes
 `feature_axes=1`).
+
+`AddLayerNorm` and `AddRMSNorm` are `LayerNorm` and `RMSNorm` (same attributes and variables,
+so checkpoints carry over) called with the residual stream: `y, h = AddLayerNorm()(x,
+residual)` is `h = x + residual; y = LayerNorm()(h)` computed in one pass
+(`normjax.add_layer_norm`; a separate module rather than a `residual=` argument, so that the
+return type never depends on an argument).
 """
 
 from __future__ import annotations
@@ -44,8 +50,9 @@ from normjax import _state
 from normjax import weights as _weights
 from normjax._state import BatchStats
 
-__all__ = ("BatchNorm", "BatchRenorm", "FilterResponseNorm", "GroupNorm", "InstanceNorm",
-           "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv", "WeightNorm")
+__all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "BatchRenorm", "FilterResponseNorm",
+           "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv",
+           "WeightNorm")
 
 
 def _affine(module: nn.Module, shape: tuple[int, ...], bias: bool = True):
@@ -335,6 +342,47 @@ class RMSNorm(nn.Module):
     return _flax.layer_norm(x, scale, None, reduction_axes=self.reduction_axes,
                             feature_axes=self.feature_axes, dtype=self.dtype, mask=mask,
                             centered=False, eps=self.epsilon, axis_name=self.axis_name)
+
+
+class AddLayerNorm(LayerNorm):
+  """`LayerNorm` of the residual sum: `__call__(x, residual) -> (y, h)` with `h = x +
+  residual` and `y = LayerNorm(...)(h)` (`normjax.add_layer_norm`: one pass on the native
+  kernels). Same attributes and variables as `LayerNorm`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, normjax.linen as njnn
+    >>> x, r = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[0.0, 1.0, 2.0]])
+    >>> ln = njnn.AddLayerNorm(epsilon=0.0)
+    >>> y, h = ln.apply(ln.init(jax.random.key(0), x, r), x, r)
+    >>> h, y.round(4)
+    (Array([[1., 3., 5.]], dtype=float32), Array([[-1.2247,  0.    ,  1.2247]], dtype=float32))
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array,  # type: ignore[override]
+               residual: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(y, h)`: the normalized sum and the sum (`residual` of `x`'s shape and dtype)."""
+    _flax.no_index_groups(self.axis_index_groups, "AddLayerNorm")
+    feature_axes = _flax.feature_axes(self.feature_axes, jnp.ndim(x), "feature_axes")
+    scale, bias = _affine(self, tuple(jnp.shape(x)[a] for a in feature_axes))
+    return _flax.add_layer_norm(x, residual, scale, bias, reduction_axes=self.reduction_axes,
+                                feature_axes=self.feature_axes, dtype=self.dtype,
+                                eps=self.epsilon, axis_name=self.axis_name)
+
+
+class AddRMSNorm(RMSNorm):
+  """`RMSNorm` of the residual sum: `__call__(x, residual) -> (y, h)`, as `AddLayerNorm`."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array,  # type: ignore[override]
+               residual: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(y, h)`: the normalized sum and the sum (`residual` of `x`'s shape and dtype)."""
+    _flax.no_index_groups(self.axis_index_groups, "AddRMSNorm")
+    feature_axes = _flax.feature_axes(self.feature_axes, jnp.ndim(x), "feature_axes")
+    scale = _affine(self, tuple(jnp.shape(x)[a] for a in feature_axes), bias=False)
+    return _flax.add_layer_norm(x, residual, scale, None, reduction_axes=self.reduction_axes,
+                                feature_axes=self.feature_axes, dtype=self.dtype,
+                                centered=False, eps=self.epsilon, axis_name=self.axis_name)
 
 
 class InstanceNorm(nn.Module):

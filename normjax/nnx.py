@@ -13,6 +13,12 @@ calls it; the maths is normjax's. The differences from flax and the extras are t
 `normjax.linen` (stable variance whatever `use_fast_variance` says; `momentum=None` adds a
 `count` BatchStat; `unbiased_running_var`; `mask` everywhere; `GroupNorm(feature_axis=1)`);
 besides, the default `promote_dtype` also works under `jax_numpy_dtype_promotion="strict"`.
+
+`AddLayerNorm` and `AddRMSNorm` are `LayerNorm` and `RMSNorm` (same constructor and
+variables) called with the residual stream: `y, h = AddLayerNorm(C, rngs=rngs)(x, residual)`
+is `h = x + residual; y = LayerNorm(C, rngs=rngs)(h)` in one pass (`normjax.add_layer_norm`;
+a separate module rather than a `residual=` argument, so that the return type never depends
+on an argument).
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from normjax import weights as _weights
 from normjax._state import BatchStats
 from normjax.group import _group_size
 
-__all__ = ("BatchNorm", "BatchRenorm", "FilterResponseNorm", "GroupNorm", "InstanceNorm",
-           "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv", "WeightNorm")
+__all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "BatchRenorm", "FilterResponseNorm",
+           "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv",
+           "WeightNorm")
 
 _NO_METADATA = MappingProxyType({})
 
@@ -306,6 +313,37 @@ class RMSNorm(nnx.Module):
     return _flax.layer_norm(x, scale, None, reduction_axes=self.reduction_axes,
                             feature_axes=self.feature_axes, dtype=self.dtype, mask=mask,
                             centered=False, eps=self.epsilon, axis_name=self.axis_name)
+
+
+class AddLayerNorm(LayerNorm):
+  """`LayerNorm` of the residual sum: `__call__(x, residual) -> (y, h)` with `h = x +
+  residual` and `y` the layer norm of `h` (`normjax.add_layer_norm`). Same constructor and
+  variables as `LayerNorm`."""
+
+  def __call__(self, x: jax.Array,  # type: ignore[override]
+               residual: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(y, h)`: the normalized sum and the sum (`residual` of `x`'s shape and dtype)."""
+    x = _flax.check_input(x)
+    residual = _flax.check_residual(residual, x)
+    x, residual, scale, bias = self.promote_dtype(
+        (x, residual, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+    return _flax.add_layer_norm(x, residual, scale, bias, reduction_axes=self.reduction_axes,
+                                feature_axes=self.feature_axes, dtype=self.dtype,
+                                eps=self.epsilon, axis_name=self.axis_name)
+
+
+class AddRMSNorm(RMSNorm):
+  """`RMSNorm` of the residual sum: `__call__(x, residual) -> (y, h)`, as `AddLayerNorm`."""
+
+  def __call__(self, x: jax.Array,  # type: ignore[override]
+               residual: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(y, h)`: the normalized sum and the sum (`residual` of `x`'s shape and dtype)."""
+    x = _flax.check_input(x)
+    residual = _flax.check_residual(residual, x)
+    x, residual, scale = self.promote_dtype((x, residual, _value(self.scale)), dtype=self.dtype)
+    return _flax.add_layer_norm(x, residual, scale, None, reduction_axes=self.reduction_axes,
+                                feature_axes=self.feature_axes, dtype=self.dtype,
+                                centered=False, eps=self.epsilon, axis_name=self.axis_name)
 
 
 class InstanceNorm(nnx.Module):

@@ -66,6 +66,10 @@ def everything(inputs, x):
       grads = _rows.rows_backward_p.bind(x, x, s, o, rstd, p, **kw)
       for i, a in enumerate((y, s, o, v) + tuple(grads)):
         results[f"kernel/rows/{per_row}/{centered}/{i}"] = a
+      # The fused residual add (h = x + residual, then the forward on h).
+      for i, a in enumerate(_rows.rows_add_forward_p.bind(x, x[::-1] * 3.0, p, p, eps=1e-5,
+                                                          **kw)):
+        results[f"kernel/rows_add/{per_row}/{centered}/{i}"] = a
   for size in (1, 4):
     for i, a in enumerate(_columns.column_moments_p.bind(
         inputs["batch_nhwc"].reshape(2, 30, 8), group_size=size)):

@@ -9,6 +9,10 @@ The input is viewed as `[rows, features]` and three primitives do the work:
   * `rows_backward_p`: `x, g, shift, offset, rstd, scale -> dx, dscale, dbias`, whose
     definition is the transpose of `_core.tangent` (`jax.linear_transpose`): the closed-form
     derivative is written once, in `_core`.
+  * `rows_add_forward_p`: `x, residual, scale, bias -> y, h, shift, offset, var`, the forward
+    of `h = x + residual` (in `x.dtype`) that also returns `h`: the residual add of a pre-norm
+    block inside the kernel, which reads `x` and `residual` once and writes `y` and `h` (see
+    the fusion barrier below). Its derivative is the rows tangent/backward at `h` (`add_ops`).
 
 Scale and bias are vectors: per feature (layer/RMS norm, `per_row=False`) or per row
 (instance norm with channels first, `per_row=True`). On CPU, when the native library is
@@ -62,6 +66,13 @@ def _forward_reference(x, scale, bias, *, eps, centered, per_row):
   return y, shift[:, 0], offset[:, 0], stats.var[:, 0]
 
 
+def _add_forward_reference(x, residual, scale, bias, *, eps, centered, per_row):
+  h = x + residual
+  y, shift, offset, var = _forward_reference(h, scale, bias, eps=eps, centered=centered,
+                                             per_row=per_row)
+  return y, h, shift, offset, var
+
+
 def _tangent_reference(x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered, per_row):
   e = functools.partial(_expand, per_row=per_row)
   stats = _row_stats(x, shift, offset, rstd, centered)
@@ -89,6 +100,12 @@ def _forward_abstract(x, scale, bias, *, eps, centered, per_row):
   return [_shaped(x.shape, x.dtype), row, row, row]
 
 
+def _add_forward_abstract(x, residual, scale, bias, **params):
+  del residual
+  y, *stats = _forward_abstract(x, scale, bias, **params)
+  return [y, _shaped(x.shape, x.dtype)] + stats
+
+
 def _tangent_abstract(x, *args, centered, per_row):
   del args, centered, per_row
   return [_shaped(x.shape, x.dtype)]
@@ -101,6 +118,9 @@ def _backward_abstract(x, g, shift, offset, rstd, scale, *, centered, per_row):
 
 rows_forward_p = primitives.define_primitive(
     "normjax_rows_forward", _forward_reference, _forward_abstract, target="NormjaxRowsForward")
+rows_add_forward_p = primitives.define_primitive(
+    "normjax_rows_add_forward", _add_forward_reference, _add_forward_abstract,
+    target="NormjaxRowsAddForward")
 rows_tangent_p = primitives.define_primitive(
     "normjax_rows_tangent", _tangent_reference, _tangent_abstract)
 rows_backward_p = primitives.define_primitive(
@@ -151,6 +171,8 @@ def _batch_rows(p, reference, feature_operands, sums_over_rows=False):
 
 batching.primitive_batchers[rows_forward_p] = _batch_rows(
     rows_forward_p, _forward_reference, (1, 2))
+batching.primitive_batchers[rows_add_forward_p] = _batch_rows(
+    rows_add_forward_p, _add_forward_reference, (2, 3))
 batching.primitive_batchers[rows_tangent_p] = _batch_rows(
     rows_tangent_p, _tangent_reference, (4, 6, 7))
 batching.primitive_batchers[rows_backward_p] = _batch_rows(
@@ -159,39 +181,72 @@ batching.primitive_batchers[rows_backward_p] = _batch_rows(
 
 # ----------------------------------------------------------------- one call's forward/tangent
 
+class _View:
+  """An input of `x_shape` normalized over its last `n_axes` axes, as `[rows, n]`."""
+
+  def __init__(self, x_shape, n_axes, centered, per_row):
+    self.x_shape = tuple(x_shape)
+    lead = self.x_shape[:len(x_shape) - n_axes]
+    self.rows, self.n = math.prod(lead), math.prod(x_shape[len(x_shape) - n_axes:])
+    self.stats_shape = lead + (1,) * n_axes
+    self.centered, self.per_row = centered, per_row
+
+  def vector(self, p, default):
+    """Scale or bias (None: `default`) as the kernels' float32 vector."""
+    size = self.rows if self.per_row else self.n
+    if p is None:
+      return jnp.full((size,), default, F32)
+    if self.per_row:
+      p = jnp.broadcast_to(p, self.stats_shape)
+    return p.reshape(size).astype(F32)
+
+  def moments(self, x2, shift, offset, var):
+    """The kernel's per-row statistics as `_core.Moments` of the input's rank."""
+    stats = _row_stats(x2, shift, offset, var, self.centered)
+    return jax.tree.map(lambda v: v.reshape(self.stats_shape) if v.ndim else v, stats)
+
+
 def ops(x_shape: tuple[int, ...], n_axes: int, eps: float, *, centered: bool, per_row: bool):
   """`(forward, tangent)` for `_core.standardize` over the last `n_axes` axes of an input of
   `x_shape`, through the primitives; `per_row`: scale and bias vary along the other axes only
   (one value per row), else along the normalized axes only (one per feature)."""
-  lead = tuple(x_shape[:len(x_shape) - n_axes])
-  rows, n = math.prod(lead), math.prod(x_shape[len(x_shape) - n_axes:])
-  size = rows if per_row else n
-  stats_shape = lead + (1,) * n_axes
+  v = _View(x_shape, n_axes, centered, per_row)
+  rows, n = v.rows, v.n
   kw = dict(centered=centered, per_row=per_row)
-
-  def vector(p, default):
-    if p is None:
-      return jnp.full((size,), default, F32)
-    if per_row:
-      p = jnp.broadcast_to(p, stats_shape)
-    return p.reshape(size).astype(F32)
 
   def forward(x, scale, bias, mask):
     del mask
-    y2, shift, offset, var = rows_forward_p.bind(x.reshape(rows, n), vector(scale, 1.0),
-                                                 vector(bias, 0.0), eps=eps, **kw)
-    stats = _row_stats(x.reshape(rows, n), shift, offset, var, centered)
-    stats = jax.tree.map(lambda v: v.reshape(stats_shape) if v.ndim else v, stats)
-    return y2.reshape(x_shape), stats
+    x2 = x.reshape(rows, n)
+    y2, shift, offset, var = rows_forward_p.bind(x2, v.vector(scale, 1.0), v.vector(bias, 0.0),
+                                                 eps=eps, **kw)
+    return y2.reshape(x_shape), v.moments(x2, shift, offset, var)
 
   def tangent(x, stats, rstd, scale, dx, dscale, dbias, mask):
     del mask
     zero = jnp.zeros((rows,), F32)
-    per_row_stat = lambda v: zero if v is None else v.reshape(rows)
+    per_row_stat = lambda s: zero if s is None else s.reshape(rows)
     (dy,) = rows_tangent_p.bind(x.reshape(rows, n), per_row_stat(stats.shift),
                                 per_row_stat(stats.offset), rstd.reshape(rows),
-                                vector(scale, 1.0), dx.reshape(rows, n), vector(dscale, 0.0),
-                                vector(dbias, 0.0), **kw)
+                                v.vector(scale, 1.0), dx.reshape(rows, n),
+                                v.vector(dscale, 0.0), v.vector(dbias, 0.0), **kw)
     return dy.reshape(x_shape)
 
   return forward, tangent
+
+
+def add_ops(x_shape: tuple[int, ...], n_axes: int, eps: float, *, centered: bool,
+            per_row: bool):
+  """`(add_forward, tangent)` for `_core.add_standardize`: `add_forward(x, residual, scale,
+  bias) -> (y, h, Moments of h)` through `rows_add_forward_p`; `tangent` is `ops`' (the
+  derivative of `y` is taken at `h`)."""
+  v = _View(x_shape, n_axes, centered, per_row)
+  rows, n = v.rows, v.n
+  _, tangent = ops(x_shape, n_axes, eps, centered=centered, per_row=per_row)
+
+  def add_forward(x, residual, scale, bias):
+    y2, h2, shift, offset, var = rows_add_forward_p.bind(
+        x.reshape(rows, n), residual.reshape(rows, n), v.vector(scale, 1.0),
+        v.vector(bias, 0.0), eps=eps, centered=centered, per_row=per_row)
+    return y2.reshape(x_shape), h2.reshape(x_shape), v.moments(h2, shift, offset, var)
+
+  return add_forward, tangent

@@ -17,7 +17,8 @@ import os
 import jax
 
 TARGETS = tuple(f"Normjax{kind}{dtype}" for kind in ("RowsForward", "RowsBackward",
-                                                      "ColumnMoments", "RowMoments")
+                                                      "ColumnMoments", "RowMoments",
+                                                      "RowsAddForward")
                 for dtype in ("F32", "BF16"))
 
 

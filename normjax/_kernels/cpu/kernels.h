@@ -422,3 +422,31 @@ inline Kernels MakeKernels(const char* name) {
   k.column_stats[1] = &ColumnStatsChunk<uint16_t>;
   return k;
 }
+
+// Rows [begin, end) of the fused residual-add forward (see RowsAddForward in normalize.cc):
+// per row, h = x + residual in float32, rounded to T and stored (the row stays in cache), then
+// the forward of ForwardChunk on the stored, rounded h: the same statistics and output as the
+// unfused add followed by the forward.
+template <typename T>
+void AddForwardChunk(const AddForwardArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = a.forward.n;
+  const T* xp = static_cast<const T*>(a.x);
+  const T* rp = static_cast<const T*>(a.residual);
+  T* hp = static_cast<T*>(const_cast<void*>(a.forward.x));
+  for (int64_t r = begin; r < end; ++r) {
+    const T* __restrict__ x = xp + r * n;
+    const T* __restrict__ res = rp + r * n;
+    MapRow(hp + r * n, n, [&](int64_t i, auto type) {
+      using V = decltype(type);
+      return Get<V>(x, i) + Get<V>(res, i);
+    });
+    ForwardChunk<T>(a.forward, r, r + 1);
+  }
+}
+
+inline AddKernels MakeAddKernels() {
+  AddKernels k;
+  k.add_forward[0] = &AddForwardChunk<float>;
+  k.add_forward[1] = &AddForwardChunk<uint16_t>;
+  return k;
+}

@@ -142,6 +142,19 @@ struct Kernels {
                           int64_t m1, double* mean, double* m2);
 };
 
+// The fused residual-add forward (RowsAddForward): `forward.x` is the h output, written by
+// the kernel before the forward reads it.
+struct AddForwardArgs {
+  const void* x;
+  const void* residual;
+  ForwardArgs forward;
+};
+
+// The residual-add loops of one instruction-set level; index 0 is float32, 1 bfloat16.
+struct AddKernels {
+  void (*add_forward[2])(const AddForwardArgs&, int64_t begin, int64_t end);
+};
+
 // ----------------------------------------------------------------- the levels
 
 namespace baseline {
@@ -555,6 +568,71 @@ auto BindBackward() {
       .template Attr<bool>("per_row");
 }
 
+// ----------------------------------------------------------------- fused residual add
+
+// The residual-add loops of the level Active() runs at.
+const AddKernels& ActiveAdd() {
+  static const AddKernels kernels = [] {
+    const std::string name = Active().name;
+#if defined(__x86_64__)
+    if (name == "avx512") return avx512::MakeAddKernels();
+    if (name == "avx2") return avx2::MakeAddKernels();
+#endif
+    return baseline::MakeAddKernels();
+  }();
+  return kernels;
+}
+
+// h = x + residual (added in float32, rounded to T, stored), then RowsForward on h: y, h and
+// the per-row statistics of h from one read of x and residual (XLA would write h out and the
+// forward would read it back).
+template <ffi::DataType T>
+ffi::Error RowsAddForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T, 2> residual,
+                          ffi::Buffer<ffi::F32, 1> scale, ffi::Buffer<ffi::F32, 1> bias,
+                          ffi::ResultBuffer<T, 2> y, ffi::ResultBuffer<T, 2> h,
+                          ffi::ResultBuffer<ffi::F32, 1> shift,
+                          ffi::ResultBuffer<ffi::F32, 1> offset,
+                          ffi::ResultBuffer<ffi::F32, 1> var, float eps, bool centered,
+                          bool per_row) {
+  return Guarded("normjax rows_add_forward", [&]() -> ffi::Error {
+    const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
+    const size_t params = static_cast<size_t>(per_row ? rows : n);
+    if (scale.element_count() != params || bias.element_count() != params) {
+      return ffi::Error::InvalidArgument("normjax rows_add_forward: scale/bias size mismatch");
+    }
+    if (residual.dimensions()[0] != rows || residual.dimensions()[1] != n) {
+      return ffi::Error::InvalidArgument("normjax rows_add_forward: residual shape mismatch");
+    }
+    const AddForwardArgs args{x.untyped_data(), residual.untyped_data(),
+                              ForwardArgs{h->untyped_data(), scale.typed_data(),
+                                          bias.typed_data(), y->untyped_data(),
+                                          shift->typed_data(), offset->typed_data(),
+                                          var->typed_data(), n, eps, centered, per_row}};
+    const auto add_forward = ActiveAdd().add_forward[DtypeIndex<T>()];
+    ParallelChunks(pool, rows, NumChunks(rows, n),
+                   [&](int64_t begin, int64_t end, int64_t) { add_forward(args, begin, end); });
+    return ffi::Error::Success();
+  });
+}
+
+template <ffi::DataType T>
+auto BindAddForward() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<T, 2>>()
+      .template Ret<ffi::Buffer<T, 2>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Attr<float>("eps")
+      .template Attr<bool>("centered")
+      .template Attr<bool>("per_row");
+}
+
 }  // namespace
 
 // The instruction-set level the kernels run at ("baseline", "avx2" or "avx512"), picked at
@@ -579,3 +657,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowMomentsF32, RowMoments<ffi::F32>,
                               BindRowMoments<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowMomentsBF16, RowMoments<ffi::BF16>,
                               BindRowMoments<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddForwardF32, RowsAddForward<ffi::F32>,
+                              BindAddForward<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddForwardBF16, RowsAddForward<ffi::BF16>,
+                              BindAddForward<ffi::BF16>());

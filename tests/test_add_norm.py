@@ -1,0 +1,305 @@
+"""The residual-add norms `add_layer_norm` / `add_rms_norm` (normjax/layer.py), on every path:
+the reference (`x + residual`, then `_dispatch.standardize`) and the fused native kernel
+(`rows_add_forward_p`, `NormjaxRowsAddForward*`): outputs against float64 NumPy, `h` exactly
+the rounded sum, derivatives equal to those of `layer_norm(x + residual)`, the kernel called
+with `h` written once, `jax.export`, and bad input."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import normjax as nj
+from normjax import _dispatch
+from normjax._kernels import primitives
+from tests import reference as ref
+from tests.helpers import rand, tolerance
+
+F32 = jnp.float32
+
+
+@pytest.fixture(params=["reference", "native"])
+def implementation(request, monkeypatch):
+  """Pins the dispatch to one implementation for the test (as tests/test_dispatch.py)."""
+  if request.param == "reference":
+    monkeypatch.setattr(_dispatch, "plan", lambda *args, **kwargs: _dispatch.REFERENCE)
+  elif not primitives.has_kernel("cpu"):
+    pytest.skip("native CPU kernels not built (or NORMJAX_NATIVE=0)")
+  return request.param
+
+
+# name -> (fused function of (x, r, s, b), unfused normjax function of (h, s, b),
+#          float64 reference of (h, s, b))
+VARIANTS = {
+    "layer": (lambda x, r, s, b: nj.add_layer_norm(x, r, s, b),
+              lambda h, s, b: nj.layer_norm(h, s, b),
+              lambda h, s, b: ref.layer_norm(h, s, b)),
+    "layer_2axes": (lambda x, r, s, b: nj.add_layer_norm(x, r, s.reshape(8, 16),
+                                                         b.reshape(8, 16), axis=(-2, -1)),
+                    lambda h, s, b: nj.layer_norm(h, s.reshape(8, 16), b.reshape(8, 16),
+                                                  axis=(-2, -1)),
+                    lambda h, s, b: ref.layer_norm(h, s.reshape(8, 16), b.reshape(8, 16),
+                                                   axis=(-2, -1))),
+    "layer_no_affine": (lambda x, r, s, b: nj.add_layer_norm(x, r, eps=1e-3),
+                        lambda h, s, b: nj.layer_norm(h, eps=1e-3),
+                        lambda h, s, b: ref.layer_norm(h, eps=1e-3)),
+    "rms": (lambda x, r, s, b: nj.add_rms_norm(x, r, s),
+            lambda h, s, b: nj.rms_norm(h, s),
+            lambda h, s, b: ref.rms_norm(h, s)),
+}
+SHAPE = (3, 5, 8, 16)   # rows of 16 (and of 128 for the 2-axis layer norm)
+
+
+def _inputs(dtype, kind="normal", shape=SHAPE):
+  x = rand(shape, seed=0)
+  r = rand(shape, seed=1, spread=3.0)
+  if kind == "offset":   # a large common offset: the sum is ill-conditioned for E[h^2]-E[h]^2
+    x, r = x + 3e4, r + 7e4
+  s = rand((128,), seed=2, loc=1.0, spread=0.3)[:shape[-1] * shape[-2]]
+  b = rand((128,), seed=3)[:shape[-1] * shape[-2]]
+  s16, b16 = s[:16], b[:16]
+  return jnp.asarray(x, dtype), jnp.asarray(r, dtype), s, b, s16, b16
+
+
+def _params(name, s, b, s16, b16):
+  return (s, b) if name == "layer_2axes" else (s16, b16)
+
+
+def _rounded_sum(x, r):
+  """x + r as the dtype rounds it: the float32 sum rounded to x.dtype (NumPy, not normjax)."""
+  total = np.asarray(x, np.float32) + np.asarray(r, np.float32)
+  return np.asarray(jnp.asarray(total, x.dtype))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["normal", "offset"])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_against_float64(implementation, name, dtype, kind, use_jit):
+  fused, _, want = VARIANTS[name]
+  x, r, s, b, s16, b16 = _inputs(dtype, kind)
+  s, b = _params(name, s, b, s16, b16)
+  fn = jax.jit(fused) if use_jit else fused
+  y, h = fn(x, r, s, b)
+  assert y.dtype == h.dtype == x.dtype and y.shape == h.shape == x.shape
+  h_want = _rounded_sum(x, r)
+  np.testing.assert_array_equal(np.asarray(h), h_want)
+  rtol, atol = tolerance(dtype)
+  np.testing.assert_allclose(np.asarray(y, np.float64),
+                             want(np.asarray(h_want, np.float64), s, b), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_same_as_unfused(implementation, name, dtype):
+  """Bit for bit the unfused `norm(x + residual)` on the same path: the kernel normalizes the
+  rounded sum, as the unfused program does."""
+  fused, unfused, _ = VARIANTS[name]
+  x, r, s, b, s16, b16 = _inputs(dtype)
+  s, b = _params(name, s, b, s16, b16)
+  y, h = jax.jit(fused)(x, r, s, b)
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(jax.jit(unfused)(x + r, s, b), np.float32))
+
+
+def _loss(fn):
+  """A scalar using both outputs (the next block reads h, the sublayer reads y)."""
+  def loss(x, r, s, b):
+    y, h = fn(x, r, s, b)
+    return jnp.sum(jnp.sin(y.astype(F32)) * jnp.cos(h.astype(F32)))
+  return loss
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gradients_are_those_of_the_unfused_form(implementation, name, dtype):
+  """Gradients w.r.t. x, residual, scale and bias equal those of `norm(x + residual)`, and
+  agree with a float64 reference (the float64 run of the unfused form, through the
+  reference path's autodiff of the plain formula)."""
+  fused, unfused, _ = VARIANTS[name]
+  x, r, s, b, s16, b16 = _inputs(dtype)
+  s, b = map(jnp.asarray, _params(name, s, b, s16, b16))
+  got = jax.jit(jax.grad(_loss(fused), argnums=(0, 1, 2, 3)))(x, r, s, b)
+  unfused_pair = lambda x, r, s, b: (unfused(x + r, s, b), x + r)
+  want = jax.jit(jax.grad(_loss(unfused_pair), argnums=(0, 1, 2, 3)))(x, r, s, b)
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype and g.shape == w.shape
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    else:   # bfloat16 cotangents, summed over 120 rows for scale and bias
+      np.testing.assert_allclose(g, w, rtol=2e-2, atol=5e-2 * np.abs(w).max())
+  # dx == dresidual: y and h depend on the sum only.
+  np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(got[1], np.float32))
+
+
+def test_gradients_against_float64_formula(implementation):
+  """Independent of normjax's derivative: layer norm written out in float64 jax.numpy."""
+  x, r, s, b, s16, b16 = _inputs(jnp.float32)
+
+  def plain(x, r, s, b):
+    h = x + r
+    mean = h.mean(-1, keepdims=True)
+    var = ((h - mean) ** 2).mean(-1, keepdims=True)
+    return (h - mean) / jnp.sqrt(var + 1e-5) * s[None, None, None] + b[None, None, None], h
+  got = jax.grad(_loss(nj.add_layer_norm), argnums=(0, 1, 2, 3))(x, r, s16, b16)
+  with jax.enable_x64(True):
+    f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
+    want = jax.grad(_loss(plain), argnums=(0, 1, 2, 3))(f64(x), f64(r), f64(s16), f64(b16))
+    want = [np.asarray(w) for w in want]
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_mode_and_second_order(implementation):
+  x, r, s, b, s16, b16 = _inputs(jnp.float32)
+  dx, dr = rand(SHAPE, seed=5), rand(SHAPE, seed=6)
+  (y, h), (dy, dh) = jax.jvp(lambda x, r: nj.add_layer_norm(x, r, s16, b16), (x, r), (dx, dr))
+  y2, dy2 = jax.jvp(lambda h: nj.layer_norm(h, s16, b16), (x + r,), (dx + dr,))
+  np.testing.assert_allclose(dy, dy2, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dh, dx + dr, rtol=1e-6, atol=1e-6)
+  hvp = lambda f: jax.jvp(jax.grad(_loss(f)), (x, r, s16, b16), (dx, dr, s16, b16))[1]
+  unfused = lambda x, r, s, b: (nj.layer_norm(x + r, s, b), x + r)
+  np.testing.assert_allclose(hvp(nj.add_layer_norm), hvp(unfused), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [0, 3])
+def test_vmap(implementation, batch):
+  x = jnp.asarray(rand((batch, 4, 16), seed=0))
+  r = jnp.asarray(rand((batch, 4, 16), seed=1))
+  s = jnp.asarray(rand((16,), seed=2, loc=1.0))
+  y, h = jax.jit(jax.vmap(lambda x, r: nj.add_layer_norm(x, r, s)))(x, r)
+  assert y.shape == h.shape == x.shape
+  if batch:
+    np.testing.assert_allclose(y, ref.layer_norm(np.asarray(h, np.float64), s), rtol=2e-5,
+                               atol=2e-5)
+    np.testing.assert_array_equal(h, _rounded_sum(x, r))
+  # Only x batched (the residual shared), and a batched scale (the vmap fallback).
+  y1, _ = jax.vmap(lambda x: nj.add_rms_norm(x, r[0] if batch else x, s))(x)
+  if batch:
+    np.testing.assert_allclose(y1, ref.rms_norm(np.asarray(x + r[:1], np.float64), s),
+                               rtol=2e-5, atol=2e-5)
+  ss = jnp.stack([s] * batch) if batch else jnp.zeros((0, 16))
+  y2, _ = jax.vmap(lambda x, r, s: nj.add_layer_norm(x, r, s))(x, r, ss)
+  if batch:
+    np.testing.assert_allclose(y2, y, rtol=1e-6, atol=1e-6)
+
+
+def _entry_opcodes(text):
+  entry = text.split("ENTRY", 1)[1]
+  return {m.group(1) for m in re.finditer(r"=\s*\S+(?:\[[^\]]*\])?(?:\{[^}]*\})?\s+"
+                                          r"([a-z-]+)\(", entry)}
+
+
+@pytest.mark.skipif(not primitives.has_kernel("cpu"), reason="native kernel not built")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_called_and_h_written_once(dtype):
+  x, r, s, b, s16, b16 = _inputs(dtype)
+  suffix = "F32" if dtype == jnp.float32 else "BF16"
+  text = jax.jit(nj.add_layer_norm).lower(x, r, s16, b16).compile().as_text()
+  assert f"NormjaxRowsAddForward{suffix}" in text
+  # The whole program is the one kernel call: no add (or fusion) writes h before it.
+  ops = _entry_opcodes(text)
+  assert ops <= {"parameter", "bitcast", "custom-call", "get-tuple-element", "tuple",
+                 "broadcast", "constant", "convert"}, ops
+  # The check can fail: the unfused form writes the sum in a fusion of its own.
+  unfused = lambda x, r, s, b: (nj.layer_norm(x + r, s, b), x + r)
+  assert "fusion" in _entry_opcodes(jax.jit(unfused).lower(x, r, s16, b16).compile().as_text())
+  grad = jax.jit(jax.grad(_loss(nj.add_layer_norm), argnums=(0, 1, 2, 3)))
+  text = grad.lower(x, r, s16, b16).compile().as_text()
+  assert f"NormjaxRowsAddForward{suffix}" in text and f"NormjaxRowsBackward{suffix}" in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_backward_keeps_only_h_and_statistics(implementation, dtype):
+  """Reverse mode keeps the sum h (which the caller keeps anyway), not x, residual or a
+  normalized copy (as tests/test_residuals.py for the plain norms)."""
+  x, r, s, b, s16, b16 = _inputs(dtype, shape=(4, 16, 32))
+  s, b = jnp.asarray(rand((32,), seed=2)), jnp.asarray(rand((32,), seed=3))
+  leaves = jax.eval_shape(
+      lambda *a: jax.tree.leaves(jax.vjp(nj.add_layer_norm, *a)[1]), x, r, s, b)
+  full = [l for l in leaves if math.prod(l.shape) == x.size]
+  assert len(full) == 1 and full[0].dtype == x.dtype, leaves
+
+
+def test_export_without_native_calls():
+  x, r, s, b, s16, b16 = _inputs(jnp.float32)
+  fn = jax.jit(lambda x, r: nj.add_layer_norm(x, r, s16, b16))
+  grad = jax.jit(jax.grad(lambda x, r: _loss(nj.add_layer_norm)(x, r, s16, b16), (0, 1)))
+  for f, want in ((fn, fn(x, r)), (grad, grad(x, r))):
+    exported = jax.export.export(f)(x, r)
+    assert "custom_call" not in exported.mlir_module()
+    restored = jax.export.deserialize(exported.serialize())
+    for got, w in zip(restored.call(x, r), want):
+      np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [nj.add_layer_norm, nj.add_rms_norm])
+def test_bad_residual(fn):
+  x = jnp.ones((2, 8))
+  with pytest.raises(ValueError, match=r"residual must have the shape of x, \(2, 8\); got "
+                                       r"shape \(1, 8\)"):
+    fn(x, jnp.ones((1, 8)))
+  with pytest.raises(TypeError, match="residual must have the dtype of x, float32; got dtype "
+                                      "bfloat16"):
+    fn(x, jnp.ones((2, 8), jnp.bfloat16))
+  with pytest.raises(TypeError, match="residual must have a floating dtype"):
+    fn(x, jnp.ones((2, 8), jnp.int32))
+  with pytest.raises(ValueError, match="scale must have shape"):
+    fn(x, x, jnp.ones(3))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flax_modules(dtype):
+  """linen/nnx AddLayerNorm/AddRMSNorm: the variables of LayerNorm/RMSNorm, and the output of
+  those modules on the sum (their fallback for feature axes outside the reduction too)."""
+  from flax import nnx
+  import normjax.linen as njnn
+  import normjax.nnx as njnnx
+  x, r, *_ = _inputs(dtype, shape=(2, 5, 16))
+  tol = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
+  for add, plain, kw in ((njnn.AddLayerNorm, njnn.LayerNorm, {}),
+                         (njnn.AddRMSNorm, njnn.RMSNorm, {}),
+                         (njnn.AddLayerNorm, njnn.LayerNorm, dict(dtype=dtype)),
+                         (njnn.AddLayerNorm, njnn.LayerNorm,
+                          dict(reduction_axes=(1, 2), feature_axes=-1))):
+    variables = plain(**kw).init(jax.random.key(0), x)
+    y, h = jax.jit(add(**kw).apply)(variables, x, r)
+    assert jax.tree.structure(add(**kw).init(jax.random.key(0), x, r)) == jax.tree.structure(
+        variables)
+    want = plain(**kw).apply(variables, (x + r).astype(h.dtype))
+    assert y.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32), **tol)
+    # h in the computation dtype (float32 for bfloat16 x with float32 params, as flax's rule)
+    h_want = np.asarray(x, np.float32) + np.asarray(r, np.float32)
+    np.testing.assert_array_equal(np.asarray(h, np.float32),
+                                  np.asarray(jnp.asarray(h_want, h.dtype), np.float32))
+  for add, plain in ((njnnx.AddLayerNorm, njnnx.LayerNorm), (njnnx.AddRMSNorm, njnnx.RMSNorm)):
+    y, h = add(16, rngs=nnx.Rngs(0))(x, r)
+    want = plain(16, rngs=nnx.Rngs(0))((x + r).astype(h.dtype))
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32), **tol)
+  with pytest.raises(ValueError, match="residual must have the shape of x"):
+    njnn.AddLayerNorm().init(jax.random.key(0), x, r[:1])
+  with pytest.raises(TypeError, match="residual must have the dtype of x"):
+    njnnx.AddRMSNorm(16, rngs=nnx.Rngs(0))(x, r.astype(jnp.float16))
+
+
+def test_core_add_standardize_reference_definition():
+  """`_core.add_standardize` without a kernel's `add_forward` (its jax.numpy definition):
+  float64 values and the unfused form's gradients."""
+  from normjax import _core
+  x, r, s, b, s16, b16 = _inputs(jnp.float32)
+  fn = lambda x, r, s, b: _core.add_standardize(x, r, (3,), s.reshape(1, 1, 1, 16),
+                                                 b.reshape(1, 1, 1, 16), 1e-5)
+  y, h = jax.jit(fn)(x, r, s16, b16)
+  np.testing.assert_array_equal(h, _rounded_sum(x, r))
+  np.testing.assert_allclose(y, ref.layer_norm(np.asarray(h, np.float64), s16, b16),
+                             rtol=2e-5, atol=2e-5)
+  unfused = lambda x, r, s, b: (nj.layer_norm(x + r, s, b), x + r)
+  got = jax.grad(_loss(fn), argnums=(0, 1, 2, 3))(x, r, s16, b16)
+  want = jax.grad(_loss(unfused), argnums=(0, 1, 2, 3))(x, r, s16, b16)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
