@@ -327,6 +327,12 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
   moment_args = dict(fast_variance=fast_variance, centered=centered, **reduce)
 
   if forward is None:
+    # The statistics and the normalize step must see the same values: under `jit`, XLA may
+    # keep a bfloat16/float16 `x` produced by a fused op (`x + residual`) in float32 in some
+    # consumers and not others (excess precision), which gave garbage for `1e5 + N(0, 1)`
+    # in bfloat16. `reduce_precision` pins the rounding (a kernel reads a materialized `x`).
+    x = pin_rounding(x)
+
     def forward(x, scale, bias, mask):
       stats = moments(x, axes, mask=mask, **moment_args)
       return normalize(x, stats, scale, bias, eps), stats
@@ -358,6 +364,14 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
 
   policy = jax.checkpoint_policies.save_only_these_names(_STATS_NAME)
   return jax.checkpoint(fn, policy=policy)(x, scale, bias, mask)
+
+
+def pin_rounding(x: jax.Array) -> jax.Array:
+  """`x` rounded to its own (sub-float32) dtype for every consumer (see `residual_sum`)."""
+  fi = jnp.finfo(x.dtype)
+  if fi.bits >= 32:
+    return x
+  return lax.reduce_precision(x, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
 
 
 def residual_sum(x: jax.Array, residual: jax.Array) -> jax.Array:

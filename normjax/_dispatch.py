@@ -106,8 +106,11 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
     return _core.standardize(x, axes, scale, bias, eps, forward=forward, tangent_fn=tangent,
                              **kw)
   if p.kernel == "moments":
+    # The kernel reads x and XLA's normalize step reads it again: both must see the same
+    # rounding of a bfloat16 x made by a fused op (see `_core.pin_rounding`).
     forward = moments.ops(x.shape, axes, groups, float(eps))
-    return _core.standardize(x, axes, scale, bias, eps, forward=forward, **kw)
+    return _core.standardize(_core.pin_rounding(x), axes, scale, bias, eps, forward=forward,
+                             **kw)
   return _core.standardize(x, axes, scale, bias, eps, **kw)
 
 

@@ -179,3 +179,16 @@ def test_gradients_match_the_reference_implementation(implementation, name, monk
   want = [jax.grad(loss)(x), jax.jvp(jax.grad(loss), (x,), (c,))[1]]
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
+
+
+@pytest.mark.parametrize("name", ["layer", "rms", "group_nhwc", "instance_nchw", "batch_nchw"])
+def test_bfloat16_input_made_by_a_fused_op(implementation, name):
+  """`norm(x + r)` in bfloat16 under jit: XLA may keep the fused sum in float32 in some
+  consumers and not others; the statistics and the output must see the same rounded values."""
+  fn, want = VARIANTS[name]
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(3e4 + rng.standard_normal((4, 8, 16, 8)), jnp.bfloat16)
+  r = jnp.asarray(7e4 + 3.0 * rng.standard_normal((4, 8, 16, 8)), jnp.bfloat16)
+  y = np.asarray(jax.jit(lambda x, r: fn(x + r))(x, r).astype(jnp.float32), np.float64)
+  h = np.asarray((x + r).astype(jnp.float32), np.float64)
+  np.testing.assert_allclose(y, want(h), rtol=1e-2, atol=3e-2)
