@@ -85,6 +85,16 @@ def _batch_renorm_apply(momentum: float):
   return apply
 
 
+def _ghost_apply(momentum: float, group: int):
+  def apply(p, stats, h, train):
+    # Groups of `group` consecutive examples (fewer when the batch is smaller or not a
+    # multiple), each normalized with its own statistics in training (Hoffer et al., 2017).
+    k = math.gcd(h.shape[0], group)
+    return nj.batch_norm(h, p["scale"], p["bias"], stats, train=train, momentum=momentum,
+                         virtual_batch_size=k if train else None)
+  return apply
+
+
 def _layer(p, stats, h, train):
   # Wu & He's layer norm for CNNs: per example over (H, W, C), with a per-channel affine
   # (the same as group_norm with num_groups=1).
@@ -107,6 +117,10 @@ def all_variants(bn_momentum: float = 0.9) -> dict[str, Variant]:
     variants.append(Variant("batch_renorm", f"`nj.batch_renorm` (r_max 3, d_max 5), momentum "
                             f"{bn_momentum}", _batch_renorm_apply(bn_momentum),
                             _batch_renorm_apply(0.0)))
+    variants.append(Variant("ghost_batch", "`nj.batch_norm(..., virtual_batch_size=k)`, "
+                            f"statistics per group of k = gcd(B, 8) examples, momentum "
+                            f"{bn_momentum}", _ghost_apply(bn_momentum, 8),
+                            _batch_apply(0.0)))
   variants += [
       Variant("layer", "`nj.layer_norm` over (H, W, C) per example, per-channel affine", _layer),
       Variant("instance", "`nj.instance_norm` over (H, W) per example and channel",
