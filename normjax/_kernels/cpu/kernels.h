@@ -342,69 +342,48 @@ void RowStatsChunk(const void* xv, int64_t n, int64_t begin, int64_t end, double
 
 // Per-channel mean and M2 of positions [m0, m1) of example b of x [batch, positions, c]
 // (channels contiguous), written to mean[0, c) and m2[0, c). Blocks of positions small enough
-// to stay in cache are summed about a per-channel shift K and merged with Chan's formula in
-// double; within a block each channel's sums run over at most kBlockPositions positions in
-// float32. K is the mean of the blocks merged so far, so that one read of a block suffices;
-// the first block, and any block whose mean is far from K next to its spread
-// ((mean_b - K)^2 > var_b, where the one-pass M2 could lose more than a bit; NaN included), is
-// summed again about its own mean, from cache.
+// to stay in cache are read twice (block mean, then sums of deviations from it) and merged
+// with Chan's formula in double; within a block each channel's sums run over at most
+// kBlockPositions positions in float32.
 template <typename T>
 void ColumnStatsChunk(const void* xv, int64_t positions, int64_t c, int64_t b, int64_t m0,
                       int64_t m1, double* __restrict__ mean, double* __restrict__ m2) {
   const T* x = static_cast<const T*>(xv) + b * positions * c;
   const int64_t block = ColumnBlockPositions(c);
-  std::vector<float> buf(4 * c);
-  float* __restrict__ k = buf.data();
-  float* __restrict__ s1 = k + c;
+  std::vector<float> buf(3 * c);
+  float* __restrict__ mb = buf.data();
+  float* __restrict__ s1 = mb + c;
   float* __restrict__ s2 = s1 + c;
-  float* __restrict__ mb = s2 + c;
   std::fill(mean, mean + c, 0.0);
   std::fill(m2, m2 + c, 0.0);
   double count = 0.0;
-  auto shifted_sums = [&](int64_t p0, int64_t p1, const float* __restrict__ shift) {
-    std::fill(s1, s1 + 2 * c, 0.f);
+  for (int64_t p0 = m0; p0 < m1; p0 += block) {
+    const int64_t p1 = std::min(m1, p0 + block);
+    std::fill(mb, mb + 3 * c, 0.f);
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* __restrict__ row = x + p * c;
+      for (int64_t i = 0; i < c; ++i) mb[i] += Load(row, i);
+    }
+    const float inv = 1.0f / static_cast<float>(p1 - p0);
+    for (int64_t i = 0; i < c; ++i) mb[i] *= inv;
     for (int64_t p = p0; p < p1; ++p) {
       const T* __restrict__ row = x + p * c;
       for (int64_t i = 0; i < c; ++i) {
-        const float d = Load(row, i) - shift[i];
+        const float d = Load(row, i) - mb[i];
         s1[i] += d;
         s2[i] += d * d;
       }
-    }
-  };
-  for (int64_t p0 = m0; p0 < m1; p0 += block) {
-    const int64_t p1 = std::min(m1, p0 + block);
-    const float nbf = static_cast<float>(p1 - p0);
-    const float* shift = k;
-    bool own_mean = count == 0.0;
-    if (!own_mean) {
-      shifted_sums(p0, p1, k);
-      for (int64_t i = 0; i < c && !own_mean; ++i) {
-        own_mean = !(s1[i] * s1[i] <= 0.5f * nbf * s2[i]);
-      }
-    }
-    if (own_mean) {
-      std::fill(mb, mb + c, 0.f);
-      for (int64_t p = p0; p < p1; ++p) {
-        const T* __restrict__ row = x + p * c;
-        for (int64_t i = 0; i < c; ++i) mb[i] += Load(row, i);
-      }
-      const float inv = 1.0f / nbf;
-      for (int64_t i = 0; i < c; ++i) mb[i] *= inv;
-      shifted_sums(p0, p1, mb);
-      shift = mb;
     }
     const double nb = static_cast<double>(p1 - p0), total = count + nb;
     const double w_new = nb / total, w_cross = count * nb / total;
     for (int64_t i = 0; i < c; ++i) {
       const double a1 = s1[i];
-      const double block_mean = static_cast<double>(shift[i]) + a1 / nb;
+      const double block_mean = static_cast<double>(mb[i]) + a1 / nb;
       const double block_m2 = static_cast<double>(s2[i]) - a1 * (a1 / nb);
       const double delta = block_mean - mean[i];
       mean[i] += delta * w_new;
       m2[i] += block_m2 + delta * delta * w_cross;
     }
-    for (int64_t i = 0; i < c; ++i) k[i] = static_cast<float>(mean[i]);
     count = total;
   }
 }
