@@ -621,9 +621,10 @@ class SpectralNorm(nn.SpectralNorm):
     if value.ndim <= 1 or self.n_steps < 1:
       return value
     if value.ndim > 2 and self.error_on_non_matrix:
-      raise ValueError(f"SpectralNorm: the parameter {jax.tree_util.keystr(path)} has rank "
-                       f"{value.ndim} (shape {tuple(value.shape)}) but error_on_non_matrix is "
-                       f"True; expected a matrix.")
+      # "Input is {n}D but error_on_non_matrix is True" is flax's wording (its tests match it).
+      raise ValueError(f"SpectralNorm: Input is {value.ndim}D but error_on_non_matrix is True: "
+                       f"the parameter {jax.tree_util.keystr(path)} has shape "
+                       f"{tuple(value.shape)}; expected a matrix (rank 2).")
     name = self.layer_instance.name + "/" + "/".join(k.key for k in path[1:])
     out = value.shape[-1]
     u = self.variable(self.collection_name, name + "/u", jax.random.normal,

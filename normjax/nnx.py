@@ -569,8 +569,9 @@ class SpectralNorm(nnx.SpectralNorm):
     if value.ndim <= 1 or self.n_steps < 1:
       return
     if value.ndim > 2 and self.error_on_non_matrix:
-      raise ValueError(f"SpectralNorm: the parameter {path} has rank {value.ndim} (shape "
-                       f"{tuple(value.shape)}) but error_on_non_matrix is True; expected a matrix.")
+      raise ValueError(f"SpectralNorm: Input is {value.ndim}D but error_on_non_matrix is True: "
+                       f"the parameter {path} has shape {tuple(value.shape)}; expected a matrix "
+                       f"(rank 2).")
     path_u, path_sigma = path + ("u",), path + ("sigma",)
     if path_u not in self.batch_stats or path_sigma not in self.batch_stats:
       raise RuntimeError(f"SpectralNorm: no u/sigma batch stat for the param {path}; the "
