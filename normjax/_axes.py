@@ -58,6 +58,22 @@ def canonicalize_axis(axis: int, ndim: int, name: str) -> int:
   return canonicalize_axes(axis, ndim, name)[0]
 
 
+def channel_and_batch_axes(channel_axis: int, batch_axis: int | None,
+                           ndim: int) -> tuple[int, int | None]:
+  """The canonical `(channel_axis, batch_axis)` of a per-example, per-channel variant (group,
+  instance, filter response norm); `batch_axis` may be None (a single example).
+
+  Raises:
+    ValueError: the two name the same axis (or either is out of range).
+  """
+  c_axis = canonicalize_axis(channel_axis, ndim, "channel_axis")
+  b_axis = None if batch_axis is None else canonicalize_axis(batch_axis, ndim, "batch_axis")
+  if b_axis == c_axis:
+    raise ValueError(f"batch_axis and channel_axis must differ; got batch_axis={batch_axis} and "
+                     f"channel_axis={channel_axis} for x of rank {ndim}.")
+  return c_axis, b_axis
+
+
 def check_floating(x: Any, name: str = "x") -> jax.Array:
   """Returns `x` as an array, raising `TypeError` unless its dtype is floating."""
   if not hasattr(x, "dtype"):

@@ -50,11 +50,7 @@ def filter_response_norm(x: jax.Array, scale: jax.Array | None = None,
     Array([[1., 0.]], dtype=float32)
   """
   x = _axes.check_floating(x)
-  c_axis = _axes.canonicalize_axis(channel_axis, x.ndim, "channel_axis")
-  b_axis = None if batch_axis is None else _axes.canonicalize_axis(batch_axis, x.ndim, "batch_axis")
-  if b_axis == c_axis:
-    raise ValueError(f"batch_axis and channel_axis must differ; got batch_axis={batch_axis} and "
-                     f"channel_axis={channel_axis} for x of rank {x.ndim}.")
+  c_axis, b_axis = _axes.channel_and_batch_axes(channel_axis, batch_axis, x.ndim)
   num_channels = x.shape[c_axis]
   scale = _axes.check_param(scale, "scale", (num_channels,))
   bias = _axes.check_param(bias, "bias", (num_channels,))

@@ -13,22 +13,11 @@ import numpy as np
 import pytest
 
 import normjax as nj
-from normjax import _dispatch
 from normjax._kernels import primitives
 from tests import reference as ref
 from tests.helpers import rand, tolerance
 
 F32 = jnp.float32
-
-
-@pytest.fixture(params=["reference", "native"])
-def implementation(request, monkeypatch):
-  """Pins the dispatch to one implementation for the test (as tests/test_dispatch.py)."""
-  if request.param == "reference":
-    monkeypatch.setattr(_dispatch, "plan", lambda *args, **kwargs: _dispatch.REFERENCE)
-  elif not primitives.has_kernel("cpu"):
-    pytest.skip("native CPU kernels not built (or NORMJAX_NATIVE=0)")
-  return request.param
 
 
 # name -> (fused function of (x, r, s, b), unfused normjax function of (h, s, b),

@@ -2,7 +2,8 @@
 `normjax._core`, the native CPU kernels, and any later kernel): each variant and layout
 against the float64 NumPy reference on adversarial data (a huge first element, large
 offsets, long rows, overflow, NaN/Inf, empty and size-1 axes, vmap over empty batches, eps of
-every real type). A new kernel joins by adding its name to `IMPLEMENTATIONS`."""
+every real type). The `implementation` fixture (tests/conftest.py) pins the dispatch; a new
+kernel joins by adding its name there."""
 
 import jax
 import jax.numpy as jnp
@@ -11,21 +12,8 @@ import pytest
 
 import normjax as nj
 from normjax import _dispatch
-from normjax._kernels import primitives
 from tests import reference as ref
 from tests.helpers import rand
-
-IMPLEMENTATIONS = ["reference", "native"]
-
-
-@pytest.fixture(params=IMPLEMENTATIONS)
-def implementation(request, monkeypatch):
-  """Pins the dispatch to one implementation for the test."""
-  if request.param == "reference":
-    monkeypatch.setattr(_dispatch, "plan", lambda *args, **kwargs: _dispatch.REFERENCE)
-  elif not primitives.has_kernel("cpu"):
-    pytest.skip("native CPU kernels not built (or NORMJAX_NATIVE=0)")
-  return request.param
 
 
 def _bn(channel_axis):
