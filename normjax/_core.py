@@ -382,11 +382,7 @@ def residual_sum(x: jax.Array, residual: jax.Array) -> jax.Array:
   differently rounded values (garbage for `1e5 + N(0, 1)` in bfloat16); `reduce_precision`
   pins the rounding, so the statistics are those of the `h` that is returned.
   """
-  h = x + residual
-  fi = jnp.finfo(h.dtype)
-  if fi.bits >= 32:
-    return h
-  return lax.reduce_precision(h, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+  return pin_rounding(x + residual)
 
 
 def add_standardize(x: jax.Array, residual: jax.Array, axes: _axes.Axes,
