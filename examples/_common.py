@@ -77,7 +77,9 @@ def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int) -> jax.A
   ho, wo = -(-h // stride), -(-w // stride)
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(n, (h + 2) * (w + 2), c)
   patches = jnp.take(xp, _patch_index(h, w, stride), axis=1, mode="clip")
-  patches = patches.reshape(n, ho, wo, 9 * c)                   # (tap row, tap col, channel)
+  # (tap row, tap col, channel); in two steps, which jit also accepts on an `Explicit`-sharded
+  # batch (jax 0.10's sharding rule fails on the one-step reshape: examples/data_parallel.py).
+  patches = patches.reshape(n, ho, wo, 9, c).reshape(n, ho, wo, 9 * c)
   return patches @ kernel.reshape(9 * c, -1) + bias.reshape(1, 1, 1, -1)
 
 

@@ -54,7 +54,12 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     virtual_batch_size: ghost batch norm (Hoffer et al., 2017), training only: axis 0 (`N`) is
       split into `N / k` consecutive groups of `k = virtual_batch_size` examples, each
       normalized with its own statistics; the running statistics are updated once, with the
-      mean over groups of the group means and of the group variances. None (the default)
+      mean over groups of the group means and of the group variances (unweighted: every
+      group counts once, however many of its elements the mask keeps). With `mask`, a group
+      with no True element in a channel is left out of that channel's mean over groups (it
+      would otherwise pull the running statistics towards 0); its outputs are those of any
+      channel with no True element (mean 0, variance 0: `x / sqrt(eps) * scale + bias`), and
+      a channel empty in every group keeps its running statistics. None (the default)
       normalizes the whole batch at once. With `axis_name`, group `i` of every device is
       normalized together. Evaluation ignores it.
 
@@ -169,10 +174,15 @@ def _batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, s
   count = per_group(batch.count)
   if unbiased_running_var:
     batch_var = batch_var * count / jnp.maximum(count - 1, jnp.ones((), count.dtype))
-  # One group, or ghost batch norm's mean over the groups of the group statistics.
-  new_stats = update_running_stats(stats, jnp.mean(batch_mean, axis=0),
-                                   jnp.mean(batch_var, axis=0), jnp.sum(count, axis=0) > 0,
-                                   momentum)
+  # One group, or ghost batch norm's mean over the groups of the group statistics: per
+  # channel, over the groups with at least one (unmasked) element, so that a fully masked
+  # group does not pull the running statistics towards its placeholder 0 mean and variance.
+  has_data = count > 0                                               # [groups, C]
+  groups = jnp.sum(has_data.astype(batch_mean.dtype), axis=0)
+  over_groups = lambda v: (jnp.sum(jnp.where(has_data, v, jnp.zeros((), v.dtype)), axis=0)
+                           / jnp.maximum(groups, jnp.ones((), groups.dtype)))
+  new_stats = update_running_stats(stats, over_groups(batch_mean), over_groups(batch_var),
+                                   groups > 0, momentum)
   return y, new_stats
 
 

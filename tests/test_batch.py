@@ -72,3 +72,38 @@ def test_ghost_bad_sizes(k, error, match):
   with pytest.raises(error, match=match):
     nj.batch_norm(jnp.ones((8, 2)), None, None, nj.init_batch_stats(2), train=True,
                   virtual_batch_size=k)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_ghost_with_mask_skips_empty_groups(unbiased):
+  """Masks within groups: each group's statistics from its True elements; a group with no True
+  element in a channel is left out of that channel's mean over groups (it must not pull the
+  running statistics towards 0); a channel empty everywhere keeps its running statistics."""
+  k, c = 4, 3
+  x = np.concatenate([rand((k, 2, c), 40 + g, loc=3.0 + g, spread=1 + g) for g in range(3)])
+  mask = rand((12, 2, c), 43) > -0.5
+  mask[4:8, :, 0] = False          # group 1 empty in channel 0
+  mask[:, :, 2] = False            # channel 2 empty in every group
+  mask[0, 0, 1] = True
+  mean, var = rand((c,), 44), np.abs(rand((c,), 45)) + 0.5
+  stats = nj.BatchStats(jnp.asarray(mean), jnp.asarray(var), jnp.asarray(0, jnp.int32))
+  y, new = nj.batch_norm(jnp.asarray(x), None, None, stats, train=True, momentum=0.8,
+                         mask=jnp.asarray(mask), virtual_batch_size=k,
+                         unbiased_running_var=unbiased)
+  group_means, group_vars = [], []
+  for g in range(3):
+    sl = slice(g * k, (g + 1) * k)
+    yg, mg, vg = ref.batch_norm(x[sl], None, None, np.zeros(c), np.zeros(c), train=True,
+                                momentum=0.0, mask=mask[sl], unbiased_running_var=unbiased)
+    np.testing.assert_allclose(np.where(mask[sl], y[sl], 0), np.where(mask[sl], yg, 0),
+                               2e-5, 2e-5)
+    has = mask[sl].reshape(-1, c).any(0)
+    group_means.append(np.where(has, mg, np.nan))
+    group_vars.append(np.where(has, vg, np.nan))
+  want_mean = np.array([0.8 * mean[i] + 0.2 * np.nanmean([m[i] for m in group_means])
+                        for i in range(2)] + [mean[2]])
+  want_var = np.array([0.8 * var[i] + 0.2 * np.nanmean([v[i] for v in group_vars])
+                       for i in range(2)] + [var[2]])
+  np.testing.assert_allclose(new.mean, want_mean, 1e-5, 1e-5)
+  np.testing.assert_allclose(new.var, want_var, 1e-5, 1e-5)
+  assert np.all(np.isfinite(np.asarray(y)))

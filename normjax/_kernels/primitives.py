@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import numbers
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,7 @@ def define_primitive(name: str, reference: Callable, abstract_eval: Callable,
   p = jex_core.Primitive(name)
   p.multiple_results = True
   p.def_impl(lambda *args, **params: _compiled_bind(p, tuple(sorted(params.items())))(*args))
-  p.def_abstract_eval(abstract_eval)
+  p.def_abstract_eval(functools.partial(_with_vma, abstract_eval))
   reference_lowering = mlir.lower_fun(reference, multiple_results=True)
   mlir.register_lowering(p, reference_lowering)
   for platform, available in LOWERINGS.items():
@@ -76,6 +77,38 @@ def define_primitive(name: str, reference: Callable, abstract_eval: Callable,
     return list(primals_out), list(tangents_out)
   ad.primitive_jvps[p] = jvp
   return p
+
+
+def _with_vma(abstract_eval: Callable, *args, **params):
+  """`abstract_eval`'s outputs, varying over the `shard_map` axes its operands vary over.
+
+  Inside `jax.shard_map` (with its default `check_vma=True`) an array's type records the mesh
+  axes along which it differs between devices; the outputs of a kernel that reads `x` differ
+  wherever `x` does. Without this, the statistics of one device's shard were typed as equal
+  on every device, and differentiating through them failed (a custom JVP rule's tangent
+  varied, its primal did not). The outputs take the type of the operand that varies over the
+  most axes (`x`: the parameters vary over no more than it does).
+  """
+  outs = abstract_eval(*args, **params)
+  mats = [a for a in args if getattr(getattr(a, "manual_axis_type", None), "varying", None)]
+  if not mats:
+    return outs
+  a = max(mats, key=lambda a: len(a.manual_axis_type.varying))
+  return [o.update(sharding=a.sharding.update(spec=(None,) * o.ndim),
+                   manual_axis_type=a.manual_axis_type) for o in outs]
+
+
+def sum_to_vma(ct: jax.Array, aval: Any) -> jax.Array:
+  """A cotangent psum'd over the `shard_map` axes it varies over and its primal `aval` does not.
+
+  A parameter replicated over a mesh axis (not varying) that a kernel combines with a
+  per-device `x` gets per-device partial cotangents (e.g. `dscale` summed over this device's
+  rows); its cotangent is their sum over the devices (the transpose of JAX's implicit
+  replicated-to-varying cast, which jax.numpy code gets automatically).
+  """
+  mat = lambda a: getattr(getattr(a, "manual_axis_type", None), "varying", frozenset())
+  extra = tuple(sorted(mat(jax.typeof(ct)) - mat(aval)))
+  return jax.lax.psum(ct, extra) if extra else ct
 
 
 def _attribute(value):

@@ -136,7 +136,8 @@ def _tangent_transpose(cts, x, shift, offset, rstd, scale, dx, dscale, dbias, *,
     return [None] * 8
   grads = rows_backward_p.bind(x, ad.instantiate_zeros(ct), shift, offset, rstd, scale,
                                centered=centered, per_row=per_row)
-  return [None] * 5 + [g if ad.is_undefined_primal(v) else None for g, v in zip(grads, linear)]
+  return [None] * 5 + [primitives.sum_to_vma(g, v.aval) if ad.is_undefined_primal(v) else None
+                       for g, v in zip(grads, linear)]
 
 
 ad.primitive_transposes[rows_tangent_p] = _tangent_transpose
