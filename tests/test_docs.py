@@ -40,3 +40,19 @@ def test_every_page_is_in_the_nav():
 def test_version_agrees_with_pyproject():
   pyproject = (ROOT / "pyproject.toml").read_text()
   assert re.search(r'^version = "([^"]+)"', pyproject, flags=re.M)[1] == normjax.__version__
+
+
+_PAGES_WITH_CODE = sorted(p.name for p in (ROOT / "docs").glob("*.md")
+                          if "```python" in p.read_text())
+
+
+@pytest.mark.parametrize("page", _PAGES_WITH_CODE)
+def test_page_code_runs(page):
+  """Every ```python block of a guide page runs, in order, in one namespace (the README's
+  blocks that pages include are run by tests/test_readme.py)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / page).read_text(), flags=re.S)
+  namespace = {}
+  with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    for block in blocks:
+      exec(compile(block, page, "exec"), namespace)  # pylint: disable=exec-used
