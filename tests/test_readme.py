@@ -134,3 +134,15 @@ def test_readme_masked_sequences_claims_match_results():
   assert {f"{100 * v:.1f}" for v in masked.values()} == {claim[1]}
   pads = sorted(unmasked, key=int)
   assert (f"{100 * unmasked[pads[0]]:.1f}", f"{100 * unmasked[pads[-1]]:.1f}") == claim.group(2, 3)
+
+
+def test_benchmark_durations_agree_with_the_committed_runs():
+  """The durations the README and `benchmarks/run.py --help` give for the op-level and the
+  whole-model runs are the wall times recorded in the results files."""
+  readme = _section((ROOT / "README.md").read_text(), "Performance")
+  usage = (ROOT / "benchmarks" / "run.py").read_text().split('"""')[1]
+  for results_md, flag in (("results.md", "--no-models"), ("models.md", "--models")):
+    wall = re.search(r"wall time (\d+) s", (RESULTS / results_md).read_text())[1]
+    line = next(l for l in usage.splitlines() if re.search(rf"run\.py {flag}\s+#", l))
+    assert f"{wall} s" in line, f"run.py --help for {flag}: {line.strip()!r}, {results_md}: {wall} s"
+    assert re.search(rf"`{flag}`[^.;]*?\({wall} s", readme), f"README duration of {flag}"
