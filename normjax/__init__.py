@@ -26,7 +26,7 @@ from normjax.weights import spectral_normalize
 from normjax.weights import weight_norm
 from normjax.weights import weight_standardize
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "add_layer_norm",

@@ -18,6 +18,14 @@ class BatchStats(NamedTuple):
     var: `[C]` float32 running variance of each channel.
     count: int32 scalar, the number of training batches folded in so far (used by
       `momentum=None`, the cumulative average).
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])                 # [N=2, C=2]
+    >>> stats = nj.init_batch_stats(2)
+    >>> _, stats = nj.batch_norm(x, jnp.ones(2), jnp.zeros(2), stats, train=True, momentum=0.5)
+    >>> stats.mean, stats.count                                  # 0.5 * 0 + 0.5 * batch mean
+    (Array([ 1., 10.], dtype=float32), Array(1, dtype=int32))
   """
   mean: jax.Array
   var: jax.Array
@@ -102,6 +110,14 @@ class SpectralState(NamedTuple):
     u: `[C_out]` estimate of the leading right singular vector of the kernel viewed as a
       matrix `[prod(shape[:-1]), C_out]` (float32, or float64 for a float64 kernel).
     sigma: scalar, the last estimate of the largest singular value (same dtype as `u`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, normjax as nj
+    >>> w = jnp.array([[2.0, 0.0], [0.0, 0.5]])                 # singular values 2 and 0.5
+    >>> state = nj.init_spectral_state(w, jax.random.key(0))   # SpectralState(u, sigma)
+    >>> _, state = nj.spectral_normalize(w, state, train=True, n_steps=30)
+    >>> state.u.shape, state.sigma.round(4)
+    ((2,), Array(2., dtype=float32))
   """
   u: jax.Array
   sigma: jax.Array

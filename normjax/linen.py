@@ -377,7 +377,16 @@ class AddLayerNorm(LayerNorm):
 
 
 class AddRMSNorm(RMSNorm):
-  """`RMSNorm` of the residual sum: `__call__(x, residual) -> (y, h)`, as `AddLayerNorm`."""
+  """`RMSNorm` of the residual sum: `__call__(x, residual) -> (y, h)`, as `AddLayerNorm`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, normjax.linen as njnn
+    >>> x, r = jnp.array([[3.0, -1.0]]), jnp.array([[-2.0, 0.0]])
+    >>> norm = njnn.AddRMSNorm(epsilon=0.0)
+    >>> y, h = norm.apply(norm.init(jax.random.key(0), x, r), x, r)   # rms(h) = 1
+    >>> h, y.round(4)
+    (Array([[ 1., -1.]], dtype=float32), Array([[ 1., -1.]], dtype=float32))
+  """
 
   @nn.compact
   def __call__(self, x: jax.Array,  # type: ignore[override]

@@ -318,7 +318,16 @@ class RMSNorm(nnx.Module):
 class AddLayerNorm(LayerNorm):
   """`LayerNorm` of the residual sum: `__call__(x, residual) -> (y, h)` with `h = x +
   residual` and `y` the layer norm of `h` (`normjax.add_layer_norm`). Same constructor and
-  variables as `LayerNorm`."""
+  variables as `LayerNorm`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> norm = njnnx.AddLayerNorm(3, epsilon=0.0, rngs=nnx.Rngs(0))
+    >>> y, h = norm(jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[0.0, 1.0, 2.0]]))
+    >>> h, y.round(4)
+    (Array([[1., 3., 5.]], dtype=float32), Array([[-1.2247,  0.    ,  1.2247]], dtype=float32))
+  """
 
   def __call__(self, x: jax.Array,  # type: ignore[override]
                residual: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -333,7 +342,16 @@ class AddLayerNorm(LayerNorm):
 
 
 class AddRMSNorm(RMSNorm):
-  """`RMSNorm` of the residual sum: `__call__(x, residual) -> (y, h)`, as `AddLayerNorm`."""
+  """`RMSNorm` of the residual sum: `__call__(x, residual) -> (y, h)`, as `AddLayerNorm`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> norm = njnnx.AddRMSNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))
+    >>> y, h = norm(jnp.array([[3.0, -1.0]]), jnp.array([[-2.0, 0.0]]))   # rms(h) = 1
+    >>> h, y.round(4)
+    (Array([[ 1., -1.]], dtype=float32), Array([[ 1., -1.]], dtype=float32))
+  """
 
   def __call__(self, x: jax.Array,  # type: ignore[override]
                residual: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -29,3 +29,120 @@ def test_readme_quickstart_runs():
   with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
     for block in blocks:
       exec(compile(block, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+
+
+# ---- README numbers against the committed results files they come from ----------------------
+
+import json  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def _section(text, title):
+  """The body of the README's `## title` section."""
+  start = text.index(f"## {title}\n")
+  end = text.find("\n## ", start + 1)
+  return text[start:end if end >= 0 else len(text)]
+
+
+def _passages(text, name, others):
+  """Each stretch of a paragraph from a mention of `name` to the next mention of one of
+  `others` (or the paragraph's end)."""
+  passages = []
+  for paragraph in re.split(r"\n\s*\n", text):
+    for start in [m.start() for m in re.finditer(re.escape(name), paragraph)]:
+      ends = [paragraph.find(o, start + 1) for o in others]
+      passages.append(paragraph[start:min([e for e in ends if e > 0], default=None)])
+  return passages
+
+
+def test_readme_performance_numbers_come_from_the_results_files():
+  """Every number of the Performance section occurs in a committed results file (so a stale
+  number, or one from nowhere, fails), and the table's ratios are those of the case named."""
+  section = _section((ROOT / "README.md").read_text(), "Performance")
+  section = re.sub(r"`[^`]*`", "", section)            # paths, commands, LD_PRELOAD values
+  sources = "\n".join((RESULTS / name).read_text() for name in ("results.md", "models.md"))
+  known = set(_NUMBER.findall(sources))
+  unknown = sorted(set(_NUMBER.findall(section)) - known, key=float)
+  assert not unknown, f"README Performance numbers in no results file: {unknown}"
+
+  with open(RESULTS / "results.json") as f:
+    results = json.load(f)
+  records = {r["case"]: r for r in results["records"]}
+  rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+          for line in section.splitlines() if re.match(r"\| [a-z_]+ fwd", line)]
+  assert len(rows) >= 10, "README Performance table not found"
+  for case, vs_flax, vs_torch, saved in rows:
+    assert case in records, f"README case {case!r} is not in results.json"
+    ratios = records[case]["ratios"]
+    for cell, key in ((vs_flax, "flax"), (vs_torch, "torch")):
+      if re.fullmatch(r"\d+\.\d+", cell):
+        assert cell == f"{ratios[key]:.2f}", f"{case} / {key}: {cell} vs {ratios[key]:.2f}"
+      else:
+        assert key not in ratios, f"{case}: README has no {key} ratio but results.json does"
+    if saved:
+      residual = records[case]["residual_bytes"]
+      want = f"{residual['normjax'] / 2**20:.0f} / {residual['flax'] / 2**20:.0f}"
+      assert saved == want, f"{case} saved MiB: {saved} vs {want}"
+
+  summary = results["summary"]
+  for key, label in (("flax", "flax runs"), ("torch", "PyTorch runs")):
+    n = re.search(rf"the (\d+) cases {label}", section)
+    assert n and int(n[1]) == summary[key]["n"], f"case count of the {key} geometric mean"
+  assert f"**{summary['flax']['geomean']:.2f} of flax.linen's time**" in section
+  assert f"{summary['torch']['geomean']:.2f} of PyTorch's" in section
+  assert f"{len(summary['flax']['slower_cases'])}\nforward-only cases" in section \
+      or f"{len(summary['flax']['slower_cases'])} forward-only cases" in section
+
+
+def _masked_results():
+  with open(ROOT / "docs" / "masked_sequences" / "results.json") as f:
+    return json.load(f)
+
+
+def test_readme_example_numbers_come_from_their_committed_runs():
+  """Percentages and durations the README gives for masked_sequences.py and flax_models.py
+  are those of their committed runs in docs/."""
+  readme = (ROOT / "README.md").read_text()
+  masked = {f"{100 * acc:.1f}" for row in _masked_results()["training"]
+            for acc in row["test_acc"].values()}
+  with open(ROOT / "docs" / "flax_models" / "results.json") as f:
+    flax_rows = json.load(f)["rows"]
+  flax_acc = {f"{100 * row[k]:.1f}" for row in flax_rows for k in ("linen_test_acc", "nnx_test_acc")}
+  for script, allowed, results_md in (
+      ("masked_sequences.py", masked, "docs/masked_sequences/results.md"),
+      ("flax_models.py", flax_acc, "docs/flax_models/results.md")):
+    seconds = set(re.findall(r"(\d+) s\b", (ROOT / results_md).read_text()))
+    for paragraph in _passages(readme, script, ("masked_sequences.py", "flax_models.py")):
+      for pct in re.findall(r"(\d+\.\d)\s?%", paragraph):
+        assert pct in allowed, f"README: {pct}% next to {script} is not in its results"
+      for sec in re.findall(r"(\d+) s\b", paragraph):
+        assert sec in seconds, f"README: {sec} s for {script}; {results_md} says {seconds}"
+
+
+def test_readme_masked_sequences_claims_match_results():
+  """The sentence 'masked layer norm scores X% at every padding length; unmasked falls from Y%
+  to Z%' against the committed run."""
+  readme = (ROOT / "README.md").read_text()
+  claim = re.search(r"masked layer norm scores ([\d.]+)% at every padding length; unmasked "
+                    r"falls from ([\d.]+)% to ([\d.]+)%", " ".join(readme.split()))
+  if claim is None:
+    return    # the sentence was reworded; the paragraph check above still holds
+  rows = {(r["norm"].split()[0], r["masked"]): r["test_acc"] for r in _masked_results()["training"]}
+  masked, unmasked = rows[("layer", True)], rows[("layer", False)]
+  assert {f"{100 * v:.1f}" for v in masked.values()} == {claim[1]}
+  pads = sorted(unmasked, key=int)
+  assert (f"{100 * unmasked[pads[0]]:.1f}", f"{100 * unmasked[pads[-1]]:.1f}") == claim.group(2, 3)
+
+
+def test_benchmark_durations_agree_with_the_committed_runs():
+  """The durations the README and `benchmarks/run.py --help` give for the op-level and the
+  whole-model runs are the wall times recorded in the results files."""
+  readme = _section((ROOT / "README.md").read_text(), "Performance")
+  usage = (ROOT / "benchmarks" / "run.py").read_text().split('"""')[1]
+  for results_md, flag in (("results.md", "--no-models"), ("models.md", "--models")):
+    wall = re.search(r"wall time (\d+) s", (RESULTS / results_md).read_text())[1]
+    line = next(l for l in usage.splitlines() if re.search(rf"run\.py {flag}\s+#", l))
+    assert f"{wall} s" in line, f"run.py --help for {flag}: {line.strip()!r}, {results_md}: {wall} s"
+    assert re.search(rf"`{flag}`[^.;]*?\({wall} s", readme), f"README duration of {flag}"
