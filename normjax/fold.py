@@ -75,7 +75,8 @@ def fold_batch_norm(kernel: jax.Array, bias: jax.Array | None, scale: jax.Array 
 
 
 def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
-                      pairs: Sequence[tuple[str, str]], *, eps: float = 1e-5) -> dict:
+                      pairs: Sequence[tuple[str, str]], *,
+                      eps: float | Mapping[str, float] = 1e-5) -> dict:
   """Folds a linen model's Conv/Dense + BatchNorm pairs: the `params` of the folded model.
 
   For each `(conv_name, bn_name)` pair (names in the top-level `params` dict; a path
@@ -90,10 +91,14 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     params: the trained model's `params` collection.
     batch_stats: its `batch_stats` collection (`mean` and `var` per BatchNorm).
     pairs: `(conv_name, bn_name)` pairs, `/`-separated paths.
-    eps: the BatchNorms' epsilon.
+    eps: the BatchNorms' epsilon: one number for all, or a mapping from each `bn_name` to
+      its own (a model whose BatchNorms differ in `epsilon`).
 
   Returns:
     A new nested dict of params; the input is not modified.
+
+  Raises:
+    ValueError: `eps` is a mapping without an entry for one of the pairs' batch norms.
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
@@ -103,6 +108,12 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     >>> sorted(nj.fold_linen_params(params, stats, [("conv", "bn")], eps=0.0)["conv"])
     ['bias', 'kernel']
   """
+  if isinstance(eps, Mapping):
+    missing = [bn for _, bn in pairs if bn not in eps]
+    if missing:
+      raise ValueError(f"fold_linen_params: `eps` must have an entry for every batch norm of "
+                       f"`pairs`; expected keys {[bn for _, bn in pairs]}, missing {missing} "
+                       f"(got keys {sorted(eps)})")
   out = jax.tree.map(lambda v: v, _plain(params))
 
   def get(tree, path):
@@ -114,7 +125,7 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     conv, bn, st = get(out, conv_name), get(out, bn_name), get(_plain(batch_stats), bn_name)
     kernel, bias = fold_batch_norm(conv["kernel"], conv.get("bias"), bn.get("scale"),
                                    bn.get("bias"), BatchStats(st["mean"], st["var"], None),
-                                   eps=eps)
+                                   eps=eps[bn_name] if isinstance(eps, Mapping) else eps)
     conv["kernel"], conv["bias"] = kernel, bias
     *parent, last = bn_name.split("/")
     del (get(out, "/".join(parent)) if parent else out)[last]

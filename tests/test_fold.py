@@ -73,13 +73,15 @@ def test_fold_matches_torch_fuse_conv_bn_eval():
 
 class _Net(nn.Module):
   fold: bool = False
+  epsilons: tuple = (1e-5, 1e-5)
 
   @nn.compact
   def __call__(self, x, train=False):
     for i in range(2):
       x = nn.Conv(4, (3, 3), use_bias=self.fold, name=f"conv{i}")(x)
       if not self.fold:
-        x = njnn.BatchNorm(use_running_average=not train, name=f"bn{i}")(x)
+        x = njnn.BatchNorm(use_running_average=not train, epsilon=self.epsilons[i],
+                           name=f"bn{i}")(x)
       x = nn.relu(x)
     return x
 
@@ -98,3 +100,22 @@ def test_fold_linen_params_recipe():
   y_folded = _Net(fold=True).apply({"params": params}, x)
   np.testing.assert_allclose(y_folded, y, 1e-5, 1e-5)
   assert "bn0" in variables["params"]   # the input is not modified
+
+
+def test_fold_linen_params_eps_per_batch_norm():
+  x = jnp.asarray(rand((2, 6, 6, 3), 8))
+  model = _Net(epsilons=(1e-5, 0.5))
+  variables = model.init(jax.random.key(0), x)
+  variables = jax.tree.map(lambda v: v + 0.3 * jax.random.uniform(jax.random.key(1), v.shape),
+                           variables)
+  y = model.apply(variables, x)
+  pairs = [("conv0", "bn0"), ("conv1", "bn1")]
+  params = nj.fold_linen_params(variables["params"], variables["batch_stats"], pairs,
+                                eps={"bn0": 1e-5, "bn1": 0.5})
+  np.testing.assert_allclose(_Net(fold=True).apply({"params": params}, x), y, 1e-5, 1e-5)
+  # One eps for both is not the model (the test can fail).
+  params = nj.fold_linen_params(variables["params"], variables["batch_stats"], pairs)
+  assert np.abs(_Net(fold=True).apply({"params": params}, x) - y).max() > 1e-3
+  with pytest.raises(ValueError, match=r"missing \['bn1'\]"):
+    nj.fold_linen_params(variables["params"], variables["batch_stats"], pairs,
+                         eps={"bn0": 1e-5})
