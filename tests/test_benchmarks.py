@@ -14,16 +14,23 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("bench")
+def _run_script(out, script, *args, timeout=600):
+  """Runs `benchmarks/<script> --quick --out <out> *args` on one CPU device (not conftest's
+  four) and returns `out`."""
   env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)   # the suite times one CPU device, not conftest's four
-  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--out", str(out),
-         "--allocator", "current", "--no-plot"]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--out", str(out),
+         *args]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                        check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return out
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  return _run_script(tmp_path_factory.mktemp("bench"), "run.py", "--allocator", "current",
+                     "--no-plot")
 
 
 def test_quick_json_has_expected_rows(quick_run):
@@ -95,3 +102,35 @@ def test_quick_models_markdown(quick_models_run):
   md = (quick_models_run / "quick_models.md").read_text()
   assert "| model | path | params | fwd normjax ms |" in md
   assert "| transformer layer 1x d64 h2 s16 b2 |" in md and "allocator:" in md
+
+
+@pytest.fixture(scope="module")
+def quick_numerics_run(tmp_path_factory):
+  """`benchmarks/numerics.py --quick`: the accuracy cases at smoke-test sizes, both normjax
+  paths (the jax.numpy one in its NORMJAX_NATIVE=0 subprocess), flax and PyTorch."""
+  return _run_script(tmp_path_factory.mktemp("numerics"), "numerics.py", timeout=120)
+
+
+def test_quick_numerics_reports(quick_numerics_run):
+  with open(quick_numerics_run / "numerics_quick.json") as f:
+    data = json.load(f)
+  md = (quick_numerics_run / "numerics_quick.md").read_text()
+  assert "| case | metric | float64 | normjax native | normjax jnp | flax | flax slow |" in md
+  assert "command: `python benchmarks/numerics.py --quick" in md and "machine:" in md
+  records = data["records"]
+  assert len(records) == 7 and not any("2^28" in r["case"] for r in records)
+  impls = data["meta"]["impls"]
+  assert {"normjax_jnp", "flax", "flax_slow"} <= set(impls)
+  ours = [i for i in impls if i.startswith("normjax")]
+  for rec in records:
+    assert set(rec["results"]) == set(impls), rec["case"]
+    assert f"| {rec['case']} |" in md
+    for impl in ours:   # every normjax path is within a few float32 roundings of float64
+      assert rec["results"][impl]["var_rel_err"] < 1e-6, (rec["case"], impl)
+  offset = [r for r in records if r["loc"] in (1e3, 1e5)]
+  assert len(offset) == 4
+  for rec in offset:   # where flax's default E[x^2] - E[x]^2 loses its digits
+    fast = rec["results"]["flax"]
+    for impl in ours:
+      for metric in ("var_rel_err", "out_abs_err"):
+        assert rec["results"][impl][metric] < 1e-3 * fast[metric], (rec["case"], impl, metric)

@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -146,3 +147,110 @@ def test_benchmark_durations_agree_with_the_committed_runs():
     line = next(l for l in usage.splitlines() if re.search(rf"run\.py {flag}\s+#", l))
     assert f"{wall} s" in line, f"run.py --help for {flag}: {line.strip()!r}, {results_md}: {wall} s"
     assert re.search(rf"`{flag}`[^.;]*?\({wall} s", readme), f"README duration of {flag}"
+
+
+# ---- README accuracy figures against benchmarks/results/numerics.{md,json} ---------------------
+
+def _accuracy_places(readme):
+  """The README's two accuracy passages: the intro bullet on statistics and the measured part
+  of "Correctness on every path"'s "Order and length" bullet."""
+  bullets = re.split(r"\n(?=\* )", readme)
+  intro = [b for b in bullets if b.startswith("* statistics ") and "float64 reference" in b]
+  order = [b for b in bullets if b.startswith("* **Order and length.**")]
+  assert len(intro) == 1 and len(order) == 1, "README accuracy bullets not found"
+  assert "Measured" in order[0], "the Order and length bullet has no measured part"
+  return {"intro bullet": intro[0], "Order and length": order[0][order[0].index("Measured"):]}
+
+
+def _numerics_fmt(metric, value):
+  """`benchmarks/numerics.py`'s formatting of a table value."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import numerics  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+  return numerics.fmt(metric, value)
+
+
+def test_readme_accuracy_numbers_come_from_the_numerics_run():
+  """Every number of the README's accuracy passages occurs in numerics.md's table (the case
+  descriptions or the measured values), and every measured one (a decimal point or a negative
+  exponent) is a value of numerics.json as the table formats it; both passages cite the run."""
+  readme = (ROOT / "README.md").read_text()
+  md = (RESULTS / "numerics.md").read_text()
+  table = "\n".join(line for line in md.splitlines() if line.startswith("| "))
+  in_table = set(_NUMBER.findall(table))
+  with open(RESULTS / "numerics.json") as f:
+    records = json.load(f)["records"]
+  measured = set()
+  for rec in records:
+    if "var" in rec["metrics"]:
+      measured.add(_numerics_fmt("var", rec["reference"]["var"]))
+    for values in rec["results"].values():
+      measured |= {_numerics_fmt(m, values[m]) for m in rec["metrics"]}
+  assert measured <= in_table, "numerics.md's table differs from numerics.json"
+  assert "python benchmarks/numerics.py --full" in md, "numerics.md is not a --full run"
+  for place, text in _accuracy_places(readme).items():
+    text = " ".join(text.split())
+    assert "benchmarks/results/numerics.md" in text and "benchmarks/numerics.py --full" in text, \
+        f"README {place}: does not cite the run"
+    numbers = _NUMBER.findall(text)
+    assert numbers, f"README {place}: no numbers"
+    unknown = sorted(set(numbers) - in_table)
+    assert not unknown, f"README {place}: numbers in no row of numerics.md: {unknown}"
+    stray = sorted(n for n in numbers if ("." in n or "e-" in n) and n not in measured)
+    assert not stray, f"README {place}: values not measured in numerics.json: {stray}"
+
+
+def test_readme_accuracy_claims_are_the_numerics_run_values():
+  """Each accuracy figure of the README says what it is the value of; here each is compared
+  with that value of numerics.json (a number swapped for another value of the table fails).
+  A reworded sentence must be updated here too."""
+  passages = {k: " ".join(v.split()) for k, v in _accuracy_places(
+      (ROOT / "README.md").read_text()).items()}
+  with open(RESULTS / "numerics.json") as f:
+    records = json.load(f)["records"]
+  ours = ("normjax_native", "normjax_jnp")
+  fmt = _numerics_fmt
+
+  def one(kind, shape=None, loc=None, outlier=False):
+    found = [r for r in records if r["kind"] == kind and (shape is None or r["shape"] == shape)
+             and (loc is None or r["loc"] == loc) and (r["outlier"] is not None) == outlier]
+    assert len(found) == 1, (kind, shape, loc, outlier)
+    return found[0]["results"], found[0]
+
+  outlier, outlier_rec = one("batch", outlier=True)
+  row24, _ = one("layer", shape=[1, 1 << 24])
+  row28, _ = one("layer", shape=[1, 1 << 28])
+  cols, _ = one("batch", shape=[1 << 24, 2])
+  layer_1e5, _ = one("layer", loc=1e5)
+  intro = re.search(
+      r"variances come out within a relative (\S+) of a float64 reference and its outputs within "
+      r"(\S+) \((\S+) of the largest output with the outlier\), where PyTorch's layer norm output "
+      r"is off by (\S+) at `1e5` and flax's default fast variance by (\S+) ",
+      passages["intro bullet"])
+  assert intro, "README intro bullet reworded: update this test"
+  assert intro.groups() == (
+      fmt("var_rel_err", max(r["results"][i]["var_rel_err"] for r in records for i in ours)),
+      fmt("out_abs_err", max(r["results"][i]["out_abs_err"] for r in records for i in ours
+                             if "out_abs_err" in r["metrics"])),
+      fmt("out_rel_err", max(outlier[i]["out_rel_err"] for i in ours)),
+      fmt("out_abs_err", layer_1e5["torch"]["out_abs_err"]),
+      fmt("out_abs_err", layer_1e5["flax"]["out_abs_err"]))
+  order = re.search(
+      r"shape (\(.*?\)) whose first element of every channel is 1e4 gives variance (\S+) on the "
+      r"native kernels and (\S+) on the `jax.numpy` path \(float64 (\S+), PyTorch (\S+)\), within "
+      r"a relative (\S+) and (\S+) in every channel; on `3 \+ N\(0, 1\)`, a 2\^24-value row's "
+      r"variance is within (\S+) \(native\) and (\S+) \(`jax.numpy`\), a 2\^28-value row's within "
+      r"(\S+) and (\S+), and two 2\^24-value batch-norm columns' within (\S+) on both paths "
+      r"\(PyTorch: (\S+)\)\.", passages["Order and length"])
+  assert order, "README Order and length bullet reworded: update this test"
+  rel = lambda res, impl: fmt("var_rel_err", res[impl]["var_rel_err"])
+  assert fmt("var_rel_err", cols["normjax_native"]["var_rel_err"]) == rel(cols, "normjax_jnp")
+  assert order.groups() == (
+      str(tuple(outlier_rec["shape"])), fmt("var", outlier["normjax_native"]["var"]),
+      fmt("var", outlier["normjax_jnp"]["var"]), fmt("var", outlier_rec["reference"]["var"]),
+      fmt("var", outlier["torch"]["var"]), rel(outlier, "normjax_native"),
+      rel(outlier, "normjax_jnp"), rel(row24, "normjax_native"), rel(row24, "normjax_jnp"),
+      rel(row28, "normjax_native"), rel(row28, "normjax_jnp"), rel(cols, "normjax_native"),
+      rel(cols, "torch"))
