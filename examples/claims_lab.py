@@ -61,13 +61,38 @@ def _train_fn(program: tuple[str, ...], cfg: cm.Config):
 _RESULTS: dict[tuple, dict[str, np.ndarray]] = {}   # shared runs are trained once per process
 
 
-def train(names: Sequence[str], cfg: cm.Config, data: _common.Digits, s: Settings,
-          points: Sequence[dict[str, float]] = ({},), bar=None, task: str = "digits",
-          program: Sequence[str] | None = None) -> dict[tuple[str, int], dict]:
-  """Trains each variant at every point, all seeds at once (vmapped); returns per (variant,
-  point index) the seeds' final test/train accuracies and test-accuracy curves.
+class Column(NamedTuple):
+  """One setting of a sweep: the Config, a point (`lr`: peak lr at B = 32, `drop`: dropout
+  rate, `init_scale`), and the task's data (None: the digits)."""
+  cfg: cm.Config
+  point: tuple[tuple[str, float], ...] = ()
+  data: _common.Digits | None = None
+  task: str = "digits"
 
-  A point may set `lr` (peak lr at B = 32), `drop` (dropout rate) and `init_scale`. The compiled
+
+def sweep(names: Sequence[str], columns: dict[Any, Column], data: _common.Digits, s: Settings,
+          desc: str, program: Sequence[str] | None = None) -> dict[tuple[str, Any], dict]:
+  """`train` for every column; returns per (variant, column key) the seeds' results."""
+  res = {}
+  with _bar(len(names) * len(columns), desc) as bar:
+    for key, col in columns.items():
+      out = train(names, col.cfg, col.data or data, s, dict(col.point), bar, col.task, program)
+      res.update({(n, key): r for n, r in out.items()})
+  return res
+
+
+def rows_of(res, names: Sequence[str], keys: Sequence[Any], metric: str = "test_acc"):
+  """{variant: [(mean, std) over seeds of `metric`, per column key]}."""
+  return {n: [ms(res[(n, k)][metric]) for k in keys] for n in names}
+
+
+def train(names: Sequence[str], cfg: cm.Config, data: _common.Digits, s: Settings,
+          point: dict[str, float], bar=None, task: str = "digits",
+          program: Sequence[str] | None = None) -> dict[str, dict]:
+  """Trains each variant, all seeds at once (vmapped); returns per variant the seeds' final
+  test/train accuracies (`[seeds]`) and test-accuracy curves (`[seeds, chunks]`).
+
+  The compiled
   program holds every variant of `program` (default: all CNN variants, or the RNN's), so that
   experiments sharing a Config share one compilation, and identical runs are trained once.
   """
@@ -83,18 +108,17 @@ def train(names: Sequence[str], cfg: cm.Config, data: _common.Digits, s: Setting
   for name in names:
     if bar is not None:
       bar.set_postfix_str(f"{name} B={cfg.batch_size} depth={cfg.depth}")
-    for j, p in enumerate(points):
-      key = (name, program, cfg, tuple(sorted(p.items())), s.seeds, task)
-      if key not in _RESULTS:
-        params = stack([cm.init_params(np.random.default_rng(seed), cfg,
-                                       p.get("init_scale", 1.0)) for seed in s.seeds])
-        lr = _common.linear_scaled_lr(p.get("lr", BASE_LR), cfg.batch_size)
-        per_run = lambda v: jnp.full((len(s.seeds),), v, jnp.float32)
-        res = jax.device_get(fn(jnp.asarray(program.index(name), jnp.int32), params, order,
-                                per_run(lr), per_run(p.get("drop", 0.0)), arrays))
-        _RESULTS[key] = {"test_acc": res["test_acc"], "train_acc": res["train_acc"],
-                         "curve": res["curves"]["test_acc"]}
-      out[(name, j)] = _RESULTS[key]
+    key = (name, program, cfg, tuple(sorted(point.items())), s.seeds, task)
+    if key not in _RESULTS:
+      params = stack([cm.init_params(np.random.default_rng(seed), cfg,
+                                     point.get("init_scale", 1.0)) for seed in s.seeds])
+      lr = _common.linear_scaled_lr(point.get("lr", BASE_LR), cfg.batch_size)
+      per_run = lambda v: jnp.full((len(s.seeds),), v, jnp.float32)
+      res = jax.device_get(fn(jnp.asarray(program.index(name), jnp.int32), params, order,
+                              per_run(lr), per_run(point.get("drop", 0.0)), arrays))
+      _RESULTS[key] = {"test_acc": res["test_acc"], "train_acc": res["train_acc"],
+                       "curve": res["curves"]["test_acc"]}
+    out[name] = _RESULTS[key]
     if bar is not None:
       bar.update()
   return out
@@ -112,7 +136,7 @@ def ms(values) -> tuple[float, float]:
   return float(v.mean()), float(v.std())
 
 
-def _bar(total: int, desc: str, s: Settings):
+def _bar(total: int, desc: str):
   from tqdm.auto import tqdm
   return tqdm(total=total, desc=desc, unit="variant", dynamic_ncols=True,
               disable=os.environ.get("CLAIMS_NO_PROGRESS") == "1")
@@ -129,8 +153,7 @@ def convergence(data, s: Settings, out: str) -> dict[str, Any]:
   """Claim 1: test accuracy along training at one shared learning rate; examples to 90 %."""
   names = CNN_MAIN
   cfg = config(s)
-  with _bar(len(names), "convergence", s) as bar:
-    res = train(names, cfg, data, s, bar=bar)
+  res = sweep(names, {0: Column(cfg)}, data, s, "convergence")
   target = 0.9
   per_chunk = cfg.batch_size * cfg.steps_per_chunk
   examples = [per_chunk * (c + 1) for c in range(cfg.num_chunks)]
@@ -175,9 +198,8 @@ def learning_rate(data, s: Settings, out: str) -> dict[str, Any]:
   names = ("none", "batch", "layer", "group", "group_ws", "frn")
   lrs = (0.01, 0.1, 1.0) if s.quick else (0.01, 0.03, 0.1, 0.3, 1.0)   # includes BASE_LR
   cfg = config(s)
-  with _bar(len(names), "learning_rate", s) as bar:
-    res = train(names, cfg, data, s, [{"lr": lr} for lr in lrs], bar=bar)
-  rows = {n: [ms(res[(n, j)]["test_acc"]) for j in range(len(lrs))] for n in names}
+  res = sweep(names, {lr: Column(cfg, (("lr", lr),)) for lr in lrs}, data, s, "learning_rate")
+  rows = rows_of(res, names, lrs)
   top = len(lrs) - 1
 
   def usable(n):   # largest lr within 5 points of the variant's best mean accuracy
@@ -207,9 +229,9 @@ def init_scale(data, s: Settings, out: str) -> dict[str, Any]:
   names = ("none", "batch", "layer", "group")
   scales = (0.5, 1.0, 2.0) if s.quick else (0.25, 0.5, 1.0, 2.0, 4.0)
   cfg = config(s)
-  with _bar(len(names), "init_scale", s) as bar:
-    res = train(names, cfg, data, s, [{"init_scale": g} for g in scales], bar=bar)
-  rows = {n: [ms(res[(n, j)]["test_acc"]) for j in range(len(scales))] for n in names}
+  res = sweep(names, {g: Column(cfg, (("init_scale", g),)) for g in scales}, data, s,
+              "init_scale")
+  rows = rows_of(res, names, scales)
   worst = {n: min(rows[n]) for n in names}
   comps = [Comparison(f"worst accuracy over init scales, {n} minus none", *worst[n], *worst["none"])
            for n in ("batch",)]
@@ -230,12 +252,10 @@ def regularization(data, s: Settings, out: str) -> dict[str, Any]:
   names = ("none", "batch", "group")
   drops = (0.0, 0.1)
   cfg = config(s._replace(examples=2 * s.examples), depth=4, dropout=True)
-  with _bar(len(names), "regularization", s) as bar:
-    res = train(names, cfg, data, s, [{"drop": d} for d in drops], bar=bar)
-  gap = {n: [ms(res[(n, j)]["train_acc"] - res[(n, j)]["test_acc"]) for j in range(2)]
+  res = sweep(names, {d: Column(cfg, (("drop", d),)) for d in drops}, data, s, "regularization")
+  gap = {n: [ms(res[(n, d)]["train_acc"] - res[(n, d)]["test_acc"]) for d in drops]
          for n in names}
-  test = {n: [ms(res[(n, j)]["test_acc"]) for j in range(2)] for n in names}
-  train_acc = {n: [ms(res[(n, j)]["train_acc"]) for j in range(2)] for n in names}
+  test, train_acc = rows_of(res, names, drops), rows_of(res, names, drops, "train_acc")
   # Dropout's benefit to test accuracy, per variant: (mean, std) of a difference of means.
   benefit = {n: (test[n][1][0] - test[n][0][0], math.hypot(test[n][1][1], test[n][0][1]))
              for n in names}
@@ -264,12 +284,8 @@ def batch_size(data, s: Settings, out: str) -> dict[str, Any]:
   names = ("none", "batch", "batch_renorm", "layer", "instance", "group", "rms", "frn",
            "group_ws")
   sizes = (2, 32) if s.quick else (1, 2, 8, 32)
-  res = {}
-  with _bar(len(names) * len(sizes), "batch_size", s) as bar:
-    for b in sizes:
-      for (n, _), r in train(names, config(s, b), data, s, bar=bar).items():
-        res[(n, b)] = r
-  rows = {n: [ms(res[(n, b)]["test_acc"]) for b in sizes] for n in names}
+  res = sweep(names, {b: Column(config(s, b)) for b in sizes}, data, s, "batch_size")
+  rows = rows_of(res, names, sizes)
   lo, hi = 0, len(sizes) - 1
   comps = [Comparison(f"batch norm, B={sizes[hi]} minus B={sizes[lo]}", *rows["batch"][hi],
                       *rows["batch"][lo]),
@@ -290,12 +306,8 @@ def depth(data, s: Settings, out: str) -> dict[str, Any]:
   """Claim 6: final test accuracy vs depth of the plain CNN."""
   names = ("none", "batch", "layer", "group", "group_ws")
   depths = (2, 8) if s.quick else (2, 4, 8, 16)
-  res = {}
-  with _bar(len(names) * len(depths), "depth", s) as bar:
-    for d in depths:
-      for (n, _), r in train(names, config(s, depth=d), data, s, bar=bar).items():
-        res[(n, d)] = r
-  rows = {n: [ms(res[(n, d)]["test_acc"]) for d in depths] for n in names}
+  res = sweep(names, {d: Column(config(s, depth=d)) for d in depths}, data, s, "depth")
+  rows = rows_of(res, names, depths)
   deep = len(depths) - 1
   comps = [Comparison(f"none, depth {depths[0]} minus depth {depths[deep]}", *rows["none"][0],
                       *rows["none"][deep]),
@@ -318,13 +330,9 @@ def recurrent(data, s: Settings, out: str) -> dict[str, Any]:
   """Claim 7: a tanh RNN over the 8 rows; layer norm vs per-time-step batch norm vs none."""
   names = cm.RNN_VARIANTS
   sizes = (4, 32)
-  res = {}
-  with _bar(len(names) * len(sizes), "recurrent", s) as bar:
-    for b in sizes:
-      cfg = config(s, b, model="rnn", width=64)
-      for (n, _), r in train(names, cfg, data, s, [{"lr": 0.1}], bar=bar).items():
-        res[(n, b)] = r
-  rows = {n: [ms(res[(n, b)]["test_acc"]) for b in sizes] for n in names}
+  res = sweep(names, {b: Column(config(s, b, model="rnn", width=64), (("lr", 0.1),))
+                      for b in sizes}, data, s, "recurrent")
+  rows = rows_of(res, names, sizes)
   comps = [Comparison(f"B={b}, layer minus batch (per time step)", *rows["layer"][j],
                       *rows["batch"][j]) for j, b in enumerate(sizes)]
   comps.append(Comparison("B=32, layer minus none", *rows["layer"][1], *rows["none"][1]))
@@ -345,19 +353,19 @@ def recurrent(data, s: Settings, out: str) -> dict[str, Any]:
 def small_batch_fixes(data, s: Settings, out: str) -> dict[str, Any]:
   """Claim 8: batch renorm and ghost batch norm vs batch norm with few examples per statistic."""
   ks = (2,) if s.quick else (2, 8)
-  rows: dict[str, list] = {"batch (B=k)": [], "batch_renorm (B=k)": [],
-                           "ghost_batch (B=32, groups of k)": [], "batch (B=32)": []}
-  with _bar(3 * len(ks) + 1, "small_batch_fixes", s) as bar:
-    big = train(("batch",), config(s), data, s, bar=bar)
-    for k in ks:
-      small = train(("batch", "batch_renorm"), config(s, k), data, s, bar=bar)
-      cfg = config(s, ghost_size=k)
-      ghost = train(("ghost_batch",), cfg, data, s, bar=bar,
-                    program=None if cfg == config(s) else ("ghost_batch",))
-      rows["batch (B=k)"].append(ms(small[("batch", 0)]["test_acc"]))
-      rows["batch_renorm (B=k)"].append(ms(small[("batch_renorm", 0)]["test_acc"]))
-      rows["ghost_batch (B=32, groups of k)"].append(ms(ghost[("ghost_batch", 0)]["test_acc"]))
-      rows["batch (B=32)"].append(ms(big[("batch", 0)]["test_acc"]))
+  small = sweep(("batch", "batch_renorm"), {k: Column(config(s, k)) for k in ks}, data, s,
+                "small_batch_fixes")
+  ghost = {}
+  for k in ks:   # a program of its own unless k is the default group size
+    cfg = config(s, ghost_size=k)
+    ghost.update(sweep(("ghost_batch",), {k: Column(cfg)}, data, s, f"ghost_batch k={k}",
+                       program=None if cfg == config(s) else ("ghost_batch",)))
+  big = sweep(("batch",), {32: Column(config(s))}, data, s, "batch B=32")
+  rows = {"batch (B=k)": [ms(small[("batch", k)]["test_acc"]) for k in ks],
+          "batch_renorm (B=k)": [ms(small[("batch_renorm", k)]["test_acc"]) for k in ks],
+          "ghost_batch (B=32, groups of k)": [ms(ghost[("ghost_batch", k)]["test_acc"])
+                                              for k in ks],
+          "batch (B=32)": [ms(big[("batch", 32)]["test_acc"])] * len(ks)}
   comps = [Comparison(f"k={ks[0]}, batch_renorm minus batch", *rows["batch_renorm (B=k)"][0],
                       *rows["batch (B=k)"][0]),
            Comparison(f"k={ks[0]}, ghost_batch minus batch",
@@ -393,12 +401,8 @@ def instance_contrast(data, s: Settings, out: str) -> dict[str, Any]:
   """Claim 9: instance norm on digit classification, and on a task that needs the contrast."""
   names = ("none", "batch", "layer", "instance", "group", "frn")
   tasks = {"digits (10 classes)": data, "contrast (2 classes)": contrast_task(data)}
-  res = {}
-  with _bar(len(names) * len(tasks), "instance_contrast", s) as bar:
-    for task, d in tasks.items():
-      for (n, _), r in train(names, config(s), d, s, bar=bar, task=task).items():
-        res[(n, task)] = r
-  rows = {n: [ms(res[(n, t)]["test_acc"]) for t in tasks] for n in names}
+  columns = {t: Column(config(s), (), d, "digits" if d is data else t) for t, d in tasks.items()}
+  rows = rows_of(sweep(names, columns, data, s, "instance_contrast"), names, tasks)
   others = [n for n in names if n not in ("instance", "none")]
   best = {j: max(others, key=lambda n: rows[n][j][0]) for j in range(2)}
   comps = [Comparison(f"contrast task, best other ({best[1]}) minus instance",

@@ -71,12 +71,17 @@ def _features(h):
   return tuple(range(1, h.ndim))               # per example: (H, W, C), or (C,) in the RNN
 
 
+def _channels(v, h):
+  return v.reshape((1,) * (h.ndim - 1) + (-1,))   # [C] -> [1, ..., 1, C]
+
+
 def _layer(p, s, h, cfg, train):
-  return nj.layer_norm(h, axis=_features(h)) * p["scale"] + p["bias"], s
+  y = nj.layer_norm(h, axis=_features(h))         # per-channel affine, as in Wu & He (2018)
+  return y * _channels(p["scale"], h) + _channels(p["bias"], h), s
 
 
 def _rms(p, s, h, cfg, train):
-  return nj.rms_norm(h, axis=_features(h)) * p["scale"], s
+  return nj.rms_norm(h, axis=_features(h)) * _channels(p["scale"], h), s
 
 
 def _instance(p, s, h, cfg, train):
@@ -163,7 +168,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1) -
   n, h, w, c = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   taps = [xp[:, i:i + h:stride, j:j + w:stride] for i in range(3) for j in range(3)]
-  return jnp.concatenate(taps, axis=-1) @ kernel.reshape(9 * c, -1) + bias
+  return jnp.concatenate(taps, axis=-1) @ kernel.reshape(9 * c, -1) + bias.reshape(1, 1, 1, -1)
 
 
 def cnn_forward(params, state, x, which, names, cfg, train, drop=None):
@@ -193,7 +198,7 @@ def rnn_forward(params, state, x, which, names, cfg, train, drop=None):
 
   def step(h, inputs):
     row, stats = inputs                                   # [N, 8], BatchStats of this step
-    pre = row @ params["w_x"] + h @ params["w_h"] + params["b"]
+    pre = row @ params["w_x"] + h @ params["w_h"] + params["b"].reshape(1, -1)
     y, stats = jax.lax.switch(which, branches, params["norm"], stats, pre)
     return jnp.tanh(y), stats
 
