@@ -274,7 +274,8 @@ def regularization(data, s: Settings, out: str) -> dict[str, Any]:
       tables=[Table("Train-test gap (eval mode)", "dropout", list(drops), gap,
                     y_label="train minus test accuracy (points)", plot="train_test_gap.png"),
               Table("Test accuracy", "dropout", list(drops), test),
-              Table("Training-set accuracy (eval mode)", "dropout", list(drops), train_acc)],
+              Table("Training-set accuracy (eval mode)", "dropout", list(drops), train_acc,
+                    y_label="training-set accuracy (%)")],
       comparisons=comps,
       setup=f"Depth {cfg.depth} (so that every variant fits the training set), lr {BASE_LR}, "
             f"batch size 32, {cfg.batch_size * cfg.steps_per_chunk * cfg.num_chunks} examples "
@@ -422,8 +423,9 @@ def instance_contrast(data, s: Settings, out: str) -> dict[str, Any]:
       comparisons=comps,
       setup="Two tasks on the same images and network: the digits, and 'contrast': every image "
             "multiplied by 0.5 or 2 (a fixed random choice per image), the label being which. "
-            "Instance norm after the first conv divides out exactly this factor (the conv bias "
-            f"cancels in the mean). lr {BASE_LR}, batch size 32, depth {config(s).depth}.")
+            "With the conv biases at their initial zeros, a per-example normalization after the "
+            "(linear) stem and first conv divides this factor out exactly, so its gradient "
+            f"never sees it. lr {BASE_LR}, batch size 32, depth {config(s).depth}.")
 
 
 class Experiment(NamedTuple):
@@ -458,8 +460,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     "batch_size": Experiment(
         5, "Batch norm degrades at small batch sizes; group and layer norm do not", batch_size,
         "How this differs from the paper: Wu & He (2018) train ResNet-50 on ImageNet; here the "
-        "statistics per channel at B=1 still cover 16 positions, which softens batch norm's "
-        "decline, and layer norm is weak in CNNs at any batch size."),
+        "statistics per channel at B=1 still cover 16 positions of one image, and a fixed "
+        "number of examples with the linear scaling rule gives B=32 the fewest steps."),
     "depth": Experiment(
         6, "Deep plain networks train only with normalization", depth,
         "How this differs from the paper: He initialization already preserves a plain ReLU "
@@ -481,7 +483,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         "classification", instance_contrast,
         "How this differs from the paper: style transfer (Ulyanov et al., 2016) wants this "
         "invariance; on digits the class does not depend on contrast, so the loss on digits "
-        "comes from instance norm on 4x4 maps also removing each channel's mean and scale."),
+        "likely comes from instance norm on 4x4 maps also removing each channel's mean and scale."),
 }
 
 
