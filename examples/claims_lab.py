@@ -11,8 +11,8 @@ deployed. Verdicts come from the numbers by the rule in `_claims_report.RULE`.
 
 Run (from the repository root):
 
-  python examples/claims_lab.py --quick      # every experiment, reduced: about 2 minutes
-  python examples/claims_lab.py              # the full run: about 20 minutes on 2 CPU cores
+  python examples/claims_lab.py --quick      # every experiment, reduced: 104 s measured
+  python examples/claims_lab.py              # the full run: 371 s measured (500 s busier)
   python examples/claims_lab.py --only depth # one experiment
 
 Writes `claims.md` (the claims table, then one section per experiment), `results.json` and a
@@ -508,8 +508,8 @@ QUICK = Settings(seeds=(0, 1), examples=2000, chunks=6, quick=True)
 def parse_args(argv):
   p = argparse.ArgumentParser(
       description="The claims lab: each claim about normalization tested on digits, with a "
-                  "verdict. Measured: --quick about 2 min, the full run about 20 min on 2 CPU "
-                  "cores.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                  "verdict. Measured on 2 CPU cores shared with other jobs: --quick 104 s, the "
+                  "full run 371 s (500 s when busier).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--quick", action="store_true", help="every experiment, reduced")
   p.add_argument("--only", choices=list(EXPERIMENTS), action="append",
                  help="run only this experiment (repeatable)")
