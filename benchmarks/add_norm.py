@@ -5,8 +5,12 @@ transformer (`[8 * 256, 512]`) and a larger one, float32 and bfloat16, forward a
 backward (a loss that reads both `y` and `h`). Both programs run in one process, interleaved
 round by round; the ratio is fused / unfused median time. Run:
 
-    python benchmarks/add_norm.py [--rounds 7]
+    python benchmarks/add_norm.py [--rounds 7] [--out benchmarks/results/add_norm.md]
     python benchmarks/add_norm.py --model [--quick]   # the whole transformer of models.py
+
+With `--out`, the op-level table is also written there (Markdown, with the command, machine,
+allocator and date); the committed `benchmarks/results/add_norm.md` is such a run, and the
+README's fused/unfused range is checked against it (tests/test_readme.py).
 
 `--model` times benchmarks/models.py's pre-LN transformer (normjax build, LayerNorm and
 RMSNorm) with `fused=False` and `fused=True` (every residual add + norm pair one
@@ -15,7 +19,9 @@ RMSNorm) with `fused=False` and `fused=True` (every residual add + norm pair one
 
 import argparse
 import dataclasses
+import datetime
 import os
+import platform
 import sys
 import time
 
@@ -88,12 +94,15 @@ def main(argv=None):
   p.add_argument("--target-s", type=float, default=0.2, help="seconds per timing sample")
   p.add_argument("--model", action="store_true", help="the transformer of models.py instead")
   p.add_argument("--quick", action="store_true", help="with --model: smoke-test sizes")
+  p.add_argument("--out", default=None, help="also write the op-level table to this .md file")
   args = p.parse_args(argv)
   print(f"native={cpu.NATIVE} level={cpu.CPU_LEVEL} jax={jax.__version__}")
   if args.model:
     return run_model(args)
-  print("| shape | dtype | pass | unfused ms | fused ms | fused / unfused |")
-  print("|---|---|---|---:|---:|---:|")
+  t_start = time.time()
+  lines = ["| shape | dtype | pass | unfused ms | fused ms | fused / unfused |",
+           "|---|---|---|---:|---:|---:|"]
+  print("\n".join(lines))
   rng = np.random.default_rng(0)
   for shape in ((2048, 512), (8192, 1024)):
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -113,8 +122,26 @@ def main(argv=None):
       for pass_ in ("fwd", "fwd+bwd"):
         u = float(np.median(times[(pass_, "unfused")])) * 1e3
         fz = float(np.median(times[(pass_, "fused")])) * 1e3
-        print(f"| {shape} | {jnp.dtype(dtype).name} | {pass_} | {u:.3f} | {fz:.3f} | "
-              f"{fz / u:.2f} |", flush=True)
+        lines.append(f"| {shape} | {jnp.dtype(dtype).name} | {pass_} | {u:.3f} | {fz:.3f} | "
+                     f"{fz / u:.2f} |")
+        print(lines[-1], flush=True)
+  if args.out:
+    preload = os.environ.get("LD_PRELOAD", "")
+    head = [
+        "# Residual add + layer norm: fused (`nj.add_layer_norm`) vs unfused",
+        "",
+        f"- command: `python benchmarks/add_norm.py --rounds {args.rounds} --out {args.out}`",
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"jax {jax.__version__}; native kernels {cpu.NATIVE} ({cpu.CPU_LEVEL})",
+        f"- allocator: {'tcmalloc' if 'tcmalloc' in preload else 'glibc'}",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; "
+        f"wall time {time.time() - t_start:.0f} s",
+        "",
+        "Median time per call of each program, interleaved round by round in one process.",
+        "",
+    ]
+    with open(args.out, "w") as f:
+      f.write("\n".join(head + lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import pathlib
 import re
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -255,3 +257,38 @@ def test_readme_accuracy_claims_are_the_numerics_run_values():
       rel(outlier, "normjax_jnp"), rel(row24, "normjax_native"), rel(row24, "normjax_jnp"),
       rel(row28, "normjax_native"), rel(row28, "normjax_jnp"), rel(cols, "normjax_native"),
       rel(cols, "torch"))
+
+
+# ---- the other measured passages against the committed runs they cite --------------------------
+
+_DECIMAL = re.compile(r"(?<![\w.])\d+\.\d+(?:e[-+]?\d+)?")
+
+
+@pytest.mark.parametrize("marker, sources", [
+    # the variants table's fold_batch_norm row: the fold benchmark and its repeat run
+    ("`fold_linen_params` folds", ("benchmarks/results/fold.md",
+                                   "benchmarks/results/fold_repeat.md")),
+    # the fused residual-add paragraph
+    ("`add_rms_norm(x, residual, scale)`", ("benchmarks/results/add_norm.md",)),
+])
+def test_readme_measured_passages_come_from_their_runs(marker, sources):
+  """Every decimal in the README line or paragraph at `marker` occurs in the results file(s)
+  it cites (a changed number on either side fails)."""
+  readme = (ROOT / "README.md").read_text()
+  blocks = [b for b in re.split(r"\n\s*\n|\n(?=\|)", readme) if marker in b]
+  assert len(blocks) == 1, f"README passage {marker!r} not found once"
+  for source in sources:
+    assert source in blocks[0], f"the README passage at {marker!r} does not cite {source}"
+  known = set()
+  for source in sources:
+    known |= set(_DECIMAL.findall((ROOT / source).read_text()))
+  unknown = sorted(set(_DECIMAL.findall(re.sub(r"`[^`]*`", "", blocks[0]))) - known)
+  assert not unknown, f"README numbers at {marker!r} in none of {sources}: {unknown}"
+
+
+def test_readme_data_parallel_numbers_come_from_its_run():
+  section = _section((ROOT / "README.md").read_text(), "Data-parallel and multi-host training")
+  known = set(_DECIMAL.findall((ROOT / "docs" / "data_parallel" / "results.md").read_text()))
+  found = set(_DECIMAL.findall(re.sub(r"`[^`]*`", "", section)))
+  assert len(found) >= 5, "the data-parallel section lost its measured numbers"
+  assert not found - known, f"numbers in no docs/data_parallel/results.md: {found - known}"
