@@ -3,7 +3,7 @@
 Usage (from the repository root):
 
   python benchmarks/run.py                 # full suite: kernels, then whole models (~10 min, 2 CPU cores)
-  python benchmarks/run.py --no-models     # the kernel cases only (284 s in the committed run)
+  python benchmarks/run.py --no-models     # the kernel cases only (279 s in the committed run)
   python benchmarks/run.py --quick         # smoke run: 2 small shapes, few reps (~30 s; no models)
   python benchmarks/run.py --device gpu    # on a GPU (torch baseline if torch.cuda works)
   python benchmarks/run.py --filter 'group fwd'   # a subset (regex on the case name)
