@@ -114,7 +114,10 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
       raise ValueError(f"fold_linen_params: `eps` must have an entry for every batch norm of "
                        f"`pairs`; expected keys {[bn for _, bn in pairs]}, missing {missing} "
                        f"(got keys {sorted(eps)})")
+  else:
+    eps = {bn: eps for _, bn in pairs}
   out = jax.tree.map(lambda v: v, _plain(params))
+  stats = _plain(batch_stats)
 
   def get(tree, path):
     for k in path.split("/"):
@@ -122,10 +125,10 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     return tree
 
   for conv_name, bn_name in pairs:
-    conv, bn, st = get(out, conv_name), get(out, bn_name), get(_plain(batch_stats), bn_name)
+    conv, bn, st = get(out, conv_name), get(out, bn_name), get(stats, bn_name)
     kernel, bias = fold_batch_norm(conv["kernel"], conv.get("bias"), bn.get("scale"),
                                    bn.get("bias"), BatchStats(st["mean"], st["var"], None),
-                                   eps=eps[bn_name] if isinstance(eps, Mapping) else eps)
+                                   eps=eps[bn_name])
     conv["kernel"], conv["bias"] = kernel, bias
     *parent, last = bn_name.split("/")
     del (get(out, "/".join(parent)) if parent else out)[last]
