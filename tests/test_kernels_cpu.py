@@ -353,6 +353,30 @@ def test_column_kernel_one_million_values_after_a_far_first_element():
 
 
 @native_only
+
+@native_only
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("channels", [64, 200])
+def test_column_kernel_drift_and_late_outliers_match_float64(dtype, channels):
+  """Batch norm on NHWC where later blocks sit far from the mean of the blocks before them
+  (the kernel sums a later block about the running mean in one read, and must notice when
+  that loses digits): a step of 1e3 half way, a ramp, a late outlier, an offset of 1e5 and a
+  constant channel; 64 channels (register slices only) and 200 (slices and a tail of 8)."""
+  rng = np.random.default_rng(4)
+  positions = 8192
+  x = rng.normal(size=(1, positions, channels)).astype(np.float32)
+  x[0, positions // 2:, 0::3] += 1e3                                  # a step
+  x[0, :, 1::3] += np.linspace(0.0, 5e3, positions, dtype=np.float32)[:, None]  # a ramp
+  x[0, 3000, 2::6] = -3e4                                             # a late outlier
+  x[0, :, 5::6] += 1e5                                                # far from 0
+  x[0, :, -1] = 7.0                                                   # a constant channel
+  x = jnp.asarray(x).astype(dtype)
+  stats = jax.jit(lambda x: _columns.column_moments_p.bind(x, group_size=1))(x)
+  x64 = np.asarray(x.astype(F32), np.float64)
+  mean, var = _moments64(x64, 1)
+  _check_moments(stats, mean, var, rtol=1e-6)
+  assert float(np.asarray(stats[2])[0, -1]) == 0.0
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("pool_outer,group_size", [(True, 1), (False, 4), (False, 1)])
 def test_row_moments_kernel_outlier_first_matches_float64(dtype, pool_outer, group_size):

@@ -35,6 +35,8 @@ nhwc = rng.normal(size=(2, 5, 6, 8)).astype(np.float32) + 3.0
 nhwc[0, 0, 0] = 1e3                                  # an outlier first
 nchw = np.ascontiguousarray(np.moveaxis(nhwc, -1, 1))
 rows = rng.normal(size=(37, 67)).astype(np.float32)  # vector loops and scalar tails
+wide = rng.normal(size=(2, 300, 72)).astype(np.float32)  # channel slices, a tail, 3 blocks
+wide[1, 150:] += 50.0                                # a later block far from the mean so far
 g8, g67 = jnp.linspace(0.5, 1.5, 8), jnp.linspace(0.5, 1.5, 67)
 bn = lambda x, axis: nj.batch_norm(x, g8, g8, nj.init_batch_stats(8), train=True,
                                    channel_axis=axis)[0]
@@ -74,6 +76,8 @@ def everything(inputs, x):
     for i, a in enumerate(_columns.column_moments_p.bind(
         inputs["batch_nhwc"].reshape(2, 30, 8), group_size=size)):
       results[f"kernel/columns/{size}/{i}"] = a
+    for i, a in enumerate(_columns.column_moments_p.bind(wide.astype(x.dtype), group_size=size)):
+      results[f"kernel/columns_wide/{size}/{i}"] = a
     for pool in (False, True):
       for i, a in enumerate(_columns.row_moments_p.bind(
           inputs["batch_nchw"].reshape(2, 8, 30), pool_outer=pool, group_size=size)):

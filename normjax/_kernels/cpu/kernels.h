@@ -341,44 +341,104 @@ void RowStatsChunk(const void* xv, int64_t n, int64_t begin, int64_t end, double
 }
 
 // Per-channel mean and M2 of positions [m0, m1) of example b of x [batch, positions, c]
-// (channels contiguous), written to mean[0, c) and m2[0, c). Blocks of positions small enough
-// to stay in cache are read twice (block mean, then sums of deviations from it) and merged
-// with Chan's formula in double; within a block each channel's sums run over at most
-// kBlockPositions positions in float32.
+// (channels contiguous), written to mean[0, c) and m2[0, c). Positions are taken in blocks
+// small enough to stay in cache; within a block each channel's sums run over at most
+// kBlockPositions positions in float32, and blocks are merged with Chan's formula in double.
+// A block's sums are of d = x - K and d^2 about a shift K per channel:
+//  * the first block of the range: K = its float32 block mean (one read for the mean, a second
+//    read of the cached block for the sums);
+//  * every later block: K = float32(mean so far), one read. Such a sum loses precision only
+//    through cancellation in M2 = S2 - S1^2 / n, i.e. when the block mean is far from K
+//    compared with the block's spread; where S1^2 / n > S2 / 4 for any channel (or a sum is
+//    not finite) the block is summed again about its own float32 mean, as for the first. So
+//    every block's M2 keeps all but at most 0.42 bits of what the two-pass sums give, whatever
+//    the data order (an outlier, a drift, a constant channel).
 template <typename T>
 void ColumnStatsChunk(const void* xv, int64_t positions, int64_t c, int64_t b, int64_t m0,
                       int64_t m1, double* __restrict__ mean, double* __restrict__ m2) {
   const T* x = static_cast<const T*>(xv) + b * positions * c;
   const int64_t block = ColumnBlockPositions(c);
   std::vector<float> buf(3 * c);
-  float* __restrict__ mb = buf.data();
-  float* __restrict__ s1 = mb + c;
+  float* __restrict__ shift = buf.data();
+  float* __restrict__ s1 = shift + c;
   float* __restrict__ s2 = s1 + c;
   std::fill(mean, mean + c, 0.0);
   std::fill(m2, m2 + c, 0.0);
   double count = 0.0;
-  for (int64_t p0 = m0; p0 < m1; p0 += block) {
-    const int64_t p1 = std::min(m1, p0 + block);
-    std::fill(mb, mb + 3 * c, 0.f);
-    for (int64_t p = p0; p < p1; ++p) {
-      const T* __restrict__ row = x + p * c;
-      for (int64_t i = 0; i < c; ++i) mb[i] += Load(row, i);
+  // Channels [0, sliced) are summed kSlice at a time in registers, the rest one by one; each
+  // channel's sum runs over the positions in order either way (the same result).
+  constexpr int64_t kSlice = 64;
+  constexpr int kSliceVecs = static_cast<int>(kSlice / kWidth);
+  const int64_t sliced = c - c % kSlice;
+  // s1, s2 = sums of d = x - shift and d^2 over positions [p0, p1).
+  const auto shifted_sums = [&](int64_t p0, int64_t p1) {
+    for (int64_t i0 = 0; i0 < sliced; i0 += kSlice) {
+      VF a1[kSliceVecs], a2[kSliceVecs], k[kSliceVecs];
+      for (int v = 0; v < kSliceVecs; ++v) {
+        a1[v] = a2[v] = VF{};
+        k[v] = LoadV(shift + i0 + v * kWidth);
+      }
+      for (int64_t p = p0; p < p1; ++p) {
+        const T* __restrict__ row = x + p * c + i0;
+        for (int v = 0; v < kSliceVecs; ++v) {
+          const VF d = LoadV(row + v * kWidth) - k[v];
+          a1[v] += d;
+          a2[v] += d * d;
+        }
+      }
+      for (int v = 0; v < kSliceVecs; ++v) {
+        StoreV(s1 + i0 + v * kWidth, a1[v]);
+        StoreV(s2 + i0 + v * kWidth, a2[v]);
+      }
     }
-    const float inv = 1.0f / static_cast<float>(p1 - p0);
-    for (int64_t i = 0; i < c; ++i) mb[i] *= inv;
+    std::fill(s1 + sliced, s1 + c, 0.f);
+    std::fill(s2 + sliced, s2 + c, 0.f);
     for (int64_t p = p0; p < p1; ++p) {
       const T* __restrict__ row = x + p * c;
-      for (int64_t i = 0; i < c; ++i) {
-        const float d = Load(row, i) - mb[i];
+      for (int64_t i = sliced; i < c; ++i) {
+        const float d = Load(row, i) - shift[i];
         s1[i] += d;
         s2[i] += d * d;
       }
     }
+  };
+  // shift = the float32 mean of positions [p0, p1), then the sums about it.
+  const auto two_pass = [&](int64_t p0, int64_t p1) {
+    for (int64_t i0 = 0; i0 < sliced; i0 += kSlice) {
+      VF a[kSliceVecs];
+      for (int v = 0; v < kSliceVecs; ++v) a[v] = VF{};
+      for (int64_t p = p0; p < p1; ++p) {
+        const T* __restrict__ row = x + p * c + i0;
+        for (int v = 0; v < kSliceVecs; ++v) a[v] += LoadV(row + v * kWidth);
+      }
+      for (int v = 0; v < kSliceVecs; ++v) StoreV(shift + i0 + v * kWidth, a[v]);
+    }
+    std::fill(shift + sliced, shift + c, 0.f);
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* __restrict__ row = x + p * c;
+      for (int64_t i = sliced; i < c; ++i) shift[i] += Load(row, i);
+    }
+    const float inv = 1.0f / static_cast<float>(p1 - p0);
+    for (int64_t i = 0; i < c; ++i) shift[i] *= inv;
+    shifted_sums(p0, p1);
+  };
+  for (int64_t p0 = m0; p0 < m1; p0 += block) {
+    const int64_t p1 = std::min(m1, p0 + block);
     const double nb = static_cast<double>(p1 - p0), total = count + nb;
+    if (count == 0.0) {
+      two_pass(p0, p1);
+    } else {
+      for (int64_t i = 0; i < c; ++i) shift[i] = static_cast<float>(mean[i]);
+      shifted_sums(p0, p1);
+      const float nf = static_cast<float>(p1 - p0);
+      bool close = true;
+      for (int64_t i = 0; i < c; ++i) close &= (s1[i] * s1[i] <= 0.25f * nf * s2[i]);
+      if (!close) two_pass(p0, p1);
+    }
     const double w_new = nb / total, w_cross = count * nb / total;
     for (int64_t i = 0; i < c; ++i) {
       const double a1 = s1[i];
-      const double block_mean = static_cast<double>(mb[i]) + a1 / nb;
+      const double block_mean = static_cast<double>(shift[i]) + a1 / nb;
       const double block_m2 = static_cast<double>(s2[i]) - a1 * (a1 / nb);
       const double delta = block_mean - mean[i];
       mean[i] += delta * w_new;
