@@ -251,7 +251,8 @@ def tangent(x: jax.Array, stats: Moments, rstd_: jax.Array, scale: jax.Array | N
             dx: jax.Array, dscale: jax.Array | None, dbias: jax.Array | None,
             axes: _axes.Axes, *, mask: jax.Array | None = None, axis_name: Any = None,
             axis_index_groups: Any = None,
-            groups: tuple[int, int] | None = None) -> jax.Array:
+            groups: tuple[int, int] | None = None,
+            spread: Callable | None = None) -> jax.Array:
   """The tangent of `normalize(x, moments(x, axes, ...), scale, bias, eps)`, in closed form.
 
   `d y = rs (dx - E[dx] - xhat E[xhat dx]) + xhat dscale + dbias` with `rs = rstd * scale`
@@ -267,6 +268,9 @@ def tangent(x: jax.Array, stats: Moments, rstd_: jax.Array, scale: jax.Array | N
     scale: the multiplier or None; `dscale`, `dbias`: tangents of scale and bias, or None.
     dx: the tangent of `x`.
     axes, mask, axis_name, axis_index_groups, groups: as in `moments`.
+    spread: for centered statistics, an optional `spread(x, stats, rstd_, a, c)` computing
+      `xhat * a + c` (float32, `x.shape`) for `a`, `c` of the statistics' shape: a kernel
+      whose transpose reduces the cotangent in one read (`normjax._kernels.moments`).
 
   Returns:
     The tangent of `y`, of `x.shape` and `x.dtype`.
@@ -281,6 +285,10 @@ def tangent(x: jax.Array, stats: Moments, rstd_: jax.Array, scale: jax.Array | N
   a = -rs * mean(xhat * dx)                         # -rs E[xhat * dx]
   if dscale is not None:
     a = a + dscale.astype(dtype)
+  if stats.offset is not None and spread is not None:
+    c = -rs * mean(dx)
+    c = c if dbias is None else c + dbias.astype(dtype)
+    return (rs * dx + spread(x, stats, rstd_, a, c)).astype(x.dtype)
   dy = rs * dx + xhat * a
   if stats.offset is not None:
     c = -rs * mean(dx)

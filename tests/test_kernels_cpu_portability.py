@@ -78,6 +78,11 @@ def everything(inputs, x):
       results[f"kernel/columns/{size}/{i}"] = a
     for i, a in enumerate(_columns.column_moments_p.bind(wide.astype(x.dtype), group_size=size)):
       results[f"kernel/columns_wide/{size}/{i}"] = a
+  # The backward's sums about each (example, channel)'s mean (slices, a tail, several blocks).
+  shift = wide.mean(1).astype(np.float32)
+  for i, a in enumerate(_columns.column_sums_p.bind(wide.astype(x.dtype), wide[:, ::-1] * 0.5,
+                                                    shift, shift * 1e-3)):
+    results[f"kernel/column_sums/{i}"] = a
     for pool in (False, True):
       for i, a in enumerate(_columns.row_moments_p.bind(
           inputs["batch_nchw"].reshape(2, 8, 30), pool_outer=pool, group_size=size)):

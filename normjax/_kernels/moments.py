@@ -8,9 +8,14 @@ shape (batch norm over N, H, W and group norm over H, W of NCHW input) is viewed
 `[outer, channels, positions]` instead, and `row_moments_p` does the same per row
 `(outer, channel)`, pooled over `outer` for batch norm (`pool_outer`). Both pool group norm's
 groups of `group_size` consecutive channels. Their definitions are `_core.moments` on the
-view; on CPU with the native library each is one kernel read of `x` (blocked two-pass sums
-merged with Chan's formula, exact to float32 rounding whatever the order and length). The
-normalize step and the derivatives stay `_core`'s (XLA fuses them with their neighbours).
+view; on CPU with the native library each is one kernel read of `x` (blocked sums about a
+block's own mean or, for later blocks near it, the running mean, merged with Chan's formula:
+exact to float32 rounding whatever the order and length). The normalize step and the
+derivatives stay `_core`'s (XLA fuses them with their neighbours), except one piece of the
+channels-last backward: `_core.tangent`'s `xhat * a + c` (per-channel `a`, `c` spread over
+`x`) is `column_spread_p`, whose transpose is `column_sums_p`: per (example, channel) the
+sums of the cotangent `g` and of `g * (x - mean)` from one read of `x` and `g` (XLA instead
+wrote `xhat` out and reduced `g` and `g * xhat` in separate passes).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.interpreters import batching
+from jax.interpreters import ad, batching
 
 from normjax import _core
 from normjax._kernels import primitives
@@ -87,6 +92,76 @@ batching.primitive_batchers[column_moments_p] = _fold_batch(column_moments_p, _c
 batching.primitive_batchers[row_moments_p] = _fold_batch(row_moments_p, _row_reference)
 
 
+# ----------------------------------------------------------------- the backward's sums
+
+def _sums_reference(x, g, shift, offset):
+  """Per (batch, channel) of `[batch, positions, channels]`: the sums of `g` and of
+  `g * ((x - shift) - offset)` over the positions (`g` float32)."""
+  d = _core._centered(x, _core.Moments(shift=shift[:, None], offset=offset[:, None], var=None,
+                                       count=None))
+  return jnp.sum(g, 1), jnp.sum(g * d, 1)
+
+
+def _sums_abstract(x, g, shift, offset):
+  del g, shift, offset
+  return [jax.core.ShapedArray((x.shape[0], x.shape[2]), F32)] * 2
+
+
+column_sums_p = primitives.define_primitive(
+    "normjax_column_sums", _sums_reference, _sums_abstract, target="NormjaxColumnSums")
+
+
+def _spread_reference(x, shift, offset, rstd, a, c):
+  """`xhat * a + c` (float32) with `xhat = ((x - shift) - offset) * rstd`, all per-entry
+  operands `[batch, channels]` broadcast over the positions of `x [batch, positions,
+  channels]`: the part of `_core.tangent` that spreads per-channel values over `x`. Linear
+  in `(a, c)`; its transpose reduces the cotangent with `column_sums_p`."""
+  e = lambda v: v[:, None]
+  stats = _core.Moments(shift=e(shift), offset=e(offset), var=None, count=None)
+  return (_core._centered(x, stats) * e(rstd) * e(a) + e(c),)
+
+
+def _spread_abstract(x, *args):
+  del args
+  return [jax.core.ShapedArray(x.shape, F32)]
+
+
+column_spread_p = primitives.define_primitive(
+    "normjax_column_spread", _spread_reference, _spread_abstract)
+
+
+def _spread_transpose(cts, x, shift, offset, rstd, a, c):
+  (ct,) = cts
+  if type(ct) is ad.Zero:
+    return [None] * 6
+  sg, sgx = column_sums_p.bind(x, ad.instantiate_zeros(ct), shift, offset)
+  grads = (sgx * rstd, sg)
+  return [None] * 4 + [primitives.sum_to_vma(g, v.aval) if ad.is_undefined_primal(v) else None
+                       for g, v in zip(grads, (a, c))]
+
+
+ad.primitive_transposes[column_spread_p] = _spread_transpose
+
+
+def _fold_all(p, reference):
+  """Batching of a primitive whose every operand and output has the example axis first: a
+  vmapped batch joins it (operands without the batch are broadcast), unless it is empty."""
+  fallback = primitives.batch_by_reference(reference)
+
+  def rule(args, dims, **params):
+    size = primitives.batch_size(args, dims)
+    if size == 0:
+      return fallback(args, dims, **params)
+    args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+    outs = p.bind(*(a.reshape((size * a.shape[1],) + a.shape[2:]) for a in args), **params)
+    return [o.reshape((size, o.shape[0] // size) + o.shape[1:]) for o in outs], [0] * len(outs)
+  return rule
+
+
+batching.primitive_batchers[column_sums_p] = _fold_all(column_sums_p, _sums_reference)
+batching.primitive_batchers[column_spread_p] = _fold_all(column_spread_p, _spread_reference)
+
+
 # ----------------------------------------------------------------- views and one call's forward
 
 def _channels_last_view(shape, axes):
@@ -119,8 +194,10 @@ def _channels_first_view(shape, axes):
 
 def ops(x_shape: tuple[int, ...], axes: tuple[int, ...], groups: tuple[int, int] | None,
         eps: float):
-  """`forward` for `_core.standardize(x, axes, ..., groups=groups)` with the statistics from a
-  moments kernel, or None when neither view applies (or the groups do not fit it)."""
+  """`(forward, spread)` for `_core.standardize(x, axes, ..., groups=groups)` with the
+  statistics from a moments kernel, or None when neither view applies (or the groups do not
+  fit it). `spread` is `_core.tangent`'s `spread` through `column_spread_p` (whose transpose
+  is the backward's sums kernel) for the channels-last view, else None (`_core`'s own)."""
   size = 1 if groups is None else groups[1]
   ndim = len(x_shape)
   last = _channels_last_view(x_shape, axes)
@@ -134,10 +211,18 @@ def ops(x_shape: tuple[int, ...], axes: tuple[int, ...], groups: tuple[int, int]
   if last is None and first is None:
     return None
   stats_shape = tuple(1 if a in axes else d for a, d in enumerate(x_shape))
+  spread = None
 
   if last is not None:
     n = last[1] * size
     moments = lambda x: column_moments_p.bind(x.reshape(last), group_size=size)
+    per_entry = lambda v: jnp.broadcast_to(v, stats_shape).reshape(last[0], last[2])
+
+    def spread(x, stats, rstd, a, c):
+      (out,) = column_spread_p.bind(x.reshape(last), per_entry(stats.shift),
+                                    per_entry(stats.offset), per_entry(rstd), per_entry(a),
+                                    per_entry(c))
+      return out.reshape(x_shape)
   else:
     outer, channels, positions, pool_outer = first
     n = positions * size * (outer if pool_outer else 1)
@@ -153,4 +238,4 @@ def ops(x_shape: tuple[int, ...], axes: tuple[int, ...], groups: tuple[int, int]
     stats = _core.Moments(shift=shift, offset=offset, var=var, count=jnp.asarray(n, F32))
     return _core.normalize(x, stats, scale, bias, eps), stats
 
-  return forward
+  return forward, spread

@@ -18,7 +18,7 @@ import jax
 
 TARGETS = tuple(f"Normjax{kind}{dtype}" for kind in ("RowsForward", "RowsBackward",
                                                       "ColumnMoments", "RowMoments",
-                                                      "RowsAddForward")
+                                                      "RowsAddForward", "ColumnSums")
                 for dtype in ("F32", "BF16"))
 
 

@@ -340,6 +340,45 @@ void RowStatsChunk(const void* xv, int64_t n, int64_t begin, int64_t end, double
   }
 }
 
+// s1[i] and s2[i] = the float32 sums over positions [p0, p1) of the two values that
+// f(p, i, out) writes for channel i < c (out[0], out[1]: kWidth channels from i as VF, or
+// channel i alone as float). Channels [0, c - c % 64) are summed 64 at a time in registers,
+// the rest one by one; each channel's sums run over the positions in order either way (the
+// same result at every level).
+template <typename F>
+inline void ColumnPairSums(int64_t p0, int64_t p1, int64_t c, F f, float* __restrict__ s1,
+                           float* __restrict__ s2) {
+  constexpr int64_t kSlice = 64;
+  constexpr int kSliceVecs = static_cast<int>(kSlice / kWidth);
+  const int64_t sliced = c - c % kSlice;
+  for (int64_t i0 = 0; i0 < sliced; i0 += kSlice) {
+    VF a1[kSliceVecs], a2[kSliceVecs];
+    for (int v = 0; v < kSliceVecs; ++v) a1[v] = a2[v] = VF{};
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int v = 0; v < kSliceVecs; ++v) {
+        VF out[2];
+        f(p, i0 + v * kWidth, out);
+        a1[v] += out[0];
+        a2[v] += out[1];
+      }
+    }
+    for (int v = 0; v < kSliceVecs; ++v) {
+      StoreV(s1 + i0 + v * kWidth, a1[v]);
+      StoreV(s2 + i0 + v * kWidth, a2[v]);
+    }
+  }
+  std::fill(s1 + sliced, s1 + c, 0.f);
+  std::fill(s2 + sliced, s2 + c, 0.f);
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t i = sliced; i < c; ++i) {
+      float out[2];
+      f(p, i, out);
+      s1[i] += out[0];
+      s2[i] += out[1];
+    }
+  }
+}
+
 // Per-channel mean and M2 of positions [m0, m1) of example b of x [batch, positions, c]
 // (channels contiguous), written to mean[0, c) and m2[0, c). Positions are taken in blocks
 // small enough to stay in cache; within a block each channel's sums run over at most
@@ -365,59 +404,23 @@ void ColumnStatsChunk(const void* xv, int64_t positions, int64_t c, int64_t b, i
   std::fill(mean, mean + c, 0.0);
   std::fill(m2, m2 + c, 0.0);
   double count = 0.0;
-  // Channels [0, sliced) are summed kSlice at a time in registers, the rest one by one; each
-  // channel's sum runs over the positions in order either way (the same result).
-  constexpr int64_t kSlice = 64;
-  constexpr int kSliceVecs = static_cast<int>(kSlice / kWidth);
-  const int64_t sliced = c - c % kSlice;
   // s1, s2 = sums of d = x - shift and d^2 over positions [p0, p1).
   const auto shifted_sums = [&](int64_t p0, int64_t p1) {
-    for (int64_t i0 = 0; i0 < sliced; i0 += kSlice) {
-      VF a1[kSliceVecs], a2[kSliceVecs], k[kSliceVecs];
-      for (int v = 0; v < kSliceVecs; ++v) {
-        a1[v] = a2[v] = VF{};
-        k[v] = LoadV(shift + i0 + v * kWidth);
-      }
-      for (int64_t p = p0; p < p1; ++p) {
-        const T* __restrict__ row = x + p * c + i0;
-        for (int v = 0; v < kSliceVecs; ++v) {
-          const VF d = LoadV(row + v * kWidth) - k[v];
-          a1[v] += d;
-          a2[v] += d * d;
-        }
-      }
-      for (int v = 0; v < kSliceVecs; ++v) {
-        StoreV(s1 + i0 + v * kWidth, a1[v]);
-        StoreV(s2 + i0 + v * kWidth, a2[v]);
-      }
-    }
-    std::fill(s1 + sliced, s1 + c, 0.f);
-    std::fill(s2 + sliced, s2 + c, 0.f);
-    for (int64_t p = p0; p < p1; ++p) {
-      const T* __restrict__ row = x + p * c;
-      for (int64_t i = sliced; i < c; ++i) {
-        const float d = Load(row, i) - shift[i];
-        s1[i] += d;
-        s2[i] += d * d;
-      }
-    }
+    ColumnPairSums(p0, p1, c, [&](int64_t p, int64_t i, auto* out) {
+      using V = std::remove_pointer_t<decltype(out)>;
+      const V d = Get<V>(x + p * c, i) - Get<V>(shift, i);
+      out[0] = d;
+      out[1] = d * d;
+    }, s1, s2);
   };
-  // shift = the float32 mean of positions [p0, p1), then the sums about it.
+  // shift = the float32 mean of positions [p0, p1), then the sums about it (s1 holds the
+  // plain sums meanwhile; the second value is unused).
   const auto two_pass = [&](int64_t p0, int64_t p1) {
-    for (int64_t i0 = 0; i0 < sliced; i0 += kSlice) {
-      VF a[kSliceVecs];
-      for (int v = 0; v < kSliceVecs; ++v) a[v] = VF{};
-      for (int64_t p = p0; p < p1; ++p) {
-        const T* __restrict__ row = x + p * c + i0;
-        for (int v = 0; v < kSliceVecs; ++v) a[v] += LoadV(row + v * kWidth);
-      }
-      for (int v = 0; v < kSliceVecs; ++v) StoreV(shift + i0 + v * kWidth, a[v]);
-    }
-    std::fill(shift + sliced, shift + c, 0.f);
-    for (int64_t p = p0; p < p1; ++p) {
-      const T* __restrict__ row = x + p * c;
-      for (int64_t i = sliced; i < c; ++i) shift[i] += Load(row, i);
-    }
+    ColumnPairSums(p0, p1, c, [&](int64_t p, int64_t i, auto* out) {
+      using V = std::remove_pointer_t<decltype(out)>;
+      out[0] = Get<V>(x + p * c, i);
+      out[1] = V{};
+    }, shift, s2);
     const float inv = 1.0f / static_cast<float>(p1 - p0);
     for (int64_t i = 0; i < c; ++i) shift[i] *= inv;
     shifted_sums(p0, p1);
@@ -448,6 +451,39 @@ void ColumnStatsChunk(const void* xv, int64_t positions, int64_t c, int64_t b, i
   }
 }
 
+// Per-channel sums of g and of g * ((x - shift) - offset) over positions [m0, m1) of example
+// b of x and g [batch, positions, c] (channels contiguous; shift and offset are example b's
+// [c]), written to sg[0, c) and sgx[0, c): the reductions of a batch/instance/group norm
+// backward on NHWC input, from one read of x and g. Each channel's sums run over at most
+// ColumnBlockPositions(c) positions in float32 and are added across blocks in double.
+template <typename T>
+void ColumnSumsChunk(const void* xv, const float* gv, const float* __restrict__ shift,
+                     const float* __restrict__ offset, int64_t positions, int64_t c, int64_t b,
+                     int64_t m0, int64_t m1, double* __restrict__ sg,
+                     double* __restrict__ sgx) {
+  const T* x = static_cast<const T*>(xv) + b * positions * c;
+  const float* g = gv + b * positions * c;
+  const int64_t block = ColumnBlockPositions(c);
+  std::vector<float> buf(2 * c);
+  float* __restrict__ s1 = buf.data();
+  float* __restrict__ s2 = s1 + c;
+  std::fill(sg, sg + c, 0.0);
+  std::fill(sgx, sgx + c, 0.0);
+  for (int64_t p0 = m0; p0 < m1; p0 += block) {
+    const int64_t p1 = std::min(m1, p0 + block);
+    ColumnPairSums(p0, p1, c, [&](int64_t p, int64_t i, auto* out) {
+      using V = std::remove_pointer_t<decltype(out)>;
+      const V gg = Get<V>(g + p * c, i);
+      out[0] = gg;
+      out[1] = gg * ((Get<V>(x + p * c, i) - Get<V>(shift, i)) - Get<V>(offset, i));
+    }, s1, s2);
+    for (int64_t i = 0; i < c; ++i) {
+      sg[i] += static_cast<double>(s1[i]);
+      sgx[i] += static_cast<double>(s2[i]);
+    }
+  }
+}
+
 inline Kernels MakeKernels(const char* name) {
   Kernels k;
   k.name = name;
@@ -459,6 +495,8 @@ inline Kernels MakeKernels(const char* name) {
   k.row_stats[1] = &RowStatsChunk<uint16_t>;
   k.column_stats[0] = &ColumnStatsChunk<float>;
   k.column_stats[1] = &ColumnStatsChunk<uint16_t>;
+  k.column_sums[0] = &ColumnSumsChunk<float>;
+  k.column_sums[1] = &ColumnSumsChunk<uint16_t>;
   return k;
 }
 

@@ -140,6 +140,9 @@ struct Kernels {
                        double* m2);
   void (*column_stats[2])(const void* x, int64_t positions, int64_t c, int64_t b, int64_t m0,
                           int64_t m1, double* mean, double* m2);
+  void (*column_sums[2])(const void* x, const float* g, const float* shift, const float* offset,
+                         int64_t positions, int64_t c, int64_t b, int64_t m0, int64_t m1,
+                         double* sg, double* sgx);
 };
 
 // The fused residual-add forward (RowsAddForward): `forward.x` is the h output, written by
@@ -486,6 +489,71 @@ ffi::Error ColumnMoments(ffi::ThreadPool pool, ffi::Buffer<T, 3> x,
   });
 }
 
+// The per-channel sums of a batch/instance/group norm backward on channels-last input: x
+// and g viewed as [batch, positions, channels], per (batch, channel) entry the sums over
+// positions of g and of g * ((x - shift) - offset), from one read of x and g. Each example's
+// positions are cut into ranges fixed by the shape, summed on the pool's threads and added
+// in order in double (the same result whatever the thread count).
+template <ffi::DataType T>
+ffi::Error ColumnSums(ffi::ThreadPool pool, ffi::Buffer<T, 3> x, ffi::Buffer<ffi::F32, 3> g,
+                      ffi::Buffer<ffi::F32, 2> shift, ffi::Buffer<ffi::F32, 2> offset,
+                      ffi::ResultBuffer<ffi::F32, 2> sg, ffi::ResultBuffer<ffi::F32, 2> sgx) {
+  return Guarded("normjax column_sums", [&]() -> ffi::Error {
+    const int64_t batch = x.dimensions()[0], positions = x.dimensions()[1];
+    const int64_t c = x.dimensions()[2];
+    const int64_t entries = batch * c;
+    std::vector<double> tg(entries, 0.0), tgx(entries, 0.0);
+    if (positions > 0 && c > 0) {
+      const int64_t per_example =
+          std::max<int64_t>(1, NumChunks(batch * positions, 2 * c) / std::max<int64_t>(1, batch));
+      const int64_t span = (positions + per_example - 1) / per_example;
+      const int64_t chunks = batch * per_example;
+      std::vector<double> part(static_cast<size_t>(chunks) * 2 * c, 0.0);
+      const auto sums = Active().column_sums[DtypeIndex<T>()];
+      const void* xp = x.untyped_data();
+      const float* gp = g.typed_data();
+      const float* sp = shift.typed_data();
+      const float* op = offset.typed_data();
+      ParallelChunks(pool, chunks, chunks, [&](int64_t begin, int64_t end, int64_t) {
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t b = k / per_example, p = k % per_example;
+          const int64_t m0 = std::min(positions, p * span);
+          const int64_t m1 = std::min(positions, m0 + span);
+          double* out = part.data() + k * 2 * c;
+          sums(xp, gp, sp + b * c, op + b * c, positions, c, b, m0, m1, out, out + c);
+        }
+      });
+      for (int64_t k = 0; k < chunks; ++k) {  // in order: deterministic
+        const int64_t b = k / per_example;
+        const double* in = part.data() + k * 2 * c;
+        for (int64_t i = 0; i < c; ++i) {
+          tg[b * c + i] += in[i];
+          tgx[b * c + i] += in[c + i];
+        }
+      }
+    }
+    float* og = sg->typed_data();
+    float* ogx = sgx->typed_data();
+    for (int64_t e = 0; e < entries; ++e) {
+      og[e] = static_cast<float>(tg[e]);
+      ogx[e] = static_cast<float>(tgx[e]);
+    }
+    return ffi::Error::Success();
+  });
+}
+
+template <ffi::DataType T>
+auto BindColumnSums() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T, 3>>()
+      .template Arg<ffi::Buffer<ffi::F32, 3>>()
+      .template Arg<ffi::Buffer<ffi::F32, 2>>()
+      .template Arg<ffi::Buffer<ffi::F32, 2>>()
+      .template Ret<ffi::Buffer<ffi::F32, 2>>()
+      .template Ret<ffi::Buffer<ffi::F32, 2>>();
+}
+
 // x -> (shift, offset, var), the binding both moments kernels start from.
 template <ffi::DataType T>
 auto BindMoments() {
@@ -665,3 +733,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddForwardF32, RowsAddForward<ffi::F32>
                               BindAddForward<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddForwardBF16, RowsAddForward<ffi::BF16>,
                               BindAddForward<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxColumnSumsF32, ColumnSums<ffi::F32>,
+                              BindColumnSums<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxColumnSumsBF16, ColumnSums<ffi::BF16>,
+                              BindColumnSums<ffi::BF16>());
