@@ -14,9 +14,9 @@ that applies (`Plan.kernel`); `standardize` then hands that kernel's `forward`/`
     and bias vary along the reduced axes only (layer/RMS norm) or the other axes only
     (instance norm with channels first, `per_row`);
     `"moments"`: centered statistics whose reduced axes and channel groups fit a moments
-    kernel's view (batch/instance/group norm on NHWC, batch/group norm on NCHW); on the
-    channels-last view the backward's per-channel sums take a kernel too (`_core.tangent`'s
-    `spread`, see `normjax._kernels.moments`).
+    kernel's view (batch/instance/group norm on NHWC, batch/group norm on NCHW); the
+    backward's per-channel sums take a kernel too (`_core.tangent`'s `spread`, see
+    `normjax._kernels.moments`).
 
 `add_standardize` (the residual-add norms) takes the fused rows kernel
 (`rows_add_forward_p`) where the plan is `"rows"`, and otherwise adds `x + residual` and
@@ -111,11 +111,10 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
     # The kernel reads x and XLA's normalize step reads it again: both must see the same
     # rounding of a bfloat16 x made by a fused op (see `_core.pin_rounding`).
     forward, spread = moments.ops(x.shape, axes, groups, float(eps))
-    tangent = None
-    if spread is not None:
-      def tangent(x, stats, rstd_, scale, dx, dscale, dbias, mask):
-        return _core.tangent(x, stats, rstd_, scale, dx, dscale, dbias, axes, mask=mask,
-                             groups=groups, spread=spread)
+
+    def tangent(x, stats, rstd_, scale, dx, dscale, dbias, mask):
+      return _core.tangent(x, stats, rstd_, scale, dx, dscale, dbias, axes, mask=mask,
+                           groups=groups, spread=spread)
     return _core.standardize(_core.pin_rounding(x), axes, scale, bias, eps, forward=forward,
                              tangent_fn=tangent, **kw)
   return _core.standardize(x, axes, scale, bias, eps, **kw)

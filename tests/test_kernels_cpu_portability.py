@@ -83,6 +83,10 @@ def everything(inputs, x):
   for i, a in enumerate(_columns.column_sums_p.bind(wide.astype(x.dtype), wide[:, ::-1] * 0.5,
                                                     shift, shift * 1e-3)):
     results[f"kernel/column_sums/{i}"] = a
+  rows_mean = rows.mean(1).astype(np.float32)
+  for i, a in enumerate(_columns.row_sums_p.bind(x, rows[::-1] * 0.5, rows_mean,
+                                                 rows_mean * 1e-3)):
+    results[f"kernel/row_sums/{i}"] = a
     for pool in (False, True):
       for i, a in enumerate(_columns.row_moments_p.bind(
           inputs["batch_nchw"].reshape(2, 8, 30), pool_outer=pool, group_size=size)):

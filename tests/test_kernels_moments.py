@@ -198,16 +198,19 @@ def test_derivatives_agree_with_the_xla_path(monkeypatch):
 # ----------------------------------------------------------------- the backward's sums kernel
 
 SUMS_KERNEL = "NormjaxColumnSums"
+ROW_SUMS_KERNEL = "NormjaxRowSums"
 
 
 @pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_channels_last_backward_calls_the_sums_kernel(dtype):
+def test_backward_calls_the_sums_kernels(dtype):
   x = rand((4, 6, 5, 32), dtype=dtype)
+  grad_hlo = lambda fn, x: _hlo(jax.grad(lambda x: jnp.sum(fn(x).astype(F32) ** 2)), x)
   for fn in (_batch_norm, nj.instance_norm, lambda x: nj.group_norm(x, num_groups=8)):
-    assert SUMS_KERNEL in _hlo(jax.grad(lambda x: jnp.sum(fn(x).astype(F32) ** 2)), x)
-  assert SUMS_KERNEL not in _hlo(jax.grad(lambda x: jnp.sum(_batch_norm_nchw(x) ** 2)),
-                                 rand((4, 32, 6, 5)))
+    assert SUMS_KERNEL in grad_hlo(fn, x)
+  for fn in (_batch_norm_nchw, _group_norm_nchw):
+    hlo = grad_hlo(fn, rand((4, 32, 6, 5), dtype=dtype))
+    assert ROW_SUMS_KERNEL in hlo and SUMS_KERNEL not in hlo
 
 
 def _sums64(x, g, shift, offset):
@@ -217,38 +220,42 @@ def _sums64(x, g, shift, offset):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("channels", [8, 72])
-def test_sums_kernel_matches_float64(dtype, channels):
-  """`column_sums_p` (the native kernel where built, else its definition) against float64:
-  x = 1e5 + N(0, 1) about its float32 mean split as shift + offset, a cotangent with a huge
-  first element and a mean far from 0, 2^17 positions per example (many blocks and chunks);
-  both sums within 1e-6 of the float64 sum of absolute values."""
+@pytest.mark.parametrize("shape", [(2, 1 << 17, 8), (2, 1 << 17, 72), (6, 1 << 17)])
+def test_sums_kernels_match_float64(dtype, shape):
+  """`column_sums_p` (3-D) and `row_sums_p` (2-D), the native kernels where built, else their
+  definition, against float64: x = 1e5 + N(0, 1) about its float32 mean split as shift +
+  offset, a cotangent with a huge first element and a mean far from 0, 2^17 positions per
+  entry (many blocks and chunks); both sums within 1e-6 of the float64 sum of absolute
+  values."""
   rng = np.random.default_rng(11)
-  positions = 1 << 17
-  x = (1e5 + rng.normal(size=(2, positions, channels))).astype(np.float32)
+  x = (1e5 + rng.normal(size=shape)).astype(np.float32)
   g = (3.0 + rng.normal(size=x.shape)).astype(np.float32)
   g[:, 0] = 1e4
   x = np.asarray(jnp.asarray(x).astype(dtype).astype(F32))
   mean = x.astype(np.float64).mean(1)
   shift = mean.astype(np.float32)
   offset = (mean - shift).astype(np.float32)
-  sg, sgx = jax.jit(_columns.column_sums_p.bind)(jnp.asarray(x).astype(dtype), jnp.asarray(g),
-                                                  jnp.asarray(shift), jnp.asarray(offset))
+  sums = _columns.column_sums_p if len(shape) == 3 else _columns.row_sums_p
+  sg, sgx = jax.jit(sums.bind)(jnp.asarray(x).astype(dtype), jnp.asarray(g),
+                               jnp.asarray(shift), jnp.asarray(offset))
   want_g, want_gx, abs_g, abs_gx = _sums64(x, g, shift, offset)
   assert np.all(np.abs(np.asarray(sg, np.float64) - want_g) <= 1e-6 * abs_g)
   assert np.all(np.abs(np.asarray(sgx, np.float64) - want_gx) <= 1e-6 * abs_gx)
 
 
-@pytest.mark.parametrize("kind", ["batch", "instance", "group"])
-def test_channels_last_gradients_match_float64_at_large_offsets(kind):
-  """The input gradient of batch/instance/group norm (NHWC) at 1e5 + N(0, 1) against the
-  float64 closed form `rstd (g - E[g] - xhat E[g xhat])` (per statistic), within 1e-6 of its
-  largest entry (both paths measured 0.9e-7 to 1.3e-7)."""
+@pytest.mark.parametrize("kind", ["batch", "instance", "group", "batch_nchw", "group_nchw"])
+def test_gradients_match_float64_at_large_offsets(kind):
+  """The input gradient of batch/instance/group norm (NHWC, and NCHW for the row kernels) at
+  1e5 + N(0, 1) against the float64 closed form `rstd (g - E[g] - xhat E[g xhat])` (per
+  statistic), within 1e-6 of its largest entry (both paths measured 0.9e-7 to 1.3e-7)."""
   rng = np.random.default_rng(12)
   x = (1e5 + rng.normal(size=(4, 16, 16, 72))).astype(np.float32)
   g = rng.normal(size=x.shape).astype(np.float32)
+  group_nchw = lambda x: nj.group_norm(x, num_groups=8, channel_axis=1)
   fn = {"batch": _batch_norm, "instance": nj.instance_norm,
-        "group": lambda x: nj.group_norm(x, num_groups=8)}[kind]
+        "group": lambda x: nj.group_norm(x, num_groups=8),
+        "batch_nchw": _nhwc(_batch_norm_nchw), "group_nchw": _nhwc(group_nchw)}[kind]
+  kind = kind.replace("_nchw", "")
   got = np.asarray(jax.jit(jax.grad(lambda x: jnp.vdot(fn(x), g)))(jnp.asarray(x)), np.float64)
   x64, g64 = x.astype(np.float64), g.astype(np.float64)
   if kind == "group":

@@ -12,10 +12,11 @@ view; on CPU with the native library each is one kernel read of `x` (blocked sum
 block's own mean or, for later blocks near it, the running mean, merged with Chan's formula:
 exact to float32 rounding whatever the order and length). The normalize step and the
 derivatives stay `_core`'s (XLA fuses them with their neighbours), except one piece of the
-channels-last backward: `_core.tangent`'s `xhat * a + c` (per-channel `a`, `c` spread over
-`x`) is `column_spread_p`, whose transpose is `column_sums_p`: per (example, channel) the
-sums of the cotangent `g` and of `g * (x - mean)` from one read of `x` and `g` (XLA instead
-wrote `xhat` out and reduced `g` and `g * xhat` in separate passes).
+backward: `_core.tangent`'s `xhat * a + c` (per-channel `a`, `c` spread over `x`) is
+`column_spread_p`, whose transpose is `column_sums_p` (channels last) or `row_sums_p`
+(channels first): per (example, channel) or per row the sums of the cotangent `g` and of
+`g * (x - mean)` from one read of `x` and `g` (XLA instead wrote `xhat` out and reduced `g`
+and `g * xhat` in separate passes).
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ batching.primitive_batchers[row_moments_p] = _fold_batch(row_moments_p, _row_ref
 # ----------------------------------------------------------------- the backward's sums
 
 def _sums_reference(x, g, shift, offset):
-  """Per (batch, channel) of `[batch, positions, channels]`: the sums of `g` and of
-  `g * ((x - shift) - offset)` over the positions (`g` float32)."""
+  """Per (batch, channel) of `[batch, positions, channels]` (or per row of `[rows,
+  positions]`): the sums of `g` and of `g * ((x - shift) - offset)` over the positions, axis 1
+  (`g` float32)."""
   d = _core._centered(x, _core.Moments(shift=shift[:, None], offset=offset[:, None], var=None,
                                        count=None))
   return jnp.sum(g, 1), jnp.sum(g * d, 1)
@@ -104,18 +106,21 @@ def _sums_reference(x, g, shift, offset):
 
 def _sums_abstract(x, g, shift, offset):
   del g, shift, offset
-  return [jax.core.ShapedArray((x.shape[0], x.shape[2]), F32)] * 2
+  return [jax.core.ShapedArray(x.shape[:1] + x.shape[2:], F32)] * 2
 
 
 column_sums_p = primitives.define_primitive(
     "normjax_column_sums", _sums_reference, _sums_abstract, target="NormjaxColumnSums")
+row_sums_p = primitives.define_primitive(
+    "normjax_row_sums", _sums_reference, _sums_abstract, target="NormjaxRowSums")
 
 
 def _spread_reference(x, shift, offset, rstd, a, c):
   """`xhat * a + c` (float32) with `xhat = ((x - shift) - offset) * rstd`, all per-entry
   operands `[batch, channels]` broadcast over the positions of `x [batch, positions,
-  channels]`: the part of `_core.tangent` that spreads per-channel values over `x`. Linear
-  in `(a, c)`; its transpose reduces the cotangent with `column_sums_p`."""
+  channels]` (or `[rows]` over `x [rows, positions]`): the part of `_core.tangent` that
+  spreads per-channel values over `x`. Linear in `(a, c)`; its transpose reduces the
+  cotangent with `column_sums_p` (or `row_sums_p`)."""
   e = lambda v: v[:, None]
   stats = _core.Moments(shift=e(shift), offset=e(offset), var=None, count=None)
   return (_core._centered(x, stats) * e(rstd) * e(a) + e(c),)
@@ -134,7 +139,8 @@ def _spread_transpose(cts, x, shift, offset, rstd, a, c):
   (ct,) = cts
   if type(ct) is ad.Zero:
     return [None] * 6
-  sg, sgx = column_sums_p.bind(x, ad.instantiate_zeros(ct), shift, offset)
+  sums = column_sums_p if x.aval.ndim == 3 else row_sums_p
+  sg, sgx = sums.bind(x, ad.instantiate_zeros(ct), shift, offset)
   grads = (sgx * rstd, sg)
   return [None] * 4 + [primitives.sum_to_vma(g, v.aval) if ad.is_undefined_primal(v) else None
                        for g, v in zip(grads, (a, c))]
@@ -159,6 +165,7 @@ def _fold_all(p, reference):
 
 
 batching.primitive_batchers[column_sums_p] = _fold_all(column_sums_p, _sums_reference)
+batching.primitive_batchers[row_sums_p] = _fold_all(row_sums_p, _sums_reference)
 batching.primitive_batchers[column_spread_p] = _fold_all(column_spread_p, _spread_reference)
 
 
@@ -196,8 +203,9 @@ def ops(x_shape: tuple[int, ...], axes: tuple[int, ...], groups: tuple[int, int]
         eps: float):
   """`(forward, spread)` for `_core.standardize(x, axes, ..., groups=groups)` with the
   statistics from a moments kernel, or None when neither view applies (or the groups do not
-  fit it). `spread` is `_core.tangent`'s `spread` through `column_spread_p` (whose transpose
-  is the backward's sums kernel) for the channels-last view, else None (`_core`'s own)."""
+  fit it). `spread` is `_core.tangent`'s `spread` through `column_spread_p`, whose transpose
+  is the backward's sums kernel (`column_sums_p` on the channels-last view, `row_sums_p` on
+  the channels-first one)."""
   size = 1 if groups is None else groups[1]
   ndim = len(x_shape)
   last = _channels_last_view(x_shape, axes)
@@ -211,7 +219,6 @@ def ops(x_shape: tuple[int, ...], axes: tuple[int, ...], groups: tuple[int, int]
   if last is None and first is None:
     return None
   stats_shape = tuple(1 if a in axes else d for a, d in enumerate(x_shape))
-  spread = None
 
   if last is not None:
     n = last[1] * size
@@ -226,6 +233,16 @@ def ops(x_shape: tuple[int, ...], axes: tuple[int, ...], groups: tuple[int, int]
   else:
     outer, channels, positions, pool_outer = first
     n = positions * size * (outer if pool_outer else 1)
+    k = ndim
+    while k - 1 in axes:  # the positions are axes [k, ndim)
+      k -= 1
+    per_row = lambda v: jnp.broadcast_to(v, x_shape[:k] + (1,) * (ndim - k)).reshape(-1)
+
+    def spread(x, stats, rstd, a, c):
+      (out,) = column_spread_p.bind(x.reshape(outer * channels, positions),
+                                    per_row(stats.shift), per_row(stats.offset), per_row(rstd),
+                                    per_row(a), per_row(c))
+      return out.reshape(x_shape)
 
     def moments(x):
       outs = row_moments_p.bind(x.reshape(outer, channels, positions), pool_outer=pool_outer,

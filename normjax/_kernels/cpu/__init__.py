@@ -18,7 +18,8 @@ import jax
 
 TARGETS = tuple(f"Normjax{kind}{dtype}" for kind in ("RowsForward", "RowsBackward",
                                                       "ColumnMoments", "RowMoments",
-                                                      "RowsAddForward", "ColumnSums")
+                                                      "RowsAddForward", "ColumnSums",
+                                                      "RowSums")
                 for dtype in ("F32", "BF16"))
 
 

@@ -170,20 +170,11 @@ inline void BlockedSums(int64_t n, F f, double* totals) {
   for (int64_t b = 0; b < n; b += kBlock) LaneSums<K>(b, std::min(n, b + kBlock), f, totals);
 }
 
-// A block of the row as float32: the row itself for float input, converted into `buf`
-// (kBlock floats) otherwise.
-inline const float* AsFloatBlock(const float* x, int64_t, float*) { return x; }
-inline const float* AsFloatBlock(const uint16_t* x, int64_t len, float* buf) {
-  int64_t i = 0;
-  for (; i + kWidth <= len; i += kWidth) StoreV(buf + i, LoadV(x + i));
-  for (; i < len; ++i) buf[i] = Load(x, i);
-  return buf;
-}
-
-// Mean and M2 (sum of squared deviations) of len <= kBlock cached floats, two-pass: the
+// Mean and M2 (sum of squared deviations) of len <= kBlock cached values, two-pass: the
 // float32 block mean, then the sums of d = x - block mean and d^2 (d is small, so the sums
 // lose nothing to cancellation), corrected in double.
-inline void BlockMoments(const float* __restrict__ x, int64_t len, double* mean, double* m2) {
+template <typename T>
+inline void BlockMoments(const T* __restrict__ x, int64_t len, double* mean, double* m2) {
   double sum = 0.0;
   LaneSums<1>(0, len, [&](int64_t i, auto* out) {
     using V = std::remove_pointer_t<decltype(out)>;
@@ -206,22 +197,20 @@ inline void BlockMoments(const float* __restrict__ x, int64_t len, double* mean,
 template <typename T>
 RunningMoments RowMoments(const T* __restrict__ x, int64_t n, bool centered) {
   RunningMoments acc;
-  float buf[kBlock];
+  if (!centered) {  // one read: the squares converted on the fly, no float copy of the block
+    BlockedSums<1>(n, [&](int64_t i, auto* out) {
+      using V = std::remove_pointer_t<decltype(out)>;
+      const V v = Get<V>(x, i);
+      out[0] = v * v;
+    }, &acc.m2);
+    acc.count = static_cast<double>(n);
+    return acc;
+  }
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(n - b, kBlock);
-    const float* block = AsFloatBlock(x + b, len, buf);
-    if (centered) {
-      double mean, m2;
-      BlockMoments(block, len, &mean, &m2);
-      acc.Merge(static_cast<double>(len), mean, m2);
-    } else {
-      LaneSums<1>(0, len, [&](int64_t i, auto* out) {
-        using V = std::remove_pointer_t<decltype(out)>;
-        const V v = Get<V>(block, i);
-        out[0] = v * v;
-      }, &acc.m2);
-      acc.count += static_cast<double>(len);
-    }
+    double mean, m2;
+    BlockMoments(x + b, len, &mean, &m2);
+    acc.Merge(static_cast<double>(len), mean, m2);
   }
   return acc;
 }
@@ -337,6 +326,29 @@ void RowStatsChunk(const void* xv, int64_t n, int64_t begin, int64_t end, double
     const RunningMoments m = RowMoments(xp + r * n, n, true);
     mean[r] = m.mean;
     m2[r] = m.m2;
+  }
+}
+
+// Per row r in [begin, end) of x and g [rows, n]: the sums of g and of g * ((x - shift[r]) -
+// offset[r]), blocked (float32 lanes within a block, double across blocks), written to
+// sg[r] and sgx[r]: the reductions of a batch/group norm backward on NCHW input.
+template <typename T>
+void RowSumsChunk(const void* xv, const float* g, const float* shift, const float* offset,
+                  int64_t n, int64_t begin, int64_t end, double* sg, double* sgx) {
+  const T* xp = static_cast<const T*>(xv);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* __restrict__ x = xp + r * n;
+    const float* __restrict__ gr = g + r * n;
+    const float s = shift[r], o = offset[r];
+    double t[2] = {0.0, 0.0};
+    BlockedSums<2>(n, [&](int64_t i, auto* out) {
+      using V = std::remove_pointer_t<decltype(out)>;
+      const V gg = Get<V>(gr, i);
+      out[0] = gg;
+      out[1] = gg * ((Get<V>(x, i) - s) - o);
+    }, t);
+    sg[r] = t[0];
+    sgx[r] = t[1];
   }
 }
 
@@ -497,6 +509,8 @@ inline Kernels MakeKernels(const char* name) {
   k.column_stats[1] = &ColumnStatsChunk<uint16_t>;
   k.column_sums[0] = &ColumnSumsChunk<float>;
   k.column_sums[1] = &ColumnSumsChunk<uint16_t>;
+  k.row_sums[0] = &RowSumsChunk<float>;
+  k.row_sums[1] = &RowSumsChunk<uint16_t>;
   return k;
 }
 

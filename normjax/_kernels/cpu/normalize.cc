@@ -143,6 +143,8 @@ struct Kernels {
   void (*column_sums[2])(const void* x, const float* g, const float* shift, const float* offset,
                          int64_t positions, int64_t c, int64_t b, int64_t m0, int64_t m1,
                          double* sg, double* sgx);
+  void (*row_sums[2])(const void* x, const float* g, const float* shift, const float* offset,
+                      int64_t n, int64_t begin, int64_t end, double* sg, double* sgx);
 };
 
 // The fused residual-add forward (RowsAddForward): `forward.x` is the h output, written by
@@ -542,17 +544,42 @@ ffi::Error ColumnSums(ffi::ThreadPool pool, ffi::Buffer<T, 3> x, ffi::Buffer<ffi
   });
 }
 
+// The per-row sums of a batch/group norm backward on channels-first input: x and g viewed
+// as [rows, positions], per row the sums of g and of g * ((x - shift) - offset), from one
+// read of x and g.
 template <ffi::DataType T>
-auto BindColumnSums() {
+ffi::Error RowSums(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<ffi::F32, 2> g,
+                   ffi::Buffer<ffi::F32, 1> shift, ffi::Buffer<ffi::F32, 1> offset,
+                   ffi::ResultBuffer<ffi::F32, 1> sg, ffi::ResultBuffer<ffi::F32, 1> sgx) {
+  return Guarded("normjax row_sums", [&]() -> ffi::Error {
+    const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
+    std::vector<double> tg(rows, 0.0), tgx(rows, 0.0);
+    const auto sums = Active().row_sums[DtypeIndex<T>()];
+    const void* xp = x.untyped_data();
+    ParallelChunks(pool, rows, NumChunks(rows, 2 * n), [&](int64_t begin, int64_t end, int64_t) {
+      sums(xp, g.typed_data(), shift.typed_data(), offset.typed_data(), n, begin, end,
+           tg.data(), tgx.data());
+    });
+    for (int64_t r = 0; r < rows; ++r) {
+      sg->typed_data()[r] = static_cast<float>(tg[r]);
+      sgx->typed_data()[r] = static_cast<float>(tgx[r]);
+    }
+    return ffi::Error::Success();
+  });
+}
+
+template <ffi::DataType T, int Rank>
+auto BindSums() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .template Arg<ffi::Buffer<T, 3>>()
-      .template Arg<ffi::Buffer<ffi::F32, 3>>()
-      .template Arg<ffi::Buffer<ffi::F32, 2>>()
-      .template Arg<ffi::Buffer<ffi::F32, 2>>()
-      .template Ret<ffi::Buffer<ffi::F32, 2>>()
-      .template Ret<ffi::Buffer<ffi::F32, 2>>();
+      .template Arg<ffi::Buffer<T, Rank>>()
+      .template Arg<ffi::Buffer<ffi::F32, Rank>>()
+      .template Arg<ffi::Buffer<ffi::F32, Rank - 1>>()
+      .template Arg<ffi::Buffer<ffi::F32, Rank - 1>>()
+      .template Ret<ffi::Buffer<ffi::F32, Rank - 1>>()
+      .template Ret<ffi::Buffer<ffi::F32, Rank - 1>>();
 }
+
 
 // x -> (shift, offset, var), the binding both moments kernels start from.
 template <ffi::DataType T>
@@ -734,6 +761,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddForwardF32, RowsAddForward<ffi::F32>
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddForwardBF16, RowsAddForward<ffi::BF16>,
                               BindAddForward<ffi::BF16>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxColumnSumsF32, ColumnSums<ffi::F32>,
-                              BindColumnSums<ffi::F32>());
+                              (BindSums<ffi::F32, 3>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxColumnSumsBF16, ColumnSums<ffi::BF16>,
-                              BindColumnSums<ffi::BF16>());
+                              (BindSums<ffi::BF16, 3>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowSumsF32, RowSums<ffi::F32>, (BindSums<ffi::F32, 2>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowSumsBF16, RowSums<ffi::BF16>, (BindSums<ffi::BF16, 2>()));
