@@ -107,3 +107,28 @@ def test_ghost_with_mask_skips_empty_groups(unbiased):
   np.testing.assert_allclose(new.mean, want_mean, 1e-5, 1e-5)
   np.testing.assert_allclose(new.var, want_var, 1e-5, 1e-5)
   assert np.all(np.isfinite(np.asarray(y)))
+
+
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_evaluation_with_non_finite_running_variance_gives_nan_channels(vmapped):
+  """Evaluation takes the per-channel factor from a `cond` on whether every running variance
+  is finite: a channel whose variance is inf or NaN normalizes to NaN (as in training), the
+  others to `(x - mean) / sqrt(var + eps) * scale + bias`; under `vmap` the `cond` becomes a
+  select and gives the same."""
+  rng = np.random.default_rng(21)
+  x = rng.normal(size=(2, 5, 4)).astype(np.float32)
+  mean = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+  scale, bias = np.full(4, 2.0, np.float32), np.full(4, 0.25, np.float32)
+  finite = np.array([1.5, 0.5, 2.0, 1.0], np.float32)
+  bad = np.array([1.5, np.inf, 2.0, np.nan], np.float32)
+  want = (x.astype(np.float64) - mean) / np.sqrt(finite.astype(np.float64) + 1e-5) * 2.0 + 0.25
+
+  def evaluate(x, var):
+    stats = nj.BatchStats(jnp.asarray(mean), var, jnp.zeros((), jnp.int32))
+    return nj.batch_norm(x, jnp.asarray(scale), jnp.asarray(bias), stats, train=False)[0]
+  run = jax.jit(jax.vmap(evaluate, in_axes=(0, None)) if vmapped else evaluate)
+  y = np.asarray(run(jnp.asarray(x), jnp.asarray(finite)))
+  np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+  y = np.asarray(run(jnp.asarray(x), jnp.asarray(bad)))
+  assert np.all(np.isnan(y[..., [1, 3]]))
+  np.testing.assert_allclose(y[..., [0, 2]], want[..., [0, 2]], rtol=1e-6, atol=1e-6)
