@@ -230,10 +230,11 @@ def normalize(x: jax.Array, stats: Moments, scale: jax.Array | None, bias: jax.A
   return _affine(_centered(x, stats), rstd(stats.var, eps), scale, bias).astype(x.dtype)
 
 
-def normalize_frozen(x: jax.Array, stats: Moments, scale: jax.Array | None,
+def normalize_given(x: jax.Array, stats: Moments, scale: jax.Array | None,
                      bias: jax.Array | None, eps: float) -> jax.Array:
-  """`normalize` with statistics that are inputs rather than computed from `x` (batch norm in
-  evaluation mode): the same values, with the per-channel factor `rstd * scale` computed once.
+  """`normalize` with statistics that XLA does not compute in the same fusion as the output
+  (batch norm's running statistics in evaluation, a kernel's statistics): the same values,
+  with the per-channel factor `rstd * scale` computed once.
 
   Inside one fused loop XLA recomputes such a factor for every element of `x` (rsqrt, the
   non-finite check and the product per element: 2-3 % of an evaluation forward); a `cond` on

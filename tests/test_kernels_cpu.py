@@ -344,6 +344,35 @@ def test_column_kernel_outlier_first_matches_float64(dtype, group_size):
 
 
 @native_only
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_row_kernels_drift_and_late_outliers_match_float64(dtype):
+  """The row statistics (layer norm's forward kernel and the NCHW moments kernel) where later
+  blocks of a row sit far from the mean of the blocks before them (summed about the running
+  mean in one read, re-summed about their own mean where that cancels): a step of 1e3 half
+  way, a ramp, a late outlier, an offset of 1e5 and a constant row, 8 blocks per row."""
+  rng = np.random.default_rng(5)
+  n = 8 * 1024 + 5
+  x = rng.normal(size=(6, n)).astype(np.float32)
+  x[0, n // 2:] += 1e3
+  x[1] += np.linspace(0.0, 5e3, n, dtype=np.float32)
+  x[2, 5000] = -3e4
+  x[3] += 1e5
+  x[4] = 7.0
+  x[5, 1024:] += 50.0                        # the second block far from the first
+  x = jnp.asarray(x).astype(dtype)
+  x64 = np.asarray(x.astype(F32), np.float64)
+  mean, var = _moments64(x64, 1)
+  ones, zeros = jnp.ones(n), jnp.zeros(n)
+  _, *stats = jax.jit(lambda x: _rows.rows_forward_p.bind(
+      x, ones, zeros, eps=1e-5, centered=True, per_row=False))(x)
+  _check_moments(stats, mean, var, rtol=1e-6)
+  assert float(stats[2][4]) == 0.0
+  stats = jax.jit(lambda x: _columns.row_moments_p.bind(x, pool_outer=False, group_size=1))(
+      x.reshape(1, 6, n))
+  _check_moments([s[0] for s in stats], mean, var, rtol=1e-6)
+
+
+@native_only
 def test_column_kernel_one_million_values_after_a_far_first_element():
   """1M values per channel after a first element of 3e4: the variance clamped to 0 before."""
   x = np.random.default_rng(1).normal(size=(1, 1 << 20, 2)).astype(np.float32)

@@ -206,11 +206,27 @@ RunningMoments RowMoments(const T* __restrict__ x, int64_t n, bool centered) {
     acc.count = static_cast<double>(n);
     return acc;
   }
+  // The first block two-pass (BlockMoments); every later block in one read, its sums about
+  // K = float32(mean so far), unless they cancel (as in ColumnStatsChunk: S1^2 / n > S2 / 4,
+  // or not finite), when it is summed again about its own mean.
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(n - b, kBlock);
-    double mean, m2;
-    BlockMoments(x + b, len, &mean, &m2);
-    acc.Merge(static_cast<double>(len), mean, m2);
+    const double count = static_cast<double>(len);
+    double mean = 0.0, m2 = 0.0;
+    double t[2] = {0.0, 0.0};
+    if (b > 0) {
+      const float k = static_cast<float>(acc.mean);
+      LaneSums<2>(0, len, [&](int64_t i, auto* out) {
+        using V = std::remove_pointer_t<decltype(out)>;
+        const V d = Get<V>(x + b, i) - k;
+        out[0] = d;
+        out[1] = d * d;
+      }, t);
+      mean = static_cast<double>(k) + t[0] / count;
+      m2 = t[1] - t[0] * (t[0] / count);
+    }
+    if (b == 0 || !(t[0] * t[0] <= 0.25 * count * t[1])) BlockMoments(x + b, len, &mean, &m2);
+    acc.Merge(count, mean, m2);
   }
   return acc;
 }
