@@ -306,16 +306,14 @@ def tangent(x: jax.Array, stats: Moments, rstd_: jax.Array, scale: jax.Array | N
   a = -rs * mean(xhat * dx)                         # -rs E[xhat * dx]
   if dscale is not None:
     a = a + dscale.astype(dtype)
-  if stats.offset is not None and spread is not None:
-    c = -rs * mean(dx)
-    c = c if dbias is None else c + dbias.astype(dtype)
-    return (rs * dx + spread(x, stats, rstd_, a, c)).astype(x.dtype)
-  dy = rs * dx + xhat * a
+  c = None if dbias is None else dbias.astype(dtype)
   if stats.offset is not None:
-    c = -rs * mean(dx)
-    dy = dy + (c if dbias is None else c + dbias.astype(dtype))
-  elif dbias is not None:
-    dy = dy + dbias.astype(dtype)
+    c = -rs * mean(dx) if c is None else -rs * mean(dx) + c
+    if spread is not None:
+      return (rs * dx + spread(x, stats, rstd_, a, c)).astype(x.dtype)
+  dy = rs * dx + xhat * a
+  if c is not None:
+    dy = dy + c
   return dy.astype(x.dtype)
 
 

@@ -229,6 +229,27 @@ int64_t NumChunks(int64_t rows, int64_t row_elements) {
   return std::max<int64_t>(1, std::min<int64_t>({by_size, rows, kMaxChunks}));
 }
 
+// The chunks of the channels-last kernels: each of `batch` examples' positions cut into
+// `per_example` ranges fixed by the shape (about NumChunks of them over the whole input), so
+// that per-range results added in order are the same whatever the thread count.
+struct ExampleRanges {
+  int64_t positions, per_example, span, chunks;
+
+  ExampleRanges(int64_t batch, int64_t positions_, int64_t position_elements)
+      : positions(positions_),
+        per_example(std::max<int64_t>(
+            1, NumChunks(batch * positions_, position_elements) / std::max<int64_t>(1, batch))),
+        span((positions_ + per_example - 1) / per_example),
+        chunks(batch * per_example) {}
+
+  // Chunk k: example *b, positions [*m0, *m1) (empty past the end).
+  void Range(int64_t k, int64_t* b, int64_t* m0, int64_t* m1) const {
+    *b = k / per_example;
+    *m0 = std::min(positions, (k % per_example) * span);
+    *m1 = std::min(positions, *m0 + span);
+  }
+};
+
 // Runs body(begin_row, end_row, chunk) for every chunk of [0, rows), on the calling thread
 // and up to `pool.num_threads()` pool tasks. A task that starts after the calling thread
 // has claimed the last chunk returns at once; the caller waits only for tasks that claimed
@@ -446,19 +467,15 @@ ffi::Error ColumnMoments(ffi::ThreadPool pool, ffi::Buffer<T, 3> x,
     const int64_t entries = batch * c;
     std::vector<double> mean(entries, 0.0), m2(entries, 0.0);
     if (positions > 0 && c > 0) {
-      // Chunks: each example's positions cut into `per_example` ranges fixed by the shape.
-      const int64_t per_example =
-          std::max<int64_t>(1, NumChunks(batch * positions, c) / std::max<int64_t>(1, batch));
-      const int64_t span = (positions + per_example - 1) / per_example;
-      const int64_t chunks = batch * per_example;
+      const ExampleRanges ranges(batch, positions, c);
+      const int64_t per_example = ranges.per_example, chunks = ranges.chunks;
       std::vector<double> part(per_example > 1 ? static_cast<size_t>(chunks) * 2 * c : 0);
       const auto stats = Active().column_stats[DtypeIndex<T>()];
       const void* xp = x.untyped_data();
       ParallelChunks(pool, chunks, chunks, [&](int64_t begin, int64_t end, int64_t) {
         for (int64_t k = begin; k < end; ++k) {
-          const int64_t b = k / per_example, p = k % per_example;
-          const int64_t m0 = std::min(positions, p * span);
-          const int64_t m1 = std::min(positions, m0 + span);
+          int64_t b, m0, m1;
+          ranges.Range(k, &b, &m0, &m1);
           if (per_example == 1) {
             stats(xp, positions, c, b, m0, m1, mean.data() + b * c, m2.data() + b * c);
           } else {
@@ -471,12 +488,12 @@ ffi::Error ColumnMoments(ffi::ThreadPool pool, ffi::Buffer<T, 3> x,
         for (int64_t b = 0; b < batch; ++b) {
           for (int64_t i = 0; i < c; ++i) {
             RunningMoments m;
-            for (int64_t p = 0; p < per_example; ++p) {
-              const int64_t m0 = std::min(positions, p * span);
-              const int64_t len = std::min(positions, m0 + span) - m0;
-              if (len == 0) continue;
-              const double* in = part.data() + (b * per_example + p) * 2 * c;
-              m.Merge(static_cast<double>(len), in[i], in[c + i]);
+            for (int64_t k = b * per_example; k < (b + 1) * per_example; ++k) {
+              int64_t example, m0, m1;
+              ranges.Range(k, &example, &m0, &m1);
+              if (m1 == m0) continue;
+              const double* in = part.data() + k * 2 * c;
+              m.Merge(static_cast<double>(m1 - m0), in[i], in[c + i]);
             }
             mean[b * c + i] = m.mean;
             m2[b * c + i] = m.m2;
@@ -506,10 +523,8 @@ ffi::Error ColumnSums(ffi::ThreadPool pool, ffi::Buffer<T, 3> x, ffi::Buffer<ffi
     const int64_t entries = batch * c;
     std::vector<double> tg(entries, 0.0), tgx(entries, 0.0);
     if (positions > 0 && c > 0) {
-      const int64_t per_example =
-          std::max<int64_t>(1, NumChunks(batch * positions, 2 * c) / std::max<int64_t>(1, batch));
-      const int64_t span = (positions + per_example - 1) / per_example;
-      const int64_t chunks = batch * per_example;
+      const ExampleRanges ranges(batch, positions, 2 * c);
+      const int64_t chunks = ranges.chunks;
       std::vector<double> part(static_cast<size_t>(chunks) * 2 * c, 0.0);
       const auto sums = Active().column_sums[DtypeIndex<T>()];
       const void* xp = x.untyped_data();
@@ -518,15 +533,14 @@ ffi::Error ColumnSums(ffi::ThreadPool pool, ffi::Buffer<T, 3> x, ffi::Buffer<ffi
       const float* op = offset.typed_data();
       ParallelChunks(pool, chunks, chunks, [&](int64_t begin, int64_t end, int64_t) {
         for (int64_t k = begin; k < end; ++k) {
-          const int64_t b = k / per_example, p = k % per_example;
-          const int64_t m0 = std::min(positions, p * span);
-          const int64_t m1 = std::min(positions, m0 + span);
+          int64_t b, m0, m1;
+          ranges.Range(k, &b, &m0, &m1);
           double* out = part.data() + k * 2 * c;
           sums(xp, gp, sp + b * c, op + b * c, positions, c, b, m0, m1, out, out + c);
         }
       });
       for (int64_t k = 0; k < chunks; ++k) {  // in order: deterministic
-        const int64_t b = k / per_example;
+        const int64_t b = k / ranges.per_example;
         const double* in = part.data() + k * 2 * c;
         for (int64_t i = 0; i < c; ++i) {
           tg[b * c + i] += in[i];
