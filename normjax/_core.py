@@ -230,32 +230,17 @@ def normalize(x: jax.Array, stats: Moments, scale: jax.Array | None, bias: jax.A
   return _affine(_centered(x, stats), rstd(stats.var, eps), scale, bias).astype(x.dtype)
 
 
-def normalize_given(x: jax.Array, stats: Moments, scale: jax.Array | None,
-                     bias: jax.Array | None, eps: float) -> jax.Array:
-  """`normalize` with statistics that XLA does not compute in the same fusion as the output
-  (batch norm's running statistics in evaluation, a kernel's statistics): the same values,
-  with the per-channel factor `rstd * scale` computed once.
-
-  Inside one fused loop XLA recomputes such a factor for every element of `x` (rsqrt, the
-  non-finite check and the product per element: 2-3 % of an evaluation forward); a `cond` on
-  whether every variance is finite makes it its own small computation, and the usual
-  all-finite branch skips the NaN select.
-  """
-  def factor(var, scale, check):
-    r = rstd(var, eps) if check else lax.rsqrt(var + jnp.asarray(eps, var.dtype))
-    return r if scale is None else r * scale.astype(r.dtype)
-
-  finite = jnp.all(stats.var < jnp.asarray(jnp.inf, stats.var.dtype))
-  f = lax.cond(finite, lambda v, s: factor(v, s, False), lambda v, s: factor(v, s, True),
-               stats.var, scale)
-  return _affine(_centered(x, stats), f, None, bias).astype(x.dtype)
-
-
 def rstd(var: jax.Array, eps: Any) -> jax.Array:
   """`1 / sqrt(var + eps)`, or NaN where `var` is not finite (overflowed or NaN statistics
-  give a NaN row on every path, rather than `rsqrt(inf) = 0` and an all-zero row)."""
-  r = lax.rsqrt(var + jnp.asarray(eps, var.dtype))
-  return jnp.where(var < jnp.asarray(jnp.inf, var.dtype), r, jnp.asarray(jnp.nan, var.dtype))
+  give a NaN row on every path, rather than `rsqrt(inf) = 0` and an all-zero row).
+
+  The NaN is chosen before the `rsqrt` (`rsqrt(nan)`), not selected after it: XLA keeps an
+  `rsqrt` of per-channel values out of the elementwise loop over `x`, together with what
+  feeds it, but fuses a select after it into that loop, once per element of `x`.
+  """
+  finite = var < jnp.asarray(jnp.inf, var.dtype)
+  return lax.rsqrt(jnp.where(finite, var + jnp.asarray(eps, var.dtype),
+                             jnp.asarray(jnp.nan, var.dtype)))
 
 
 def _affine(xc, factor, scale, bias):

@@ -141,7 +141,7 @@ def _batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, s
     dtype = _core.stats_dtype(x.dtype)
     running = _core.Moments(shift=None, offset=per_channel(stats.mean.astype(dtype)),
                             var=per_channel(stats.var.astype(dtype)), count=None)
-    return _core.normalize_given(x, running, per_channel(scale), per_channel(bias), eps), stats
+    return _core.normalize(x, running, per_channel(scale), per_channel(bias), eps), stats
 
   xg, mg, cg = x, mask, c_axis
   if virtual_batch_size is not None:  # ghost batch norm: [N, ...] -> [N / k, k, ...]

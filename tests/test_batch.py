@@ -1,7 +1,10 @@
 """Ghost batch norm (`batch_norm(virtual_batch_size=k)`) against per-group float64 batch norm."""
 
+import re
+
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 
@@ -111,10 +114,8 @@ def test_ghost_with_mask_skips_empty_groups(unbiased):
 
 @pytest.mark.parametrize("vmapped", [False, True])
 def test_evaluation_with_non_finite_running_variance_gives_nan_channels(vmapped):
-  """Evaluation takes the per-channel factor from a `cond` on whether every running variance
-  is finite: a channel whose variance is inf or NaN normalizes to NaN (as in training), the
-  others to `(x - mean) / sqrt(var + eps) * scale + bias`; under `vmap` the `cond` becomes a
-  select and gives the same."""
+  """A channel whose running variance is inf or NaN normalizes to NaN (as in training), the
+  others to `(x - mean) / sqrt(var + eps) * scale + bias`, also under `vmap`."""
   rng = np.random.default_rng(21)
   x = rng.normal(size=(2, 5, 4)).astype(np.float32)
   mean = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
@@ -132,3 +133,29 @@ def test_evaluation_with_non_finite_running_variance_gives_nan_channels(vmapped)
   y = np.asarray(run(jnp.asarray(x), jnp.asarray(bad)))
   assert np.all(np.isnan(y[..., [1, 3]]))
   np.testing.assert_allclose(y[..., [0, 2]], want[..., [0, 2]], rtol=1e-6, atol=1e-6)
+
+
+def _fused_computations(text):
+  """{name: body} of the fused computations in compiled HLO text."""
+  return {m.group(1): m.group(2) for m in re.finditer(
+      r"^%?(\S+) [^\n]*\{\n(.*?)^\}", text, flags=re.M | re.S)}
+
+
+def test_evaluation_loop_over_x_takes_the_per_channel_factor_from_outside():
+  """The compiled evaluation forward is one elementwise loop over `x` whose per-channel factor
+  (`rsqrt`, the non-finite check) is computed once per channel outside it, as in flax's
+  program: no `rsqrt`, `compare` or `select` per element of `x` (`_core.rstd` picks the NaN
+  before the `rsqrt`; a select after it was fused into the loop)."""
+  x = jnp.zeros((4, 8, 8, 16), jnp.float32)
+  c = jnp.ones(16, jnp.float32)
+
+  def evaluate(x, scale, bias, mean, var):
+    stats = nj.BatchStats(mean, var, jnp.zeros((), jnp.int32))
+    return nj.batch_norm(x, scale, bias, stats, train=False)[0]
+  text = jax.jit(evaluate).lower(x, c, c, c, c).compile().as_text()
+  entry = text.split("ENTRY", 1)[1]
+  loops = re.findall(r"= f32\[4,8,8,16\]\S* fusion\(.*calls=%(\S+?)[,\s]", entry)
+  assert len(loops) == 1, entry
+  body = _fused_computations(text)[loops[0]]
+  for op in ("rsqrt(", "compare(", "select("):
+    assert op not in body, (op, body)

@@ -382,8 +382,6 @@ def test_column_kernel_one_million_values_after_a_far_first_element():
 
 
 @native_only
-
-@native_only
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("channels", [64, 200])
 def test_column_kernel_drift_and_late_outliers_match_float64(dtype, channels):

@@ -37,6 +37,10 @@ nchw = np.ascontiguousarray(np.moveaxis(nhwc, -1, 1))
 rows = rng.normal(size=(37, 67)).astype(np.float32)  # vector loops and scalar tails
 wide = rng.normal(size=(2, 300, 72)).astype(np.float32)  # channel slices, a tail, 3 blocks
 wide[1, 150:] += 50.0                                # a later block far from the mean so far
+long = rng.normal(size=(9, 2100)).astype(np.float32)  # row groups of 4 and 1, 3 blocks per row
+long[2] += 1e3
+long[5, 1024:] += 50.0                               # re-summed about its own mean
+long[7, 3], long[8, 100] = np.nan, np.inf            # NaN rows (NaN kept in bfloat16)
 g8, g67 = jnp.linspace(0.5, 1.5, 8), jnp.linspace(0.5, 1.5, 67)
 bn = lambda x, axis: nj.batch_norm(x, g8, g8, nj.init_batch_stats(8), train=True,
                                    channel_axis=axis)[0]
@@ -91,6 +95,19 @@ def everything(inputs, x):
       for i, a in enumerate(_columns.row_moments_p.bind(
           inputs["batch_nchw"].reshape(2, 8, 30), pool_outer=pool, group_size=size)):
         results[f"kernel/row_moments/{pool}/{size}/{i}"] = a
+  # Long rows, several blocks each, in groups of rows summed together (and one alone).
+  lx = jnp.asarray(long).astype(x.dtype)
+  pl = jnp.asarray(np.linspace(0.5, 1.5, 2100, dtype=np.float32))  # XLA's linspace may round
+  y, s, o, v = _rows.rows_forward_p.bind(lx, pl, pl, eps=1e-5, centered=True, per_row=False)
+  rstd = jnp.asarray(np.linspace(0.5, 2.0, 9, dtype=np.float32))
+  grads = _rows.rows_backward_p.bind(lx, lx[::-1], s, o, rstd, pl, centered=True, per_row=False)
+  for i, a in enumerate((y, s, o, v) + tuple(grads)):
+    results[f"kernel/long_rows/{i}"] = a
+  for i, a in enumerate(_columns.row_moments_p.bind(lx.reshape(3, 3, 2100), pool_outer=True,
+                                                    group_size=1)):
+    results[f"kernel/long_row_moments/{i}"] = a
+  for i, a in enumerate(_columns.row_sums_p.bind(lx, long[::-1] * 0.5, s, o)):
+    results[f"kernel/long_row_sums/{i}"] = a
   return results
 
 

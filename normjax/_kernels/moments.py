@@ -253,6 +253,6 @@ def ops(x_shape: tuple[int, ...], axes: tuple[int, ...], groups: tuple[int, int]
     del mask
     shift, offset, var = (v.reshape(stats_shape) for v in moments(x))
     stats = _core.Moments(shift=shift, offset=offset, var=var, count=jnp.asarray(n, F32))
-    return _core.normalize_given(x, stats, scale, bias, eps), stats
+    return _core.normalize(x, stats, scale, bias, eps), stats
 
   return forward, spread

@@ -54,6 +54,29 @@ inline VF LoadV(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+inline void StoreV(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
+#if NJ_WIDTH == 16
+// AVX-512: the bfloat16 conversions in a few instructions each (GCC's generic code for the
+// versions below widens and narrows through 256-bit halves and word permutes); the same bits.
+// The masked (maskz) forms: GCC 12's unmasked ones warn (-Wmaybe-uninitialized).
+inline VF LoadV(const uint16_t* p) {  // bfloat16 -> float32: the bits shifted up
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const VU bits = reinterpret_cast<VU>(_mm512_maskz_cvtepu16_epi32(0xffff, half)) << 16;
+  return reinterpret_cast<VF>(bits);
+}
+inline void StoreV(uint16_t* p, VF v) {  // round to nearest even, keep NaN (quieted)
+  const VU bits = reinterpret_cast<VU>(v);
+  const VU rounded = bits + 0x7fffu + ((bits >> 16) & 1u);
+  const __mmask16 is_nan = _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v),
+                                              reinterpret_cast<__m512>(v), _CMP_UNORD_Q);
+  const __m512i kept = _mm512_mask_or_epi32(reinterpret_cast<__m512i>(rounded), is_nan,
+                                            reinterpret_cast<__m512i>(bits),
+                                            _mm512_set1_epi32(0x400000));
+  const VU high = reinterpret_cast<VU>(kept) >> 16;
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_maskz_cvtepi32_epi16(0xffff, reinterpret_cast<__m512i>(high)));
+}
+#else
 inline VF LoadV(const uint16_t* p) {  // bfloat16 -> float32: the bits shifted up
   VH h;
   std::memcpy(&h, p, sizeof(h));
@@ -62,7 +85,6 @@ inline VF LoadV(const uint16_t* p) {  // bfloat16 -> float32: the bits shifted u
   std::memcpy(&v, &bits, sizeof(v));
   return v;
 }
-inline void StoreV(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
 inline void StoreV(uint16_t* p, VF v) {  // round to nearest even, keep NaN (quieted)
   VU bits;
   std::memcpy(&bits, &v, sizeof(bits));
@@ -72,6 +94,7 @@ inline void StoreV(uint16_t* p, VF v) {  // round to nearest even, keep NaN (qui
   const VH h = __builtin_convertvector((quiet_nan & is_nan) | (rounded & ~is_nan), VH);
   std::memcpy(p, &h, sizeof(h));
 }
+#endif
 
 // kLanes values (v[0], v[1], ...) stored at p.
 template <typename T>
@@ -132,106 +155,142 @@ inline void MapRow(T* __restrict__ out, int64_t n, F f) {
   for (; i < n; ++i) Store(out, i, f(i, 0.f));
 }
 
-// totals[k] += sum over [begin, end) of the k-th value f writes: f(i, VF* out) for kWidth
-// elements from i, f(i, float* out) for one. The sums run in float32 over kLanes lanes, so
-// [begin, end) should be one block (at most kBlock elements); the tail (the elements after the
-// last whole group of kLanes) is summed first, then the lanes in order.
-template <int K, typename F>
-inline void LaneSums(int64_t begin, int64_t end, F f, double* totals) {
-  VF acc[K][kVecs] = {};
+// Rows whose sums the row kernels run together: each row's float32 chain of adds is
+// independent of the others', so interleaving them keeps several adds in flight (a single
+// row's chain waits on the add latency). Each row's sums still run in the same order as alone.
+// AVX-512: 4 rows; AVX2 (2 registers per 16 lanes): 2; the SSE baseline: 1 (its 16 registers
+// hold no more accumulators).
+constexpr int kRowGroup = kVecs >= 4 ? 1 : 4 / kVecs;
+
+// totals[r][k] += sum over [begin, end) of the k-th value f writes for row r < R: f(r, i, VF*
+// out) for kWidth elements from i, f(r, i, float* out) for one. The sums run in float32 over
+// kLanes lanes, so [begin, end) should be one block (at most kBlock elements); the tail (the
+// elements after the last whole group of kLanes) is summed first, then the lanes in order.
+template <int R, int K, typename F>
+inline void LaneSumsRows(int64_t begin, int64_t end, F f, double (*totals)[K]) {
+  VF acc[R][K][kVecs] = {};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
 #pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) {
-      VF out[K];
-      f(i + v * kWidth, out);
 #pragma GCC unroll 4
-      for (int k = 0; k < K; ++k) acc[k][v] += out[k];
+      for (int r = 0; r < R; ++r) {
+        VF out[K];
+        f(r, i + v * kWidth, out);
+#pragma GCC unroll 4
+        for (int k = 0; k < K; ++k) acc[r][k][v] += out[k];
+      }
     }
   }
-  float tail[K] = {};
-  for (; i < end; ++i) {
-    float out[K];
-    f(i, out);
-    for (int k = 0; k < K; ++k) tail[k] += out[k];
-  }
-  for (int k = 0; k < K; ++k) {
-    float total = tail[k];
-    for (int v = 0; v < kVecs; ++v) {
-      for (int64_t l = 0; l < kWidth; ++l) total += acc[k][v][l];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    float tail[K] = {};
+    for (int64_t j = i; j < end; ++j) {
+      float out[K];
+      f(r, j, out);
+      for (int k = 0; k < K; ++k) tail[k] += out[k];
     }
-    totals[k] += static_cast<double>(total);
+    for (int k = 0; k < K; ++k) {
+      float total = tail[k];
+      for (int v = 0; v < kVecs; ++v) {
+        for (int64_t l = 0; l < kWidth; ++l) total += acc[r][k][v][l];
+      }
+      totals[r][k] += static_cast<double>(total);
+    }
   }
 }
 
-// LaneSums over [0, n), block by block (each block's float32 total added in double).
-template <int K, typename F>
-inline void BlockedSums(int64_t n, F f, double* totals) {
-  for (int64_t b = 0; b < n; b += kBlock) LaneSums<K>(b, std::min(n, b + kBlock), f, totals);
+// LaneSumsRows over [0, n), block by block (each block's float32 totals added in double).
+template <int R, int K, typename F>
+inline void BlockedSumsRows(int64_t n, F f, double (*totals)[K]) {
+  for (int64_t b = 0; b < n; b += kBlock) LaneSumsRows<R, K>(b, std::min(n, b + kBlock), f, totals);
 }
 
-// Mean and M2 (sum of squared deviations) of len <= kBlock cached values, two-pass: the
-// float32 block mean, then the sums of d = x - block mean and d^2 (d is small, so the sums
-// lose nothing to cancellation), corrected in double.
-template <typename T>
-inline void BlockMoments(const T* __restrict__ x, int64_t len, double* mean, double* m2) {
-  double sum = 0.0;
-  LaneSums<1>(0, len, [&](int64_t i, auto* out) {
+// Mean and M2 (sum of squared deviations) of len <= kBlock cached values of each row x[r],
+// two-pass: the float32 block mean, then the sums of d = x - block mean and d^2 (d is small,
+// so the sums lose nothing to cancellation), corrected in double.
+template <int R, typename T>
+inline void BlockMomentsRows(const T* const* x, int64_t len, double* mean, double* m2) {
+  double sum[R][1] = {};
+  LaneSumsRows<R, 1>(0, len, [&](int r, int64_t i, auto* out) {
     using V = std::remove_pointer_t<decltype(out)>;
-    out[0] = Get<V>(x, i);
-  }, &sum);
+    out[0] = Get<V>(x[r], i);
+  }, sum);
   const double count = static_cast<double>(len);
-  const float mb = static_cast<float>(sum / count);
-  double t[2] = {0.0, 0.0};
-  LaneSums<2>(0, len, [&](int64_t i, auto* out) {
+  float mb[R];
+  for (int r = 0; r < R; ++r) mb[r] = static_cast<float>(sum[r][0] / count);
+  double t[R][2] = {};
+  LaneSumsRows<R, 2>(0, len, [&](int r, int64_t i, auto* out) {
     using V = std::remove_pointer_t<decltype(out)>;
-    const V d = Get<V>(x, i) - mb;
+    const V d = Get<V>(x[r], i) - mb[r];
     out[0] = d;
     out[1] = d * d;
   }, t);
-  *mean = static_cast<double>(mb) + t[0] / count;
-  *m2 = t[1] - t[0] * (t[0] / count);
+  for (int r = 0; r < R; ++r) {
+    mean[r] = static_cast<double>(mb[r]) + t[r][0] / count;
+    m2[r] = t[r][1] - t[r][0] * (t[r][0] / count);
+  }
 }
 
-// (count, mean, M2) of a row of n elements, centered; uncentered: mean 0 and M2 = sum of x^2.
-template <typename T>
-RunningMoments RowMoments(const T* __restrict__ x, int64_t n, bool centered) {
-  RunningMoments acc;
+// (count, mean, M2) of each row x[r] (r < R) of n elements, centered; uncentered: mean 0 and
+// M2 = sum of x^2. The rows' sums run interleaved (LaneSumsRows), each as if alone.
+template <int R, typename T>
+void RowMomentsRows(const T* const* x, int64_t n, bool centered, RunningMoments* acc) {
   if (!centered) {  // one read: the squares converted on the fly, no float copy of the block
-    BlockedSums<1>(n, [&](int64_t i, auto* out) {
+    double m2[R][1] = {};
+    BlockedSumsRows<R, 1>(n, [&](int r, int64_t i, auto* out) {
       using V = std::remove_pointer_t<decltype(out)>;
-      const V v = Get<V>(x, i);
+      const V v = Get<V>(x[r], i);
       out[0] = v * v;
-    }, &acc.m2);
-    acc.count = static_cast<double>(n);
-    return acc;
+    }, m2);
+    for (int r = 0; r < R; ++r) acc[r] = RunningMoments{static_cast<double>(n), 0.0, m2[r][0]};
+    return;
   }
-  // The first block two-pass (BlockMoments); every later block in one read, its sums about
-  // K = float32(mean so far), unless they cancel (as in ColumnStatsChunk: S1^2 / n > S2 / 4,
-  // or not finite), when it is summed again about its own mean.
+  // The first block two-pass (BlockMomentsRows); every later block in one read, its sums
+  // about K = float32(mean so far), unless they cancel (as in ColumnStatsChunk: S1^2 / n >
+  // S2 / 4, or not finite), when that row's block is summed again about its own mean.
+  for (int r = 0; r < R; ++r) acc[r] = RunningMoments{};
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(n - b, kBlock);
     const double count = static_cast<double>(len);
-    double mean = 0.0, m2 = 0.0;
-    double t[2] = {0.0, 0.0};
-    if (b > 0) {
-      const float k = static_cast<float>(acc.mean);
-      LaneSums<2>(0, len, [&](int64_t i, auto* out) {
+    double mean[R], m2[R];
+    const T* xb[R];
+    for (int r = 0; r < R; ++r) xb[r] = x[r] + b;
+    if (b == 0) {
+      BlockMomentsRows<R>(xb, len, mean, m2);
+    } else {
+      float k[R];
+      for (int r = 0; r < R; ++r) k[r] = static_cast<float>(acc[r].mean);
+      double t[R][2] = {};
+      LaneSumsRows<R, 2>(0, len, [&](int r, int64_t i, auto* out) {
         using V = std::remove_pointer_t<decltype(out)>;
-        const V d = Get<V>(x + b, i) - k;
+        const V d = Get<V>(xb[r], i) - k[r];
         out[0] = d;
         out[1] = d * d;
       }, t);
-      mean = static_cast<double>(k) + t[0] / count;
-      m2 = t[1] - t[0] * (t[0] / count);
+      for (int r = 0; r < R; ++r) {
+        mean[r] = static_cast<double>(k[r]) + t[r][0] / count;
+        m2[r] = t[r][1] - t[r][0] * (t[r][0] / count);
+        if (!(t[r][0] * t[r][0] <= 0.25 * count * t[r][1])) {
+          BlockMomentsRows<1>(&xb[r], len, &mean[r], &m2[r]);
+        }
+      }
     }
-    if (b == 0 || !(t[0] * t[0] <= 0.25 * count * t[1])) BlockMoments(x + b, len, &mean, &m2);
-    acc.Merge(count, mean, m2);
+    for (int r = 0; r < R; ++r) acc[r].Merge(count, mean[r], m2[r]);
   }
-  return acc;
 }
 
-// Rows [begin, end) of the forward (see RowsForward in normalize.cc).
+// Calls f(std::integral_constant<int, R>, r0) for groups of rows [r0, r0 + R) covering
+// [begin, end) in order: R = kRowGroup while that many rows are left, then R = 1.
+template <typename F>
+inline void RowGroups(int64_t begin, int64_t end, F f) {
+  int64_t r = begin;
+  for (; r + kRowGroup <= end; r += kRowGroup) f(std::integral_constant<int, kRowGroup>{}, r);
+  for (; r < end; ++r) f(std::integral_constant<int, 1>{}, r);
+}
+
+// Rows [begin, end) of the forward (see RowsForward in normalize.cc): the statistics of
+// kRowGroup rows at a time (RowMomentsRows), then each row's output.
 template <typename T>
 void ForwardChunk(const ForwardArgs& a, int64_t begin, int64_t end) {
   const int64_t n = a.n;
@@ -239,34 +298,42 @@ void ForwardChunk(const ForwardArgs& a, int64_t begin, int64_t end) {
   T* yp = static_cast<T*>(a.y);
   const float* __restrict__ g = a.scale;
   const float* __restrict__ bias = a.bias;
-  for (int64_t r = begin; r < end; ++r) {
-    const T* __restrict__ x = xp + r * n;
-    const RunningMoments m = RowMoments(x, n, a.centered);
-    float s, off, v;
-    m.Finish(&s, &off, &v);
-    const float rstd = RstdOf(v, a.eps);
-    if (a.per_row) {
-      const float factor = rstd * g[r], b = bias[r];
-      MapRow(yp + r * n, n, [&](int64_t i, auto type) {
-        using V = decltype(type);
-        return ((Get<V>(x, i) - s) - off) * factor + b;
-      });
-    } else {
-      MapRow(yp + r * n, n, [&](int64_t i, auto type) {
-        using V = decltype(type);
-        return ((Get<V>(x, i) - s) - off) * (rstd * Get<V>(g, i)) + Get<V>(bias, i);
-      });
+  RowGroups(begin, end, [&](auto rows, int64_t r0) {
+    constexpr int R = decltype(rows)::value;
+    const T* xs[R];
+    for (int q = 0; q < R; ++q) xs[q] = xp + (r0 + q) * n;
+    RunningMoments m[R];
+    RowMomentsRows<R>(xs, n, a.centered, m);
+    for (int q = 0; q < R; ++q) {
+      const int64_t r = r0 + q;
+      const T* __restrict__ x = xs[q];
+      float s, off, v;
+      m[q].Finish(&s, &off, &v);
+      const float rstd = RstdOf(v, a.eps);
+      if (a.per_row) {
+        const float factor = rstd * g[r], b = bias[r];
+        MapRow(yp + r * n, n, [&](int64_t i, auto type) {
+          using V = decltype(type);
+          return ((Get<V>(x, i) - s) - off) * factor + b;
+        });
+      } else {
+        MapRow(yp + r * n, n, [&](int64_t i, auto type) {
+          using V = decltype(type);
+          return ((Get<V>(x, i) - s) - off) * (rstd * Get<V>(g, i)) + Get<V>(bias, i);
+        });
+      }
+      a.shift[r] = s;
+      a.offset[r] = off;
+      a.var[r] = v;
     }
-    a.shift[r] = s;
-    a.offset[r] = off;
-    a.var[r] = v;
-  }
+  });
 }
 
 // Rows [begin, end) of the backward (see RowsBackward in normalize.cc). Per-row sums are blocked
-// (float32 lanes within a block, double across blocks). Without `per_row`, the chunk's
-// per-feature sums of g * xhat and g are added to acc[0, n) and acc[n, 2n): float32 partials
-// flushed into acc every kFlushRows rows, so their error grows over at most kFlushRows rows.
+// (float32 lanes within a block, double across blocks; kRowGroup rows at a time). Without
+// `per_row`, the chunk's per-feature sums of g * xhat and g are added to acc[0, n) and
+// acc[n, 2n): float32 partials flushed into acc every kFlushRows rows, so their error grows
+// over at most kFlushRows rows.
 template <typename T>
 void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* acc) {
   const int64_t n = a.n;
@@ -285,51 +352,68 @@ void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* ac
     }
   };
   int64_t pending = 0;
-  for (int64_t r = begin; r < end; ++r) {
-    const T* __restrict__ x = xp + r * n;
-    const T* __restrict__ ct = cp + r * n;
-    const float s = a.shift[r], m = a.offset[r], rs = a.rstd[r];
-    double t[2] = {0.0, 0.0};
+  RowGroups(begin, end, [&](auto rows, int64_t r0) {
+    constexpr int R = decltype(rows)::value;
+    const T* xs[R];
+    const T* cs[R];
+    float s[R], m[R], rs[R];
+    for (int q = 0; q < R; ++q) {
+      xs[q] = xp + (r0 + q) * n;
+      cs[q] = cp + (r0 + q) * n;
+      s[q] = a.shift[r0 + q];
+      m[q] = a.offset[r0 + q];
+      rs[q] = a.rstd[r0 + q];
+    }
+    double t[R][2] = {};
     if (a.per_row) {
-      BlockedSums<2>(n, [&](int64_t i, auto* out) {
+      BlockedSumsRows<R, 2>(n, [&](int q, int64_t i, auto* out) {
         using V = std::remove_pointer_t<decltype(out)>;
-        const V c = Get<V>(ct, i);
+        const V c = Get<V>(cs[q], i);
         out[0] = c;
-        out[1] = c * (((Get<V>(x, i) - s) - m) * rs);
+        out[1] = c * (((Get<V>(xs[q], i) - s[q]) - m[q]) * rs[q]);
       }, t);
-      const float mean_g = a.centered ? static_cast<float>(t[0] * inv_n) : 0.f;
-      const float mean_gx = static_cast<float>(t[1] * inv_n);
-      const float factor = rs * gamma[r];
+    } else {
+      BlockedSumsRows<R, 2>(n, [&](int q, int64_t i, auto* out) {
+        using V = std::remove_pointer_t<decltype(out)>;
+        const V w = Get<V>(cs[q], i) * Get<V>(gamma, i);
+        out[0] = w;
+        out[1] = w * (((Get<V>(xs[q], i) - s[q]) - m[q]) * rs[q]);
+      }, t);
+    }
+    for (int q = 0; q < R; ++q) {
+      const int64_t r = r0 + q;
+      const T* __restrict__ x = xs[q];
+      const T* __restrict__ ct = cs[q];
+      const float sq = s[q], mq = m[q], rsq = rs[q];
+      if (a.per_row) {
+        const float mean_g = a.centered ? static_cast<float>(t[q][0] * inv_n) : 0.f;
+        const float mean_gx = static_cast<float>(t[q][1] * inv_n);
+        const float factor = rsq * gamma[r];
+        MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
+          using V = decltype(type);
+          const V h = ((Get<V>(x, j) - sq) - mq) * rsq;
+          return factor * ((Get<V>(ct, j) - mean_g) - h * mean_gx);
+        });
+        a.dscale_rows[r] = static_cast<float>(t[q][1]);
+        a.dbias_rows[r] = static_cast<float>(t[q][0]);
+        continue;
+      }
+      const float mean_w = a.centered ? static_cast<float>(t[q][0] * inv_n) : 0.f;
+      const float mean_wx = static_cast<float>(t[q][1] * inv_n);
       MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
         using V = decltype(type);
-        const V h = ((Get<V>(x, j) - s) - m) * rs;
-        return factor * ((Get<V>(ct, j) - mean_g) - h * mean_gx);
+        const V c = Get<V>(ct, j);
+        const V h = ((Get<V>(x, j) - sq) - mq) * rsq;
+        AddTo(ds, j, c * h);
+        AddTo(db, j, c);
+        return rsq * ((c * Get<V>(gamma, j) - mean_w) - h * mean_wx);
       });
-      a.dscale_rows[r] = static_cast<float>(t[1]);
-      a.dbias_rows[r] = static_cast<float>(t[0]);
-      continue;
+      if (++pending == kFlushRows) {
+        flush();
+        pending = 0;
+      }
     }
-    BlockedSums<2>(n, [&](int64_t i, auto* out) {
-      using V = std::remove_pointer_t<decltype(out)>;
-      const V w = Get<V>(ct, i) * Get<V>(gamma, i);
-      out[0] = w;
-      out[1] = w * (((Get<V>(x, i) - s) - m) * rs);
-    }, t);
-    const float mean_w = a.centered ? static_cast<float>(t[0] * inv_n) : 0.f;
-    const float mean_wx = static_cast<float>(t[1] * inv_n);
-    MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
-      using V = decltype(type);
-      const V c = Get<V>(ct, j);
-      const V h = ((Get<V>(x, j) - s) - m) * rs;
-      AddTo(ds, j, c * h);
-      AddTo(db, j, c);
-      return rs * ((c * Get<V>(gamma, j) - mean_w) - h * mean_wx);
-    });
-    if (++pending == kFlushRows) {
-      flush();
-      pending = 0;
-    }
-  }
+  });
   if (pending > 0) flush();
 }
 
@@ -338,34 +422,50 @@ template <typename T>
 void RowStatsChunk(const void* xv, int64_t n, int64_t begin, int64_t end, double* mean,
                    double* m2) {
   const T* xp = static_cast<const T*>(xv);
-  for (int64_t r = begin; r < end; ++r) {
-    const RunningMoments m = RowMoments(xp + r * n, n, true);
-    mean[r] = m.mean;
-    m2[r] = m.m2;
-  }
+  RowGroups(begin, end, [&](auto rows, int64_t r0) {
+    constexpr int R = decltype(rows)::value;
+    const T* xs[R];
+    for (int q = 0; q < R; ++q) xs[q] = xp + (r0 + q) * n;
+    RunningMoments m[R];
+    RowMomentsRows<R>(xs, n, true, m);
+    for (int q = 0; q < R; ++q) {
+      mean[r0 + q] = m[q].mean;
+      m2[r0 + q] = m[q].m2;
+    }
+  });
 }
 
 // Per row r in [begin, end) of x and g [rows, n]: the sums of g and of g * ((x - shift[r]) -
-// offset[r]), blocked (float32 lanes within a block, double across blocks), written to
-// sg[r] and sgx[r]: the reductions of a batch/group norm backward on NCHW input.
+// offset[r]), blocked (float32 lanes within a block, double across blocks; kRowGroup rows at
+// a time), written to sg[r] and sgx[r]: the reductions of a batch/group norm backward on
+// NCHW input.
 template <typename T>
 void RowSumsChunk(const void* xv, const float* g, const float* shift, const float* offset,
                   int64_t n, int64_t begin, int64_t end, double* sg, double* sgx) {
   const T* xp = static_cast<const T*>(xv);
-  for (int64_t r = begin; r < end; ++r) {
-    const T* __restrict__ x = xp + r * n;
-    const float* __restrict__ gr = g + r * n;
-    const float s = shift[r], o = offset[r];
-    double t[2] = {0.0, 0.0};
-    BlockedSums<2>(n, [&](int64_t i, auto* out) {
+  RowGroups(begin, end, [&](auto rows, int64_t r0) {
+    constexpr int R = decltype(rows)::value;
+    const T* xs[R];
+    const float* gs[R];
+    float s[R], o[R];
+    for (int q = 0; q < R; ++q) {
+      xs[q] = xp + (r0 + q) * n;
+      gs[q] = g + (r0 + q) * n;
+      s[q] = shift[r0 + q];
+      o[q] = offset[r0 + q];
+    }
+    double t[R][2] = {};
+    BlockedSumsRows<R, 2>(n, [&](int q, int64_t i, auto* out) {
       using V = std::remove_pointer_t<decltype(out)>;
-      const V gg = Get<V>(gr, i);
+      const V gg = Get<V>(gs[q], i);
       out[0] = gg;
-      out[1] = gg * ((Get<V>(x, i) - s) - o);
+      out[1] = gg * ((Get<V>(xs[q], i) - s[q]) - o[q]);
     }, t);
-    sg[r] = t[0];
-    sgx[r] = t[1];
-  }
+    for (int q = 0; q < R; ++q) {
+      sg[r0 + q] = t[q][0];
+      sgx[r0 + q] = t[q][1];
+    }
+  });
 }
 
 // s1[i] and s2[i] = the float32 sums over positions [p0, p1) of the two values that
@@ -540,15 +640,18 @@ void AddForwardChunk(const AddForwardArgs& a, int64_t begin, int64_t end) {
   const T* xp = static_cast<const T*>(a.x);
   const T* rp = static_cast<const T*>(a.residual);
   T* hp = static_cast<T*>(const_cast<void*>(a.forward.x));
-  for (int64_t r = begin; r < end; ++r) {
-    const T* __restrict__ x = xp + r * n;
-    const T* __restrict__ res = rp + r * n;
-    MapRow(hp + r * n, n, [&](int64_t i, auto type) {
-      using V = decltype(type);
-      return Get<V>(x, i) + Get<V>(res, i);
-    });
-    ForwardChunk<T>(a.forward, r, r + 1);
-  }
+  RowGroups(begin, end, [&](auto rows, int64_t r0) {
+    constexpr int R = decltype(rows)::value;
+    for (int64_t r = r0; r < r0 + R; ++r) {
+      const T* __restrict__ x = xp + r * n;
+      const T* __restrict__ res = rp + r * n;
+      MapRow(hp + r * n, n, [&](int64_t i, auto type) {
+        using V = decltype(type);
+        return Get<V>(x, i) + Get<V>(res, i);
+      });
+    }
+    ForwardChunk<T>(a.forward, r0, r0 + R);
+  });
 }
 
 inline AddKernels MakeAddKernels() {
