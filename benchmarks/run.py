@@ -220,8 +220,8 @@ PATH_ENV = {"native": "1", "jnp": "0"}
 def native_path() -> str:
   """Which normjax path this process runs: "native" (the CPU kernels loaded) or "jnp"."""
   try:
-    from normjax import _native  # pylint: disable=import-outside-toplevel
-    return "native" if getattr(_native, "NATIVE", False) else "jnp"
+    from normjax._kernels import cpu  # pylint: disable=import-outside-toplevel
+    return "native" if cpu.NATIVE else "jnp"
   except ImportError:
     return "native" if os.environ.get("NORMJAX_NATIVE", "1") != "0" else "jnp"
 
@@ -631,7 +631,10 @@ def run_meta(args, device, torch_device, wall, rounds, target_s, models=False) -
   if torch_device:
     import torch  # pylint: disable=import-outside-toplevel
     versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
-  meta = {"command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+  env = "NORMJAX_NATIVE=0 " if os.environ.get("NORMJAX_NATIVE", "1") == "0" else ""
+  if not models:   # the model cases name their paths in `versions`
+    versions += f"; normjax path: {native_path()}"
+  meta = {"command": env + "python benchmarks/run.py " + " ".join(sys.argv[1:]),
           "machine": machine_info(device), "software": versions,
           "allocator": allocator_name() if device.platform == "cpu" else "n/a (GPU)",
           "platform": device.platform, "device_kind": device.device_kind,
