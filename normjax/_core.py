@@ -153,7 +153,10 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
     `Moments` whose arrays have `x.ndim` dims, size 1 along `axes`, in `stats_dtype(x.dtype)`.
   """
   dtype = stats_dtype(x.dtype)
-  x_in = x   # uncast: the cond's operand (a cast operand would be materialized for bf16)
+  # `x` pinned to its own rounding, one handle per pass over it (see `pinned_reads`); the
+  # cond's operand is uncast (a cast operand would be materialized for bf16).
+  x_in, x_square, x = pinned_reads(x, 3)
+  x_square = x_square.astype(dtype)
   x = x.astype(dtype)
   keep = lambda v: _counted_only(v, mask)
   count = _count(x.shape, axes, mask, dtype, axis_name, axis_index_groups, groups)
@@ -161,11 +164,11 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
   total = lambda v: _total(v, axes, axis_name, axis_index_groups, groups)
 
   if not centered:
-    mean_square = total(keep(x * x)) / safe_count
+    mean_square = total(keep(x_square * x_square)) / safe_count
     return Moments(shift=None, offset=None, var=mean_square, count=count)
   zero = jnp.zeros((), dtype)
   # Pass 1 (both sums from the same input, as flax's one-pass variance).
-  s1, s2 = total((keep(x), keep(x * x)))
+  s1, s2 = total((keep(x), keep(x_square * x_square)))
   mean = s1 / safe_count
   var_fast = s2 / safe_count - mean * mean
   if fast_variance:
@@ -342,12 +345,11 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
     # The statistics and the normalize step must see the same values: under `jit`, XLA may
     # keep a bfloat16/float16 `x` produced by a fused op (`x + residual`) in float32 in some
     # consumers and not others (excess precision), which gave garbage for `1e5 + N(0, 1)`
-    # in bfloat16. `reduce_precision` pins the rounding (a kernel reads a materialized `x`).
-    x = pin_rounding(x)
-
+    # in bfloat16. `moments` and the normalize step each read `x` pinned to its rounding
+    # (`pinned_reads`; a kernel reads a materialized `x`).
     def forward(x, scale, bias, mask):
       stats = moments(x, axes, mask=mask, **moment_args)
-      return normalize(x, stats, scale, bias, eps), stats
+      return normalize(pin_rounding(x), stats, scale, bias, eps), stats
   if tangent_fn is None:
     def tangent_fn(x, stats, rstd_, scale, dx, dscale, dbias, mask):
       return tangent(x, stats, rstd_, scale, dx, dscale, dbias, axes, mask=mask, **reduce)
@@ -378,12 +380,35 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
   return jax.checkpoint(fn, policy=policy)(x, scale, bias, mask)
 
 
-def pin_rounding(x: jax.Array) -> jax.Array:
-  """`x` rounded to its own (sub-float32) dtype for every consumer (see `residual_sum`)."""
+def pinned_reads(x: jax.Array, n: int) -> tuple[jax.Array, ...]:
+  """`n` handles on `x`, each rounded to `x`'s own (sub-float32) dtype for every consumer.
+
+  Under `jit`, XLA may compute a bfloat16/float16 value made by a fused op in float32 in some
+  consumers and round it in others (excess precision, see `residual_sum`); each handle is
+  pinned to the rounding. Float32 and wider come back as they are.
+
+  On CPU the handles are the results of one `optimization_barrier`, so each consumer reads
+  the materialized `x` (as a kernel does) through its own handle: XLA:CPU then gives each
+  reduction over `x` its own bfloat16-to-float32 conversion inside its YNNPACK fusion,
+  rather than writing a float32 copy of `x` that both read (a shared `convert`, or a
+  `reduce_precision`, which YNNPACK does not fuse). Elsewhere a `reduce_precision`, which
+  fuses into the consumers.
+  """
   fi = jnp.finfo(x.dtype)
   if fi.bits >= 32:
-    return x
-  return lax.reduce_precision(x, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+    return (x,) * n
+
+  def rounded(x):
+    return (lax.reduce_precision(x, exponent_bits=fi.nexp, mantissa_bits=fi.nmant),) * n
+
+  def materialized(x):
+    return tuple(lax.optimization_barrier((x,) * n))
+  return tuple(lax.platform_dependent(x, cpu=materialized, default=rounded))
+
+
+def pin_rounding(x: jax.Array) -> jax.Array:
+  """`x` rounded to its own (sub-float32) dtype for every consumer (`pinned_reads(x, 1)`)."""
+  return pinned_reads(x, 1)[0]
 
 
 def residual_sum(x: jax.Array, residual: jax.Array) -> jax.Array:
@@ -391,8 +416,8 @@ def residual_sum(x: jax.Array, residual: jax.Array) -> jax.Array:
 
   Under `jit`, XLA may keep a bfloat16/float16 sum in float32 where it fuses the add into a
   consumer (excess precision), so that the reductions and the normalize step of one call see
-  differently rounded values (garbage for `1e5 + N(0, 1)` in bfloat16); `reduce_precision`
-  pins the rounding, so the statistics are those of the `h` that is returned.
+  differently rounded values (garbage for `1e5 + N(0, 1)` in bfloat16); `pin_rounding` pins
+  the rounding, so the statistics are those of the `h` that is returned.
   """
   return pin_rounding(x + residual)
 
