@@ -73,24 +73,6 @@ row_moments_p = primitives.define_primitive(
     "normjax_row_moments", _row_reference, _row_abstract, target="NormjaxRowMoments")
 
 
-def _fold_batch(p, reference):
-  """Batching of a moments primitive whose every output is per entry of `x`'s first axis (the
-  example axis): a vmapped batch joins that axis, unless the moments pool over it or the
-  batch is empty (then `jax.vmap` of the definition)."""
-  fallback = primitives.batch_by_reference(reference)
-
-  def rule(args, dims, **params):
-    (x,), (d,) = args, dims
-    if x.shape[d] == 0 or params.get("pool_outer", False):
-      return fallback(args, dims, **params)
-    x = batching.bdim_at_front(x, d, x.shape[d])
-    outs = p.bind(x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), **params)
-    return [o.reshape((x.shape[0], x.shape[1]) + o.shape[1:]) for o in outs], [0] * len(outs)
-  return rule
-
-
-batching.primitive_batchers[column_moments_p] = _fold_batch(column_moments_p, _column_reference)
-batching.primitive_batchers[row_moments_p] = _fold_batch(row_moments_p, _row_reference)
 
 
 # ----------------------------------------------------------------- the backward's sums
@@ -149,14 +131,18 @@ def _spread_transpose(cts, x, shift, offset, rstd, a, c):
 ad.primitive_transposes[column_spread_p] = _spread_transpose
 
 
-def _fold_all(p, reference):
+# ----------------------------------------------------------------- batching (jax.vmap)
+
+def _fold_examples(p, reference):
   """Batching of a primitive whose every operand and output has the example axis first: a
-  vmapped batch joins it (operands without the batch are broadcast), unless it is empty."""
+  vmapped batch joins that axis (operands without the batch are broadcast), unless the batch
+  is empty or the primitive pools over the examples (`pool_outer`: the row moments of batch
+  norm on NCHW); then `jax.vmap` of the definition."""
   fallback = primitives.batch_by_reference(reference)
 
   def rule(args, dims, **params):
     size = primitives.batch_size(args, dims)
-    if size == 0:
+    if size == 0 or params.get("pool_outer", False):
       return fallback(args, dims, **params)
     args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
     outs = p.bind(*(a.reshape((size * a.shape[1],) + a.shape[2:]) for a in args), **params)
@@ -164,9 +150,11 @@ def _fold_all(p, reference):
   return rule
 
 
-batching.primitive_batchers[column_sums_p] = _fold_all(column_sums_p, _sums_reference)
-batching.primitive_batchers[row_sums_p] = _fold_all(row_sums_p, _sums_reference)
-batching.primitive_batchers[column_spread_p] = _fold_all(column_spread_p, _spread_reference)
+for _p, _reference in ((column_moments_p, _column_reference), (row_moments_p, _row_reference),
+                       (column_sums_p, _sums_reference), (row_sums_p, _sums_reference),
+                       (column_spread_p, _spread_reference)):
+  batching.primitive_batchers[_p] = _fold_examples(_p, _reference)
+del _p, _reference
 
 
 # ----------------------------------------------------------------- views and one call's forward
