@@ -153,9 +153,9 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
     `Moments` whose arrays have `x.ndim` dims, size 1 along `axes`, in `stats_dtype(x.dtype)`.
   """
   dtype = stats_dtype(x.dtype)
-  # `x` pinned to its own rounding, one handle per pass over it (see `pinned_reads`); the
-  # cond's operand is uncast (a cast operand would be materialized for bf16).
-  x_in, x_square, x = pinned_reads(x, 3)
+  # `x` pinned to its own rounding, one handle per reduction over it (see `pinned_reads`);
+  # the cond's operands are uncast (a cast operand would be materialized for bf16).
+  x, x_square, *x_in = pinned_reads(x, 4)
   x_square = x_square.astype(dtype)
   x = x.astype(dtype)
   keep = lambda v: _counted_only(v, mask)
@@ -191,13 +191,17 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
   shift = lax.stop_gradient(lax.reduce_precision(mean, exponent_bits=fi.nexp,
                                                  mantissa_bits=fi.nmant - 1))
 
-  def one_pass(x):
-    del x
+  def one_pass(x_in):
+    del x_in
     return jnp.zeros_like(shift), mean, jnp.maximum(var_fast, zero)
 
-  def shifted_pass(x):
-    d = keep(x.astype(dtype) - shift)
-    t1, t2 = total((d, d * d))
+  def shifted_pass(x_in):
+    # `x - shift` once per reduction (each from its own handle of a bfloat16 `x`; the second
+    # as `x + (-shift)`, the same value from another broadcast), not a float32 difference
+    # shared by both, which XLA:CPU would write out.
+    xa, xb = (v.astype(dtype) for v in x_in)
+    d, e = keep(xa - shift), keep(xb + (-shift))
+    t1, t2 = total((d, e * e))
     offset = t1 / safe_count
     return shift, offset, jnp.maximum(t2 / safe_count - offset * offset, zero)
 
