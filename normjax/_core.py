@@ -367,6 +367,9 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
     x, scale, bias, mask = primals
     dx, dscale, dbias, _ = tangents
     y, stats = forward(x, scale, bias, mask)
+    # The derivative reads `x` pinned to its rounding too, as the forward's passes do: a
+    # bfloat16 `x` from a fused op would otherwise enter `xhat` with excess precision.
+    x = pin_rounding(x)
     stats, dy = _output_tangent(x, stats, eps, scale, bias, dx, dscale, dbias, mask,
                                 tangent_fn)
     # The statistics' own tangents (dropped when the caller does not use them).

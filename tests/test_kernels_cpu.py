@@ -617,3 +617,17 @@ def test_native_source_compiles_without_warnings(tmp_path):
                   "-fPIC", "-isystem", os.path.join(native, "third_party"), "-c",
                   os.path.join(native, "normalize.cc"), "-o", str(tmp_path / "normalize.o")],
                  check=True)
+
+
+def test_reference_definition_reads_a_fused_bfloat16_x_at_its_rounding():
+  """The `jax.numpy` definition of `rows_forward_p` (what an export for another platform
+  runs) normalizes `x` as rounded to bfloat16, as its statistics see it, when `x` is a sum
+  made in the same program (XLA kept it in float32 in the normalize step: errors of ~1e3)."""
+  a = jnp.full((4, 1024), 1e5, jnp.bfloat16)
+  r = jnp.asarray(np.random.default_rng(0).standard_normal((4, 1024)), jnp.bfloat16)
+  ones, zeros = jnp.ones(1024, jnp.float32), jnp.zeros(1024, jnp.float32)
+  kw = dict(eps=1e-5, centered=True, per_row=False)
+  got = jax.jit(lambda a, r: _rows._forward_reference(a + r, ones, zeros, **kw)[0])(a, r)
+  want = _rows._forward_reference(a + r, ones, zeros, **kw)[0]    # the materialized sum
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=2e-2, atol=2e-2)

@@ -73,8 +73,6 @@ row_moments_p = primitives.define_primitive(
     "normjax_row_moments", _row_reference, _row_abstract, target="NormjaxRowMoments")
 
 
-
-
 # ----------------------------------------------------------------- the backward's sums
 
 def _sums_reference(x, g, shift, offset):

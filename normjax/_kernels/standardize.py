@@ -59,7 +59,8 @@ def _row_stats(x, shift, offset, var, centered):
 
 def _forward_reference(x, scale, bias, *, eps, centered, per_row):
   stats = _core.moments(x, (1,), centered=centered)
-  y = _core.normalize(x, stats, _expand(scale, per_row), _expand(bias, per_row), eps)
+  y = _core.normalize(_core.pin_rounding(x), stats, _expand(scale, per_row),
+                      _expand(bias, per_row), eps)
   zero = jnp.zeros_like(stats.var)
   shift = zero if stats.shift is None else stats.shift
   offset = zero if stats.offset is None else stats.offset
