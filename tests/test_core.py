@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import normjax.linen as njnn
 import normjax as nj
+import normjax.linen as njnn
 from normjax import _core
 from tests.helpers import rand
 
