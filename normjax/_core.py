@@ -46,6 +46,16 @@ faster lowerings per platform, and `normjax._dispatch` decides per call whether 
 and hands its `forward`/`tangent` to `standardize`, so that the closed-form derivative and its
 `custom_jvp` + `checkpoint` wrapper exist once, here.
 
+Rounding of `x`: under `jit`, XLA may keep a bfloat16/float16 `x` made by a fused op (`a + r`)
+in float32 in some consumers and not others. Every read of `x` in this module goes through
+`pinned_reads` / `pin_rounding`, so that all of them see `x` at its own rounding: the
+reductions of `moments`, the normalize step of `standardize`'s forward, and its derivative
+step; `residual_sum` pins the sum it returns. A kernel reads a materialized `x` (a custom
+call's operand); where XLA's normalize step reads `x` beside a kernel, `normjax._dispatch`
+pins `x` first, and the kernels' `jax.numpy` definitions normalize the pinned `x`. The pins
+overlap (a pin of a pinned value); the compiled bfloat16 programs keep no copy of `x` for it
+(`tests/test_core.py` checks the reference forward's scratch memory).
+
 Special values: a row whose variance is not finite (NaN or Inf in the row, or `(x - mean)**2`
 overflowing float32) normalizes to NaN on every path (as flax's does), never to zeros.
 """

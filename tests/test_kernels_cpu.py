@@ -619,6 +619,23 @@ def test_native_source_compiles_without_warnings(tmp_path):
                  check=True)
 
 
+def test_add_reference_definition_returns_the_sum_at_its_rounding():
+  """The `jax.numpy` definition of the residual-add kernel returns `h = x + residual` pinned
+  to bfloat16, as the kernel writes it and `_core.add_standardize` returns it: a consumer of
+  `h` in the same program sees the `h` whose statistics were taken. Unpinned, XLA recomputed
+  the add in float32 inside a float32 consumer (off by up to 3.9 at `1e5 + N(0, 1)`)."""
+  a = jnp.full((4, 1024), 1e5, jnp.bfloat16)
+  r = jnp.asarray(np.random.default_rng(0).standard_normal((4, 1024)), jnp.bfloat16)
+  ones, zeros = jnp.ones(1024, jnp.float32), jnp.zeros(1024, jnp.float32)
+  kw = dict(eps=1e-5, centered=True, per_row=False)
+  def h_minus_a(a, r):
+    h = _rows._add_forward_reference(a, r, ones, zeros, **kw)[1]
+    return h.astype(jnp.float32) - a.astype(jnp.float32)
+  want = np.asarray(h_minus_a(a, r))                  # eager: the materialized bfloat16 sum
+  assert set(np.unique(want)) <= {-512.0, 0.0, 512.0}
+  np.testing.assert_array_equal(np.asarray(jax.jit(h_minus_a)(a, r)), want)
+
+
 def test_reference_definition_reads_a_fused_bfloat16_x_at_its_rounding():
   """The `jax.numpy` definition of `rows_forward_p` (what an export for another platform
   runs) normalizes `x` as rounded to bfloat16, as its statistics see it, when `x` is a sum

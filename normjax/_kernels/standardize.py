@@ -68,7 +68,9 @@ def _forward_reference(x, scale, bias, *, eps, centered, per_row):
 
 
 def _add_forward_reference(x, residual, scale, bias, *, eps, centered, per_row):
-  h = x + residual
+  # `h` pinned to its rounding, as `_core.add_standardize` returns it (and as the kernel
+  # writes it): its consumers downstream see the `h` whose statistics were taken.
+  h = _core.residual_sum(x, residual)
   y, shift, offset, var = _forward_reference(h, scale, bias, eps=eps, centered=centered,
                                              per_row=per_row)
   return y, h, shift, offset, var
