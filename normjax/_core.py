@@ -22,6 +22,11 @@ Numerics:
     an ill-conditioned row can only pass it if the one-pass error exceeds `mean**2 / TAU`.
     Cost: well-conditioned input pays two reductions (as flax); ill-conditioned input pays
     four (both passes). Under `jax.vmap` the cond becomes a select, so both passes run.
+  * Lowered for CUDA or ROCm (`lax.platform_dependent`), there is no cond: pass 1 sums `x`
+    alone for the shift and the shifted pass always runs (three reductions). XLA:GPU runs a
+    `conditional` by copying its predicate to the host and waiting for the stream, once per
+    call, and does not put it in a CUDA graph by default; the price here is one more read of
+    `x`. (Chosen from XLA's runtime code; which is faster on a GPU is not yet measured.)
   * `fast_variance=True` always keeps the one-pass `E[x**2] - E[x]**2` (no predicate, no cond):
     it loses `log10(mean**2 / var)` digits (it is garbage for `1e4 + N(0, 1)` in float32).
   * Variance is clamped at zero; empty (fully masked) groups count as one element, so they give
@@ -177,35 +182,18 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
     mean_square = total(keep(x_square * x_square)) / safe_count
     return Moments(shift=None, offset=None, var=mean_square, count=count)
   zero = jnp.zeros((), dtype)
-  # Pass 1 (both sums from the same input, as flax's one-pass variance).
-  s1, s2 = total((keep(x), keep(x_square * x_square)))
-  mean = s1 / safe_count
-  var_fast = s2 / safe_count - mean * mean
-  if fast_variance:
-    return Moments(shift=None, offset=mean, var=jnp.maximum(var_fast, zero), count=count)
-  # Conditional fast path: keep the one-pass variance when every row is well conditioned
-  # (`mean**2 <= TAU * var`, so at most twice the summation error); otherwise a second, shifted pass with
-  # the pass-1 mean as the shift. False for NaN, zero-variance rows with a non-zero mean, and a
-  # negative `var_fast`, which all take the shifted pass. One scalar predicate for the whole
-  # batch (and, with `axis_name`, for every device, so that the collectives inside the shifted
-  # pass run everywhere or nowhere); under `jax.vmap` the cond is a select (both passes run).
-  well_conditioned = jnp.all(mean * mean <= jnp.asarray(TAU, dtype) * var_fast)
-  if axis_name is not None:
-    ill = jnp.logical_not(well_conditioned).astype(jnp.int32)
-    well_conditioned = lax.psum(ill, axis_name) == 0
-  # The result does not depend on `shift`, so it is held constant. It is rounded to one bit
-  # less than the dtype's mantissa: `reduce_precision` keeps XLA from contracting `x - s1 * (1/n)`
-  # into an FMA wherever the shift is recomputed (the normalize loop), which would subtract a
-  # value half an ulp of the mean away from the one the second pass used (1e-3 error at 1e5).
   fi = jnp.finfo(dtype)
-  shift = lax.stop_gradient(lax.reduce_precision(mean, exponent_bits=fi.nexp,
-                                                 mantissa_bits=fi.nmant - 1))
 
-  def one_pass(x_in):
-    del x_in
-    return jnp.zeros_like(shift), mean, jnp.maximum(var_fast, zero)
+  def shift_of(mean):
+    # The result does not depend on `shift`, so it is held constant. It is rounded to one bit
+    # less than the dtype's mantissa: `reduce_precision` keeps XLA from contracting
+    # `x - s1 * (1/n)` into an FMA wherever the shift is recomputed (the normalize loop),
+    # which would subtract a value half an ulp of the mean away from the one the second pass
+    # used (1e-3 error at 1e5).
+    return lax.stop_gradient(lax.reduce_precision(mean, exponent_bits=fi.nexp,
+                                                  mantissa_bits=fi.nmant - 1))
 
-  def shifted_pass(x_in):
+  def shifted_pass(shift, x_in):
     # `x - shift` once per reduction (each from its own handle of a bfloat16 `x`; the second
     # as `x + (-shift)`, the same value from another broadcast), not a float32 difference
     # shared by both, which XLA:CPU would write out.
@@ -215,7 +203,43 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
     offset = t1 / safe_count
     return shift, offset, jnp.maximum(t2 / safe_count - offset * offset, zero)
 
-  shift, offset, var = lax.cond(well_conditioned, one_pass, shifted_pass, x_in)
+  def pass_one():
+    # Both sums from the same input, as flax's one-pass variance.
+    s1, s2 = total((keep(x), keep(x_square * x_square)))
+    mean = s1 / safe_count
+    return mean, s2 / safe_count - mean * mean
+
+  if fast_variance:
+    mean, var_fast = pass_one()
+    return Moments(shift=None, offset=mean, var=jnp.maximum(var_fast, zero), count=count)
+
+  def conditional(x_in):
+    # Keep the one-pass variance when every row is well conditioned (`mean**2 <= TAU * var`,
+    # so at most twice the summation error); otherwise a second, shifted pass with the
+    # pass-1 mean as the shift. False for NaN, zero-variance rows with a non-zero mean, and a
+    # negative `var_fast`, which all take the shifted pass. One scalar predicate for the
+    # whole batch (and, with `axis_name`, for every device, so that the collectives inside
+    # the shifted pass run everywhere or nowhere); under `jax.vmap` the cond is a select
+    # (both passes run).
+    mean, var_fast = pass_one()
+    well_conditioned = jnp.all(mean * mean <= jnp.asarray(TAU, dtype) * var_fast)
+    if axis_name is not None:
+      ill = jnp.logical_not(well_conditioned).astype(jnp.int32)
+      well_conditioned = lax.psum(ill, axis_name) == 0
+    shift = shift_of(mean)
+
+    def one_pass(x_in):
+      del x_in
+      return jnp.zeros_like(shift), mean, jnp.maximum(var_fast, zero)
+    return lax.cond(well_conditioned, one_pass, lambda x_in: shifted_pass(shift, x_in), x_in)
+
+  def always_shifted(x_in):
+    # On GPUs, no `cond`: XLA:GPU runs one by copying the predicate to the host and waiting
+    # for the stream (`ConditionalThunk`), once per call. Pass 1 sums `x` alone for the shift.
+    return shifted_pass(shift_of(total(keep(x)) / safe_count), x_in)
+
+  shift, offset, var = lax.platform_dependent(tuple(x_in), default=conditional,
+                                              cuda=always_shifted, rocm=always_shifted)
   return Moments(shift=shift, offset=offset, var=var, count=count)
 
 

@@ -99,6 +99,21 @@ def test_batch_norm_input_gradient_is_as_accurate_as_flax(layout):
   assert ours <= 1.5 * theirs + 1e-7, (ours, theirs)
 
 
+@pytest.mark.parametrize("platform, has_cond", [("cpu", True), ("tpu", True), ("cuda", False),
+                                                ("rocm", False)])
+def test_variance_cond_only_where_the_device_runs_it(platform, has_cond):
+  """Lowered for CUDA/ROCm, the stable variance always takes the shifted pass, with no
+  predicate and no `cond` (XLA:GPU runs a conditional by copying the predicate to the host
+  and waiting for the stream); CPU and TPU keep the one-pass variance where every row is well
+  conditioned. Counted in the exported module: the predicate's `and` reduction, and the
+  reductions over `x` (two, then two in the shifted branch; on GPUs one, then two)."""
+  x = jnp.zeros((8, 64))
+  f = jax.jit(lambda x: _core.standardize(x, (1,), None, None, 1e-5)[0])
+  text = jax.export.export(f, platforms=(platform,))(x).mlir_module()
+  assert text.count("applies stablehlo.and") == int(has_cond)
+  assert text.count("stablehlo.reduce(") == (5 if has_cond else 3)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion of a bf16 pass")
 @pytest.mark.parametrize("centered", [True, False])
 def test_bfloat16_passes_read_x_without_a_float32_copy(centered):
