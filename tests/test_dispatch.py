@@ -144,6 +144,36 @@ def test_empty_and_size_one_axes(implementation, name):
     np.testing.assert_allclose(jax.jit(fn)(x), want(np.asarray(x)), atol=1e-5)
 
 
+@pytest.mark.parametrize("value", [1e7 + 1, 1e8 + 8, 1e9 + 64])
+@pytest.mark.parametrize("name", sorted(set(VARIANTS) - {"rms"}))
+def test_constant_data_at_large_offsets_has_zero_variance(implementation, name, value):
+  """Every statistic over a constant, at an offset whose last mantissa bit is set and with
+  counts that are not powers of two, has variance exactly 0: the gradient (through `rstd`,
+  where `var` meets `eps`) is the one at constant zeros, as the centered norms are
+  shift-invariant. The reference's `t2 / n - offset**2` through XLA's reciprocal of `n` gave
+  a variance of 1.9e-6 at 1e8 and gradients 8-77 % off."""
+  fn, _ = VARIANTS[name]
+  shape = (2, 6, 5, 6)
+  w = jnp.asarray(rand(shape, seed=3))
+  grad = jax.jit(jax.grad(lambda x: jnp.vdot(fn(x), w)))
+  got = grad(jnp.full(shape, value, jnp.float32))
+  want = grad(jnp.zeros(shape, jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("name", ["layer", "batch_nhwc", "group_nhwc", "instance_nchw"])
+def test_tiny_scales_with_zero_eps(implementation, name):
+  """Data near 1e-17 with `eps=0` over 5000-value statistics: the mean's square is below
+  float32's normal range (and flushed to zero), the variance is not; the result is as
+  accurate as at scale 1 (the reference's `s2 / n - mean**2` lost 1e-4)."""
+  fn, want = VARIANTS[name]
+  shape = {"layer": (1, 1, 4, 5000), "batch_nhwc": (5000, 1, 1, 2),
+           "group_nhwc": (2, 50, 50, 4), "instance_nchw": (1, 2, 50, 100)}[name]
+  x = (np.random.default_rng(0).standard_normal(shape) * 1e-17).astype(np.float32)
+  y = np.asarray(jax.jit(lambda x: fn(x, 0.0))(jnp.asarray(x)), np.float64)
+  np.testing.assert_allclose(y, want(x, 0.0), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("eps", [0, 1, 0.5, np.float32(1e-5), np.int64(2), np.float64(1e-3)])
 @pytest.mark.parametrize("name", ["layer", "rms", "batch_nhwc", "group_nchw"])
 def test_eps_of_any_real_type(implementation, name, eps):
