@@ -61,8 +61,10 @@ pins `x` first, and the kernels' `jax.numpy` definitions normalize the pinned `x
 overlap (a pin of a pinned value); the compiled bfloat16 programs keep no copy of `x` for it
 (`tests/test_core.py` checks the reference forward's scratch memory).
 
-Special values: a row whose variance is not finite (NaN or Inf in the row, or `(x - mean)**2`
-overflowing float32) normalizes to NaN on every path (as flax's does), never to zeros.
+Special values: a row whose variance is not finite normalizes to NaN on every path (as flax's
+does), never to zeros: a NaN or Inf in the row, or a sum beyond float32's range (the sum of
+`(x - mean)**2`, that is `n * var`, or of `x`). A sum of squares `x**2` that overflows while
+`n * var` does not (a large offset) takes the shifted pass and stays finite.
 """
 
 from __future__ import annotations
@@ -229,7 +231,10 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
     # the shifted pass run everywhere or nowhere); under `jax.vmap` the cond is a select
     # (both passes run).
     mean, var_fast = pass_one()
-    well_conditioned = jnp.all(mean * mean <= jnp.asarray(TAU, dtype) * var_fast)
+    # A sum of squares that overflowed (`var_fast` Inf) takes the shifted pass too: the sum
+    # of squared deviations may still be finite (a large offset).
+    well_conditioned = jnp.all((mean * mean <= jnp.asarray(TAU, dtype) * var_fast)
+                               & (var_fast < jnp.asarray(jnp.inf, dtype)))
     if axis_name is not None:
       ill = jnp.logical_not(well_conditioned).astype(jnp.int32)
       well_conditioned = lax.psum(ill, axis_name) == 0

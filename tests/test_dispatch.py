@@ -102,6 +102,26 @@ def test_overflow_nan_and_inf_give_nan_statistics(implementation, name):
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)   # NaNs compare equal
 
 
+@pytest.mark.parametrize("name", ["layer", "batch_nhwc", "batch_nchw", "group_nhwc",
+                                  "instance_nchw"])
+def test_sums_beyond_float32_range(implementation, name):
+  """Where the sum of squared deviations (n * var) fits float32 but the sum of squares does
+  not (`3e17 + 1e17 N(0, 1)`, 4096+ values), the output is float64's on every path; where it
+  does not fit (`4e17 N(0, 1)`), every path gives NaN. The reference kept its one-pass
+  `E[x^2]` (Inf, then NaN) for the first; the native kernels, which merge blocks in double,
+  gave finite values for the second."""
+  fn, want = VARIANTS[name]
+  shape = {"layer": (1, 1, 2, 4096), "batch_nhwc": (4096, 1, 1, 2),
+           "batch_nchw": (64, 2, 8, 8), "group_nhwc": (1, 64, 64, 4),
+           "instance_nchw": (1, 2, 64, 64)}[name]
+  noise = np.random.default_rng(4).standard_normal(shape)
+  x = (3e17 + 1e17 * noise).astype(np.float32)
+  y = np.asarray(jax.jit(fn)(jnp.asarray(x)), np.float64)
+  np.testing.assert_allclose(y, want(x), rtol=1e-5, atol=1e-5)
+  y = np.asarray(jax.jit(fn)(jnp.asarray((4e17 * noise).astype(np.float32))))
+  assert np.isnan(y).all()
+
+
 @pytest.mark.parametrize("name", ["layer", "rms", "batch_nhwc", "batch_nchw", "group_nhwc",
                                   "instance_nchw"])
 def test_long_reductions(implementation, name):

@@ -83,7 +83,9 @@ struct RunningMoments {
     count = total;
   }
 
-  // shift = float32(mean), offset = mean - shift, var = M2 / count (>= 0, NaN kept).
+  // shift = float32(mean), offset = mean - shift, var = M2 / count (>= 0, NaN kept), and
+  // var = +Inf when M2, the sum of squared deviations, is beyond float32's range: the
+  // `jax.numpy` path's float32 sum overflows there, and both paths give NaN rows.
   void Finish(float* shift, float* offset, float* var) const {
     if (count == 0.0) {
       *shift = *offset = *var = 0.f;
@@ -92,7 +94,9 @@ struct RunningMoments {
     *shift = static_cast<float>(mean);
     *offset = static_cast<float>(mean - static_cast<double>(*shift));
     const double v = m2 / count;
-    *var = static_cast<float>(v < 0.0 ? 0.0 : v);
+    *var = m2 > static_cast<double>(std::numeric_limits<float>::max())
+               ? std::numeric_limits<float>::infinity()
+               : static_cast<float>(v < 0.0 ? 0.0 : v);
   }
 };
 
