@@ -212,14 +212,11 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
   def pass_one():
     # Both sums from the same input, as flax's one-pass variance.
     s1, s2 = total((keep(x), keep(x_square * x_square)))
-    mean = s1 / safe_count
-    # `(s2 - s1 * mean) / n` rather than `s2 / n - mean**2`: at data scales near 1e-17,
-    # `mean**2` is below float32's normal range and flushed to zero while `s1 * mean` is not
-    # (1.9e-4 relative error at eps = 0 before).
-    return mean, (s2 - s1 * mean) / safe_count
+    return s1, s2, s1 / safe_count
 
   if fast_variance:
-    mean, var_fast = pass_one()
+    _, s2, mean = pass_one()
+    var_fast = s2 / safe_count - mean * mean
     return Moments(shift=None, offset=mean, var=jnp.maximum(var_fast, zero), count=count)
 
   def conditional(x_in):
@@ -230,11 +227,17 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
     # whole batch (and, with `axis_name`, for every device, so that the collectives inside
     # the shifted pass run everywhere or nowhere); under `jax.vmap` the cond is a select
     # (both passes run).
-    mean, var_fast = pass_one()
-    # A sum of squares that overflowed (`var_fast` Inf) takes the shifted pass too: the sum
-    # of squared deviations may still be finite (a large offset).
+    s1, s2, mean = pass_one()
+    # `(s2 - s1 * mean) / n` rather than `s2 / n - mean**2`: at data scales near 1e-17,
+    # `mean**2` is below float32's normal range and flushed to zero while `s1 * mean` is not
+    # (1.9e-4 relative error at eps = 0 before).
+    var_fast = (s2 - s1 * mean) / safe_count
+    # A sum of squares that overflowed takes the shifted pass too: the sum of squared
+    # deviations may still be finite (a large offset). (Tested on `s2`, not `var_fast`: a
+    # second user of `s2` keeps XLA:CPU from fusing `s2 - s1 * mean` into the reduction of
+    # `x**2`, which would wait for the reduction of `x` instead of running beside it.)
     well_conditioned = jnp.all((mean * mean <= jnp.asarray(TAU, dtype) * var_fast)
-                               & (var_fast < jnp.asarray(jnp.inf, dtype)))
+                               & (s2 < jnp.asarray(jnp.inf, dtype)))
     if axis_name is not None:
       ill = jnp.logical_not(well_conditioned).astype(jnp.int32)
       well_conditioned = lax.psum(ill, axis_name) == 0
