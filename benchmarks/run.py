@@ -3,11 +3,11 @@
 Usage (from the repository root):
 
   python benchmarks/run.py                 # full suite: kernels, then whole models (~10 min, 2 CPU cores)
-  python benchmarks/run.py --no-models     # the kernel cases only (294 s in the committed run)
+  python benchmarks/run.py --no-models     # the kernel cases only (292 s in the committed run)
   python benchmarks/run.py --quick         # smoke run: 2 small shapes, few reps (~30 s; no models)
   python benchmarks/run.py --device gpu    # on a GPU (torch baseline if torch.cuda works)
   python benchmarks/run.py --filter 'group fwd'   # a subset (regex on the case name)
-  python benchmarks/run.py --models        # only the whole-model cases (models.py), both paths (296 s)
+  python benchmarks/run.py --models        # only the whole-model cases (models.py), both paths (307 s)
   python benchmarks/run.py --models --quick --paths native   # their smoke-test sizes
 
 Writes `results.md`, `results.json` and `results.png` under `--out` (default
