@@ -186,6 +186,16 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
   zero = jnp.zeros((), dtype)
   fi = jnp.finfo(dtype)
 
+  def centered_var(t1, t2, m):
+    # The variance from the sums `t1`, `t2` of a row and its mean `m = t1 / n`, as
+    # `(t2 - t1 * m) / n` rather than `t2 / n - m**2`. Two reasons:
+    #  * XLA divides by a constant count as a multiply by its rounded reciprocal, and for a
+    #    constant row (`t1 = n d`, `t2 = n d**2`) only this form stays exactly zero (the other
+    #    gave 1.9e-6 at 1e8 with n = 3, and a rstd 9 % off for eps = 1e-5);
+    #  * at data scales near 1e-17, `m**2` is below float32's normal range and flushed to
+    #    zero while `t1 * m` is not (1.9e-4 relative error at eps = 0 with the other form).
+    return (t2 - t1 * m) / safe_count
+
   def shift_of(mean):
     # The result does not depend on `shift`, so it is held constant. It is rounded to one bit
     # less than the dtype's mantissa: `reduce_precision` keeps XLA from contracting
@@ -203,11 +213,7 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
     d, e = keep(xa - shift), keep(xb + (-shift))
     t1, t2 = total((d, e * e))
     offset = t1 / safe_count
-    # `(t2 - t1 * offset) / n`, not `t2 / n - offset**2`: XLA divides by a constant count as
-    # a multiply by its rounded reciprocal, and for a constant row (`d` the same everywhere,
-    # `t1 = n d`, `t2 = n d**2`) only this form stays exactly zero (the other gave 1.9e-6 at
-    # 1e8 with n = 3, and a rstd 9 % off for eps = 1e-5).
-    return shift, offset, jnp.maximum((t2 - t1 * offset) / safe_count, zero)
+    return shift, offset, jnp.maximum(centered_var(t1, t2, offset), zero)
 
   def pass_one():
     # Both sums from the same input, as flax's one-pass variance.
@@ -228,10 +234,7 @@ def moments(x: jax.Array, axes: _axes.Axes, *, mask: jax.Array | None = None,
     # the shifted pass run everywhere or nowhere); under `jax.vmap` the cond is a select
     # (both passes run).
     s1, s2, mean = pass_one()
-    # `(s2 - s1 * mean) / n` rather than `s2 / n - mean**2`: at data scales near 1e-17,
-    # `mean**2` is below float32's normal range and flushed to zero while `s1 * mean` is not
-    # (1.9e-4 relative error at eps = 0 before).
-    var_fast = (s2 - s1 * mean) / safe_count
+    var_fast = centered_var(s1, s2, mean)
     # A sum of squares that overflowed takes the shifted pass too: the sum of squared
     # deviations may still be finite (a large offset). (Tested on `s2`, not `var_fast`: a
     # second user of `s2` keeps XLA:CPU from fusing `s2 - s1 * mean` into the reduction of
