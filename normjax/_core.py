@@ -335,7 +335,8 @@ def tangent(x: jax.Array, stats: Moments, rstd_: jax.Array, scale: jax.Array | N
     axes, mask, axis_name, axis_index_groups, groups: as in `moments`.
     spread: for centered statistics, an optional `spread(x, stats, rstd_, a, c)` computing
       `xhat * a + c` (float32, `x.shape`) for `a`, `c` of the statistics' shape: a kernel
-      whose transpose reduces the cotangent in one read (`normjax._kernels.moments`).
+      whose transpose reduces the cotangent in one read (`normjax._kernels.moments`). Used
+      only where `a` and `c` are constant along `axes`.
 
   Returns:
     The tangent of `y`, of `x.shape` and `x.dtype`.
@@ -353,7 +354,9 @@ def tangent(x: jax.Array, stats: Moments, rstd_: jax.Array, scale: jax.Array | N
   c = None if dbias is None else dbias.astype(dtype)
   if stats.offset is not None:
     c = -rs * mean(dx) if c is None else -rs * mean(dx) + c
-    if spread is not None:
+    # The kernel takes `a` and `c` per statistic: not where the scale (or the bias's tangent)
+    # varies along a reduced axis (layer norm over a leading axis with its feature scale).
+    if spread is not None and all(jnp.shape(v)[i] == 1 for v in (a, c) for i in axes):
       return (rs * dx + spread(x, stats, rstd_, a, c)).astype(x.dtype)
   dy = rs * dx + xhat * a
   if c is not None:

@@ -219,6 +219,46 @@ def test_gradients_match_the_reference_implementation(implementation, name, monk
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
 
 
+# name -> (axis, shape of scale and bias): layer/RMS norm whose feature parameters vary along
+# reduced axes that are not trailing (the moments kernels' view, with per-feature parameters).
+PARAMETERS_ALONG_REDUCED_AXES = {
+    "layer_axis1": (1, (8,)),
+    "layer_axes12": ((1, 2), (8, 16)),
+    "layer_axes02": ((0, 2), (4, 16)),
+    "rms_axis1": (1, (8,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS_ALONG_REDUCED_AXES))
+def test_parameters_varying_along_the_reduced_axes(implementation, name, monkeypatch):
+  """Output against float64, and first and second derivatives (in x, scale and bias) against
+  the reference implementation, where the scale varies along a reduced, non-trailing axis."""
+  axis, pshape = PARAMETERS_ALONG_REDUCED_AXES[name]
+  rms = name.startswith("rms")
+  x = jnp.asarray(_data("normal", seed=7))
+  scale = jnp.asarray(1.0 + 0.5 * rand(pshape, seed=8))
+  bias = None if rms else jnp.asarray(rand(pshape, seed=9))
+
+  def fn(x, scale, bias):
+    if rms:
+      return nj.rms_norm(x, scale, axis=axis, eps=1e-5)
+    return nj.layer_norm(x, scale, bias, axis=axis, eps=1e-5)
+  want = (ref.rms_norm(x, scale, axis=axis, eps=1e-5) if rms
+          else ref.layer_norm(x, scale, bias, axis=axis, eps=1e-5))
+  np.testing.assert_allclose(jax.jit(fn)(x, scale, bias), want, rtol=1e-5, atol=1e-5)
+
+  c = jnp.asarray(rand(x.shape, seed=10))
+  loss = lambda *p: jnp.vdot(jnp.sin(fn(*p)), c)
+  args = (x, scale, bias)
+  argnums = (0, 1) if rms else (0, 1, 2)
+  second = lambda x, *p: jax.jvp(lambda x: jax.grad(loss)(x, *p), (x,), (c,))[1]
+  got = [jax.jit(jax.grad(loss, argnums))(*args), jax.jit(second)(*args)]
+  monkeypatch.setattr(_dispatch, "plan", lambda *args, **kwargs: _dispatch.REFERENCE)
+  want = [jax.grad(loss, argnums)(*args), second(*args)]
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
+
+
 @pytest.mark.parametrize("name", ["layer", "rms", "group_nhwc", "instance_nchw", "batch_nchw"])
 def test_bfloat16_input_made_by_a_fused_op(implementation, name):
   """`norm(x + r)` in bfloat16 under jit: XLA may keep the fused sum in float32 in some
