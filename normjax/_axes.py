@@ -211,9 +211,9 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
   if mask.dtype != jnp.bool_:
     raise TypeError(f"mask must be a boolean array (True marks elements that count in the "
                     f"statistics); got dtype {mask.dtype}.")
-  try:
-    shape = np.broadcast_shapes(tuple(mask.shape), tuple(x_shape))
-  except ValueError:
+  try:  # jnp's, not NumPy's: shapes may hold symbolic dimensions (`jax.export`)
+    shape = tuple(jnp.broadcast_shapes(tuple(mask.shape), tuple(x_shape)))
+  except (ValueError, TypeError):
     shape = None
   if shape != tuple(x_shape):
     raise ValueError(f"mask must be broadcastable to x.shape={tuple(x_shape)}; got mask.shape="

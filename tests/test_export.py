@@ -82,3 +82,22 @@ def test_export_bfloat16_and_vmap():
   restored = jax.export.deserialize(exported.serialize())
   np.testing.assert_allclose(np.asarray(restored.call(x), np.float32),
                              np.asarray(fn(x), np.float32), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_export_with_a_symbolic_batch(masked):
+  """Shape-polymorphic export (`b` symbolic), with and without a mask, called at two sizes."""
+  _, stats, scale = _args()
+
+  def fn(x):
+    mask = (x > -1.0) if masked else None
+    y, new = nj.batch_norm(x, scale, scale, stats, train=True, mask=mask)
+    return (nj.layer_norm(y, scale, scale, mask=mask) + nj.rms_norm(y, scale, mask=mask)
+            + nj.group_norm(y, scale, scale, num_groups=2, mask=mask)
+            + nj.instance_norm(y, mask=mask)), new
+  spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 5, 6, 4"), jnp.float32)
+  exported = jax.export.deserialize(jax.export.export(jax.jit(fn))(spec).serialize())
+  for b in (2, 3):
+    x = jnp.asarray(rand((b, 5, 6, 4), seed=b))
+    for got, want in zip(jax.tree.leaves(exported.call(x)), jax.tree.leaves(fn(x))):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
