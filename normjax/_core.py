@@ -364,15 +364,38 @@ def tangent(x: jax.Array, stats: Moments, rstd_: jax.Array, scale: jax.Array | N
   return dy.astype(x.dtype)
 
 
-def _output_tangent(x, stats, eps, scale, bias, dx, dscale, dbias, mask, tangent_fn):
+def _output_tangent(x, stats, eps, scale, bias, dx, dscale, dbias, mask, tangent_fn,
+                    deps=None):
   """`(stats, dy)` in a JVP rule: the statistics, named for the checkpoint policy (the
-  backward keeps them, not a normalized copy of `x`), and the tangent of `y` by `tangent_fn`."""
+  backward keeps them, not a normalized copy of `x`), and the tangent of `y` by `tangent_fn`,
+  plus `xhat * scale * (-rstd**2 / 2) * deps` for a traced `eps` with tangent `deps`."""
   r = rstd(stats.var, eps)
   shift, offset, r = checkpoint_name((stats.shift, stats.offset, r), _STATS_NAME)
   stats = stats._replace(shift=shift, offset=offset)
   dy = tangent_fn(x, stats, r, scale, dx, None if scale is None else dscale,
                   None if bias is None else dbias, mask)
+  if deps is not None and deps.dtype != jax.dtypes.float0:
+    factor = -0.5 * r * r * deps.astype(r.dtype)
+    dy = (dy + _affine(_centered(x, stats) * r, factor, scale, None)).astype(dy.dtype)
   return stats, dy
+
+
+def _with_eps(fn, rule, eps):
+  """`fn(*args)` as a `jax.custom_jvp` with the JVP `rule(eps, primals, tangents, deps)`.
+
+  A concrete `eps` stays a constant of the rule (`deps` None). A traced one (an argument of a
+  jitted function, or the variable of `jax.grad`) cannot be closed over by a `custom_jvp`, so
+  it is passed as one more argument, with its tangent `deps`.
+  Returns `(function, extra arguments)` to call the function with after the others.
+  """
+  if not isinstance(eps, jax.core.Tracer):
+    f = jax.custom_jvp(lambda *args: fn(*args, eps))
+    f.defjvp(lambda primals, tangents: rule(eps, primals, tangents, None))
+    return f, ()
+  f = jax.custom_jvp(fn)
+  f.defjvp(lambda primals, tangents: rule(primals[-1], primals[:-1], tangents[:-1],
+                                          tangents[-1]))
+  return f, (eps,)
 
 
 def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
@@ -389,7 +412,8 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
 
   The derivative is a `jax.custom_jvp` rule (so forward mode, reverse mode and higher orders
   all work), evaluated under `jax.checkpoint` so that reverse mode keeps only `x` and the
-  per-row statistics (`shift`, `offset`, `rstd`) for the backward.
+  per-row statistics (`shift`, `offset`, `rstd`) for the backward. A traced `eps` (a learned
+  one, or a `jax.jit` argument) is differentiated too.
 
   `forward(x, scale, bias, mask) -> (y, Moments)` and `tangent_fn(x, stats, rstd, scale, dx,
   dscale, dbias, mask) -> dy` replace the reference computations (`moments` + `normalize`,
@@ -406,27 +430,24 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
     # consumers and not others (excess precision), which gave garbage for `1e5 + N(0, 1)`
     # in bfloat16. `moments` and the normalize step each read `x` pinned to its rounding
     # (`pinned_reads`; a kernel reads a materialized `x`).
-    def forward(x, scale, bias, mask):
+    def run(x, scale, bias, mask, eps):
       stats = moments(x, axes, mask=mask, **moment_args)
       return normalize(pin_rounding(x), stats, scale, bias, eps), stats
+  else:
+    run = lambda x, scale, bias, mask, eps: forward(x, scale, bias, mask)
   if tangent_fn is None:
     def tangent_fn(x, stats, rstd_, scale, dx, dscale, dbias, mask):
       return tangent(x, stats, rstd_, scale, dx, dscale, dbias, axes, mask=mask, **reduce)
 
-  @jax.custom_jvp
-  def fn(x, scale, bias, mask):
-    return forward(x, scale, bias, mask)
-
-  @fn.defjvp
-  def fn_jvp(primals, tangents):
+  def fn_jvp(eps, primals, tangents, deps):
     x, scale, bias, mask = primals
     dx, dscale, dbias, _ = tangents
-    y, stats = forward(x, scale, bias, mask)
+    y, stats = run(x, scale, bias, mask, eps)
     # The derivative reads `x` pinned to its rounding too, as the forward's passes do: a
     # bfloat16 `x` from a fused op would otherwise enter `xhat` with excess precision.
     x = pin_rounding(x)
     stats, dy = _output_tangent(x, stats, eps, scale, bias, dx, dscale, dbias, mask,
-                                tangent_fn)
+                                tangent_fn, deps)
     # The statistics' own tangents (dropped when the caller does not use them).
     keep = lambda v: _counted_only(v, mask)
     safe_count = jnp.maximum(stats.count, jnp.ones((), dtype))
@@ -438,8 +459,9 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
                      offset=dmean, var=dvar, count=jnp.zeros_like(stats.count))
     return (y, stats), (dy, dstats)
 
+  fn, extra = _with_eps(run, fn_jvp, eps)
   policy = jax.checkpoint_policies.save_only_these_names(_STATS_NAME)
-  return jax.checkpoint(fn, policy=policy)(x, scale, bias, mask)
+  return jax.checkpoint(fn, policy=policy)(x, scale, bias, mask, *extra)
 
 
 def pinned_reads(x: jax.Array, n: int) -> tuple[jax.Array, ...]:
@@ -497,31 +519,33 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: _axes.Axes,
   """
   reduce = dict(axis_name=None, axis_index_groups=None, groups=None)
   if add_forward is None:
-    def add_forward(x, residual, scale, bias):
+    def run(x, residual, scale, bias, eps):
       h = residual_sum(x, residual)
       stats = moments(h, axes, centered=centered, **reduce)
       return normalize(h, stats, scale, bias, eps), h, stats
+  else:
+    run = lambda x, residual, scale, bias, eps: add_forward(x, residual, scale, bias)
   if tangent_fn is None:
     def tangent_fn(x, stats, rstd_, scale, dx, dscale, dbias, mask):
       return tangent(x, stats, rstd_, scale, dx, dscale, dbias, axes, mask=mask, **reduce)
 
-  @jax.custom_jvp
-  def fn(x, residual, scale, bias):
-    y, h, _ = add_forward(x, residual, scale, bias)
+  def fn(x, residual, scale, bias, eps):
+    y, h, _ = run(x, residual, scale, bias, eps)
     return y, h
 
-  @fn.defjvp
-  def fn_jvp(primals, tangents):
+  def fn_jvp(eps, primals, tangents, deps):
     x, residual, scale, bias = primals
     dx, dresidual, dscale, dbias = tangents
-    y, h, stats = add_forward(x, residual, scale, bias)
+    y, h, stats = run(x, residual, scale, bias, eps)
     h = checkpoint_name(h, _SUM_NAME)
     dh = dx + dresidual
-    _, dy = _output_tangent(h, stats, eps, scale, bias, dh, dscale, dbias, None, tangent_fn)
+    _, dy = _output_tangent(h, stats, eps, scale, bias, dh, dscale, dbias, None, tangent_fn,
+                            deps)
     return (y, h), (dy, dh)
 
+  fn, extra = _with_eps(fn, fn_jvp, eps)
   policy = jax.checkpoint_policies.save_only_these_names(_STATS_NAME, _SUM_NAME)
-  return jax.checkpoint(fn, policy=policy)(x, residual, scale, bias)
+  return jax.checkpoint(fn, policy=policy)(x, residual, scale, bias, *extra)
 
 
 def l2_normalize(v: jax.Array, eps: Any) -> jax.Array:

@@ -41,7 +41,7 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     momentum: decay of the running averages, in [0, 1] (PyTorch's `momentum=m` is `1 - m`
       here); None for the cumulative average over all `count` batches (PyTorch's None).
     eps: added to the variance: a finite number >= 0, used as a Python float (a traced eps is
-      used unchanged).
+      used unchanged, and is differentiable).
     mask: optional bool array broadcastable to `x`; only True elements enter the statistics.
       Channels with no True element keep their running statistics.
     axis_name: a `vmap`/`pmap`/`shard_map` axis whose shards are part of the batch: sums and

@@ -66,7 +66,7 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
     channel_axis: the channel axis.
     batch_axis: the example axis, or None when `x` is a single example.
     eps: added to the variance: a finite number >= 0, used as a Python float (a traced eps is
-      used unchanged).
+      used unchanged, and is differentiable).
     mask: optional bool array broadcastable to `x`; only True elements enter the statistics.
     axis_name: a mapped/sharded axis that is one of the reduced (spatial) axes.
     fast_variance: one-pass variance, less accurate for large means.

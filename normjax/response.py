@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 
 from normjax import _axes
-from normjax import _core
 from normjax import _dispatch
 
 
@@ -29,7 +28,7 @@ def filter_response_norm(x: jax.Array, scale: jax.Array | None = None,
     channel_axis: the channel axis.
     batch_axis: the example axis, or None when `x` is a single example (e.g. inside `jax.vmap`).
     eps: added to `nu2`: a finite number >= 0. A traced eps (e.g. a learned one) is used as
-      is, and is differentiable (the statistics then take the plain autodiff path).
+      is, and is differentiable.
     mask: optional bool array broadcastable to `x`; only True elements enter `nu2`.
 
   Returns:
@@ -59,14 +58,9 @@ def filter_response_norm(x: jax.Array, scale: jax.Array | None = None,
   mask = _axes.check_mask(mask, x.shape)
   per_channel = lambda p: _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
   spatial = tuple(a for a in range(x.ndim) if a not in (b_axis, c_axis))
-  if isinstance(eps, jax.core.Tracer):
-    # A traced eps may be a learned one: `_core.standardize`'s closed-form derivative holds eps
-    # constant, so the plain composition (differentiable in eps by autodiff) is used instead.
-    stats = _core.moments(x, spatial, mask=mask, centered=False)
-    y = _core.normalize(x, stats, per_channel(scale), per_channel(bias), eps)
-  else:
-    y, _ = _dispatch.standardize(x, spatial, per_channel(scale), per_channel(bias), eps,
-                                 mask=mask, centered=False)
+  # A traced eps (e.g. a learned one) takes the reference, whose derivative covers eps too.
+  y, _ = _dispatch.standardize(x, spatial, per_channel(scale), per_channel(bias), eps,
+                               mask=mask, centered=False)
   return y if tau is None else _threshold(y, per_channel(tau))
 
 

@@ -12,6 +12,7 @@ import pytest
 import normjax as nj
 import normjax.linen as njnn
 from normjax import _core
+from tests import reference as ref
 from tests.helpers import rand
 
 
@@ -141,3 +142,34 @@ def test_forward_mode_derivative_reads_x_at_its_rounding(implementation, fn):
   got = jax.jit(lambda a, r, t: jax.jvp(lambda r: fn(a + r), (r,), (t,))[1])(a, r, t)
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2,
                              atol=2e-2 * np.abs(want).max())
+
+
+_EPS_CASES = {
+    "layer": (lambda x, e: nj.layer_norm(x, eps=e), lambda x, e: ref.layer_norm(x, eps=e)),
+    "rms": (lambda x, e: nj.rms_norm(x, eps=e), lambda x, e: ref.rms_norm(x, eps=e)),
+    "batch": (lambda x, e: nj.batch_norm(x, None, None, nj.init_batch_stats(6), train=True,
+                                         eps=e)[0],
+              lambda x, e: ref.batch_norm(x, None, None, np.zeros(6), np.ones(6), train=True,
+                                          eps=e)[0]),
+    "group": (lambda x, e: nj.group_norm(x, num_groups=2, eps=e),
+              lambda x, e: ref.group_norm(x, num_groups=2, eps=e)),
+    "add_layer": (lambda x, e: nj.add_layer_norm(x, 2 * x, eps=e)[0],
+                  lambda x, e: ref.layer_norm(3 * np.asarray(x, np.float64), eps=e)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_EPS_CASES))
+def test_traced_eps_is_differentiable(name):
+  """A traced eps (a learned one, or an argument of `jax.jit` under `jax.grad`) works in the
+  closed-form derivative: d/d eps against central differences of the float64 reference, and
+  d/dx through `jit(f)(x, eps)` equal to d/dx with eps a constant."""
+  f, want = _EPS_CASES[name]
+  x = jnp.asarray(rand((4, 3, 6), seed=3) * 0.1, jnp.float32)
+  c = rand((4, 3, 6), seed=4)
+  eps, h = 0.01, 1e-6
+  got = jax.grad(lambda e: jnp.vdot(f(x, e), c))(eps)
+  fd = (np.vdot(want(x, eps + h), c) - np.vdot(want(x, eps - h), c)) / (2 * h)
+  np.testing.assert_allclose(got, fd, rtol=1e-4)
+  got_x = jax.grad(lambda x: jnp.vdot(jax.jit(f)(x, eps), c))(x)
+  want_x = jax.grad(lambda x: jnp.vdot(f(x, eps), c))(x)
+  np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-5 * float(jnp.abs(want_x).max()))
