@@ -27,11 +27,13 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
 
   Args:
     x: floating input of any rank.
-    scale: multiplier of shape `tuple(x.shape[a] for a in axis)`, or None.
+    scale: multiplier of shape `tuple(x.shape[a] for a in sorted(a % x.ndim for a in axis))`
+      (the normalized axes in increasing order, whatever the order of `axis`), or None.
     bias: offset of the same shape, or None.
     axis: the axis or axes normalized over.
     eps: added to the variance: a finite number >= 0 (Python or NumPy int/float, or a 0-d
-      array), used as a Python float; a traced eps is used unchanged (its value unchecked).
+      array), used as a Python float; a traced eps is used unchanged (its value unchecked) and is
+      differentiable.
     mask: optional bool array broadcastable to `x`; only True elements enter the statistics
       (padding is False). A fully masked row gives mean 0, var 0 and a finite output.
     axis_name: a mapped/sharded axis that is itself one of the normalized axes (a feature- or
@@ -66,7 +68,7 @@ def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequen
   """RMS normalization (Zhang & Sennrich, 2019): `x * rsqrt(mean(x**2) + eps) * scale`.
 
   No mean is subtracted and there is no bias. `axis`, `mask` and `axis_name` are as in
-  `layer_norm`; `scale` has shape `tuple(x.shape[a] for a in axis)`. Equals
+  `layer_norm`; `scale` has the shape of the normalized axes in increasing order. Equals
   `torch.nn.RMSNorm(C, eps=eps)` for `axis=-1`.
 
   Returns:

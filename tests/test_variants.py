@@ -14,14 +14,20 @@ from tests.helpers import as_dtype, maybe_jit, rand, tolerance
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
+def _feature_shape(shape, axis):
+  return tuple(shape[a] for a in sorted(a % len(shape) for a in np.atleast_1d(axis)))
+
+
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", [
     ((4, 7, 16), -1), ((3, 5, 6), (1, 2)), ((2, 3, 4, 5), (0, 2)), ((6, 1), -1), ((5, 33), 1),
+    ((3, 5, 6), (-1, -3)),
 ])
 def test_layer_norm(use_jit, dtype, shape, axis):
+  """The scale and bias have the shape of the normalized axes in increasing order."""
   x, x64 = as_dtype(rand(shape, 1, loc=3.0), dtype)
-  fshape = tuple(shape[a] for a in np.atleast_1d(axis))
+  fshape = _feature_shape(shape, axis)
   scale, bias = rand(fshape, 2), rand(fshape, 3)
   fn = maybe_jit(functools.partial(nj.layer_norm, axis=axis, eps=1e-3), use_jit)
   y = fn(x, jnp.asarray(scale), jnp.asarray(bias))
@@ -33,10 +39,11 @@ def test_layer_norm(use_jit, dtype, shape, axis):
 
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,axis", [((4, 7, 16), -1), ((3, 5, 6), (1, 2)), ((2, 9), 0)])
+@pytest.mark.parametrize("shape,axis", [((4, 7, 16), -1), ((3, 5, 6), (1, 2)), ((2, 9), 0),
+                                        ((3, 5, 6), (2, 0))])
 def test_rms_norm(use_jit, dtype, shape, axis):
   x, x64 = as_dtype(rand(shape, 4, loc=0.5), dtype)
-  scale = rand(tuple(shape[a] for a in np.atleast_1d(axis)), 5)
+  scale = rand(_feature_shape(shape, axis), 5)
   fn = maybe_jit(functools.partial(nj.rms_norm, axis=axis), use_jit)
   y = fn(x, jnp.asarray(scale))
   assert y.dtype == dtype
