@@ -44,6 +44,10 @@ def result_dtype(*args: Any, dtype: Any = None) -> jnp.dtype:
   this explicit choice of an output dtype.
   """
   if dtype is not None:
+    if not jnp.issubdtype(dtype, jnp.floating):
+      # flax raises too ("Dtype must be inexact"); the output would be truncated otherwise.
+      raise ValueError(f"dtype must be a floating dtype (float16, bfloat16, float32, float64) "
+                       f"or None; got dtype={jnp.dtype(dtype).name}.")
     return jnp.dtype(dtype)
   with jax.numpy_dtype_promotion("standard"):
     return jnp.result_type(*(getattr(a, "dtype", a) for a in args if a is not None))
@@ -70,6 +74,14 @@ def _input(x: Any, params: Sequence[Any], dtype: Any) -> tuple[jax.Array, jnp.dt
   x = _axes.check_floating(x)
   out = result_dtype(x, *params, dtype=dtype)
   return x.astype(result_dtype(x, out)), out
+
+
+def check_channels(x: jax.Array, axis: int, num_features: int) -> None:
+  """`ValueError` unless `x` has `num_features` channels along `axis` (an out-of-range
+  `axis` is left to the normjax function's own error)."""
+  if -x.ndim <= axis < x.ndim and x.shape[axis] != num_features:
+    raise ValueError(f"x must have num_features={num_features} channels along feature_axis="
+                     f"{axis}; got {x.shape[axis]} (x.shape={tuple(x.shape)}).")
 
 
 def feature_axes(axes: Any, ndim: int, name: str) -> tuple[int, ...]:
@@ -166,6 +178,9 @@ def layer_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_ax
   """
   x, out = _input(x, (scale, bias), dtype)
   red = _axes.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+  if not red:
+    raise ValueError(f"reduction_axes must name at least one axis of x (rank {x.ndim}); got "
+                     f"reduction_axes={reduction_axes!r}.")
   feat = _axes.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
   mapped = tuple(a for a in feat if a not in red)
   inner_red = tuple(r - sum(m < r for m in mapped) for r in red)

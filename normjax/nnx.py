@@ -461,6 +461,9 @@ class GroupNorm(nnx.Module):
     """Normalizes `x`; `mask` (bool, broadcastable to `x`) selects what enters the statistics."""
     x, scale, bias = self.promote_dtype(
         (_flax.check_input(x), _value(self.scale), _value(self.bias)), dtype=self.dtype)
+    # Checked here, not only through the scale's shape: without scale and bias, `num_groups`
+    # alone would split another channel count into groups of another size.
+    _flax.check_channels(x, self.feature_axis, self.num_features)
     return _flax.group_norm(x, scale, bias, reduction_axes=self.reduction_axes,
                             feature_axis=self.feature_axis, dtype=self.dtype, mask=mask,
                             num_groups=self.num_groups, eps=self.epsilon,

@@ -328,6 +328,12 @@ def test_cross_device_statistics_match_flax():
     (lambda: njnn.InstanceNorm(feature_axes=(0, 3)), SHAPE, ValueError, "batch axis"),
     (lambda: njnn.InstanceNorm(feature_axes=0), SHAPE, ValueError, "feature_axes=0 must not"),
     (lambda: njnn.LayerNorm(epsilon=-1.0), SHAPE, ValueError, "eps must be a non-negative"),
+    # flax raises for these too ("Dtype must be inexact"); the output would be truncated.
+    (lambda: njnn.LayerNorm(dtype=jnp.int32), SHAPE, ValueError, "dtype must be a floating"),
+    (lambda: njnn.BatchNorm(use_running_average=False, dtype=jnp.bool_), SHAPE, ValueError,
+     "got dtype=bool"),
+    (lambda: njnn.GroupNorm(num_groups=2, dtype=jnp.int8), SHAPE, ValueError, "dtype=int8"),
+    (lambda: njnn.RMSNorm(reduction_axes=()), SHAPE, ValueError, r"got reduction_axes=\(\)"),
 ])
 def test_bad_configurations_raise_the_functional_errors(make, x_shape, error, match):
   module = make()

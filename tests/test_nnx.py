@@ -230,6 +230,11 @@ def test_dtypes_match_flax(name, options, x_dtype):
     (lambda: njnnx.GroupNorm(8, num_groups=2, reduction_axes=(1, 2), rngs=nnx.Rngs(0)), SHAPE,
      "must include the channel axis"),
     (lambda: njnnx.InstanceNorm(8, epsilon=-1.0, rngs=nnx.Rngs(0)), SHAPE, "eps must be a non-neg"),
+    (lambda: njnnx.LayerNorm(8, dtype=jnp.int32, rngs=nnx.Rngs(0)), SHAPE,
+     "dtype must be a floating dtype"),
+    # Without scale and bias nothing else has the channel count: checked as flax's reshape does.
+    (lambda: njnnx.GroupNorm(6, num_groups=2, use_scale=False, use_bias=False,
+                             rngs=nnx.Rngs(0)), SHAPE, "num_features=6 channels"),
 ])
 def test_bad_configurations_raise_the_functional_errors(build, x_shape, match):
   with pytest.raises(ValueError, match=match):
