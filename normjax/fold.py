@@ -76,13 +76,14 @@ def fold_batch_norm(kernel: jax.Array, bias: jax.Array | None, scale: jax.Array 
 
 def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
                       pairs: Sequence[tuple[str, str]], *,
-                      eps: float | Mapping[str, float] = 1e-5) -> dict:
+                      eps: float | Mapping[str, float] = 1e-5,
+                      out_axis: int | Mapping[str, int] = -1) -> dict:
   """Folds a linen model's Conv/Dense + BatchNorm pairs: the `params` of the folded model.
 
   For each `(conv_name, bn_name)` pair (names in the top-level `params` dict; a path
   `"block/conv"` reaches into submodules), the conv's `kernel` and `bias` (made if absent) are
-  replaced by the folded ones (`fold_batch_norm`, `out_axis=-1`) and the batch norm's entry is
-  removed. The recipe: define the model with a switch that builds the conv with
+  replaced by the folded ones (`fold_batch_norm`) and the batch norm's entry is removed (a
+  BatchNorm without scale and bias has none). The recipe: define the model with a switch that builds the conv with
   `use_bias=True` and no BatchNorm after it (e.g. `bn = (lambda y: y) if fold else
   nn.BatchNorm(...)`), then `folded.apply({"params": fold_linen_params(...)}, x)` equals
   `model.apply(variables, x, use_running_average=True)` (tested in tests/test_fold.py).
@@ -93,12 +94,17 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     pairs: `(conv_name, bn_name)` pairs, `/`-separated paths.
     eps: the BatchNorms' epsilon: one number for all, or a mapping from each `bn_name` to
       its own (a model whose BatchNorms differ in `epsilon`).
+    out_axis: the output-channel axis of the kernels: -1 for flax's `Conv`, `Dense` and
+      `ConvTranspose`, but -2 for `ConvTranspose(transpose_kernel=True)` (its kernel is
+      `[..., features, in_features]`). One int for all, or a mapping from each `conv_name`
+      to its own (absent names take -1).
 
   Returns:
     A new nested dict of params; the input is not modified.
 
   Raises:
-    ValueError: `eps` is a mapping without an entry for one of the pairs' batch norms.
+    ValueError: `eps` is a mapping without an entry for one of the pairs' batch norms, or a
+      name of `pairs` is not in `params` (the conv) or `batch_stats` (the batch norm).
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
@@ -116,22 +122,33 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
                        f"(got keys {sorted(eps)})")
   else:
     eps = {bn: eps for _, bn in pairs}
+  axes = out_axis if isinstance(out_axis, Mapping) else {}
   out = jax.tree.map(lambda v: v, _plain(params))
   stats = _plain(batch_stats)
 
-  def get(tree, path):
+  def get(tree, path, collection, default=None):
     for k in path.split("/"):
+      if not isinstance(tree, Mapping) or k not in tree:
+        if default is not None:
+          return default
+        raise ValueError(f"fold_linen_params: {path!r} is not in {collection} (at {k!r}; "
+                         f"keys there: {sorted(tree) if isinstance(tree, Mapping) else []}).")
       tree = tree[k]
     return tree
 
   for conv_name, bn_name in pairs:
-    conv, bn, st = get(out, conv_name), get(out, bn_name), get(stats, bn_name)
+    conv = get(out, conv_name, "params")
+    st = get(stats, bn_name, "batch_stats")
+    # A BatchNorm with neither scale nor bias has statistics but no params.
+    bn = get(out, bn_name, "params", default={})
     kernel, bias = fold_batch_norm(conv["kernel"], conv.get("bias"), bn.get("scale"),
                                    bn.get("bias"), BatchStats(st["mean"], st["var"], None),
-                                   eps=eps[bn_name])
+                                   eps=eps[bn_name],
+                                   out_axis=axes.get(conv_name, -1) if axes else out_axis)
     conv["kernel"], conv["bias"] = kernel, bias
     *parent, last = bn_name.split("/")
-    del (get(out, "/".join(parent)) if parent else out)[last]
+    parent = get(out, "/".join(parent), "params", default={}) if parent else out
+    parent.pop(last, None)
   return out
 
 

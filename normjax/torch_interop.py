@@ -28,6 +28,8 @@ def _numpy(value: Any) -> np.ndarray:
     value = value.detach()
   if hasattr(value, "cpu"):
     value = value.cpu()
+  if "bfloat16" in str(getattr(value, "dtype", "")) and hasattr(value, "float"):
+    value = value.float()  # a torch bfloat16 tensor has no `.numpy()`; exact in float32
   if hasattr(value, "numpy"):
     value = value.numpy()
   # A copy: a tensor's `.numpy()` shares its memory, which PyTorch updates in place (and
@@ -38,10 +40,12 @@ def _numpy(value: Any) -> np.ndarray:
 def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> dict:
   """Reads one PyTorch normalization layer's entries: `{"scale", "bias", "stats"}` found.
 
-  `prefix + "weight"` -> `scale`, `prefix + "bias"` -> `bias` (float32 `[C]`), and
-  `running_mean`, `running_var`, `num_batches_tracked` -> `stats`, a `BatchStats` (`count`
-  int32; 0 when `num_batches_tracked` is absent). A LayerNorm/GroupNorm has only `weight` and
-  `bias`; an affine-free BatchNorm only the statistics. See the module doc for how PyTorch's
+  `prefix + "weight"` -> `scale`, `prefix + "bias"` -> `bias` (float32 `[C]`, or a
+  LayerNorm's `[*normalized_shape]`), and `running_mean`, `running_var`,
+  `num_batches_tracked` -> `stats`, a `BatchStats` (float32 `[C]`; `count` int32, 0 when
+  `num_batches_tracked` is absent). A LayerNorm/GroupNorm has only `weight` and `bias`; an
+  affine-free BatchNorm only the statistics. Tensors of any floating dtype are read
+  (bfloat16 through float32, exactly); float64 ones are rounded to float32. See the module doc for how PyTorch's
   momentum and unbiased running variance map to ours.
 
   Args:
@@ -52,8 +56,9 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> di
     A dict with the keys among `"scale"`, `"bias"`, `"stats"` whose entries were found.
 
   Raises:
-    ValueError: nothing under `prefix`, only one of `running_mean`/`running_var`, or shapes
-      that disagree (the key, the expected and the received shape are named).
+    ValueError: nothing under `prefix`, only one of `running_mean`/`running_var`, running
+      statistics that are not 1-D, or shapes that disagree (the key, the expected and the
+      received shape are named).
 
   Example:
     >>> import numpy as np, normjax as nj
@@ -73,15 +78,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> di
     raise ValueError(f"state_dict is missing the key {missing!r} (expected both running_mean "
                      f"and running_var under prefix {prefix!r}); got keys "
                      f"{sorted(k for k in state_dict if k.startswith(prefix))}.")
-  shape = None
-  for k in ("weight", "bias", "running_mean", "running_var"):
-    if k not in found:
-      continue
-    if found[k].ndim != 1 or (shape is not None and found[k].shape != shape):
-      expected = "a 1-D [C] array" if shape is None else f"shape {shape}"
-      raise ValueError(f"state_dict[{prefix + k!r}] must be {expected} (one value per channel); "
-                       f"got shape {found[k].shape}.")
-    shape = found[k].shape
+  _check_shapes({prefix + k: found[k].shape for k in ("weight", "bias", "running_mean",
+                                                     "running_var") if k in found})
   if "num_batches_tracked" in found and found["num_batches_tracked"].shape != ():
     raise ValueError(f"state_dict[{prefix + 'num_batches_tracked'!r}] must be a scalar (shape "
                      f"()); got shape {found['num_batches_tracked'].shape}.")
@@ -104,10 +102,11 @@ def to_torch_state_dict(*, scale: Any = None, bias: Any = None, stats: BatchStat
   `from_torch_state_dict`).
 
   Args:
-    scale: `[C]` -> `prefix + "weight"`, or None.
-    bias: `[C]` -> `prefix + "bias"`, or None.
-    stats: a `BatchStats` -> `running_mean`, `running_var` (float32) and
-      `num_batches_tracked` (int64), or None.
+    scale: `[C]` (or a LayerNorm's `[*normalized_shape]`) -> `prefix + "weight"`, or None.
+    bias: the same shape -> `prefix + "bias"`, or None.
+    stats: a `BatchStats` -> `running_mean`, `running_var` (float32 `[C]`) and
+      `num_batches_tracked` (int64; 0 where `count` is None, as in a linen `batch_stats`
+      collection without a count), or None.
     prefix: the layer's key prefix.
 
   Returns:
@@ -115,28 +114,52 @@ def to_torch_state_dict(*, scale: Any = None, bias: Any = None, stats: BatchStat
     ...}, strict=False)`.
 
   Raises:
-    ValueError: an entry that is not 1-D, or shapes that disagree.
+    ValueError: a scalar entry, running statistics that are not 1-D, shapes that disagree, or
+      a `stats.count` that is not an integer scalar.
 
   Example:
     >>> import normjax as nj
     >>> sorted(nj.to_torch_state_dict(stats=nj.init_batch_stats(2), prefix="bn."))
     ['bn.num_batches_tracked', 'bn.running_mean', 'bn.running_var']
   """
-  out, shape = {}, None
+  names = {"weight": "scale", "bias": "bias", "running_mean": "stats.mean",
+           "running_var": "stats.var"}
   entries = {"weight": scale, "bias": bias}
   if stats is not None:
     entries.update(running_mean=stats.mean, running_var=stats.var)
-  for k, v in entries.items():
-    if v is None:
-      continue
-    v = np.array(v, np.float32, copy=True)   # writable (torch.from_numpy needs it)
-    if v.ndim != 1 or (shape is not None and v.shape != shape):
-      expected = "a 1-D [C] array" if shape is None else f"shape {shape}"
-      name = {"weight": "scale", "running_mean": "stats.mean", "running_var": "stats.var"}.get(
-          k, k)
-      raise ValueError(f"{name} (-> {prefix + k!r}) must be {expected}; got shape {v.shape}.")
-    shape = v.shape
-    out[prefix + k] = v
+  # writable copies (torch.from_numpy needs them)
+  out = {prefix + k: np.array(v, np.float32, copy=True) for k, v in entries.items()
+         if v is not None}
+  _check_shapes({f"{names[k]} (-> {prefix + k!r})": out[prefix + k].shape
+                 for k in entries if prefix + k in out})
   if stats is not None:
-    out[prefix + "num_batches_tracked"] = np.array(stats.count, np.int64, copy=True)
+    count = 0 if stats.count is None else stats.count
+    if np.shape(count) != () or not np.issubdtype(np.asarray(count).dtype, np.integer):
+      raise ValueError(f"stats.count (-> {prefix + 'num_batches_tracked'!r}) must be an integer "
+                       f"scalar or None; got {np.asarray(count).dtype} of shape "
+                       f"{np.shape(count)}.")
+    out[prefix + "num_batches_tracked"] = np.array(count, np.int64, copy=True)
   return out
+
+
+def _check_shapes(shapes: Mapping[str, tuple[int, ...]]) -> None:
+  """All the same shape; at least 1-D; the running statistics (keys naming `running_` or
+  `stats.`) 1-D. `ValueError` naming the entry, the expected and the received shape."""
+  first = None
+  for name, shape in shapes.items():
+    stat = "running_" in name or "stats." in name
+    if first is None and (len(shape) == 0 or (stat and len(shape) != 1)):
+      expected = "a 1-D [C] array" if stat else "an array of at least 1 dimension"
+      raise ValueError(f"{_quoted(name)} must be {expected} (one value per channel, or a "
+                       f"LayerNorm's normalized_shape); got shape {shape}.")
+    if first is not None and shape != first[1]:
+      raise ValueError(f"{_quoted(name)} must have shape {first[1]} (that of {_quoted(first[0])});"
+                       f" got shape {shape}.")
+    if stat and len(shape) != 1:
+      raise ValueError(f"{_quoted(name)} must be a 1-D [C] array; got shape {shape}.")
+    if first is None:
+      first = (name, shape)
+
+
+def _quoted(name: str) -> str:
+  return name if " " in name else f"state_dict[{name!r}]"

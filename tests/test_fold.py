@@ -119,3 +119,48 @@ def test_fold_linen_params_eps_per_batch_norm():
   with pytest.raises(ValueError, match=r"missing \['bn1'\]"):
     nj.fold_linen_params(variables["params"], variables["batch_stats"], pairs,
                          eps={"bn0": 1e-5})
+
+
+class _Folding(nn.Module):
+  """A conv (plain or `ConvTranspose(transpose_kernel=True)`) + BatchNorm, or the folded conv."""
+  transpose_kernel: bool = False
+  affine: bool = True
+  fold: bool = False
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    if self.transpose_kernel:
+      x = nn.ConvTranspose(4, (3, 3), transpose_kernel=True, use_bias=self.fold, name="conv")(x)
+    else:
+      x = nn.Conv(4, (3, 3), use_bias=self.fold, name="conv")(x)
+    if not self.fold:
+      x = nn.BatchNorm(use_running_average=not train, use_scale=self.affine,
+                       use_bias=self.affine, name="bn")(x)
+    return x
+
+
+@pytest.mark.parametrize("transpose_kernel,affine,out_axis", [
+    (True, True, {"conv": -2}), (True, True, -2), (False, False, -1)])
+def test_fold_linen_params_transposed_kernels_and_no_affine(transpose_kernel, affine, out_axis):
+  """`ConvTranspose(transpose_kernel=True)` keeps its output channels on axis -2 (`out_axis`),
+  and a BatchNorm without scale and bias has no params entry."""
+  x = jnp.asarray(rand((2, 5, 5, 4), 1) * 2 + 1)
+  model = _Folding(transpose_kernel, affine)
+  variables = model.init(jax.random.key(1), x)
+  _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  params = variables["params"]
+  if affine:
+    params = {**params, "bn": {"scale": jnp.arange(1.0, 5.0), "bias": jnp.arange(4.0)}}
+  want = model.apply({"params": params, "batch_stats": upd["batch_stats"]}, x)
+  folded = nj.fold_linen_params(params, upd["batch_stats"], [("conv", "bn")], out_axis=out_axis)
+  got = _Folding(transpose_kernel, affine, fold=True).apply({"params": folded}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_linen_params_names_a_missing_layer():
+  params = {"conv": {"kernel": jnp.ones((1, 2))}}
+  stats = {"bn": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}
+  with pytest.raises(ValueError, match="'conv2' is not in params"):
+    nj.fold_linen_params(params, stats, [("conv2", "bn")])
+  with pytest.raises(ValueError, match="'bn2' is not in batch_stats"):
+    nj.fold_linen_params(params, stats, [("conv", "bn2")])

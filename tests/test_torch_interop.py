@@ -32,6 +32,8 @@ def test_round_trip_is_exact():
     (lambda sd: sd.pop("bn.running_var"), "missing the key 'bn.running_var'"),
     (lambda sd: sd.__setitem__("bn.bias", np.zeros(4, np.float32)), r"'bn.bias'.*\(3,\).*\(4,\)"),
     (lambda sd: sd.clear(), "none of the keys"),
+    (lambda sd: sd.update({"bn.running_mean": np.zeros((3, 1), np.float32)}),
+     r"'bn.running_mean'.*\(3,\).*\(3, 1\)"),
 ])
 def test_errors_name_the_key(change, match):
   sd = _sd()
@@ -69,3 +71,33 @@ def test_from_pytorch_example():
   finally:
     sys.path.pop(0)
   assert from_pytorch.main() < 1e-5
+
+
+def test_layer_norm_of_several_axes_bfloat16_and_a_missing_count():
+  """A LayerNorm's `[*normalized_shape]` weight; torch bfloat16 tensors (no `.numpy()`); and
+  `stats.count` None (linen's batch_stats) written as 0."""
+  torch = pytest.importorskip("torch")
+  ln = torch.nn.LayerNorm((4, 5))
+  with torch.no_grad():
+    ln.weight.normal_(), ln.bias.normal_()
+  out = nj.from_torch_state_dict(ln.state_dict())
+  x = torch.randn(2, 3, 4, 5)
+  np.testing.assert_allclose(nj.layer_norm(jnp.asarray(x.numpy()), out["scale"], out["bias"],
+                                           axis=(-2, -1)),
+                             ln(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+  back = nj.to_torch_state_dict(scale=out["scale"], bias=out["bias"])
+  ln.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()})
+
+  bn = torch.nn.BatchNorm2d(3).bfloat16()
+  with torch.no_grad():
+    bn.running_mean.normal_()
+  out = nj.from_torch_state_dict(bn.state_dict())
+  np.testing.assert_array_equal(out["stats"].mean, bn.running_mean.float().numpy())
+
+  stats = nj.BatchStats(jnp.zeros(3), jnp.ones(3), None)
+  sd = nj.to_torch_state_dict(stats=stats, prefix="bn.")
+  assert int(sd["bn.num_batches_tracked"]) == 0
+  with pytest.raises(ValueError, match="stats.count"):
+    nj.to_torch_state_dict(stats=nj.BatchStats(jnp.zeros(3), jnp.ones(3), jnp.zeros(2)))
+  with pytest.raises(ValueError, match=r"stats.mean.*1-D"):
+    nj.to_torch_state_dict(stats=nj.BatchStats(jnp.zeros((3, 2)), jnp.ones((3, 2)), 0))

@@ -62,6 +62,20 @@ def test_instance_norm_matches_torch_nchw():
   np.testing.assert_allclose(y, y_torch, rtol=1e-5, atol=1e-5)
 
 
+def test_instance_norm_with_running_stats_evaluates_as_batch_norm():
+  """`InstanceNorm2d(track_running_stats=True)` in eval mode normalizes with its running
+  statistics: `batch_norm(..., train=False)` on the state read by `from_torch_state_dict`."""
+  inorm = torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+  inorm.train()(_t(rand((3, 4, 6, 5), 7, loc=2.0)))   # moves the running statistics
+  with torch.no_grad():
+    inorm.weight.normal_(), inorm.bias.normal_()
+  state = nj.from_torch_state_dict(inorm.state_dict())
+  x = rand((2, 4, 6, 5), 8)
+  y, _ = nj.batch_norm(jnp.asarray(x), state["scale"], state["bias"], state["stats"],
+                       train=False, channel_axis=1)
+  np.testing.assert_allclose(y, inorm.eval()(_t(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("normalized_shape", [(16,), (6, 16)])
 def test_layer_norm_matches_torch(normalized_shape):
   x = rand((4, 6, 16), 7, loc=0.5)
