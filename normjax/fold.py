@@ -40,7 +40,7 @@ def fold_batch_norm(kernel: jax.Array, bias: jax.Array | None, scale: jax.Array 
   Raises:
     ValueError: the size of `kernel` along `out_axis` is not `C`, or a `[C]` argument has
       another shape.
-    TypeError: non-floating arrays, a non-int `out_axis`.
+    TypeError: non-floating arrays, a non-int `out_axis`, `stats` without `mean` and `var`.
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
@@ -51,8 +51,14 @@ def fold_batch_norm(kernel: jax.Array, bias: jax.Array | None, scale: jax.Array 
   """
   kernel = _axes.check_floating(kernel, "kernel")
   axis = _axes.canonicalize_axis(out_axis, kernel.ndim, "out_axis")
-  c = int(jnp.shape(stats.mean)[0]) if jnp.ndim(stats.mean) == 1 else None
-  if c is None or kernel.shape[axis] != c:
+  if not all(hasattr(stats, f) for f in ("mean", "var")):
+    raise TypeError(f"stats must be a BatchStats (mean, var, count); got "
+                    f"{type(stats).__name__}.")
+  if jnp.ndim(stats.mean) != 1:
+    raise ValueError(f"stats.mean must be a 1-D [C] array (one value per output channel); got "
+                     f"shape {tuple(jnp.shape(stats.mean))}.")
+  c = int(jnp.shape(stats.mean)[0])
+  if kernel.shape[axis] != c:
     raise ValueError(f"kernel must have the {c} channels of stats.mean (shape "
                      f"{tuple(jnp.shape(stats.mean))}) along out_axis={out_axis}; got kernel of "
                      f"shape {tuple(kernel.shape)}, with {kernel.shape[axis]} there.")

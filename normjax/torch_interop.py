@@ -57,8 +57,9 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> di
 
   Raises:
     ValueError: nothing under `prefix`, only one of `running_mean`/`running_var`, running
-      statistics that are not 1-D, or shapes that disagree (the key, the expected and the
-      received shape are named).
+      statistics that are not 1-D, shapes that disagree (the key, the expected and the
+      received shape are named), a non-floating entry, or a `num_batches_tracked` that is not
+      an integer in [0, 2**31).
 
   Example:
     >>> import numpy as np, normjax as nj
@@ -80,9 +81,17 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> di
                      f"{sorted(k for k in state_dict if k.startswith(prefix))}.")
   _check_shapes({prefix + k: found[k].shape for k in ("weight", "bias", "running_mean",
                                                      "running_var") if k in found})
-  if "num_batches_tracked" in found and found["num_batches_tracked"].shape != ():
-    raise ValueError(f"state_dict[{prefix + 'num_batches_tracked'!r}] must be a scalar (shape "
-                     f"()); got shape {found['num_batches_tracked'].shape}.")
+  if "num_batches_tracked" in found:
+    n = found["num_batches_tracked"]
+    if n.shape != () or not np.issubdtype(n.dtype, np.integer) or not 0 <= n < 2**31:
+      raise ValueError(f"state_dict[{prefix + 'num_batches_tracked'!r}] must be an integer "
+                       f"scalar in [0, 2**31); got {n.dtype} of shape {n.shape}"
+                       f"{f' and value {n}' if n.shape == () else ''}.")
+  bad = [prefix + k for k, v in found.items() if not np.issubdtype(v.dtype, np.floating)
+         and k != "num_batches_tracked"]
+  if bad:
+    raise ValueError(f"state_dict[{bad[0]!r}] must be a floating array; got dtype "
+                     f"{found[bad[0][len(prefix):]].dtype}.")
   f32 = lambda k: jnp.asarray(found[k], jnp.float32)
   out = {}
   if "weight" in found:

@@ -164,3 +164,12 @@ def test_fold_linen_params_names_a_missing_layer():
     nj.fold_linen_params(params, stats, [("conv2", "bn")])
   with pytest.raises(ValueError, match="'bn2' is not in batch_stats"):
     nj.fold_linen_params(params, stats, [("conv", "bn2")])
+
+
+def test_fold_batch_norm_names_bad_statistics():
+  kernel = jnp.ones((2, 3))
+  with pytest.raises(ValueError, match=r"stats.mean must be a 1-D \[C\] array.*\(1, 3\)"):
+    nj.fold_batch_norm(kernel, None, None, None,
+                       nj.BatchStats(jnp.zeros((1, 3)), jnp.ones(3), None))
+  with pytest.raises(TypeError, match="stats must be a BatchStats.*dict"):
+    nj.fold_batch_norm(kernel, None, None, None, {"mean": jnp.zeros(3), "var": jnp.ones(3)})

@@ -34,6 +34,9 @@ def test_round_trip_is_exact():
     (lambda sd: sd.clear(), "none of the keys"),
     (lambda sd: sd.update({"bn.running_mean": np.zeros((3, 1), np.float32)}),
      r"'bn.running_mean'.*\(3,\).*\(3, 1\)"),
+    (lambda sd: sd.update({"bn.num_batches_tracked": np.array(2.7)}), "value 2.7"),
+    (lambda sd: sd.update({"bn.num_batches_tracked": np.array(-1)}), "value -1"),
+    (lambda sd: sd.update({"bn.weight": np.ones(3, np.complex64)}), "'bn.weight'.*complex64"),
 ])
 def test_errors_name_the_key(change, match):
   sd = _sd()
