@@ -87,7 +87,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> di
       raise ValueError(f"state_dict[{prefix + 'num_batches_tracked'!r}] must be an integer "
                        f"scalar in [0, 2**31); got {n.dtype} of shape {n.shape}"
                        f"{f' and value {n}' if n.shape == () else ''}.")
-  bad = [prefix + k for k, v in found.items() if not np.issubdtype(v.dtype, np.floating)
+  # jnp's `issubdtype` also knows bfloat16 (ml_dtypes), which NumPy's does not.
+  bad = [prefix + k for k, v in found.items() if not jnp.issubdtype(v.dtype, jnp.floating)
          and k != "num_batches_tracked"]
   if bad:
     raise ValueError(f"state_dict[{bad[0]!r}] must be a floating array; got dtype "

@@ -97,6 +97,9 @@ def test_layer_norm_of_several_axes_bfloat16_and_a_missing_count():
   out = nj.from_torch_state_dict(bn.state_dict())
   np.testing.assert_array_equal(out["stats"].mean, bn.running_mean.float().numpy())
 
+  out = nj.from_torch_state_dict({"weight": jnp.ones(3, jnp.bfloat16)})   # a JAX bfloat16 array
+  assert out["scale"].dtype == jnp.float32
+
   stats = nj.BatchStats(jnp.zeros(3), jnp.ones(3), None)
   sd = nj.to_torch_state_dict(stats=stats, prefix="bn.")
   assert int(sd["bn.num_batches_tracked"]) == 0
