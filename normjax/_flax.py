@@ -45,7 +45,8 @@ def result_dtype(*args: Any, dtype: Any = None) -> jnp.dtype:
   """
   if dtype is not None:
     if not jnp.issubdtype(dtype, jnp.floating):
-      # flax raises too ("Dtype must be inexact"); the output would be truncated otherwise.
+      # flax raises for integer and bool dtypes too ("Dtype must be inexact"); the output
+      # would be truncated otherwise.
       raise ValueError(f"dtype must be a floating dtype (float16, bfloat16, float32, float64) "
                        f"or None; got dtype={jnp.dtype(dtype).name}.")
     return jnp.dtype(dtype)

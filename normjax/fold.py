@@ -89,9 +89,9 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
   For each `(conv_name, bn_name)` pair (names in the top-level `params` dict; a path
   `"block/conv"` reaches into submodules), the conv's `kernel` and `bias` (made if absent) are
   replaced by the folded ones (`fold_batch_norm`) and the batch norm's entry is removed (a
-  BatchNorm without scale and bias has none). The recipe: define the model with a switch that builds the conv with
-  `use_bias=True` and no BatchNorm after it (e.g. `bn = (lambda y: y) if fold else
-  nn.BatchNorm(...)`), then `folded.apply({"params": fold_linen_params(...)}, x)` equals
+  BatchNorm without scale and bias has none). The recipe: define the model with a switch that
+  builds the conv with `use_bias=True` and no BatchNorm after it (e.g. `bn = (lambda y: y) if
+  fold else nn.BatchNorm(...)`), then `folded.apply({"params": fold_linen_params(...)}, x)` equals
   `model.apply(variables, x, use_running_average=True)` (tested in tests/test_fold.py).
 
   Args:
@@ -102,8 +102,8 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
       its own (a model whose BatchNorms differ in `epsilon`).
     out_axis: the output-channel axis of the kernels: -1 for flax's `Conv`, `Dense` and
       `ConvTranspose`, but -2 for `ConvTranspose(transpose_kernel=True)` (its kernel is
-      `[..., features, in_features]`). One int for all, or a mapping from each `conv_name`
-      to its own (absent names take -1).
+      `[..., features, in_features]`). One int for all, or a mapping from `conv_name`s to
+      their own (convs not in it take -1; a name that is no conv of `pairs` raises).
 
   Returns:
     A new nested dict of params; the input is not modified.
@@ -128,7 +128,11 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
                        f"(got keys {sorted(eps)})")
   else:
     eps = {bn: eps for _, bn in pairs}
-  axes = out_axis if isinstance(out_axis, Mapping) else {}
+  if isinstance(out_axis, Mapping):
+    unknown = sorted(set(out_axis) - {conv for conv, _ in pairs})
+    if unknown:
+      raise ValueError(f"fold_linen_params: `out_axis` names convs that are not in `pairs`: "
+                       f"{unknown} (the convs of `pairs`: {[conv for conv, _ in pairs]}).")
   out = jax.tree.map(lambda v: v, _plain(params))
   stats = _plain(batch_stats)
 
@@ -150,7 +154,8 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     kernel, bias = fold_batch_norm(conv["kernel"], conv.get("bias"), bn.get("scale"),
                                    bn.get("bias"), BatchStats(st["mean"], st["var"], None),
                                    eps=eps[bn_name],
-                                   out_axis=axes.get(conv_name, -1) if axes else out_axis)
+                                   out_axis=(out_axis.get(conv_name, -1)
+                                             if isinstance(out_axis, Mapping) else out_axis))
     conv["kernel"], conv["bias"] = kernel, bias
     *parent, last = bn_name.split("/")
     parent = get(out, "/".join(parent), "params", default={}) if parent else out

@@ -44,9 +44,10 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> di
   LayerNorm's `[*normalized_shape]`), and `running_mean`, `running_var`,
   `num_batches_tracked` -> `stats`, a `BatchStats` (float32 `[C]`; `count` int32, 0 when
   `num_batches_tracked` is absent). A LayerNorm/GroupNorm has only `weight` and `bias`; an
-  affine-free BatchNorm only the statistics. Tensors of any floating dtype are read
-  (bfloat16 through float32, exactly); float64 ones are rounded to float32. See the module doc for how PyTorch's
-  momentum and unbiased running variance map to ours.
+  affine-free BatchNorm only the statistics. Tensors of any real dtype are read (bfloat16
+  through float32, exactly; float64 rounded to float32), and `num_batches_tracked` may be a
+  float holding a whole number (a checkpoint cast as a whole). See the module doc for how
+  PyTorch's momentum and unbiased running variance map to ours.
 
   Args:
     state_dict: a `module.state_dict()` (tensors or NumPy arrays).
@@ -58,8 +59,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> di
   Raises:
     ValueError: nothing under `prefix`, only one of `running_mean`/`running_var`, running
       statistics that are not 1-D, shapes that disagree (the key, the expected and the
-      received shape are named), a non-floating entry, or a `num_batches_tracked` that is not
-      an integer in [0, 2**31).
+      received shape are named), a complex or boolean entry, or a `num_batches_tracked` that
+      is not a whole number in [0, 2**31).
 
   Example:
     >>> import numpy as np, normjax as nj
@@ -79,20 +80,14 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> di
     raise ValueError(f"state_dict is missing the key {missing!r} (expected both running_mean "
                      f"and running_var under prefix {prefix!r}); got keys "
                      f"{sorted(k for k in state_dict if k.startswith(prefix))}.")
-  _check_shapes({prefix + k: found[k].shape for k in ("weight", "bias", "running_mean",
-                                                     "running_var") if k in found})
+  _check_shapes([(f"state_dict[{prefix + k!r}]", k.startswith("running_"), found[k].shape)
+                 for k in ("weight", "bias", "running_mean", "running_var") if k in found])
+  for k, v in found.items():
+    if not _is_real(v):
+      raise ValueError(f"state_dict[{prefix + k!r}] must be a real (floating or integer) "
+                       f"array; got dtype {v.dtype}.")
   if "num_batches_tracked" in found:
-    n = found["num_batches_tracked"]
-    if n.shape != () or not np.issubdtype(n.dtype, np.integer) or not 0 <= n < 2**31:
-      raise ValueError(f"state_dict[{prefix + 'num_batches_tracked'!r}] must be an integer "
-                       f"scalar in [0, 2**31); got {n.dtype} of shape {n.shape}"
-                       f"{f' and value {n}' if n.shape == () else ''}.")
-  # jnp's `issubdtype` also knows bfloat16 (ml_dtypes), which NumPy's does not.
-  bad = [prefix + k for k, v in found.items() if not jnp.issubdtype(v.dtype, jnp.floating)
-         and k != "num_batches_tracked"]
-  if bad:
-    raise ValueError(f"state_dict[{bad[0]!r}] must be a floating array; got dtype "
-                     f"{found[bad[0][len(prefix):]].dtype}.")
+    _check_count(found["num_batches_tracked"], f"state_dict[{prefix + 'num_batches_tracked'!r}]")
   f32 = lambda k: jnp.asarray(found[k], jnp.float32)
   out = {}
   if "weight" in found:
@@ -125,7 +120,7 @@ def to_torch_state_dict(*, scale: Any = None, bias: Any = None, stats: BatchStat
 
   Raises:
     ValueError: a scalar entry, running statistics that are not 1-D, shapes that disagree, or
-      a `stats.count` that is not an integer scalar.
+      a `stats.count` that is not a whole number in [0, 2**31).
 
   Example:
     >>> import normjax as nj
@@ -140,36 +135,42 @@ def to_torch_state_dict(*, scale: Any = None, bias: Any = None, stats: BatchStat
   # writable copies (torch.from_numpy needs them)
   out = {prefix + k: np.array(v, np.float32, copy=True) for k, v in entries.items()
          if v is not None}
-  _check_shapes({f"{names[k]} (-> {prefix + k!r})": out[prefix + k].shape
-                 for k in entries if prefix + k in out})
+  _check_shapes([(f"{names[k]} (-> {prefix + k!r})", k.startswith("running_"),
+                  out[prefix + k].shape) for k in entries if prefix + k in out])
   if stats is not None:
-    count = 0 if stats.count is None else stats.count
-    if np.shape(count) != () or not np.issubdtype(np.asarray(count).dtype, np.integer):
-      raise ValueError(f"stats.count (-> {prefix + 'num_batches_tracked'!r}) must be an integer "
-                       f"scalar or None; got {np.asarray(count).dtype} of shape "
-                       f"{np.shape(count)}.")
+    count = np.asarray(0 if stats.count is None else stats.count)
+    _check_count(count, f"stats.count (-> {prefix + 'num_batches_tracked'!r})")
     out[prefix + "num_batches_tracked"] = np.array(count, np.int64, copy=True)
   return out
 
 
-def _check_shapes(shapes: Mapping[str, tuple[int, ...]]) -> None:
-  """All the same shape; at least 1-D; the running statistics (keys naming `running_` or
-  `stats.`) 1-D. `ValueError` naming the entry, the expected and the received shape."""
-  first = None
-  for name, shape in shapes.items():
-    stat = "running_" in name or "stats." in name
-    if first is None and (len(shape) == 0 or (stat and len(shape) != 1)):
-      expected = "a 1-D [C] array" if stat else "an array of at least 1 dimension"
-      raise ValueError(f"{_quoted(name)} must be {expected} (one value per channel, or a "
-                       f"LayerNorm's normalized_shape); got shape {shape}.")
-    if first is not None and shape != first[1]:
-      raise ValueError(f"{_quoted(name)} must have shape {first[1]} (that of {_quoted(first[0])});"
-                       f" got shape {shape}.")
+def _is_real(v: np.ndarray) -> bool:
+  # jnp's `issubdtype` also knows bfloat16 (ml_dtypes), which NumPy's does not.
+  return (jnp.issubdtype(v.dtype, jnp.floating) or jnp.issubdtype(v.dtype, jnp.integer)) and \
+      not jnp.issubdtype(v.dtype, jnp.bool_)
+
+
+def _check_count(n: np.ndarray, name: str) -> None:
+  """A batch count: a whole number in [0, 2**31) of any real dtype (a checkpoint cast to
+  float16 holds it as a float), as a scalar."""
+  if n.shape != () or not _is_real(n) or not (0 <= n < 2**31 and n == np.floor(n)):
+    raise ValueError(f"{name} must be a whole number in [0, 2**31) (a scalar); got {n.dtype} "
+                     f"of shape {n.shape}{f' and value {n}' if n.shape == () else ''}.")
+
+
+def _check_shapes(entries: list[tuple[str, bool, tuple[int, ...]]]) -> None:
+  """`(name, is_statistic, shape)` entries: statistics 1-D, the others at least 1-D, all of
+  one shape (that of the statistics where there are any). `ValueError` naming the entry, the
+  expected and the received shape."""
+  for name, stat, shape in entries:
     if stat and len(shape) != 1:
-      raise ValueError(f"{_quoted(name)} must be a 1-D [C] array; got shape {shape}.")
-    if first is None:
-      first = (name, shape)
-
-
-def _quoted(name: str) -> str:
-  return name if " " in name else f"state_dict[{name!r}]"
+      raise ValueError(f"{name} must be a 1-D [C] array (one value per channel); got shape "
+                       f"{shape}.")
+    if not shape:
+      raise ValueError(f"{name} must be an array of at least one dimension ([C], or a "
+                       f"LayerNorm's normalized_shape); got shape {shape}.")
+  ref = next((e for e in entries if e[1]), entries[0] if entries else None)
+  for name, _, shape in entries:
+    if shape != ref[2]:
+      raise ValueError(f"{name} must have shape {ref[2]} (that of {ref[0]}); got shape "
+                       f"{shape}.")

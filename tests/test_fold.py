@@ -164,6 +164,10 @@ def test_fold_linen_params_names_a_missing_layer():
     nj.fold_linen_params(params, stats, [("conv2", "bn")])
   with pytest.raises(ValueError, match="'bn2' is not in batch_stats"):
     nj.fold_linen_params(params, stats, [("conv", "bn2")])
+  with pytest.raises(ValueError, match=r"out_axis.*\['cnv'\]"):
+    nj.fold_linen_params(params, stats, [("conv", "bn")], out_axis={"cnv": -2})
+  assert nj.fold_linen_params(params, stats, [("conv", "bn")], out_axis={})["conv"]["bias"].shape \
+      == (2,)
 
 
 def test_fold_batch_norm_names_bad_statistics():

@@ -33,10 +33,12 @@ def test_round_trip_is_exact():
     (lambda sd: sd.__setitem__("bn.bias", np.zeros(4, np.float32)), r"'bn.bias'.*\(3,\).*\(4,\)"),
     (lambda sd: sd.clear(), "none of the keys"),
     (lambda sd: sd.update({"bn.running_mean": np.zeros((3, 1), np.float32)}),
-     r"'bn.running_mean'.*\(3,\).*\(3, 1\)"),
+     r"'bn.running_mean'\] must be a 1-D.*\(3, 1\)"),
     (lambda sd: sd.update({"bn.num_batches_tracked": np.array(2.7)}), "value 2.7"),
     (lambda sd: sd.update({"bn.num_batches_tracked": np.array(-1)}), "value -1"),
     (lambda sd: sd.update({"bn.weight": np.ones(3, np.complex64)}), "'bn.weight'.*complex64"),
+    (lambda sd: sd.update({"bn.weight": np.ones((3, 2), np.float32)}),
+     r"'bn.weight'\] must have shape \(3,\) \(that of state_dict\['bn.running_mean'\]\)"),
 ])
 def test_errors_name_the_key(change, match):
   sd = _sd()
@@ -107,3 +109,19 @@ def test_layer_norm_of_several_axes_bfloat16_and_a_missing_count():
     nj.to_torch_state_dict(stats=nj.BatchStats(jnp.zeros(3), jnp.ones(3), jnp.zeros(2)))
   with pytest.raises(ValueError, match=r"stats.mean.*1-D"):
     nj.to_torch_state_dict(stats=nj.BatchStats(jnp.zeros((3, 2)), jnp.ones((3, 2)), 0))
+
+
+def test_checkpoints_cast_wholesale_and_prefixes_naming_statistics():
+  """A state dict cast as a whole (`num_batches_tracked` a float, weights integer) still
+  loads, and a prefix containing "running_" or "stats." does not make a weight a statistic."""
+  sd = {k: v.astype(np.float16) for k, v in _sd().items()}
+  out = nj.from_torch_state_dict(sd, prefix="bn.")
+  assert int(out["stats"].count) == 7
+  out = nj.from_torch_state_dict({"weight": np.array([1, 2, 3])})
+  np.testing.assert_array_equal(out["scale"], [1.0, 2.0, 3.0])
+  ln = {"stats.ln.weight": np.ones((2, 3), np.float32), "stats.ln.bias": np.zeros((2, 3))}
+  assert nj.from_torch_state_dict(ln, prefix="stats.ln.")["scale"].shape == (2, 3)
+  assert set(nj.to_torch_state_dict(scale=jnp.ones((2, 3)), prefix="running_ln.")) == {
+      "running_ln.weight"}
+  stats = nj.BatchStats(jnp.zeros(3), jnp.ones(3), jnp.float32(4))
+  assert int(nj.to_torch_state_dict(stats=stats)["num_batches_tracked"]) == 4
