@@ -133,6 +133,9 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     if unknown:
       raise ValueError(f"fold_linen_params: `out_axis` names convs that are not in `pairs`: "
                        f"{unknown} (the convs of `pairs`: {[conv for conv, _ in pairs]}).")
+    out_axis = {conv: out_axis.get(conv, -1) for conv, _ in pairs}
+  else:
+    out_axis = {conv: out_axis for conv, _ in pairs}
   out = jax.tree.map(lambda v: v, _plain(params))
   stats = _plain(batch_stats)
 
@@ -154,8 +157,7 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     kernel, bias = fold_batch_norm(conv["kernel"], conv.get("bias"), bn.get("scale"),
                                    bn.get("bias"), BatchStats(st["mean"], st["var"], None),
                                    eps=eps[bn_name],
-                                   out_axis=(out_axis.get(conv_name, -1)
-                                             if isinstance(out_axis, Mapping) else out_axis))
+                                   out_axis=out_axis[conv_name])
     conv["kernel"], conv["bias"] = kernel, bias
     *parent, last = bn_name.split("/")
     parent = get(out, "/".join(parent), "params", default={}) if parent else out

@@ -146,8 +146,8 @@ def to_torch_state_dict(*, scale: Any = None, bias: Any = None, stats: BatchStat
 
 def _is_real(v: np.ndarray) -> bool:
   # jnp's `issubdtype` also knows bfloat16 (ml_dtypes), which NumPy's does not.
-  return (jnp.issubdtype(v.dtype, jnp.floating) or jnp.issubdtype(v.dtype, jnp.integer)) and \
-      not jnp.issubdtype(v.dtype, jnp.bool_)
+  # (bool is neither.)
+  return jnp.issubdtype(v.dtype, jnp.floating) or jnp.issubdtype(v.dtype, jnp.integer)
 
 
 def _check_count(n: np.ndarray, name: str) -> None:
