@@ -150,12 +150,19 @@ def spectral_normalize(kernel: jax.Array, state: SpectralState, *, train: bool, 
   gradient. Evaluation: `kernel / state.sigma`, and `state` is returned unchanged. A zero
   `sigma` divides by 1.
 
+  `l2(x) = x / max(||x||, eps)`, PyTorch's `spectral_norm` (flax floors the squared norm,
+  `x * rsqrt(||x||**2 + eps)`, which shrinks `u` at every step once the kernel's spectral
+  norm is below about `sqrt(eps)`: a 1e-7 kernel came out with spectral norm 1e31, then
+  undivided). A step whose `W^T v` has a norm below `eps` (a zero kernel, e.g. at a zero
+  initialisation) keeps the previous `u`, so `u` stays a unit vector and later kernels are
+  normalized again (PyTorch's `u` becomes 0 there, and its output NaN from then on).
+
   Args:
     kernel: floating `[..., C_out]` kernel of rank >= 2.
     state: its `SpectralState` (`u [C_out]`, `sigma []`), from `init_spectral_state`.
     train: True to run the power iteration and update the state (a Python bool).
     n_steps: power iterations per call, >= 1.
-    eps: added to the squared norms in `l2`: a finite number >= 0.
+    eps: the floor on the norms in `l2` (PyTorch's `eps`): a finite number >= 0.
 
   Returns:
     `(kernel / sigma, new_state)`: an array of `kernel.shape` and `kernel.dtype`, and the

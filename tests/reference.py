@@ -138,11 +138,13 @@ def weight_norm(v, g=None, *, axis=None, eps=1e-12):
 
 
 def power_iteration(w, u, n_steps, eps=1e-12):
-  """Returns (u, sigma) after n_steps of v = l2(W u), u = l2(W^T v) on W = w.reshape(-1, out)."""
+  """Returns (u, sigma) after n_steps of v = l2(W u), u = l2(W^T v) on W = w.reshape(-1, out),
+  l2(a) = a / max(||a||, eps) (PyTorch's normalize); a step whose ||W^T v|| < eps keeps u."""
   w = _f64(w).reshape(-1, np.shape(w)[-1])
   u = _f64(u)
-  l2 = lambda a: a / np.sqrt((a * a).sum() + eps)
+  l2 = lambda a: a / (max(np.linalg.norm(a), eps) or 1.0)
   for _ in range(n_steps):
     v = l2(w @ u)
-    u = l2(w.T @ v)
+    if np.linalg.norm(w.T @ v) >= eps and np.any(w.T @ v):
+      u = l2(w.T @ v)
   return u, v @ w @ u

@@ -111,3 +111,34 @@ def test_torch_loses_digits_where_we_do_not():
   ours = np.abs(np.asarray(nj.layer_norm(jnp.asarray(x)), np.float64) - expected).max()
   theirs = np.abs(F.layer_norm(_t(x), (512,)).numpy().astype(np.float64) - expected).max()
   assert ours < 1e-4 < theirs
+
+
+def test_spectral_norm_matches_torch_over_training():
+  """`spectral_normalize` against `torch.nn.utils.parametrizations.spectral_norm` (one power
+  iteration per step, eps 1e-12) over 25 steps each of a 1e-7, an ordinary, a 1e15 and a
+  1e-7 kernel on one state, and after a zero kernel: from the fifth step of each (the two
+  orders of the iteration are half a step apart) the normalized kernels agree. On the zero
+  kernel PyTorch's u and v become 0 and its output NaN for good, so it restarts there; ours
+  returns the zero kernel and keeps u (tests/test_weights.py checks that against float64)."""
+  from tests.test_weights import _kernels_with_a_gap   # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  phases = _kernels_with_a_gap((1e-7, 1.0, 1e15, 1e-7, 0.0, 1.0, 1e-7), seed=21)
+  layer = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(8, 4, bias=False))
+  state = nj.init_spectral_state(jnp.asarray(phases[0]), jax.random.key(5))
+  step = jax.jit(lambda w, s: nj.spectral_normalize(w, s, train=True))
+  for w in phases:
+    if not w.any():
+      w_sn, state = step(jnp.asarray(w), state)
+      assert not np.asarray(w_sn).any() and np.isclose(np.linalg.norm(state.u), 1.0)
+      layer = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(8, 4, bias=False))
+      continue
+    with torch.no_grad():
+      layer.parametrizations.weight.original.copy_(_t(w.T))   # torch's weight is [out, in]
+    layer.train()
+    for i in range(25):
+      w_sn, state = step(jnp.asarray(w), state)
+      theirs = layer.weight.detach().numpy().T
+      if i >= 5:
+        np.testing.assert_allclose(w_sn, theirs, rtol=1e-5, atol=1e-6)
+        top = np.linalg.svd(np.asarray(w_sn, np.float64), compute_uv=False)[0]
+        np.testing.assert_allclose(top, 1.0, rtol=1e-5)

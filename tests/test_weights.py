@@ -72,6 +72,38 @@ def test_spectral_matches_reference_power_iteration(n_steps, use_jit):
   assert new.u.dtype == state.u.dtype and w_sn.dtype == w.dtype
 
 
+def _kernels_with_a_gap(scales, seed):
+  """[8, 4] kernels with singular values `scale * (3, 1, 0.5, 0.2)`, and a zero one for 0."""
+  rng = np.random.default_rng(seed)
+  left, _ = np.linalg.qr(rng.standard_normal((8, 4)))
+  right, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+  base = left @ np.diag([3.0, 1.0, 0.5, 0.2]) @ right.T
+  return [(scale * base).astype(np.float32) for scale in scales]
+
+
+def test_spectral_zero_and_tiny_kernels_match_float64_reference(implementation):
+  """Over 80 training steps through zero, 1e-7, ordinary, 1e6 and zero again: u and sigma
+  follow the float64 power iteration with PyTorch's x / max(||x||, eps) (a zero kernel keeps
+  u), and every nonzero kernel comes out with spectral norm 1. Before, a zero kernel set u to
+  0 for good and a 1e-7 one shrank u at every step (spectral norms 33, 2.4e3, ... 1e31)."""
+  kernels = _kernels_with_a_gap((0.0, 1e-7, 1.0, 1e6, 0.0, 1e-7), seed=20)
+  state = nj.init_spectral_state(jnp.asarray(kernels[0]), jax.random.key(4))
+  step = jax.jit(lambda w, s: nj.spectral_normalize(w, s, train=True))
+  u_ref = np.asarray(state.u, np.float64)
+  for w in kernels:
+    for i in range(15):
+      w_sn, state = step(jnp.asarray(w), state)
+      u_ref, sigma_ref = ref.power_iteration(w, u_ref, 1)
+      np.testing.assert_allclose(state.u, u_ref, rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(state.sigma, sigma_ref, rtol=1e-4)
+      np.testing.assert_allclose(np.linalg.norm(state.u), 1.0, rtol=1e-5)
+      top = np.linalg.svd(np.asarray(w_sn, np.float64), compute_uv=False)[0]
+      if not w.any():
+        assert state.sigma == 0 and not np.asarray(w_sn).any()   # divided by 1
+      elif i >= 5:
+        np.testing.assert_allclose(top, 1.0, rtol=1e-5)
+
+
 def test_spectral_eval_uses_stored_sigma():
   w = rand((6, 4), 7)
   state = nj.SpectralState(u=jnp.asarray(rand((4,), 8)), sigma=jnp.float32(2.5))
@@ -95,7 +127,7 @@ def test_spectral_no_gradient_through_state():
   gw = jax.grad(lambda w: jnp.sum(nj.spectral_normalize(w, state, train=True)[0]
                                   * c.astype(np.float32)))(w)
   w64 = np.asarray(w, np.float64)
-  l2 = lambda a: a / np.sqrt((a * a).sum() + 1e-12)
+  l2 = lambda a: a / max(np.linalg.norm(a), 1e-12)
   v = l2(w64 @ np.asarray(state.u, np.float64))
   u = l2(w64.T @ v)
   sigma = v @ w64 @ u
