@@ -1,8 +1,10 @@
 """The native kernel builds as a user builds it and runs on every x86-64 CPU.
 
 setup.py compiles the kernel for the x86-64 baseline and its loops also for AVX2+FMA and
-AVX-512, picked at run time (normjax/_kernels/cpu/normalize.cc). These tests build the extension into a
-temporary directory with `setup.py build_ext`, then run one script with every variant (layer
+AVX-512, picked at run time (normjax/_kernels/cpu/normalize.cc). These tests build a wheel as pip
+builds it (`pip wheel`, with build isolation: the build requirements of pyproject.toml in a fresh
+environment, not this one's setuptools) from a copy of the sources in a temporary directory,
+unpack it, then run one script with every variant (layer
 and RMS norm, instance norm NHWC and NCHW, group norm, batch norm NHWC and NCHW; forward and
 gradient; float32 and bfloat16): in-process at every level this CPU has
 (`NORMJAX_CPU_LEVEL`), where the kernels' outputs must be bit-identical, and under
@@ -10,11 +12,13 @@ gradient; float32 and bfloat16): in-process at every level this CPU has
 must not be AVX-512 and the results must match. The baseline code must not use AVX registers.
 """
 
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -121,22 +125,43 @@ np.savez(sys.argv[1], **out)
 '''
 
 
+# What a build reads (pyproject.toml's readme and license-files, MANIFEST.in): the rest of a
+# checkout is copied too, less what a build or a virtualenv leaves behind.
+_NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "*.so",
+                                      "__pycache__", ".pytest_cache", ".hypothesis", "site")
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-  """normjax with the extension built by `setup.py build_ext` into a temporary directory."""
+  """normjax as pip builds it: `pip wheel --no-deps` (build isolation) of a copy of the
+  sources, unpacked into a temporary directory. A failed build shows pip's and the compiler's
+  output."""
   if shutil.which("g++") is None and shutil.which("c++") is None:
     pytest.skip("no C++ compiler")
+  if importlib.util.find_spec("pip") is None:
+    pytest.skip("pip is not installed in this environment")
   tmp = tmp_path_factory.mktemp("build")
-  subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp / "lib"),
-                  "--build-temp", str(tmp / "temp")], cwd=ROOT, check=True, capture_output=True)
-  built = [os.path.join(d, f) for d, _, fs in os.walk(tmp / "lib") for f in fs
-           if f.startswith("_normalize") and f.endswith(".so")]
-  assert len(built) == 1, "setup.py build_ext did not build the kernel"
-  shutil.copytree(os.path.join(ROOT, "normjax"), tmp / "pkg" / "normjax",
-                  ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-  shutil.copy(built[0], tmp / "pkg" / "normjax" / "_kernels" / "cpu")
+  shutil.copytree(ROOT, tmp / "src", ignore=_NOT_SOURCES)   # builds write into the tree
+  env = {k: v for k, v in os.environ.items() if k != "NORMJAX_NATIVE_MARCH"}  # the portable build
+  env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+  result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps",
+                           "--wheel-dir", str(tmp / "wheel"), str(tmp / "src")],
+                          env=env, capture_output=True, text=True, check=False)
+  # pip's and the compiler's output, less the file lists (copying/adding ...), last 8000 chars.
+  lines = (result.stdout + result.stderr).splitlines()
+  output = "\n".join([f"$ {' '.join(result.args)}"] + [
+      line for line in lines
+      if not re.match(r"\s*(copying|adding|creating|removing) ", line)])[-8000:]
+  assert result.returncode == 0, f"pip wheel failed (exit {result.returncode}):\n{output}"
+  wheels = list((tmp / "wheel").glob("normjax-*.whl"))
+  assert len(wheels) == 1, f"pip wheel built {wheels}:\n{output}"
+  with zipfile.ZipFile(wheels[0]) as wheel:
+    wheel.extractall(tmp / "pkg")
+  built = list((tmp / "pkg" / "normjax" / "_kernels" / "cpu").glob("_normalize*.so"))
+  assert len(built) == 1, f"the wheel has no native kernel (the build skips it when it fails " \
+                          f"to compile):\n{output}"
   (tmp / "check.py").write_text(_SCRIPT)
-  return tmp, built[0]
+  return tmp, str(built[0])
 
 
 @pytest.fixture(scope="module")
