@@ -17,7 +17,9 @@ class BatchStats(NamedTuple):
     mean: `[C]` float32 running mean of each channel.
     var: `[C]` float32 running variance of each channel.
     count: int32 scalar, the number of training batches folded in so far (used by
-      `momentum=None`, the cumulative average).
+      `momentum=None`, the cumulative average): those with at least one (unmasked) element
+      in some channel. A batch with none (`x` of shape `(0, C)`, an all-False mask) is not
+      counted and changes no statistic.
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
@@ -80,11 +82,13 @@ def update_running_stats(stats: BatchStats, batch_mean: jax.Array, batch_var: ja
       average over `count + 1` batches (PyTorch's `momentum=None`).
 
   Returns:
-    The new `BatchStats`, with the dtypes of `stats`.
+    The new `BatchStats`, with the dtypes of `stats`. `count` advances by one only where some
+    channel has data: a batch with none (an empty `x`, an all-False mask) changes nothing.
   """
-  count = stats.count + 1
+  count = stats.count + jnp.any(has_data).astype(stats.count.dtype)
   if momentum is None:
-    weight = 1.0 / count.astype(batch_mean.dtype)   # new = old + (batch - old) / count
+    # new = old + (batch - old) / count; where count did not advance nothing is updated.
+    weight = 1.0 / jnp.maximum(count, 1).astype(batch_mean.dtype)
   else:
     weight = jnp.asarray(1.0 - momentum, batch_mean.dtype)
 

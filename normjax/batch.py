@@ -39,7 +39,17 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     train: True to normalize with batch statistics and update `stats`; False to use `stats`.
     channel_axis: the channel axis (-1 channels-last, 1 for PyTorch's NCHW).
     momentum: decay of the running averages, in [0, 1] (PyTorch's `momentum=m` is `1 - m`
-      here); None for the cumulative average over all `count` batches (PyTorch's None).
+      here); None for the cumulative average over the `count` batches counted (PyTorch's
+      None): the `k`-th counted batch is folded in as `new = old + (batch - old) / k`.
+      A batch is counted when some channel has an (unmasked) element: an empty batch (`x`
+      of shape `(0, C)`, an all-False mask) changes neither `count` nor any statistic. The
+      average is exact for every channel that has data in every counted batch: always
+      without a mask, and with a mask shared by all channels (padding). `count` is one
+      scalar (PyTorch's `num_batches_tracked`), so a channel with no element in a counted
+      batch keeps its mean and var for that batch, and its next batch is weighed `1 / count`
+      all the same (its missed batches count as its running value, the initial 0 and 1
+      included); a per-channel mask that empties some channels only is better served by a
+      `momentum`.
     eps: added to the variance: a finite number >= 0, used as a Python float (a traced eps is
       used unchanged, and is differentiable).
     mask: optional bool array broadcastable to `x`; only True elements enter the statistics.

@@ -1,4 +1,5 @@
-"""Ghost batch norm (`batch_norm(virtual_batch_size=k)`) against per-group float64 batch norm."""
+"""Ghost batch norm (`batch_norm(virtual_batch_size=k)`) against per-group float64 batch norm, and
+the running statistics' `count` (`momentum=None`) with empty batches."""
 
 import re
 
@@ -158,3 +159,46 @@ def test_evaluation_loop_over_x_takes_the_per_channel_factor_from_outside():
   body = _fused_computations(text)[loops[0]]
   for op in ("rsqrt(", "compare(", "select("):
     assert op not in body, (op, body)
+
+
+def _padded_batches():
+  """[N, T, C] batches with padding masks `[N, T, 1]` shared by the channels: one with data,
+  one all padding, an empty one `(0, T, C)`, one partly padded, and one without a mask."""
+  out = []
+  for i, keep in enumerate([None, 0, None, 3, None]):
+    n = 0 if i == 2 else 4
+    x = rand((n, 5, 3), 30 + i, loc=10.0 * i, spread=1.0 + i)
+    mask = None if keep is None else np.arange(5)[None, :, None] < np.full((n, 1, 1), keep)
+    out.append((x, mask))
+  return out
+
+
+@pytest.mark.parametrize("fn", ["batch_norm", "batch_renorm"])
+def test_cumulative_average_skips_batches_without_data(implementation, fn):
+  """`momentum=None` over batches whose padding leaves nothing (all-False mask) or that are
+  empty: those change neither `count` nor any statistic, so the running mean and var are the
+  float64 average over the batches with data (PyTorch's where every batch has data). Before,
+  both were counted and the next batch weighed the running values as a batch seen."""
+  call = getattr(nj, fn)
+  step = jax.jit(lambda x, s, m: call(x, None, None, s, train=True, momentum=None, mask=m))
+  stats, means, vars_ = nj.init_batch_stats(3), [], []
+  for x, mask in _padded_batches():
+    _, stats = step(jnp.asarray(x), stats, None if mask is None else jnp.asarray(mask))
+    if mask is not None and not mask.any() or x.size == 0:
+      continue
+    m = np.broadcast_to(True if mask is None else mask, x.shape)
+    m0, v0, _ = ref.moments(x, (0, 1), m)
+    means.append(m0.ravel())
+    vars_.append(v0.ravel())
+  assert int(stats.count) == len(means) == 3
+  np.testing.assert_allclose(stats.mean, np.mean(means, 0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stats.var, np.mean(vars_, 0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_empty_batch_moves_no_state(implementation, momentum):
+  stats = nj.BatchStats(jnp.asarray([1.0, 2.0]), jnp.asarray([3.0, 4.0]), jnp.asarray(5))
+  y, new = nj.batch_norm(jnp.zeros((0, 2)), None, None, stats, train=True, momentum=momentum)
+  assert y.shape == (0, 2)
+  for got, want in zip(new, stats):
+    np.testing.assert_array_equal(got, want)

@@ -272,6 +272,21 @@ def test_momentum_none_is_the_cumulative_average_with_a_count():
                              rtol=1e-5)
 
 
+def test_momentum_none_skips_a_fully_masked_batch():
+  """A batch whose mask keeps nothing is not counted: the next batch is the first average."""
+  module = njnn.BatchNorm(momentum=None, use_running_average=False)
+  x0, x1 = (data(k)[0] for k in jax.random.split(jax.random.key(12)))
+  variables = module.init(jax.random.key(0), x0)
+  _, upd = module.apply(variables, x0, mask=jnp.zeros(SHAPE, bool), mutable=["batch_stats"])
+  assert int(upd["batch_stats"]["count"]) == 0
+  _, upd = module.apply({**variables, **upd}, x1, mutable=["batch_stats"])
+  assert int(upd["batch_stats"]["count"]) == 1
+  x64 = np.asarray(x1, np.float64)
+  np.testing.assert_allclose(upd["batch_stats"]["mean"], x64.mean((0, 1, 2)), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["var"], x64.var((0, 1, 2)), rtol=1e-5)
+
+
 def test_unbiased_running_var_and_mask():
   x, mask = data(jax.random.key(12))
   module = njnn.BatchNorm(momentum=0.8, unbiased_running_var=True, use_running_average=False)

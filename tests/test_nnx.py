@@ -154,6 +154,19 @@ def test_vmap_matches_flax(ensemble):
   assert_close(outs[1], outs[0])
 
 
+def test_momentum_none_skips_a_fully_masked_batch():
+  """A batch whose mask keeps nothing is not counted: the next batch is the first average."""
+  x0, x1 = (data(k)[0] for k in jax.random.split(jax.random.key(12)))
+  bn = njnnx.BatchNorm(8, momentum=None, rngs=nnx.Rngs(0))
+  bn(x0, mask=jnp.zeros(SHAPE, bool))
+  assert int(bn.count[...]) == 0
+  bn(x1)
+  x64 = np.asarray(x1, np.float64)
+  assert int(bn.count[...]) == 1
+  np.testing.assert_allclose(bn.mean[...], x64.mean((0, 1, 2)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(bn.var[...], x64.var((0, 1, 2)), rtol=1e-5)
+
+
 def test_momentum_none_count_and_unbiased_running_var():
   xs = [data(k)[0] * (i + 1) for i, k in enumerate(jax.random.split(jax.random.key(9), 3))]
   bn = njnnx.BatchNorm(8, momentum=None, unbiased_running_var=True, rngs=nnx.Rngs(0))
