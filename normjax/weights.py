@@ -94,13 +94,17 @@ def weight_norm(v: jax.Array, g: jax.Array | None = None, *,
   kept = tuple(a for a in range(v.ndim) if a not in axes)
   g = _axes.check_param(g, "g", tuple(v.shape[a] for a in kept))
   eps = _axes.check_eps(eps)
-  n = _axes.reduced_size(v.shape, axes)
+  n = max(_axes.reduced_size(v.shape, axes), 1)
   dtype = _core.stats_dtype(v.dtype)
-  factor = jnp.asarray(1.0 / math.sqrt(max(n, 1)), dtype)
+  if isinstance(n, int):
+    factor, eps_per_element = jnp.asarray(1.0 / math.sqrt(n), dtype), eps / n
+  else:   # a symbolic fan-in (jax.export): n is known at run time only
+    n = jnp.asarray(n, dtype)
+    factor, eps_per_element = jax.lax.rsqrt(n), jnp.asarray(eps, dtype) / n
   scale = factor if g is None else g.astype(dtype) * factor
   scale = jnp.broadcast_to(scale, tuple(v.shape[a] for a in kept))
   y, _ = _dispatch.standardize(v, axes, _axes.broadcast_to_axes(scale, v.ndim, kept), None,
-                               eps / max(n, 1), centered=False)
+                               eps_per_element, centered=False)
   return y
 
 

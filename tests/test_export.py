@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import normjax as nj
+from tests import reference as ref
 from tests.helpers import rand
 
 pytest.importorskip("flatbuffers")
@@ -101,3 +102,73 @@ def test_export_with_a_symbolic_batch(masked):
     x = jnp.asarray(rand((b, 5, 6, 4), seed=b))
     for got, want in zip(jax.tree.leaves(exported.call(x)), jax.tree.leaves(fn(x))):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _export_at_two_fan_ins(fn, make_args, spec, expected, serialize=True):
+  """Exports `fn` at the symbolic shapes `spec` (and round-trips it through bytes), and checks
+  it against `expected` at fan-ins 3 and 7."""
+  exported = jax.export.export(jax.jit(fn))(*spec)
+  if serialize:
+    exported = jax.export.deserialize(exported.serialize())
+  for k in (3, 7):
+    args = make_args(k)
+    for got, want in zip(jax.tree.leaves(exported.call(*args)),
+                         jax.tree.leaves(expected(*args))):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_export_weight_norm_with_a_symbolic_fan_in():
+  """`weight_norm` of a `[k, 4]` and a `[3, k, 4]` kernel with `k` symbolic, against float64
+  (it took `math.sqrt` of the fan-in: `TypeError: must be real number, not _DimExpr`)."""
+  g = jnp.linspace(0.5, 2.0, 4)
+  fn = lambda v, w: (nj.weight_norm(v, g), nj.weight_norm(w, eps=1e-3))
+  k = jax.export.symbolic_shape("k")[0]
+  spec = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((k, 4), (3, k, 4))]
+  _export_at_two_fan_ins(
+      fn, lambda k: (jnp.asarray(rand((k, 4), k)), jnp.asarray(rand((3, k, 4), k + 1))), spec,
+      lambda v, w: (ref.weight_norm(v, g), ref.weight_norm(w, eps=1e-3)))
+
+
+def _named(path, name):
+  """Whether a key of the pytree `path` is `name` (a dict key or an nnx attribute)."""
+  return any(getattr(key, "key", getattr(key, "name", None)) == name for key in path)
+
+
+def _with_symbolic_fan_in(tree, k):
+  """ShapeDtypeStructs of `tree`'s leaves, the `kernel`'s axis 0 (and `x`'s last) `k`."""
+  def spec(path, leaf):
+    shape = tuple(leaf.shape)
+    if _named(path, "kernel") or _named(path, "x"):
+      axis = 0 if _named(path, "kernel") else len(shape) - 1
+      dims = jax.export.symbolic_shape(", ".join(
+          "k" if a == axis else str(n) for a, n in enumerate(shape)), scope=k.scope)
+      return jax.ShapeDtypeStruct(dims, leaf.dtype)
+    return jax.ShapeDtypeStruct(shape, leaf.dtype)
+  return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def test_export_flax_weight_norm_with_a_symbolic_fan_in():
+  """The linen and nnx `WeightNorm(Dense/Linear)` exported with the input features symbolic."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  import normjax.linen as njnn  # pylint: disable=import-outside-toplevel
+  import normjax.nnx as njnnx  # pylint: disable=import-outside-toplevel
+  k = jax.export.symbolic_shape("k")[0]
+  linen = njnn.WeightNorm(nn.Dense(3))
+  variables = linen.init(jax.random.key(0), jnp.ones((2, 5)))
+  graph, state = nnx.split(njnnx.WeightNorm(nnx.Linear(5, 3, rngs=nnx.Rngs(0)),
+                                            rngs=nnx.Rngs(1)))
+
+  def make_args(n):
+    grow = lambda path, a: (jnp.asarray(rand((n,) + a.shape[1:], n)) if _named(path, "kernel")
+                            else a)
+    return (jax.tree_util.tree_map_with_path(grow, variables),
+            jax.tree_util.tree_map_with_path(grow, state), {"x": jnp.asarray(rand((2, n), 9))})
+
+  def fn(variables, state, x):
+    return linen.apply(variables, x["x"]), nnx.merge(graph, state)(x["x"])
+  spec = _with_symbolic_fan_in((variables, state, {"x": jnp.ones((2, 5))}), k)
+  # Exported, not serialized: nnx's WeightNorm keys its scales by tuple paths, which
+  # jax.export's serialization does not take.
+  _export_at_two_fan_ins(fn, make_args, spec, fn, serialize=False)
