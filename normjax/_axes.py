@@ -198,6 +198,25 @@ def check_param(param: Any, name: str, expected: tuple[int, ...]) -> jax.Array |
   return param
 
 
+def check_channel_param(param: Any, name: str, x_shape: tuple[int, ...],
+                        c_axis: int) -> jax.Array | None:
+  """`check_param` for a `[C]` parameter, `C = x_shape[c_axis]`; when the shape received is
+  that of another non-batch axis of `x`, the message says which `channel_axis` would fit (NCHW
+  input without `channel_axis=1`)."""
+  try:
+    return check_param(param, name, (x_shape[c_axis],))
+  except ValueError as error:
+    fits = [a for a in range(1, len(x_shape))
+            if a != c_axis and tuple(param.shape) == (x_shape[a],)]
+    if not fits:
+      raise
+    named = lambda a: ("channel_axis=1 (PyTorch's NC... layout)" if a == 1 else
+                       f"channel_axis={a - len(x_shape) if a == len(x_shape) - 1 else a}")
+    raise ValueError(f"{error} x has shape {tuple(x_shape)}, its channels taken along axis "
+                     f"{c_axis}; if they are along axis {' or '.join(map(str, fits))}, pass "
+                     f"{' or '.join(map(named, fits))}.") from None
+
+
 def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
   """Returns `mask` broadcast to `x_shape`; it must be boolean and broadcastable to `x`."""
   if mask is None:

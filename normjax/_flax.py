@@ -77,6 +77,18 @@ def _input(x: Any, params: Sequence[Any], dtype: Any) -> tuple[jax.Array, jnp.dt
   return x.astype(result_dtype(x, out)), out
 
 
+def check_num_features(num_features: Any) -> int:
+  """An nnx module's `num_features`: a positive int (flax's would fail in a shape error)."""
+  return _axes.check_positive_int(num_features, "num_features")
+
+
+def check_use_running_average(value: Any) -> bool:
+  """`use_running_average` (after flax's merge of attribute and argument): a bool, as
+  `batch_norm`'s `train` (flax would read "no" by its truthiness, as True)."""
+  return _axes.check_bool(value, "use_running_average",
+                          "True for the stored statistics, False for the batch's")
+
+
 def check_channels(x: jax.Array, axis: int, num_features: int) -> None:
   """`ValueError` unless `x` has `num_features` channels along `axis` (an out-of-range
   `axis` is left to the normjax function's own error)."""

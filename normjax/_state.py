@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +66,17 @@ def init_batch_stats(num_features: int, dtype=jnp.float32) -> BatchStats:
   return BatchStats(mean=jnp.zeros((num_features,), dtype),
                     var=jnp.ones((num_features,), dtype),
                     count=jnp.zeros((), jnp.int32))
+
+
+def missing_stats_fields(stats: Any) -> list[str]:
+  """The fields among `mean`, `var`, `count` that `stats` lacks: a `BatchStats`, or any
+  object with those attributes (for a tuple, as named fields: a namedtuple without `count`,
+  or a plain tuple, would otherwise offer `tuple.count`, a method)."""
+  if isinstance(stats, tuple):
+    fields = getattr(type(stats), "_fields", ())
+  else:
+    fields = tuple(f for f in ("mean", "var", "count") if hasattr(stats, f))
+  return [f for f in ("mean", "var", "count") if f not in fields]
 
 
 def update_running_stats(stats: BatchStats, batch_mean: jax.Array, batch_var: jax.Array,

@@ -11,7 +11,7 @@ from jax import lax
 from normjax import _axes
 from normjax import _core
 from normjax import _dispatch
-from normjax._state import BatchStats, update_running_stats
+from normjax._state import BatchStats, missing_stats_fields, update_running_stats
 
 
 def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, stats: BatchStats,
@@ -126,9 +126,15 @@ def _batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, s
                            "True for batch statistics, False for the running statistics")
   c_axis = _axes.canonicalize_axis(channel_axis, x.ndim, "channel_axis")
   num_channels = x.shape[c_axis]
-  scale = _axes.check_param(scale, "scale", (num_channels,))
-  bias = _axes.check_param(bias, "bias", (num_channels,))
+  scale = _axes.check_channel_param(scale, "scale", x.shape, c_axis)
+  bias = _axes.check_channel_param(bias, "bias", x.shape, c_axis)
   _check_stats(stats, num_channels)
+  if renorm is not None and isinstance(renorm.warmup_steps, int):
+    top = int(jnp.iinfo(stats.count.dtype).max)
+    if renorm.warmup_steps > top:
+      raise ValueError(f"warmup_steps must be at most {top}, the largest stats.count of dtype "
+                       f"{stats.count.dtype} (warmup lasts while count < warmup_steps); got "
+                       f"warmup_steps={renorm.warmup_steps}.")
   eps = _axes.check_eps(eps)
   momentum = _axes.check_momentum(momentum)
   mask = _axes.check_mask(mask, x.shape)
@@ -203,11 +209,7 @@ def _check_stats(stats: Any, num_channels: int) -> None:
   named fields: a namedtuple without `count` would otherwise offer `tuple.count`, a method).
   """
   example = f"e.g. from nj.init_batch_stats({num_channels})"
-  if isinstance(stats, tuple):
-    fields = getattr(type(stats), "_fields", ())
-  else:
-    fields = tuple(f for f in ("mean", "var", "count") if hasattr(stats, f))
-  missing = [f for f in ("mean", "var", "count") if f not in fields]
+  missing = missing_stats_fields(stats)
   if missing:
     raise TypeError(f"stats must be a BatchStats (fields mean, var, count), {example}; got "
                     f"{type(stats).__name__}, which has no field {', '.join(missing)}.")

@@ -109,8 +109,11 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     A new nested dict of params; the input is not modified.
 
   Raises:
-    ValueError: `eps` is a mapping without an entry for one of the pairs' batch norms, or a
-      name of `pairs` is not in `params` (the conv) or `batch_stats` (the batch norm).
+    TypeError: `params` or `batch_stats` is not a mapping, or `pairs` is not a sequence of
+      `(conv_name, bn_name)` string pairs (a flat `("conv", "bn")` or a string).
+    ValueError: `eps` is a mapping without an entry for one of the pairs' batch norms, a
+      name of `pairs` is not in `params` (the conv) or `batch_stats` (the batch norm), a conv
+      without a `kernel`, or statistics without `mean` and `var`.
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
@@ -120,6 +123,12 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     >>> sorted(nj.fold_linen_params(params, stats, [("conv", "bn")], eps=0.0)["conv"])
     ['bias', 'kernel']
   """
+  for tree, name in ((params, "params"), (batch_stats, "batch_stats")):
+    if not isinstance(tree, Mapping):
+      raise TypeError(f"fold_linen_params: {name} must be a mapping (the model's {name} "
+                      f"collection, a dict or FrozenDict); got {name} of type "
+                      f"{type(tree).__name__}.")
+  pairs = _check_pairs(pairs)
   if isinstance(eps, Mapping):
     missing = [bn for _, bn in pairs if bn not in eps]
     if missing:
@@ -152,6 +161,8 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
   for conv_name, bn_name in pairs:
     conv = get(out, conv_name, "params")
     st = get(stats, bn_name, "batch_stats")
+    _check_entry(conv, ("kernel",), f"params[{conv_name!r}]", f"the layer before {bn_name!r}")
+    _check_entry(st, ("mean", "var"), f"batch_stats[{bn_name!r}]", "a BatchNorm's statistics")
     # A BatchNorm with neither scale nor bias has statistics but no params.
     bn = get(out, bn_name, "params", default={})
     kernel, bias = fold_batch_norm(conv["kernel"], conv.get("bias"), bn.get("scale"),
@@ -163,6 +174,31 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     parent = get(out, "/".join(parent), "params", default={}) if parent else out
     parent.pop(last, None)
   return out
+
+
+def _check_pairs(pairs: Any) -> list[tuple[str, str]]:
+  """`pairs` as a list of `(conv_name, bn_name)` string pairs; `TypeError` otherwise (a flat
+  `("conv", "bn")` or a string included)."""
+  ok = not isinstance(pairs, (str, bytes, Mapping)) and isinstance(pairs, Sequence)
+  bad = None if ok else pairs
+  for pair in pairs if ok else ():
+    if (isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2
+        or not all(isinstance(name, str) for name in pair)):
+      ok, bad = False, pair
+      break
+  if not ok:
+    raise TypeError(f"fold_linen_params: pairs must be a sequence of (conv_name, bn_name) pairs "
+                    f"of strings, e.g. [('conv', 'bn')]; got pairs={pairs!r}, in which {bad!r} "
+                    f"is not such a pair.")
+  return [tuple(pair) for pair in pairs]
+
+
+def _check_entry(entry: Any, keys: tuple[str, ...], name: str, what: str) -> None:
+  """`ValueError` unless `entry` is a mapping with every one of `keys`."""
+  if not isinstance(entry, Mapping) or not all(k in entry for k in keys):
+    got = f"keys {sorted(entry)}" if isinstance(entry, Mapping) else type(entry).__name__
+    raise ValueError(f"fold_linen_params: {name} ({what}) must have the entries "
+                     f"{list(keys)}; got {got}.")
 
 
 def _plain(tree: Mapping[str, Any]) -> dict:

@@ -107,8 +107,8 @@ def _group_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, *
   c_axis, b_axis = _axes.channel_and_batch_axes(channel_axis, batch_axis, x.ndim)
   num_channels = x.shape[c_axis]
   size = _group_size(num_channels, num_groups, group_size)
-  scale = _axes.check_param(scale, "scale", (num_channels,))
-  bias = _axes.check_param(bias, "bias", (num_channels,))
+  scale = _axes.check_channel_param(scale, "scale", x.shape, c_axis)
+  bias = _axes.check_channel_param(bias, "bias", x.shape, c_axis)
   eps = _axes.check_eps(eps)
   _axes.check_bool(fast_variance, "fast_variance", "True for the one-pass variance")
   mask = _axes.check_mask(mask, x.shape)

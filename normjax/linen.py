@@ -128,8 +128,8 @@ class BatchNorm(nn.Module):
         not both (flax's `merge_param` rule).
       mask: optional bool array broadcastable to `x`; True elements enter the statistics.
     """
-    use_running_average = nn.merge_param("use_running_average", self.use_running_average,
-                                         use_running_average)
+    use_running_average = _flax.check_use_running_average(nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average))
     feature_axes = _flax.feature_axes(self.axis, jnp.ndim(x), "axis")
     shape = tuple(jnp.shape(x)[a] for a in feature_axes)
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
@@ -231,8 +231,8 @@ class BatchRenorm(nn.Module):
       use_running_average: True for the stored statistics; here or as the attribute.
       mask: optional bool array broadcastable to `x`; True elements enter the statistics.
     """
-    use_running_average = nn.merge_param("use_running_average", self.use_running_average,
-                                         use_running_average)
+    use_running_average = _flax.check_use_running_average(nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average))
     feature_axes = _flax.feature_axes(self.axis, jnp.ndim(x), "axis")
     shape = tuple(jnp.shape(x)[a] for a in feature_axes)
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype

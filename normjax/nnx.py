@@ -112,6 +112,7 @@ class BatchNorm(nnx.Module):
                promote_dtype: Any = _flax.promote_dtype, unbiased_running_var: bool = False,
                virtual_batch_size: int | None = None, rngs: nnx.Rngs, bias_metadata: Any = _NO_METADATA,
                scale_metadata: Any = _NO_METADATA):
+    num_features = _flax.check_num_features(num_features)
     self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
     if momentum is None:
@@ -133,6 +134,7 @@ class BatchNorm(nnx.Module):
         use_running_average, self.use_running_average,
         error_msg="No use_running_average was given to BatchNorm: pass it to the constructor, "
                   "to the call, or set it with model.train() / model.eval().")
+    use_running_average = _flax.check_use_running_average(use_running_average)
     x, mean, var, scale, bias = self.promote_dtype(
         (_flax.check_input(x), self.mean[...], self.var[...], _value(self.scale),
          _value(self.bias)), dtype=self.dtype)
@@ -189,6 +191,7 @@ class BatchRenorm(nnx.Module):
                promote_dtype: Any = _flax.promote_dtype, r_max: Any = 3.0, d_max: Any = 5.0,
                warmup_steps: Any = 0, rngs: nnx.Rngs, bias_metadata: Any = _NO_METADATA,
                scale_metadata: Any = _NO_METADATA):
+    num_features = _flax.check_num_features(num_features)
     self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
     self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
@@ -209,6 +212,7 @@ class BatchRenorm(nnx.Module):
         use_running_average, self.use_running_average,
         error_msg="No use_running_average was given to BatchRenorm: pass it to the "
                   "constructor, to the call, or set it with model.train() / model.eval().")
+    use_running_average = _flax.check_use_running_average(use_running_average)
     x, mean, var, scale, bias = self.promote_dtype(
         (_flax.check_input(x), self.mean[...], self.var[...], _value(self.scale),
          _value(self.bias)), dtype=self.dtype)
@@ -263,6 +267,7 @@ class LayerNorm(nnx.Module):
                axis_index_groups: Any = None, use_fast_variance: bool = True,
                promote_dtype: Any = _flax.promote_dtype, rngs: nnx.Rngs,
                bias_metadata: Any = _NO_METADATA, scale_metadata: Any = _NO_METADATA):
+    num_features = _flax.check_num_features(num_features)
     _flax.no_index_groups(axis_index_groups, "LayerNorm")
     self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
     self.bias = _param(use_bias, bias_init, rngs, (num_features,), param_dtype, bias_metadata)
@@ -303,6 +308,7 @@ class RMSNorm(nnx.Module):
                axis_index_groups: Any = None, use_fast_variance: bool = True,
                promote_dtype: Any = _flax.promote_dtype, rngs: nnx.Rngs,
                scale_metadata: Any = _NO_METADATA):
+    num_features = _flax.check_num_features(num_features)
     _flax.no_index_groups(axis_index_groups, "RMSNorm")
     self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
     _store_options(self, locals())
@@ -397,6 +403,7 @@ class InstanceNorm(nnx.Module):
                use_fast_variance: bool = True, promote_dtype: Any = _flax.promote_dtype,
                rngs: nnx.Rngs, bias_metadata: Any = _NO_METADATA,
                scale_metadata: Any = _NO_METADATA):
+    num_features = _flax.check_num_features(num_features)
     _flax.no_index_groups(axis_index_groups, "InstanceNorm")
     self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
     self.bias = _param(use_bias, bias_init, rngs, (num_features,), param_dtype, bias_metadata)
@@ -450,6 +457,7 @@ class GroupNorm(nnx.Module):
                promote_dtype: Any = _flax.promote_dtype, feature_axis: int = -1,
                rngs: nnx.Rngs, bias_metadata: Any = _NO_METADATA,
                scale_metadata: Any = _NO_METADATA):
+    num_features = _flax.check_num_features(num_features)
     _flax.no_index_groups(axis_index_groups, "GroupNorm")
     group_size = _group_size(num_features, num_groups, group_size)
     num_groups = num_features // group_size
@@ -491,6 +499,7 @@ class FilterResponseNorm(nnx.Module):
                tau_init: Initializer = initializers.zeros_init(),
                epsilon_init: Initializer = initializers.constant(1e-4), feature_axis: int = -1,
                promote_dtype: Any = _flax.promote_dtype, rngs: nnx.Rngs):
+    num_features = _flax.check_num_features(num_features)
     shape = (num_features,)
     self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, _NO_METADATA)
     self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, _NO_METADATA)

@@ -49,8 +49,8 @@ def batch_renorm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
     `(y, new_stats)` as in `batch_norm`.
 
   Raises:
-    ValueError: `r_max < 1`, `d_max < 0` or `warmup_steps < 0` (when concrete), and
-      `batch_norm`'s errors.
+    ValueError: `r_max < 1`, `d_max < 0`, `warmup_steps < 0` or above the largest
+      `stats.count` of its dtype (when concrete), and `batch_norm`'s errors.
     TypeError: a non-real `r_max`/`d_max`, a non-integer `warmup_steps`, and `batch_norm`'s
       errors.
 

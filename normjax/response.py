@@ -50,10 +50,9 @@ def filter_response_norm(x: jax.Array, scale: jax.Array | None = None,
   """
   x = _axes.check_floating(x)
   c_axis, b_axis = _axes.channel_and_batch_axes(channel_axis, batch_axis, x.ndim)
-  num_channels = x.shape[c_axis]
-  scale = _axes.check_param(scale, "scale", (num_channels,))
-  bias = _axes.check_param(bias, "bias", (num_channels,))
-  tau = _axes.check_param(tau, "tau", (num_channels,))
+  scale = _axes.check_channel_param(scale, "scale", x.shape, c_axis)
+  bias = _axes.check_channel_param(bias, "bias", x.shape, c_axis)
+  tau = _axes.check_channel_param(tau, "tau", x.shape, c_axis)
   eps = _axes.check_eps(eps)
   mask = _axes.check_mask(mask, x.shape)
   per_channel = lambda p: _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
@@ -87,7 +86,7 @@ def tlu(x: jax.Array, tau: jax.Array, *, channel_axis: int = -1) -> jax.Array:
   """
   x = _axes.check_floating(x)
   c_axis = _axes.canonicalize_axis(channel_axis, x.ndim, "channel_axis")
-  tau = _axes.check_param(tau, "tau", (x.shape[c_axis],))
+  tau = _axes.check_channel_param(tau, "tau", x.shape, c_axis)
   if tau is None:
     raise TypeError("tau must be a floating array of shape [C]; got tau=None.")
   return _threshold(x, _axes.broadcast_to_axes(tau, x.ndim, (c_axis,)))

@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from normjax._state import BatchStats
+from normjax._state import BatchStats, missing_stats_fields
 
 _KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -57,7 +57,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> di
     A dict with the keys among `"scale"`, `"bias"`, `"stats"` whose entries were found.
 
   Raises:
-    ValueError: nothing under `prefix`, only one of `running_mean`/`running_var`, running
+    TypeError: a non-str `prefix`.
+    ValueError: nothing under `prefix` (a `num_batches_tracked` alone included), only one of `running_mean`/`running_var`, running
       statistics that are not 1-D, shapes that disagree (the key, the expected and the
       received shape are named), a complex or boolean entry, or a `num_batches_tracked` that
       is not a whole number in [0, 2**31).
@@ -70,10 +71,11 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> di
     >>> sorted(out), int(out["stats"].count)
     (['bias', 'scale', 'stats'], 3)
   """
+  _check_prefix(prefix)
   found = {k: _numpy(state_dict[prefix + k]) for k in _KEYS if prefix + k in state_dict}
-  if not found:
-    raise ValueError(f"state_dict has none of the keys {[prefix + k for k in _KEYS]}; got keys "
-                     f"{sorted(state_dict)[:10]}{' ...' if len(state_dict) > 10 else ''}.")
+  if not any(k in found for k in _KEYS[:4]):   # a num_batches_tracked alone is no layer
+    raise ValueError(f"state_dict has none of the keys {[prefix + k for k in _KEYS[:4]]}; got "
+                     f"keys {sorted(state_dict)[:10]}{' ...' if len(state_dict) > 10 else ''}.")
   has_stats = [k in found for k in ("running_mean", "running_var")]
   if any(has_stats) and not all(has_stats):
     missing = prefix + ("running_var" if has_stats[0] else "running_mean")
@@ -119,22 +121,36 @@ def to_torch_state_dict(*, scale: Any = None, bias: Any = None, stats: BatchStat
     ...}, strict=False)`.
 
   Raises:
-    ValueError: a scalar entry, running statistics that are not 1-D, shapes that disagree, or
-      a `stats.count` that is not a whole number in [0, 2**31).
+    TypeError: a `stats` that is not a `BatchStats` (e.g. a plain tuple), or a non-str
+      `prefix`.
+    ValueError: a scalar entry, a non-real one (complex, boolean, a string), running
+      statistics that are not 1-D, shapes that disagree, or a `stats.count` that is not a
+      whole number in [0, 2**31).
 
   Example:
     >>> import normjax as nj
     >>> sorted(nj.to_torch_state_dict(stats=nj.init_batch_stats(2), prefix="bn."))
     ['bn.num_batches_tracked', 'bn.running_mean', 'bn.running_var']
   """
+  _check_prefix(prefix)
   names = {"weight": "scale", "bias": "bias", "running_mean": "stats.mean",
            "running_var": "stats.var"}
   entries = {"weight": scale, "bias": bias}
   if stats is not None:
+    missing = missing_stats_fields(stats)
+    if missing:
+      raise TypeError(f"stats must be a BatchStats (fields mean, var, count; count may be None), "
+                      f"e.g. nj.BatchStats(mean, var, count); got {type(stats).__name__}, which "
+                      f"has no field {', '.join(missing)}.")
     entries.update(running_mean=stats.mean, running_var=stats.var)
-  # writable copies (torch.from_numpy needs them)
-  out = {prefix + k: np.array(v, np.float32, copy=True) for k, v in entries.items()
-         if v is not None}
+  out = {}
+  for k, v in entries.items():
+    if v is not None:
+      value = _numpy(v)
+      if not _is_real(value):   # a complex entry would lose its imaginary part
+        raise ValueError(f"{names[k]} (-> {prefix + k!r}) must be a real (floating or integer) "
+                         f"array; got dtype {value.dtype} (from a {type(v).__name__}).")
+      out[prefix + k] = np.array(value, np.float32, copy=True)   # writable (torch.from_numpy)
   _check_shapes([(f"{names[k]} (-> {prefix + k!r})", k.startswith("running_"),
                   out[prefix + k].shape) for k in entries if prefix + k in out])
   if stats is not None:
@@ -142,6 +158,12 @@ def to_torch_state_dict(*, scale: Any = None, bias: Any = None, stats: BatchStat
     _check_count(count, f"stats.count (-> {prefix + 'num_batches_tracked'!r})")
     out[prefix + "num_batches_tracked"] = np.array(count, np.int64, copy=True)
   return out
+
+
+def _check_prefix(prefix: Any) -> None:
+  if not isinstance(prefix, str):
+    raise TypeError(f"prefix must be a str (the layer's key prefix, e.g. 'bn1.', or ''); got "
+                    f"prefix={prefix!r} (of type {type(prefix).__name__}).")
 
 
 def _is_real(v: np.ndarray) -> bool:

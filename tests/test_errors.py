@@ -187,6 +187,26 @@ _INF, _NAN = float("inf"), float("nan")
 X4 = jnp.asarray(np.random.default_rng(0).standard_normal((4, 5, 6)), jnp.float32)
 
 
+_PARAMS = {"conv": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
+           "bn": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}}
+_BSTATS = {"bn": {"mean": jnp.zeros(3), "var": jnp.ones(3)}}
+
+
+def _linen():
+  import normjax.linen as njnn  # pylint: disable=import-outside-toplevel
+  return njnn
+
+
+def _nnx():
+  import normjax.nnx as njnnx  # pylint: disable=import-outside-toplevel
+  return njnnx
+
+
+def _nnx_rngs():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  return nnx.Rngs(0)
+
+
 def _bn(**kwargs):
   stats = kwargs.pop("stats", STATS)
   kwargs.setdefault("train", True)
@@ -344,6 +364,62 @@ MISUSE = [
                  r"mask must be a boolean array.*got mask of type str", id="mask-str"),
     pytest.param(_bn(mask=jnp.ones((4, 5, 6), jnp.int32)), TypeError,
                  r"mask must be a boolean array.*int32", id="mask-int"),
+    # A [C] parameter of another axis's size: the message names the channel_axis that fits.
+    pytest.param(lambda: nj.batch_norm(jnp.ones((2, 4, 3, 6)), jnp.ones(4), None, STATS,
+                                       train=True), ValueError,
+                 r"scale must have shape \(6,\).*got shape \(4,\).*pass channel_axis=1 "
+                 r"\(PyTorch's NC\.\.\. layout\)", id="scale-nchw-hint"),
+    pytest.param(lambda: nj.group_norm(X, None, jnp.ones(5), num_groups=2), ValueError,
+                 r"bias must have shape \(6,\).*got shape \(5,\).*pass channel_axis=1",
+                 id="gn-bias-channel-hint"),
+    # Batch renormalization's warmup_steps: within the range of stats.count.
+    pytest.param(lambda: nj.batch_renorm(X4, None, None, STATS, train=True, warmup_steps=2**40),
+                 ValueError, r"warmup_steps must be at most 2147483647.*int32.*"
+                 r"got warmup_steps=1099511627776", id="renorm-warmup-overflow"),
+    # fold_linen_params: mappings, (conv_name, bn_name) pairs, a kernel, mean and var.
+    pytest.param(lambda: nj.fold_linen_params(_PARAMS, _BSTATS, pairs=("conv", "bn")),
+                 TypeError, r"pairs must be a sequence of \(conv_name, bn_name\) pairs.*"
+                 r"got pairs=\('conv', 'bn'\)", id="fold-pairs-flat"),
+    pytest.param(lambda: nj.fold_linen_params(_PARAMS, _BSTATS, pairs="conv,bn"), TypeError,
+                 r"pairs must be a sequence of \(conv_name, bn_name\) pairs.*got pairs='conv,bn'",
+                 id="fold-pairs-str"),
+    pytest.param(lambda: nj.fold_linen_params({**_PARAMS, "conv": {"bias": jnp.zeros(3)}},
+                                              _BSTATS, [("conv", "bn")]), ValueError,
+                 r"params\['conv'\].*must have the entries \['kernel'\]; got keys \['bias'\]",
+                 id="fold-no-kernel"),
+    pytest.param(lambda: nj.fold_linen_params(_PARAMS, {"bn": {"mean": jnp.zeros(3)}},
+                                              [("conv", "bn")]), ValueError,
+                 r"batch_stats\['bn'\].*must have the entries \['mean', 'var'\]; got keys "
+                 r"\['mean'\]", id="fold-no-var"),
+    pytest.param(lambda: nj.fold_linen_params(None, _BSTATS, [("conv", "bn")]), TypeError,
+                 r"params must be a mapping.*got params of type NoneType", id="fold-params-none"),
+    # PyTorch state dicts: a str prefix, a BatchStats, real entries, something to read.
+    pytest.param(lambda: nj.from_torch_state_dict({"weight": np.ones(3)}, prefix=None),
+                 TypeError, r"prefix must be a str.*got prefix=None", id="from-torch-prefix-none"),
+    pytest.param(lambda: nj.to_torch_state_dict(stats=tuple(STATS)), TypeError,
+                 r"stats must be a BatchStats.*got tuple, which has no field mean, var, count",
+                 id="to-torch-stats-tuple"),
+    pytest.param(lambda: nj.to_torch_state_dict(scale="ones"), ValueError,
+                 r"scale \(-> 'weight'\) must be a real \(floating or integer\) array; got "
+                 r"dtype <U4", id="to-torch-scale-str"),
+    pytest.param(lambda: nj.to_torch_state_dict(scale=jnp.ones(3, jnp.complex64)), ValueError,
+                 r"scale \(-> 'weight'\) must be a real .*got dtype complex64",
+                 id="to-torch-scale-complex"),
+    pytest.param(lambda: nj.from_torch_state_dict({"num_batches_tracked": np.array(3)}),
+                 ValueError, r"state_dict has none of the keys \['weight', 'bias', "
+                 r"'running_mean', 'running_var'\]; got keys \['num_batches_tracked'\]",
+                 id="from-torch-count-only"),
+    # The Flax modules: num_features a positive int, use_running_average a bool.
+    pytest.param(lambda: _nnx().BatchNorm("4", rngs=_nnx_rngs()), TypeError,
+                 r"num_features must be a positive int; got num_features='4'",
+                 id="nnx-batch-norm-num-features-str"),
+    pytest.param(lambda: _nnx().LayerNorm(-1, rngs=_nnx_rngs()), ValueError,
+                 r"num_features must be a positive int \(>= 1\); got num_features=-1",
+                 id="nnx-layer-norm-num-features-negative"),
+    pytest.param(lambda: _linen().BatchNorm().init(jax.random.key(0), X4,
+                                                   use_running_average="no"), TypeError,
+                 r"use_running_average must be a Python bool.*got use_running_average='no'",
+                 id="linen-batch-norm-use-running-average-str"),
 ]
 
 
