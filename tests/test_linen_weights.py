@@ -119,3 +119,27 @@ def test_spectral_norm_error_on_non_matrix():
   v = theirs.init(jax.random.key(0), x, update_stats=False)
   np.testing.assert_allclose(ours.apply(v, x, update_stats=False),
                              theirs.apply(v, x, update_stats=False), rtol=1e-5, atol=1e-5)
+
+
+def test_spectral_norm_recovers_from_a_zero_kernel():
+  """A zero-initialised kernel trained for a few steps keeps `u` (flax's initial one); a 1e-7
+  kernel after it is normalized: `sigma` reaches its largest singular value (before, the zero
+  kernel set `u` to 0 for good and every later kernel came out undivided)."""
+  x = _dense_in(6)
+  layer = njnn.SpectralNorm(nn.Dense(5, kernel_init=nn.initializers.zeros), n_steps=1)
+  v = layer.init(jax.random.key(0), x, update_stats=False)
+  u0 = v["batch_stats"]["layer_instance/kernel/u"]
+  train = lambda v: {**v, **layer.apply(v, x, update_stats=True, mutable=["batch_stats"])[1]}
+  for _ in range(3):
+    v = train(v)
+  np.testing.assert_array_equal(v["batch_stats"]["layer_instance/kernel/u"], u0)
+  tiny = 1e-7 * rand((6, 5), 9)
+  v = {**v, "params": {"layer_instance": {**v["params"]["layer_instance"],
+                                          "kernel": jnp.asarray(tiny)}}}
+  for _ in range(40):
+    v = train(v)
+  np.testing.assert_allclose(np.linalg.norm(v["batch_stats"]["layer_instance/kernel/u"]), 1.0,
+                             rtol=1e-5)
+  np.testing.assert_allclose(v["batch_stats"]["layer_instance/kernel/sigma"],
+                             np.linalg.svd(tiny.astype(np.float64), compute_uv=False)[0],
+                             rtol=1e-4)

@@ -56,3 +56,23 @@ def test_spectral_norm_matches_flax(update_stats):
                              theirs(x, update_stats=update_stats), rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                nnx.state(ours), nnx.state(theirs))
+
+
+def test_spectral_norm_recovers_from_a_zero_kernel():
+  """As in linen: a zero kernel keeps `u`, and a later 1e-7 kernel is normalized (flax's nnx
+  module writes the normalized kernel back, so it converges to spectral norm 1; before, the
+  zero kernel set `u` to 0 and the 1e-7 kernel stayed as it was)."""
+  x = jnp.asarray(rand((4, 6), 8))
+  layer = njnnx.SpectralNorm(nnx.Linear(6, 5, kernel_init=nnx.initializers.zeros,
+                                        rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+  u0 = layer.batch_stats[("kernel", "u")][...]
+  for _ in range(3):
+    layer(x, update_stats=True)
+  np.testing.assert_array_equal(layer.batch_stats[("kernel", "u")][...], u0)
+  layer.layer_instance.kernel[...] = jnp.asarray(1e-7 * rand((6, 5), 9))
+  for _ in range(40):
+    layer(x, update_stats=True)
+  np.testing.assert_allclose(np.linalg.norm(layer.batch_stats[("kernel", "u")][...]), 1.0,
+                             rtol=1e-5)
+  kernel = np.asarray(layer.layer_instance.kernel[...], np.float64)
+  np.testing.assert_allclose(np.linalg.svd(kernel, compute_uv=False)[0], 1.0, rtol=1e-4)
