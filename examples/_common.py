@@ -1,13 +1,13 @@
 """Shared pieces of the normjax examples: the digits data, the small CNN, the optimizer.
 
-Imported by `compare_variants.py`, `flax_models.py` and `masked_sequences.py`, which put this
-folder on `sys.path` themselves. Everything here is plain JAX + optax and is clean under
+Imported by the claims lab (`claims_model.py`, `claims_lab.py`, `claims_mnist1d.py`),
+`data_parallel.py`, `flax_models.py` and `masked_sequences.py`, which put this folder on
+`sys.path` themselves. Everything here is plain JAX + optax and is clean under
 `jax_numpy_dtype_promotion="strict"` and `jax_numpy_rank_promotion="raise"`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-# The comparison CNN: 3x3 convs with these output channels and strides, each followed by a
-# normalization and a ReLU, then global average pooling and a dense layer to the 10 classes.
+# The CNN of `flax_models.py`: 3x3 convs with these output channels and strides, each followed
+# by a normalization and a ReLU, then global average pooling and a dense layer to the 10 classes.
 # 8x8 input -> 8x8x8 -> 4x4x16 -> 4x4x32 -> 32 -> 10.
 CNN_FEATURES = (8, 16, 32)
 CNN_STRIDES = (1, 2, 1)
@@ -53,54 +53,6 @@ def load_digits(test_size: float = 0.25, split_seed: int = 0) -> Digits:
   mean, std = x_tr.mean(), x_tr.std()
   norm = lambda a: ((a - mean) / std).astype(np.float32)
   return Digits(norm(x_tr), y_tr, norm(x_te), y_te)
-
-
-@functools.lru_cache(maxsize=None)
-def _patch_index(h: int, w: int, stride: int) -> np.ndarray:
-  """For each output position and 3x3 tap, the flat index into the 1-padded `[H+2, W+2]` map."""
-  ho, wo = -(-h // stride), -(-w // stride)
-  r = stride * np.arange(ho)[:, None, None, None] + np.arange(3)[None, None, :, None]
-  c = stride * np.arange(wo)[None, :, None, None] + np.arange(3)[None, None, None, :]
-  return (r * (w + 2) + c).reshape(-1).astype(np.int32)          # [Ho * Wo * 9]
-
-
-def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int) -> jax.Array:
-  """3x3 convolution with padding 1, NHWC input, HWIO kernel, plus a per-channel bias.
-
-  Equals `lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
-  dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias` (and `flax.linen.Conv(features, (3, 3),
-  strides=stride, padding=1)`), written as im2col (one gather) + one matmul: for 8x8 images on
-  CPU this runs several times faster, compiles faster, and stays a plain batched matmul under
-  `jax.vmap` over seeds (a vmapped conv with per-seed kernels becomes a slow grouped conv).
-  """
-  n, h, w, c = x.shape
-  ho, wo = -(-h // stride), -(-w // stride)
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(n, (h + 2) * (w + 2), c)
-  patches = jnp.take(xp, _patch_index(h, w, stride), axis=1, mode="clip")
-  # (tap row, tap col, channel); in two steps, which jit also accepts on an `Explicit`-sharded
-  # batch (jax 0.10's sharding rule fails on the one-step reshape: examples/data_parallel.py).
-  patches = patches.reshape(n, ho, wo, 9, c).reshape(n, ho, wo, 9 * c)
-  return patches @ kernel.reshape(9 * c, -1) + bias.reshape(1, 1, 1, -1)
-
-
-def init_cnn_weights(rng: np.random.Generator, in_channels: int = 1) -> dict[str, Any]:
-  """He-normal conv kernels, LeCun-normal head, zero biases: the weights of every variant.
-
-  Drawn with NumPy: deterministic per seed on any machine, and nothing to compile (JAX's
-  default threefry random-bits kernels take seconds to compile on CPU).
-  """
-  params: dict[str, Any] = {}
-  c_in = in_channels
-  for i, c_out in enumerate(CNN_FEATURES):
-    std = np.sqrt(2.0 / (9 * c_in))
-    params[f"conv{i}"] = {
-        "kernel": (std * rng.standard_normal((3, 3, c_in, c_out))).astype(np.float32),
-        "bias": np.zeros((c_out,), np.float32)}
-    c_in = c_out
-  params["head"] = {
-      "kernel": (rng.standard_normal((c_in, NUM_CLASSES)) / np.sqrt(c_in)).astype(np.float32),
-      "bias": np.zeros((NUM_CLASSES,), np.float32)}
-  return params
 
 
 def example_order(rng: np.random.Generator, num_train: int, num_examples: int) -> np.ndarray:

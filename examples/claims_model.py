@@ -215,7 +215,8 @@ def init_state(cfg: Config) -> nj.BatchStats:
 
 # ---------------------------------------------------------------------------------------------
 # The models: `forward(params, state, x, which, names, cfg, train, ctx, drop) -> (logits,
-# state)`. `which` indexes `names` (a traced int); `drop` is a dropout rate or None.
+# state)`. `which` indexes `names` (a traced int), whose entries are keys of `VARIANTS` or
+# `Variant`s; `drop` is a dropout rate or None.
 
 def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1) -> jax.Array:
   """3x3 convolution, padding 1: `[N, H, W, Ci]`, `[3, 3, Ci, Co]` -> `[N, H/stride, W/stride, Co]`.
@@ -227,6 +228,11 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1) -
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   taps = [xp[:, i:i + h:stride, j:j + w:stride] for i in range(3) for j in range(3)]
   return jnp.concatenate(taps, axis=-1) @ kernel.reshape(9 * c, -1) + bias.reshape(1, 1, 1, -1)
+
+
+def _variant(name: str | Variant) -> Variant:
+  """A `names` entry: a key of `VARIANTS`, or a `Variant` of the caller's own."""
+  return VARIANTS[name] if isinstance(name, str) else name
 
 
 def _layer_ctx(ctx: Ctx, i) -> Ctx:
@@ -243,7 +249,7 @@ def cnn_forward(params, state, x, which, names, cfg, train, ctx, drop=None):
   def block(h, layer):
     p, stats, i = layer
     c = _layer_ctx(ctx, i)
-    branches = [functools.partial(branch, VARIANTS[n]) for n in names]
+    branches = [functools.partial(branch, _variant(n)) for n in names]
     h, stats = jax.lax.switch(which, branches, p, stats, h, c.step, c.key)
     if drop is not None and c.key is not None:
       keep = jax.random.bernoulli(jax.random.fold_in(c.key, 7), 1.0 - drop, h.shape)
@@ -260,7 +266,7 @@ def rnn_forward(params, state, x, which, names, cfg, train, ctx, drop=None):
   t = sequence_length(cfg)
   def branch(v, p, stats, pre, step, key):
     return v.norm(p, stats, pre, cfg, train, ctx._replace(step=step, key=key))
-  branches = [functools.partial(branch, VARIANTS[n]) for n in names]
+  branches = [functools.partial(branch, _variant(n)) for n in names]
 
   def step(h, inputs):
     xt, stats, i = inputs                                 # [N, F], BatchStats of this step

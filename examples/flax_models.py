@@ -1,4 +1,4 @@
-"""The comparison CNN built from `normjax.linen` and from `normjax.nnx` modules, with optax.
+"""A small CNN built from `normjax.linen` and from `normjax.nnx` modules, with optax.
 
 How to compose normjax into Flax models: the norm layers of `normjax.linen` / `normjax.nnx` take
 the attributes of their `flax.linen` / `flax.nnx` namesakes and keep their parameter and
@@ -6,8 +6,9 @@ collection names (`scale`, `bias`; `batch_stats` with `mean`, `var`), so swappin
 `from flax import linen as nn` for `normjax.linen` in the norm layers is all it takes, and
 variables made by the Flax modules load unchanged. The script
 
-1. builds the CNN of `compare_variants.py` (three 3x3 convs, each followed by a norm and a
-   ReLU, global average pooling, a dense classifier) once per norm and per API,
+1. builds a CNN for the 8x8 digits (three 3x3 convs of 8, 16 and 32 channels, the second of
+   stride 2, each followed by a norm and a ReLU, global average pooling, a dense classifier)
+   once per norm and per API,
 2. checks that the normjax-built model, given the variables of the same model built from
    Flax's own norm modules, computes the same logits (training and evaluation mode),
 3. trains it on the digits with optax in the idiomatic loop of each API (linen: `apply` with
@@ -247,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   wall_s = time.perf_counter() - t_start
   os.makedirs(args.out, exist_ok=True)
-  md = [f"# The comparison CNN from {args.impl}.linen and {args.impl}.nnx modules", "",
+  md = [f"# The digits CNN from {args.impl}.linen and {args.impl}.nnx modules", "",
         f"Digits, {args.epochs} epochs of batch {args.batch_size}, seed {args.seed}; "
         f"{wall_s:.0f} s.", "",
         "| norm | linen test acc (%) | nnx test acc (%) | max abs logit gap vs Flax modules |",
