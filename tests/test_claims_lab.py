@@ -305,11 +305,14 @@ def test_every_experiment_runs_for_real_on_a_tiny_configuration(tmp_path, monkey
   claims_lab._RESULTS.clear()
   tiny = claims_lab.QUICK._replace(seeds=(0, 1), examples=128, chunks=2, lr_grid=(0.1,))
   monkeypatch.setattr(claims_lab, "QUICK", tiny)
-  for module in (claims_mnist1d, claims_transformer):
-    if hasattr(module, "TINY"):
-      real = module.run
-      monkeypatch.setattr(module, "run", lambda seeds, quick=False, _r=real, _m=module:
-                          _r(seeds, quick, settings=_m.TINY))
+  m1d = claims_mnist1d.QUICK._replace(examples=256, chunks=2, lr_grid=(0.1,))
+  monkeypatch.setattr(claims_mnist1d, "run", lambda seeds, quick=False: claims_mnist1d.study(
+      seeds, m1d))
+  tiny_t = claims_transformer.QUICK._replace(steps=16, chunks=2, n_train=256, n_val=64,
+                                             n_test=64)
+  real = claims_transformer.run
+  monkeypatch.setattr(claims_transformer, "run", lambda seeds, quick=False: real(
+      seeds, quick, settings=tiny_t))
   out = claims_lab.main(["--quick", "--seeds", "0", "1", "--out", str(tmp_path / "r")])
   assert len(out["claims"]) == len(claims_lab.CLAIMS)
   for j in out["claims"]:
