@@ -175,7 +175,9 @@ def _is_real(v: np.ndarray) -> bool:
 def _check_count(n: np.ndarray, name: str) -> None:
   """A batch count: a whole number in [0, 2**31) of any real dtype (a checkpoint cast to
   float16 holds it as a float), as a scalar."""
-  if n.shape != () or not _is_real(n) or not (0 <= n < 2**31 and n == np.floor(n)):
+  # Compared in float64: 2**31 in a float16 count's own dtype overflows (a RuntimeWarning).
+  if not (n.shape == () and _is_real(n) and 0 <= n.astype(np.float64) < 2**31
+          and n == np.floor(n)):
     raise ValueError(f"{name} must be a whole number in [0, 2**31) (a scalar); got {n.dtype} "
                      f"of shape {n.shape}{f' and value {n}' if n.shape == () else ''}.")
 
