@@ -32,10 +32,10 @@ over steps and blocks, `lax.switch` over the architectures), called once per arm
   result = run(seeds=range(5))          # dict of plain floats and lists (see `run`)
   python examples/claims_transformer.py [--quick]   # prints a summary per arm
 
-Cost on the shared 2-core machine (2026-12-04): the full run (5 seeds, 7 arms x 3 lrs, 560
-steps) 157 s of CPU, 162 s wall at load 3.5 (a 360-step version took 108 s CPU, 73 s wall at
-load 2); `quick` (2 seeds, 240 steps) 36 s CPU, 49 s wall at load 4. Results are bit-identical
-from run to run. The quick run is a smoke test: at 240 steps most arms are still near chance.
+Cost on the shared 2-core machine (2026-12-04, never quiet): the full run (5 seeds, 7 arms x 3
+lrs, 560 steps) 154 s of CPU (user + sys), 136 s wall at load 2.6-3.9; `quick` (2 seeds, 240
+steps) 36 s CPU, 26 s wall at load 2.5. Results are bit-identical from run to run. The quick run
+is a smoke test: at 240 steps most arms are still near chance.
 """
 
 from __future__ import annotations
