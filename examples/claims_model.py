@@ -42,6 +42,7 @@ class Config(NamedTuple):
   dropout: bool = False    # whether the per-run dropout rate is applied (after each block)
   bn_momentum: float = 0.9   # runs of 100-800 steps: a horizon of ~10 steps
   groups: int = 4          # group norm: groups of width // groups channels
+  padding: str = "zero"    # the convs' padding: "zero", or "wrap" (circular)
   population: bool = False  # internal: batch-type norms use the whole batch, momentum 0
 
 
@@ -220,17 +221,18 @@ def init_state(cfg: Config) -> nj.BatchStats:
 # state)`. `which` indexes `names` (a traced int), whose entries are keys of `VARIANTS` or
 # `Variant`s; `drop` is a dropout rate or None.
 
-def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1) -> jax.Array:
-  """3x3 convolution, circular padding 1: `[N, H, W, Ci]`, `[3, 3, Ci, Co]` ->
-  `[N, H/stride, W/stride, Co]`.
+def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1,
+            padding: str = "zero") -> jax.Array:
+  """3x3 convolution, padding 1: `[N, H, W, Ci]`, `[3, 3, Ci, Co]` -> `[N, H/stride, W/stride, Co]`.
 
-  The nine shifted views concatenated and one matmul (faster for 8x8 images on CPU than
-  `lax.conv_general_dilated`, and a plain batched matmul under `jax.vmap` over seeds). The
-  padding wraps around, so a constant input gives a constant output: a per-image offset
-  reaches every position alike (no border pattern), which the instance-norm task relies on.
+  The nine shifted views concatenated and one matmul (equal to `lax.conv_general_dilated`,
+  faster for 8x8 images on CPU, and a plain batched matmul under `jax.vmap` over seeds).
+  `padding="zero"` (the default) pads with zeros; `"wrap"` pads circularly, so that a constant
+  input gives a constant output (no border pattern; but with global pooling the net then
+  cannot tell where on the torus a stroke is, which costs accuracy on digits).
   """
   n, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap")
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap" if padding == "wrap" else "constant")
   taps = [xp[:, i:i + h:stride, j:j + w:stride] for i in range(3) for j in range(3)]
   return jnp.concatenate(taps, axis=-1) @ kernel.reshape(9 * c, -1) + bias.reshape(1, 1, 1, -1)
 
@@ -248,7 +250,8 @@ def cnn_forward(params, state, x, which, names, cfg, train, ctx, drop=None):
   def branch(v, p, stats, h, step, key):   # num_steps stays static (closed over)
     kernel = nj.weight_standardize(p["kernel"]) if v.standardize_weights else p["kernel"]
     c = ctx._replace(step=step, key=key)
-    y, stats = v.norm(p, stats, conv3x3(h, kernel, p["conv_bias"]), cfg, train, c)
+    y, stats = v.norm(p, stats, conv3x3(h, kernel, p["conv_bias"], 1, cfg.padding), cfg, train,
+                      c)
     return (jax.nn.relu(y) if v.relu else y), stats
 
   def block(h, layer):
@@ -261,7 +264,7 @@ def cnn_forward(params, state, x, which, names, cfg, train, ctx, drop=None):
       h = jnp.where(keep, h / (1.0 - drop), 0.0)
     return h, stats
 
-  h = conv3x3(x, params["stem"]["kernel"], params["stem"]["bias"], 2)   # [N, 4, 4, C]
+  h = conv3x3(x, params["stem"]["kernel"], params["stem"]["bias"], 2, cfg.padding)  # [N,4,4,C]
   h, state = jax.lax.scan(block, h, (params["blocks"], state, jnp.arange(cfg.depth)))
   return _common.head(h, params["head"]), state
 

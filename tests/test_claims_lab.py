@@ -126,6 +126,7 @@ def _stub_train(name, cfg, data, s, points, program=claims_lab.PROGRAM, task="di
     out.append({"test_acc": acc, "val_acc": np.clip(acc + 0.01, 0, 1),
                 "train_acc": np.minimum(acc + 0.05, 1.0), "train_loss": 1.0 - acc,
                 "test_acc_population": np.clip(acc + 0.02, 0, 1), "curve_test": curve,
+                "curve_loss": 1.0 - curve,
                 "curve_val": curve})
   return out
 
@@ -245,18 +246,20 @@ def test_a_failed_run_leaves_the_previous_results(tmp_path, stubbed, monkeypatch
 # The model.
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_conv3x3_matches_a_float64_loop(stride):
+@pytest.mark.parametrize("padding", ["zero", "wrap"])
+def test_conv3x3_matches_a_float64_loop(stride, padding):
   import claims_model
   rng = np.random.default_rng(1)
   x, kernel = rng.standard_normal((2, 8, 8, 3)), rng.standard_normal((3, 3, 3, 4))
   bias = rng.standard_normal(4)
-  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap")     # circular padding
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap" if padding == "wrap" else
+              "constant")
   want = np.zeros((2, 8 // stride, 8 // stride, 4))
   for i in range(8 // stride):
     for j in range(8 // stride):
       window = xp[:, stride * i:stride * i + 3, stride * j:stride * j + 3, :]
       want[:, i, j] = np.einsum("nhwc,hwco->no", window, kernel) + bias
-  got = claims_model.conv3x3(*(a.astype(np.float32) for a in (x, kernel, bias)), stride)
+  got = claims_model.conv3x3(*(a.astype(np.float32) for a in (x, kernel, bias)), stride, padding)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
