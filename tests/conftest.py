@@ -13,11 +13,6 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-@pytest.fixture(autouse=True)
-def _no_leaked_config():
-  yield
-
-
 @pytest.fixture(params=["reference", "reference-gpu", "native"])
 def implementation(request, monkeypatch):
   """Pins `normjax._dispatch` to one implementation for the test: every test taking this

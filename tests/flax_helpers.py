@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import helpers
+
 SHAPE = (6, 5, 4, 8)  # [N, H, W, C]; C=8 divides into groups of 2 and 4
 
 
 @pytest.fixture(autouse=True, scope="module")
 def fast_compiles():
-  """These tests compile many small programs once each: skip XLA's optimization passes, which
-  cost more than the programs run (the operations are the same, only not fused)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+  """`helpers.fast_compiles` for the whole module (imported by a test module, it applies to
+  each of its tests): these tests compile many small programs once each."""
+  with helpers.fast_compiles():
+    yield
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 
 @contextlib.contextmanager
@@ -20,6 +21,25 @@ def fast_compiles():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def slow_except(values, *fast, unpack=False):
+  """`values` for `pytest.mark.parametrize`, each one not among `fast` marked `slow`: the default
+  run (`-m "not slow"`, pyproject.toml) keeps the representative cases `fast`, CI runs them all.
+  `unpack`: each value is a tuple of several argument values."""
+  def slow(value):
+    return pytest.param(*(value if unpack else (value,)), marks=pytest.mark.slow)
+  is_fast = lambda value: any(value is f or _same(value, f) for f in fast)
+  missing = [f for f in fast if not any(f is v or _same(v, f) for v in values)]
+  assert not missing, f"slow_except: {missing} not among the values"
+  return [value if is_fast(value) else slow(value) for value in values]
+
+
+def _same(a, b):
+  try:
+    return bool(type(a) is type(b) and a == b)
+  except (TypeError, ValueError):   # arrays and the like
+    return False
 
 
 def rand(shape, seed=0, dtype=np.float32, loc=0.0, spread=1.0):

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow   # each test reads a benchmark run of a minute or more
 
 
 def _run_script(out, script, *args, timeout=600):

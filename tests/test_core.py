@@ -13,7 +13,7 @@ import normjax as nj
 import normjax.linen as njnn
 from normjax import _core
 from tests import reference as ref
-from tests.helpers import rand
+from tests.helpers import rand, slow_except
 
 
 class _Cnn(fnn.Module):
@@ -61,6 +61,7 @@ def _relative_errors(module, variables, x, labels):
     # once passed every moments test yet gave 1e-2 gradient errors on a CNN of this size).
     ((32, 16, 16, 3), 0.0),
 ])
+@pytest.mark.slow
 def test_cnn_gradients_are_as_accurate_as_flax(shape, offset):
   x = rand(shape, seed=0) + offset
   labels = jax.nn.one_hot(np.arange(shape[0]) % 10, 10)
@@ -158,7 +159,7 @@ _EPS_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(_EPS_CASES))
+@pytest.mark.parametrize("name", slow_except(sorted(_EPS_CASES), "layer", "rms"))
 def test_traced_eps_is_differentiable(name):
   """A traced eps (a learned one, or an argument of `jax.jit` under `jax.grad`) works in the
   closed-form derivative: d/d eps against central differences of the float64 reference, and

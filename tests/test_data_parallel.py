@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
@@ -24,6 +26,7 @@ print(json.dumps({k: {f: v[f] for f in fields} for k, v in r.items() if isinstan
 """
 
 
+@pytest.mark.slow
 def test_shard_map_and_sharded_jit_match_single_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))

@@ -13,7 +13,7 @@ import pytest
 import normjax as nj
 from normjax import _dispatch
 from tests import reference as ref
-from tests.helpers import rand
+from tests.helpers import rand, slow_except
 
 
 def _bn(channel_axis):
@@ -65,7 +65,8 @@ def _data(kind, shape=(4, 8, 16, 8), seed=0):
   return x.astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["normal", "outlier_first", "offset", "mixed_scales"])
+@pytest.mark.parametrize("kind", slow_except(["normal", "outlier_first", "offset", "mixed_scales"],
+                                              "outlier_first"))
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_matches_float64(implementation, name, kind):
   fn, want = VARIANTS[name]
@@ -94,7 +95,8 @@ def test_overflow_nan_and_inf_give_nan_statistics(implementation, name):
     x = _data("normal")
     x[1, 2, 3, 4] = special
     y = np.asarray(jax.jit(fn)(jnp.asarray(x)), np.float64)
-    expected = want(x)
+    with np.errstate(invalid="ignore", divide="ignore"):   # NaN and Inf in, NaN out: expected
+      expected = want(x)
     if name == "rms" and np.isinf(special):
       expected[1, 2, 3, :] = np.nan   # float64 gives x / inf = 0 beside it; an Inf statistic is NaN
     np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
@@ -124,6 +126,7 @@ def test_sums_beyond_float32_range(implementation, name):
 
 @pytest.mark.parametrize("name", ["layer", "rms", "batch_nhwc", "batch_nchw", "group_nhwc",
                                   "instance_nchw"])
+@pytest.mark.slow
 def test_long_reductions(implementation, name):
   """2^24 values per statistic: no accuracy lost to summation order or length."""
   fn, want = VARIANTS[name]
@@ -145,7 +148,7 @@ def test_long_reductions(implementation, name):
   assert err < 1e-6, err
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", slow_except(sorted(VARIANTS), "batch_nchw"))
 def test_empty_and_size_one_axes(implementation, name):
   fn, want = VARIANTS[name]
   for shape in ((0, 4, 4, 4), (2, 4, 4, 0), (2, 0, 4, 4)):
@@ -164,7 +167,7 @@ def test_empty_and_size_one_axes(implementation, name):
     np.testing.assert_allclose(jax.jit(fn)(x), want(np.asarray(x)), atol=1e-5)
 
 
-@pytest.mark.parametrize("value", [1e7 + 1, 1e8 + 8, 1e9 + 64])
+@pytest.mark.parametrize("value", slow_except([1e7 + 1, 1e8 + 8, 1e9 + 64], 1e9 + 64))
 @pytest.mark.parametrize("name", sorted(set(VARIANTS) - {"rms"}))
 def test_constant_data_at_large_offsets_has_zero_variance(implementation, name, value):
   """Every statistic over a constant, at an offset whose last mantissa bit is set and with
@@ -194,7 +197,8 @@ def test_tiny_scales_with_zero_eps(implementation, name):
   np.testing.assert_allclose(y, want(x, 0.0), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("eps", [0, 1, 0.5, np.float32(1e-5), np.int64(2), np.float64(1e-3)])
+@pytest.mark.parametrize("eps", slow_except(
+    [0, 1, 0.5, np.float32(1e-5), np.int64(2), np.float64(1e-3)], np.int64(2)))
 @pytest.mark.parametrize("name", ["layer", "rms", "batch_nhwc", "group_nchw"])
 def test_eps_of_any_real_type(implementation, name, eps):
   fn, want = VARIANTS[name]
@@ -205,7 +209,7 @@ def test_eps_of_any_real_type(implementation, name, eps):
   np.testing.assert_allclose(fn(jnp.asarray(x), eps), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", slow_except(sorted(VARIANTS), "layer", "batch_nchw"))
 def test_gradients_match_the_reference_implementation(implementation, name, monkeypatch):
   """First and second derivatives of every implementation equal the reference's."""
   fn, _ = VARIANTS[name]
@@ -229,7 +233,7 @@ PARAMETERS_ALONG_REDUCED_AXES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(PARAMETERS_ALONG_REDUCED_AXES))
+@pytest.mark.parametrize("name", slow_except(sorted(PARAMETERS_ALONG_REDUCED_AXES), "layer_axes02"))
 def test_parameters_varying_along_the_reduced_axes(implementation, name, monkeypatch):
   """Output against float64, and first and second derivatives (in x, scale and bias) against
   the reference implementation, where the scale varies along a reduced, non-trailing axis."""

@@ -8,6 +8,7 @@ import pytest
 import normjax
 import normjax.linen
 import normjax.nnx
+from tests.helpers import slow_except
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 API = ROOT / "docs" / "api"
@@ -46,7 +47,8 @@ _PAGES_WITH_CODE = sorted(p.name for p in (ROOT / "docs").glob("*.md")
                           if "```python" in p.read_text())
 
 
-@pytest.mark.parametrize("page", _PAGES_WITH_CODE)
+@pytest.mark.parametrize("page", slow_except(_PAGES_WITH_CODE, *[p for p in _PAGES_WITH_CODE
+                                                                if p != "getting-started.md"]))
 def test_page_code_runs(page):
   """Every ```python block of a guide page runs, in order, in one namespace (the README's
   blocks that pages include are run by tests/test_readme.py)."""

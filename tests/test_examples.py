@@ -25,6 +25,7 @@ def test_digits_split_is_deterministic_and_disjoint():
   assert sum(x.tobytes() in train for x in a.x_test) < 10   # digits has a few duplicate images
 
 
+@pytest.mark.slow
 def test_masked_sequences_end_to_end(tmp_path):
   import masked_sequences
 
@@ -44,6 +45,7 @@ def test_masked_sequences_end_to_end(tmp_path):
   json.loads((tmp_path / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_flax_models_end_to_end(tmp_path):
   pytest.importorskip("normjax.linen", reason="normjax.linen (the Flax wrappers) not available")
   pytest.importorskip("normjax.nnx", reason="normjax.nnx (the Flax wrappers) not available")

@@ -14,7 +14,7 @@ import pytest
 
 import normjax as nj
 from tests import reference as ref
-from tests.helpers import rand
+from tests.helpers import rand, slow_except
 
 pytest.importorskip("flatbuffers")
 
@@ -53,6 +53,7 @@ np.savez(sys.argv[4], y=np.asarray(y), mean=np.asarray(new.mean), count=np.asarr
 """
 
 
+@pytest.mark.slow
 def test_export_runs_without_normjax(tmp_path):
   x, stats, scale = _args()
   forward = jax.export.export(jax.jit(_program))(x, stats, scale)   # default checks
@@ -85,7 +86,7 @@ def test_export_bfloat16_and_vmap():
                              np.asarray(fn(x), np.float32), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", slow_except([False, True], True))
 def test_export_with_a_symbolic_batch(masked):
   """Shape-polymorphic export (`b` symbolic), with and without a mask, called at two sizes."""
   _, stats, scale = _args()

@@ -72,6 +72,7 @@ def train_linen(ns, variables, ctx):
   return np.array(losses), {"params": params, "batch_stats": batch_stats}, eval_logits
 
 
+@pytest.mark.slow
 def test_linen_cnn_trains_like_flax():
   x, _ = batch()
   init = lambda ns: jax.jit(functools.partial(linen_cnn(ns).init, train=False))
@@ -133,6 +134,7 @@ def train_nnx(model, ctx):
     return np.array(losses), model(x)
 
 
+@pytest.mark.slow
 def test_nnx_cnn_trains_like_flax():
   theirs, ours = NnxCNN(nnx, nnx.Rngs(0)), NnxCNN(njnnx, nnx.Rngs(0))
   assert_close(nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(theirs)), tol=0)
@@ -144,6 +146,7 @@ def test_nnx_cnn_trains_like_flax():
   assert_close(nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(theirs)), tol=1e-3)
 
 
+@pytest.mark.slow
 def test_linen_variables_round_trip_through_orbax(tmp_path):
   x, _ = batch()
   model = linen_cnn(njnn)

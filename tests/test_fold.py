@@ -86,6 +86,7 @@ class _Net(nn.Module):
     return x
 
 
+@pytest.mark.slow
 def test_fold_linen_params_recipe():
   x = jnp.asarray(rand((2, 6, 6, 3), 8))
   model = _Net()

@@ -25,6 +25,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X86 = os.uname().machine == "x86_64"
+pytestmark = pytest.mark.slow   # a wheel build (about a minute), then qemu
 
 _SCRIPT = r'''
 import sys

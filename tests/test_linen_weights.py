@@ -10,7 +10,7 @@ import pytest
 import normjax as nj
 import normjax.linen as njnn
 from tests import reference as ref
-from tests.helpers import rand
+from tests.helpers import rand, slow_except
 
 
 @pytest.mark.parametrize("feature_axis", [-1, 1])
@@ -53,8 +53,9 @@ def _dense_in(x_dim=3):
   return jnp.asarray(rand((4, x_dim), 5))
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"variable_filter": None}, {"feature_axes": None},
-                                    {"use_scale": False}])
+@pytest.mark.parametrize("kwargs", slow_except(
+    [{}, {"variable_filter": None}, {"feature_axes": None}, {"use_scale": False}],
+    {"use_scale": False}))
 def test_weight_norm_matches_flax(kwargs):
   x = _dense_in()
   ours = njnn.WeightNorm(nn.Dense(5), **kwargs)
@@ -75,8 +76,8 @@ def test_weight_norm_conv_matches_flax():
   np.testing.assert_allclose(ours.apply(v, x), theirs.apply(v, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_steps", [1, 3])
-@pytest.mark.parametrize("update_stats", [False, True])
+@pytest.mark.parametrize("n_steps", slow_except([1, 3], 3))
+@pytest.mark.parametrize("update_stats", slow_except([False, True], True))
 def test_spectral_norm_matches_flax(n_steps, update_stats):
   x = _dense_in(6)
   ours = njnn.SpectralNorm(nn.Dense(5), n_steps=n_steps)

@@ -11,6 +11,7 @@ from flax_helpers import SHAPE, assert_close, data, permissive, random_init, ran
 from flax_helpers import fast_compiles  # noqa: F401  (module-scoped autouse fixture)
 
 import normjax.nnx as njnnx
+from tests.helpers import slow_except
 
 CASES = [  # (module, num_features, options, masked)
     ("BatchNorm", 8, {}, True),
@@ -49,7 +50,8 @@ def pure(module):
   return nnx.to_pure_dict(nnx.state(module))
 
 
-@pytest.mark.parametrize("name,num_features,options,masked", CASES,
+@pytest.mark.parametrize("name,num_features,options,masked",
+                         slow_except(CASES, CASES[0], CASES[-2], unpack=True),
                          ids=[f"{c[0]}-{c[2]}{'-mask' * c[3]}" for c in CASES])
 def test_matches_flax_nnx(name, num_features, options, masked):
   # Construction: the same Params and BatchStats, value for value, with random initializers.
@@ -94,6 +96,7 @@ class Block(nnx.Module):
     return self.ln(self.gn(nnx.relu(self.bn(self.linear(x)))))
 
 
+@pytest.mark.slow
 def test_jit_and_value_and_grad_match_flax():
   x = 1.0 + 2.0 * jax.random.normal(jax.random.key(4), (16, 6))
   w = jax.random.normal(jax.random.key(5), (16, 8))
@@ -137,6 +140,7 @@ def test_train_eval_switching_as_flax():
 
 
 @pytest.mark.parametrize("ensemble", [True, False], ids=["ensemble", "axis_name"])
+@pytest.mark.slow
 def test_vmap_matches_flax(ensemble):
   x, _ = data(jax.random.key(8), (4, 6, 3))
   outs = []

@@ -32,6 +32,7 @@ def arrays_and_axes(draw, min_rank=1, max_rank=4):
 
 @SETTINGS
 @given(arrays_and_axes())
+@pytest.mark.slow
 def test_layer_norm_any_axes(case):
   x, axes = case
   fshape = tuple(x.shape[a] for a in sorted(a % x.ndim for a in axes))
@@ -50,6 +51,7 @@ def test_rms_norm_any_axes(case):
 
 @SETTINGS
 @given(arrays_and_axes(min_rank=2), st.integers(0, 3), st.booleans())
+@pytest.mark.slow
 def test_batch_norm_any_channel_axis(case, axis_choice, unbiased):
   x, _ = case
   c = axis_choice % x.ndim
@@ -68,6 +70,7 @@ def test_batch_norm_any_channel_axis(case, axis_choice, unbiased):
 @SETTINGS
 @given(st.integers(1, 3), st.sampled_from([1, 2, 3, 6]), st.integers(1, 4), st.integers(1, 4),
        st.booleans(), st.integers(0, 2**16))
+@pytest.mark.slow
 def test_group_norm_random_shapes(n, groups, h, w, channels_first, seed):
   c = 6
   shape = (n, c, h, w) if channels_first else (n, h, w, c)

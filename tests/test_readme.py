@@ -14,12 +14,21 @@ def _bash_blocks(text):
 
 
 def test_readme_test_command_is_what_ci_runs():
+  """.ci/run runs the README's test command verbatim in a fresh virtualenv before installing
+  anything else into it, then runs the slow tests too."""
   readme = (ROOT / "README.md").read_text()
-  ci = (ROOT / ".ci" / "run").read_text()
+  ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")]
   commands = [line for block in _bash_blocks(readme) for line in block.splitlines()
               if "pytest" in line]
   assert commands, "README has no test command"
   assert commands[0].strip() in ci, "README's test command differs from .ci/run's"
+  step1 = ci.index(commands[0].strip())
+  fresh = max(i for i, line in enumerate(ci[:step1]) if line == "rm -rf .venv")
+  assert not [line for line in ci[fresh:step1] if "install" in line], \
+      ".ci/run installs something into .venv before the README's test command"
+  assert any(re.search(r"pytest.* -m \"slow or not slow\"", line) for line in ci[step1 + 1:]), \
+      ".ci/run does not run the slow tests after the README's command"
 
 
 def test_readme_quickstart_runs():

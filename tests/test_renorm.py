@@ -9,7 +9,7 @@ import pytest
 
 import normjax as nj
 from tests import reference as ref
-from tests.helpers import as_dtype, rand, tolerance
+from tests.helpers import as_dtype, rand, slow_except, tolerance
 
 
 def renorm_ref(x, scale, bias, mean, var, *, channel_axis, momentum, eps, r_max, d_max,
@@ -35,7 +35,7 @@ def renorm_ref(x, scale, bias, mean, var, *, channel_axis, momentum, eps, r_max,
   return y, new_mean, new_var, r, d, xhat, sigma_b
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("use_jit", slow_except([False, True], True))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape,channel_axis", [((16, 5), -1), ((4, 3, 3, 6), -1),
                                                 ((4, 6, 3, 3), 1)])
