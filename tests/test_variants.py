@@ -18,7 +18,7 @@ def _feature_shape(shape, axis):
   return tuple(shape[a] for a in sorted(a % len(shape) for a in np.atleast_1d(axis)))
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("use_jit", slow_except([False, True], True))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", [
     ((4, 7, 16), -1), ((3, 5, 6), (1, 2)), ((2, 3, 4, 5), (0, 2)), ((6, 1), -1), ((5, 33), 1),
@@ -37,7 +37,7 @@ def test_layer_norm(use_jit, dtype, shape, axis):
                              ref.layer_norm(x64, scale, bias, axis=axis, eps=1e-3), rtol, atol)
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("use_jit", slow_except([False, True], True))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", [((4, 7, 16), -1), ((3, 5, 6), (1, 2)), ((2, 9), 0),
                                         ((3, 5, 6), (2, 0))])
@@ -70,7 +70,7 @@ LAYOUTS = [  # (shape, channel_axis, batch_axis)
 ]
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("use_jit", slow_except([False, True], True))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,channel_axis,batch_axis", LAYOUTS)
 @pytest.mark.parametrize("groups", slow_except([1, 2, 4], 2))
@@ -92,7 +92,7 @@ def test_group_norm(use_jit, dtype, shape, channel_axis, batch_axis, groups):
   np.testing.assert_allclose(np.asarray(y2, np.float64), expected, rtol, atol)
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("use_jit", slow_except([False, True], True))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,channel_axis,batch_axis", LAYOUTS[:5])
 def test_instance_norm(use_jit, dtype, shape, channel_axis, batch_axis):
@@ -119,7 +119,7 @@ def test_group_norm_equivalences():
                              rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("use_jit", slow_except([False, True], True))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,channel_axis", [((8, 5, 5, 6), -1), ((8, 6, 5, 5), 1),
                                                 ((16, 3), -1), ((2, 9, 4), 1)])
