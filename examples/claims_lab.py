@@ -149,7 +149,8 @@ CLAIMS: tuple[Claim, ...] = (
           "Ulyanov et al. 2016; Huang & Belongie 2017: IN normalizes away style statistics",
           "layer and group norm learn the task (>= 80 % test accuracy)"),
     Claim("11", "Batch norm works by reducing internal covariate shift", "ics",
-          "test accuracy, batch minus noisy batch norm (shift injected after BN)", "points",
+          "test accuracy, batch minus noisy batch norm (shift injected after BN; both "
+          "evaluated with statistics re-estimated after training)", "points",
           2.0, "Ioffe & Szegedy 2015 (the claim); Santurkar et al. 2018: noisy BN trains as "
           "well as BN",
           "batch norm beats none by >= 2 points at the tuned lrs (a benefit to lose)"),
@@ -188,6 +189,24 @@ CLAIMS: tuple[Claim, ...] = (
           "Zhu et al. 2025: DyT matches LN across ViT, LLaMA, DiT", equivalence=True),
 )
 CLAIM_BY_NUMBER = {c.number: c for c in CLAIMS}
+
+# What changed in the design after the first full run of this version, and why (disclosed in
+# claims.md: a reviewer should know which choices were made after seeing results).
+DESIGN_CHANGES = (
+    "Claim 6: the precondition's reference depth moved from 8 to 2 (depth 2 added): in the "
+    "training budget the unnormalized net did not train at depth 8 either, so no depth "
+    "effect could show.",
+    "Claim 4: the overfitting regime uses depth 4 and 30 epochs (was depth 8, 15 epochs), so "
+    "that the unnormalized net can fit 256 images at all.",
+    "Claim 10: the offset task pads circularly (zero padding let instance norm read the offset "
+    "from the border: 100 %); circular padding for the whole lab cost the per-example norms "
+    "15-30 points on digits, so only this task uses it.",
+    "Claim 11: the noise injected after batch norm was made milder (scale U(1, 1.5), shift "
+    "U(-0.5, 0.5) per channel, N(0, 0.1^2) per activation; was U(0.5, 2) and U(-1, 1)), and "
+    "both arms are compared with statistics re-estimated after training: the running "
+    "statistics of noisy batch norm include the injected noise, which is absent at "
+    "evaluation.",
+)
 
 
 class Outcome(NamedTuple):
@@ -421,8 +440,8 @@ def _subset(data: Split, n: int) -> Split:
 def regularization(ctx: Context) -> dict[str, Any]:
   """Claim 4: in a regime that overfits (256 training images, ~25 epochs)."""
   s, data = ctx.s, _subset(ctx.data, 256)
-  epochs = 8 if s.quick else 15
-  cfg = config(s, examples=256 * epochs, chunks=1)
+  epochs = 15 if s.quick else 30
+  cfg = config(s, examples=256 * epochs, chunks=1, depth=4)
   arms = {"none": ("none", 0.0), "none + dropout 0.2": ("none", 0.2), "batch": ("batch", 0.0),
           "ghost k=8": ("batch_k8", 0.0), "ghost k=4": ("batch_k4", 0.0),
           "ghost k=2": ("batch_k2", 0.0)}
@@ -450,7 +469,8 @@ def regularization(ctx: Context) -> dict[str, Any]:
               report.Table("Train-test gap (eval mode)", "arm", ["gap"],
                            {k: [v] for k, v in gap.items()},
                            y_label="train minus test accuracy (points)")],
-      setup=f"256 training images (stratified), {epochs} epochs at B=32, each arm at the tuned "
+      setup=f"256 training images (stratified), {epochs} epochs at B=32, depth 4 (so that the "
+            "unnormalized net can fit the training set), each arm at the tuned "
             "lr of its variant on the full data (batch norm's for the ghost sizes). Ghost k: "
             "batch norm whose statistics come from groups of k of the 32 examples (more noise); "
             "dropout after every block.")
@@ -495,7 +515,7 @@ def small_batch(ctx: Context) -> dict[str, Any]:
 def depth(ctx: Context) -> dict[str, Any]:
   """Claim 6: He vs LeCun init x depth (8, 16, 32), judged on the final training loss."""
   s, data = ctx.s, ctx.data
-  depths = (8, 32) if s.quick else (8, 16, 32)
+  depths = (2, 8, 32) if s.quick else (2, 8, 16, 32)
   inits = {"He": 1.0, "LeCun": 2 ** -0.5}
   names = ("none", "batch")
   loss = {}
@@ -510,7 +530,7 @@ def depth(ctx: Context) -> dict[str, Any]:
           loss[(n, init, d)] = r["curve_loss"][:, -1]   # train mode, the last quarter
           acc[(n, init, d)] = r["test_acc"]
   deep = depths[-1]
-  pre = float(np.mean(loss[("none", "LeCun", deep)]) - np.mean(loss[("none", "LeCun", 8)]))
+  pre = float(np.mean(loss[("none", "LeCun", deep)]) - np.mean(loss[("none", "LeCun", 2)]))
   rows = {f"{n}, {init}": [loss[(n, init, d)] for d in depths] for n in names for init in inits}
   return dict(
       outcomes=[Outcome("6", list(loss[("none", "LeCun", deep)]),
@@ -520,7 +540,7 @@ def depth(ctx: Context) -> dict[str, Any]:
                         f"{ms(loss[('batch', 'LeCun', deep)], 1)}; He: none "
                         f"{ms(loss[('none', 'He', deep)], 1)}, batch "
                         f"{ms(loss[('batch', 'He', deep)], 1)} nats", bool(pre >= 0.1),
-                        f"none, LeCun: loss {pre:+.2f} nats from depth 8 to {deep}")],
+                        f"none, LeCun: loss {pre:+.2f} nats from depth 2 to {deep}")],
       tables=[report.Table("Training loss (last quarter of training) vs depth", "depth",
                            list(depths),
                            rows, y_label="training loss (nats)", scale=1.0,
@@ -585,8 +605,8 @@ def renorm(ctx: Context) -> dict[str, Any]:
                            {n: [runs[n]["test_acc"], runs[n]["test_acc_population"]]
                             for n in names}, plot="small_batch_fixes.png", bars=True)],
       setup="B=4 (the same examples as B=32, 8x the steps, lr x 4/32), each at its tuned lr. "
-            "Batch renorm with running-statistics momentum 0.99 (Ioffe's; batch norm 0.9), r_max ramped from 1 to 3 over "
-            "5-40 % of the steps and d_max from 0 to 5 over 5-25 % (Ioffe 2017's schedule, "
+            "Batch renorm with running-statistics momentum 0.99 (Ioffe's; batch norm 0.9), "
+            "r_max ramped from 1 to 3 over 5-40 % of the steps and d_max from 0 to 5 over 5-25 % (Ioffe 2017's schedule, "
             "scaled to this run). 'Population' re-estimates each batch-norm layer's statistics "
             "in one pass over the training set after training.")
 
@@ -666,14 +686,18 @@ def ics(ctx: Context) -> dict[str, Any]:
   noisy = train("noisy_batch", cfg, data, s, [Point(ctx.tuned["batch"])])[0]
   b, n = tuned_run(ctx, "batch"), tuned_run(ctx, "none")
   benefit = 100 * float(np.mean(b["test_acc"]) - np.mean(n["test_acc"]))
+  pop = "test_acc_population"
   return dict(
-      outcomes=[Outcome("11", pct(b["test_acc"]), pct(noisy["test_acc"]),
-                        f"batch {ms(b['test_acc'])}, noisy batch {ms(noisy['test_acc'])}, "
-                        f"none {ms(n['test_acc'])}", bool(benefit >= 2.0),
-                        f"batch minus none: {benefit:+.1f} points")],
-      tables=[report.Table("Internal covariate shift by design: test accuracy", "arm",
-                           ["test"], {"none": [n["test_acc"]], "batch": [b["test_acc"]],
-                                      "noisy batch": [noisy["test_acc"]]},
+      outcomes=[Outcome("11", pct(b[pop]), pct(noisy[pop]),
+                        f"with statistics re-estimated after training: batch {ms(b[pop])}, "
+                        f"noisy batch {ms(noisy[pop])} (with its noisy running statistics "
+                        f"{ms(noisy['test_acc'])}); none {ms(n['test_acc'])}",
+                        bool(benefit >= 2.0), f"batch minus none: {benefit:+.1f} points")],
+      tables=[report.Table("Internal covariate shift by design: test accuracy", "statistics",
+                           ["running", "re-estimated"],
+                           {"none": [n["test_acc"], n["test_acc"]],
+                            "batch": [b["test_acc"], b[pop]],
+                            "noisy batch": [noisy["test_acc"], noisy[pop]]},
                            plot="ics_noisy_bn.png", bars=True)],
       setup="Noisy batch norm: after every batch norm, in training only, each channel is "
             "scaled by s ~ U(1, 1.5) and shifted by m ~ U(-0.5, 0.5), drawn afresh at every step "
@@ -1016,6 +1040,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     command = "python examples/claims_lab.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = metadata(s, command.strip(), wall, load)
     meta["tuned lr"] = tuned
+    meta["design changes after the first full run"] = list(DESIGN_CHANGES)
     text = report.write_report(work, judged, sections, meta)
     if os.path.isdir(out):
       old = out + ".old"
