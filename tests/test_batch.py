@@ -10,10 +10,10 @@ import pytest
 
 import normjax as nj
 from tests import reference as ref
-from tests.helpers import as_dtype, rand, tolerance
+from tests.helpers import as_dtype, rand, slow_except, tolerance
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("use_jit", slow_except([False, True], True))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape,channel_axis,k", [((12, 5), -1, 4), ((8, 3, 3, 4), -1, 2),
                                                   ((6, 4, 5), 1, 3), ((6, 3), -1, 6)])

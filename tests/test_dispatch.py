@@ -172,7 +172,7 @@ def test_empty_and_size_one_axes(implementation, name):
 
 
 @pytest.mark.parametrize("value", slow_except([1e7 + 1, 1e8 + 8, 1e9 + 64], 1e9 + 64))
-@pytest.mark.parametrize("name", sorted(set(VARIANTS) - {"rms"}))
+@pytest.mark.parametrize("name", slow_except(sorted(set(VARIANTS) - {"rms"}), *_REPRESENTATIVE[2:]))
 def test_constant_data_at_large_offsets_has_zero_variance(implementation, name, value):
   """Every statistic over a constant, at an offset whose last mantissa bit is set and with
   counts that are not powers of two, has variance exactly 0: the gradient (through `rstd`,
@@ -213,7 +213,7 @@ def test_eps_of_any_real_type(implementation, name, eps):
   np.testing.assert_allclose(fn(jnp.asarray(x), eps), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", slow_except(sorted(VARIANTS), "layer", "batch_nchw"))
+@pytest.mark.parametrize("name", slow_except(sorted(VARIANTS), "batch_nchw"))
 def test_gradients_match_the_reference_implementation(implementation, name, monkeypatch):
   """First and second derivatives of every implementation equal the reference's."""
   fn, _ = VARIANTS[name]

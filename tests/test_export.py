@@ -14,7 +14,7 @@ import pytest
 
 import normjax as nj
 from tests import reference as ref
-from tests.helpers import rand, slow_except
+from tests.helpers import rand
 
 pytest.importorskip("flatbuffers")
 
@@ -86,7 +86,8 @@ def test_export_bfloat16_and_vmap():
                              np.asarray(fn(x), np.float32), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("masked", slow_except([False, True], True))
+@pytest.mark.slow
+@pytest.mark.parametrize("masked", [False, True])
 def test_export_with_a_symbolic_batch(masked):
   """Shape-polymorphic export (`b` symbolic), with and without a mask, called at two sizes."""
   _, stats, scale = _args()

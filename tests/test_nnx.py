@@ -261,8 +261,8 @@ def test_bad_configurations_raise_the_functional_errors(build, x_shape, match):
 
 @pytest.mark.parametrize("name,num_features,shape", [
     ("BatchNorm", 8, (1, 8)),         # training on a batch of one (nnx.tabulate's (1, din))
-    ("InstanceNorm", 6, (10, 6)),     # nothing left to reduce
-    ("GroupNorm", 6, (10, 6)),        # group_size=1 on [N, C]
+    pytest.param("InstanceNorm", 6, (10, 6), marks=pytest.mark.slow),   # nothing left to reduce
+    pytest.param("GroupNorm", 6, (10, 6), marks=pytest.mark.slow),   # group_size=1 on [N, C]
 ], ids=["BatchNorm-batch-of-one", "InstanceNorm-NC", "GroupNorm-size-1-NC"])
 def test_single_element_statistics_give_the_bias_as_flax(name, num_features, shape):
   options = dict(num_groups=None, group_size=1) if name == "GroupNorm" else {}
