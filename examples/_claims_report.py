@@ -152,6 +152,8 @@ def plot_lines(path: str, title: str, x: Sequence[float], runs: dict[str, np.nda
     lo, hi = centre - half, centre + half
     if log_y:
       lo, hi = np.exp(lo), np.exp(hi)
+    if scale == 100.0:                      # accuracy: the band stays within 0-100 %
+      lo, hi = np.clip(lo, 0.0, 100.0), np.clip(hi, 0.0, 100.0)
     ax.plot(x, m, color=colour(name), label=name)
     ax.fill_between(x, lo, hi, color=colour(name), alpha=0.15)
   if target is not None:

@@ -227,6 +227,19 @@ def test_cli_rejects_bad_input(argv, message, capsys):
   assert message in capsys.readouterr().err
 
 
+def test_a_run_replaces_its_own_files_and_keeps_others(tmp_path, stubbed):
+  out = tmp_path / "results"
+  out.mkdir()
+  (out / "index.md").write_text("a docs page")
+  (out / "stale_plot.png").write_bytes(b"old")
+  (out / "claims.md").write_text("previous")
+  claims_lab.main(["--only", "gn_vs_bn", "--seeds", "0", "1", "--out", str(out)])
+  assert (out / "index.md").read_text() == "a docs page"
+  assert not (out / "stale_plot.png").exists()
+  assert "| claim |" in (out / "claims.md").read_text()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]   # no temporary folder left
+
+
 def test_a_failed_run_leaves_the_previous_results(tmp_path, stubbed, monkeypatch):
   out = tmp_path / "results"
   out.mkdir()
