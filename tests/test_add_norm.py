@@ -64,7 +64,7 @@ def _rounded_sum(x, r):
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", slow_except([jnp.float32, jnp.bfloat16], jnp.bfloat16))
 @pytest.mark.parametrize("kind", slow_except(["normal", "offset"], "offset"))
 @pytest.mark.parametrize("use_jit", slow_except([False, True], True))
 def test_against_float64(implementation, name, dtype, kind, use_jit):
