@@ -31,14 +31,8 @@ COLOURS = {
 def colour(name: str) -> str:
   """The variant's colour: the longest key of `COLOURS` that `name` starts with."""
   base = name.split("@")[0]
-  keys = [k for k in COLOURS if base == k or base.startswith(k + " ") or base.startswith(k + ",")
-          or base.startswith(k + "_k") or base.startswith(k + " (")]
-  if keys:
-    return COLOURS[max(keys, key=len)]
-  for k in sorted(COLOURS, key=len, reverse=True):
-    if base.startswith(k):
-      return COLOURS[k]
-  return "#333333"
+  keys = [k for k in COLOURS if base.startswith(k)]
+  return COLOURS[max(keys, key=len)] if keys else "#333333"
 
 
 class Table(NamedTuple):
@@ -232,8 +226,9 @@ def write_report(out: str, judged: list[dict[str, Any]], sections: list[dict[str
               "`python examples/claims_lab.py`.", ""]
   lines += claims_rows(judged)
   lines += ["", f"Verdict rule: {RULE}", ""]
-  results = {"meta": meta, "claims": judged, "sections": {}}
-  decision = decision_table(results | {"sections": {s["name"]: _summary(s) for s in sections}})
+  results = {"meta": meta, "claims": judged,
+             "sections": {s["name"]: _summary(s) for s in sections}}
+  decision = decision_table(results)
   if decision:
     lines += ["## Which normalization, when", "", *decision, ""]
   by_exp = {}
@@ -270,7 +265,6 @@ def write_report(out: str, judged: list[dict[str, Any]], sections: list[dict[str
                 f"{' (equivalence)' if c['equivalence'] else ''}. Effect {effect_text(j)} "
                 f"(p = {j['ci']['p_value']:.3g}{holm}).{pre} Paper: {c['source']}. "
                 f"**Verdict: {j['verdict']}.**", ""]
-    results["sections"][name] = _summary(sec)
   changes = meta.get("design changes after the first full run", [])
   if changes:
     lines += ["## Design changes after the first full run", "",

@@ -246,6 +246,10 @@ def train(name: str, cfg: cm.Config, data: Split, s: Settings, points: Sequence[
   one compilation per (program, Config). Cached: identical runs are trained once."""
   program = tuple(program)
   keys = [(name, program, cfg, p, s.seeds, task) for p in points]
+  if all(k in _RESULTS for k in keys):
+    if bar is not None:
+      bar.update()
+    return [_RESULTS[k] for k in keys]
   stack = lambda trees: jax.tree.map(lambda *a: jnp.asarray(np.stack(a)), *trees)
   examples = cfg.batch_size * cfg.steps_per_chunk * cfg.num_chunks
   # The example order and initial weights depend on the seed only: paired across arms.
@@ -776,14 +780,14 @@ def cost(ctx: Context) -> dict[str, Any]:
         t2 = time.perf_counter()
         times.setdefault((n, b), []).append(((t1 - t0) / steps, (t2 - t1) / steps))
   cfg = config(s)
-  per_layer = {n: sum(cfg.width for _ in cm.VARIANTS[n].params) for n in names}
+  per_layer = {n: cfg.width * len(cm.VARIANTS[n].params) for n in names}
   state_floats = {n: 2 * cfg.width if cm.VARIANTS[n].uses_stats else 0 for n in names}
   for n in names:
     med = lambda b, i: 1e3 * float(np.median([t[i] for t in times[(n, b)]]))
     table[n] = {"train_ms_b32": med(32, 0), "eval_ms_b32": med(32, 1), "train_ms_b1": med(1, 0),
                 "eval_ms_b1": med(1, 1), "params_per_layer": per_layer[n],
                 "state_floats_per_layer": state_floats[n],
-                "folds_at_inference": n in ("batch", "batch_renorm", "ghost_batch")}
+                "folds_at_inference": cm.VARIANTS[n].uses_stats}
   over = [100 * (math.log(tb[0] / tn[0])) for tb, tn in zip(times[("batch", 32)],
                                                             times[("none", 32)])]
   fold_err = _fold_check(ctx)

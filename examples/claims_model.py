@@ -58,14 +58,14 @@ class Ctx(NamedTuple):
 # where `h` is `[N, H, W, C]` (CNN) or `[N, C]` (one RNN time step), `p` holds `scale`, `bias`
 # and `tau` (`[C]`) and `stats` is an `nj.BatchStats`; a variant uses what it needs.
 
-def _population(p, s, h, cfg):
+def _population(p, s, h):
   # Statistics of the whole batch given (the training set), stored as the new running ones.
   return nj.batch_norm(h, p["scale"], p["bias"], s, train=True, momentum=0.0)
 
 
 def _batch(p, s, h, cfg, train, ctx, k=None):
   if cfg.population:
-    return _population(p, s, h, cfg)
+    return _population(p, s, h)
   vbs = None if k is None or not train else min(k, h.shape[0])
   return nj.batch_norm(h, p["scale"], p["bias"], s, train=train, momentum=cfg.bn_momentum,
                        virtual_batch_size=vbs)
@@ -83,7 +83,7 @@ def _renorm(p, s, h, cfg, train, ctx):
   # run has at least 500 steps (0.99^500 < 1 %: they have forgotten their initial values),
   # else batch norm's (in 100 steps, 0.99 would leave 37 % of the initial mean 0, var 1).
   if cfg.population:
-    return _population(p, s, h, cfg)
+    return _population(p, s, h)
   n = ctx.num_steps
   momentum = 0.99 if n >= 500 else cfg.bn_momentum
   r_max = _ramp(ctx.step, 0.05 * n, 0.40 * n, 1.0, 3.0)
@@ -187,13 +187,13 @@ def _norm_params(shape: tuple[int, ...], scale: float = 1.0) -> Params:
 
 
 def init_params(rng: np.random.Generator, cfg: Config, init_scale: float = 1.0,
-                classes: int = 10, norm_scale: float = 1.0) -> Params:
+                norm_scale: float = 1.0) -> Params:
   """He-normal conv kernels times `init_scale` (LeCun-normal: `init_scale = 2 ** -0.5`),
   LeCun-normal head, zero biases; the norms' scale at `norm_scale` (Cooijmans et al. start
   recurrent batch norm at 0.1)."""
   c, d = cfg.width, cfg.depth
-  head = {"kernel": (rng.standard_normal((c, classes)) / np.sqrt(c)).astype(np.float32),
-          "bias": np.zeros((classes,), np.float32)}
+  head = {"kernel": (rng.standard_normal((c, 10)) / np.sqrt(c)).astype(np.float32),
+          "bias": np.zeros((10,), np.float32)}
   if cfg.model.startswith("rnn"):
     f = 64 // sequence_length(cfg)                       # input features per time step
     w_h = np.linalg.qr(rng.standard_normal((c, c)))[0]   # orthogonal recurrent weights

@@ -126,8 +126,7 @@ def _stub_train(name, cfg, data, s, points, program=claims_lab.PROGRAM, task="di
     out.append({"test_acc": acc, "val_acc": np.clip(acc + 0.01, 0, 1),
                 "train_acc": np.minimum(acc + 0.05, 1.0), "train_loss": 1.0 - acc,
                 "test_acc_population": np.clip(acc + 0.02, 0, 1), "curve_test": curve,
-                "curve_loss": 1.0 - curve,
-                "curve_val": curve})
+                "curve_loss": 1.0 - curve})
   return out
 
 
