@@ -1,13 +1,13 @@
 """Builds normjax's optional native CPU kernel; everything else is in pyproject.toml.
 
-`normjax/_kernels/cpu/normalize.cc` (layer/RMS/instance norm forward and backward over contiguous rows,
+`normjax/_src/kernels/cpu/normalize.cc` (layer/RMS/instance norm forward and backward over contiguous rows,
 and per-channel moments for batch/instance/group norm) is compiled against the XLA FFI headers
-vendored in `normjax/_kernels/cpu/third_party` (from jaxlib; no jaxlib is needed to build). It is
+vendored in `normjax/_src/kernels/cpu/third_party` (from jaxlib; no jaxlib is needed to build). It is
 optional: without a C++ compiler the build goes on without it, and normjax uses its
-`jax.numpy` definitions instead (`normjax._kernels.cpu.NATIVE` says which).
+`jax.numpy` definitions instead (`normjax._src.kernels.cpu.NATIVE` says which).
 
 The library runs on every x86-64 CPU: it is compiled for the baseline instruction set, and its
-loops also for AVX2+FMA and AVX-512, picked at run time (`normjax._kernels.cpu.CPU_LEVEL`). Set
+loops also for AVX2+FMA and AVX-512, picked at run time (`normjax._src.kernels.cpu.CPU_LEVEL`). Set
 `NORMJAX_NATIVE_MARCH=native` (or any other `-march` value) at build time to compile the
 baseline for a given CPU instead, for a machine-specific build.
 """
@@ -18,7 +18,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_NATIVE = os.path.join("normjax", "_kernels", "cpu")
+_NATIVE = os.path.join("normjax", "_src", "kernels", "cpu")
 
 # -ffp-contract=off: no FMA contraction, so that every instruction-set level rounds alike
 # (bit-identical results on every CPU). Warnings are errors in tests/test_kernels_cpu.py.
@@ -43,7 +43,7 @@ def _flags():
 setup(
     ext_modules=[
         Extension(
-            "normjax._kernels.cpu._normalize",
+            "normjax._src.kernels.cpu._normalize",
             sources=[os.path.join(_NATIVE, "normalize.cc")],
             depends=[os.path.join(_NATIVE, "kernels.h")],
             language="c++",

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import normjax as nj
-from normjax._kernels import cpu
+from normjax._src.kernels import cpu
 
 
 def _programs(x, r, s, b):

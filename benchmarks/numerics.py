@@ -229,7 +229,7 @@ def measure(case: Case, x: np.ndarray, mean, var, impl: str) -> dict:
 
 def native_path() -> str:
   """"native" if normjax's CPU kernels are loaded in this process, else "jnp"."""
-  from normjax._kernels import cpu  # pylint: disable=import-outside-toplevel
+  from normjax._src.kernels import cpu  # pylint: disable=import-outside-toplevel
   return "native" if cpu.NATIVE else "jnp"
 
 

@@ -220,7 +220,7 @@ PATH_ENV = {"native": "1", "jnp": "0"}
 def native_path() -> str:
   """Which normjax path this process runs: "native" (the CPU kernels loaded) or "jnp"."""
   try:
-    from normjax._kernels import cpu  # pylint: disable=import-outside-toplevel
+    from normjax._src.kernels import cpu  # pylint: disable=import-outside-toplevel
     return "native" if cpu.NATIVE else "jnp"
   except ImportError:
     return "native" if os.environ.get("NORMJAX_NATIVE", "1") != "0" else "jnp"

@@ -973,7 +973,7 @@ def metadata(s: Settings, command: str, wall: float, load: tuple[float, ...]) ->
   """What produced the results: code, versions, machine, seeds."""
   import flax
   import normjax
-  from normjax._kernels import cpu
+  from normjax._src.kernels import cpu
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
   def git(*a):

@@ -45,7 +45,7 @@ that saves only the named statistics, so the backward keeps `x` and per-row `(sh
 rstd)` and recomputes `xhat` elementwise. Being a JVP rule written in `jax.numpy`, it is
 itself differentiable: forward mode, reverse mode and any order of derivative work.
 
-Layering: this module is the reference. It imports no kernel. `normjax._kernels` defines
+Layering: this module is the reference. It imports no kernel. `normjax._src.kernels` defines
 primitives whose `jax.numpy` definitions are the functions here (on a 2-D or 3-D view), with
 faster lowerings per platform, and `normjax._dispatch` decides per call whether a kernel applies
 and hands its `forward`/`tangent` to `standardize`, so that the closed-form derivative and its
@@ -335,7 +335,7 @@ def tangent(x: jax.Array, stats: Moments, rstd_: jax.Array, scale: jax.Array | N
     axes, mask, axis_name, axis_index_groups, groups: as in `moments`.
     spread: for centered statistics, an optional `spread(x, stats, rstd_, a, c)` computing
       `xhat * a + c` (float32, `x.shape`) for `a`, `c` of the statistics' shape: a kernel
-      whose transpose reduces the cotangent in one read (`normjax._kernels.moments`). Used
+      whose transpose reduces the cotangent in one read (`normjax._src.kernels.moments`). Used
       only where `a` and `c` are constant along `axes`.
 
   Returns:

@@ -5,7 +5,7 @@ bias. `plan` looks at shapes, dtypes and arguments once, at trace time, and name
 that applies (`Plan.kernel`); `standardize` then hands that kernel's `forward`/`tangent` to
 `_core.standardize`, which owns the closed-form derivative either way. A kernel applies when:
 
-  * the default backend has native kernels (`normjax._kernels.primitives.has_kernel`; today
+  * the default backend has native kernels (`normjax._src.kernels.primitives.has_kernel`; today
     CPU with the native library built, and not with `NORMJAX_NATIVE=0`),
   * `x` is float32 or bfloat16, non-empty, not sharded along an `Explicit` mesh axis (those
     keep XLA's own ops, which shard like any jax.numpy code), and `eps` is a concrete number,
@@ -16,7 +16,7 @@ that applies (`Plan.kernel`); `standardize` then hands that kernel's `forward`/`
     `"moments"`: centered statistics whose reduced axes and channel groups fit a moments
     kernel's view (batch/instance/group norm on NHWC, batch/group norm on NCHW); the
     backward's per-channel sums take a kernel too (`_core.tangent`'s `spread`, see
-    `normjax._kernels.moments`).
+    `normjax._src.kernels.moments`).
 
 `add_standardize` (the residual-add norms) takes the fused rows kernel
 (`rows_add_forward_p`) where the plan is `"rows"`, and otherwise adds `x + residual` and
@@ -35,9 +35,9 @@ import numpy as np
 
 from normjax import _axes
 from normjax import _core
-from normjax._kernels import moments
-from normjax._kernels import primitives
-from normjax._kernels import standardize as rows
+from normjax._src.kernels import moments
+from normjax._src.kernels import primitives
+from normjax._src.kernels import rows
 
 
 class Plan(NamedTuple):

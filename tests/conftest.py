@@ -23,7 +23,7 @@ def implementation(request, monkeypatch):
   `lax.platform_dependent` for CUDA/ROCm (no `cond` in the variance; `reduce_precision` as the
   bfloat16 pin), so that their numerics are tested where no GPU is."""
   from normjax import _core, _dispatch
-  from normjax._kernels import primitives
+  from normjax._src.kernels import primitives
   if request.param.startswith("reference"):
     monkeypatch.setattr(_dispatch, "plan", lambda *args, **kwargs: _dispatch.REFERENCE)
     if request.param == "reference-gpu":

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import normjax as nj
-from normjax._kernels import primitives
+from normjax._src.kernels import primitives
 from tests import reference as ref
 from tests.helpers import rand, slow_except, tolerance
 

@@ -165,7 +165,7 @@ def test_jit_over_sharded_arrays_needs_no_axis_name():
 def test_jit_over_sharded_arrays_row_normalizations(axis_type):
   """Layer, RMS and channels-first instance norm (the row kernel's cases) under jit with a
   batch-sharded input: explicit mesh axes keep the sharding (XLA's path); auto axes give the
-  right values (the CPU kernel runs on the gathered rows, see normjax/_kernels/standardize.py)."""
+  right values (the CPU kernel runs on the gathered rows, see normjax/_src/kernels/rows.py)."""
   mesh = jax.make_mesh((NDEV,), ("data",),
                        axis_types=(getattr(jax.sharding.AxisType, axis_type),))
   x_host = rand((8, 6, 16), 15, loc=3.0)

@@ -1,5 +1,5 @@
 """`jax.export` of programs using normjax: default checks, serialization, and reloading in a
-process that has never imported normjax (normjax/_kernels/primitives.py: the native lowering
+process that has never imported normjax (normjax/_src/kernels/primitives.py: the native lowering
 steps aside for the reference when lowering for export; normjax/_state.py: BatchStats is
 registered for serialization)."""
 

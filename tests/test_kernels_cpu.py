@@ -1,7 +1,7 @@
-"""The row-normalization primitives (normjax/_kernels/standardize.py) and their native CPU kernel.
+"""The row-normalization primitives (normjax/_src/kernels/rows.py) and their native CPU kernel.
 
 Layer and RMS norm over trailing axes run through three primitives whose CPU lowering is an
-XLA FFI call into normjax/_kernels/cpu/normalize.cc. The tests here check that the kernel is built and
+XLA FFI call into normjax/_src/kernels/cpu/normalize.cc. The tests here check that the kernel is built and
 used, that kernel and `jax.numpy` definitions agree with each other and with float64 NumPy,
 and that every transformation reaches the right rule (batch folding, the batching fallbacks,
 the transpose, higher derivatives). The variant-level tests (test_variants, test_numerics,
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import normjax as nj
-from normjax._kernels import moments as _columns
-from normjax._kernels import cpu as _native
-from normjax._kernels import standardize as _rows
+from normjax._src.kernels import moments as _columns
+from normjax._src.kernels import cpu as _native
+from normjax._src.kernels import rows as _rows
 from tests import reference
 from tests.helpers import rand, slow_except
 
@@ -34,7 +34,7 @@ def test_native_kernel_is_built():
   if os.environ.get("NORMJAX_NATIVE") == "0":
     assert not _native.NATIVE
   else:
-    assert _native.NATIVE, "normjax/_kernels/cpu/_normalize*.so missing: reinstall with a C++ compiler"
+    assert _native.NATIVE, "normjax/_src/kernels/cpu/_normalize*.so missing: reinstall with a C++ compiler"
 
 
 @pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
@@ -262,7 +262,7 @@ x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 33)).astype(np.float
 g, b = jnp.linspace(0.5, 1.5, 33), jnp.linspace(-1.0, 1.0, 33)
 """
 _WITHOUT_KERNEL = _SETUP + """
-from normjax._kernels import cpu as _native
+from normjax._src.kernels import cpu as _native
 assert not _native.NATIVE
 for fn in (lambda x: nj.layer_norm(x, g, b), lambda x: nj.rms_norm(x - 1e4, g),
            lambda x: nj.instance_norm(x, g[:4], b[:4], channel_axis=1),

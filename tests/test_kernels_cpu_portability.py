@@ -1,7 +1,7 @@
 """The native kernel builds as a user builds it and runs on every x86-64 CPU.
 
 setup.py compiles the kernel for the x86-64 baseline and its loops also for AVX2+FMA and
-AVX-512, picked at run time (normjax/_kernels/cpu/normalize.cc). These tests build a wheel as pip
+AVX-512, picked at run time (normjax/_src/kernels/cpu/normalize.cc). These tests build a wheel as pip
 builds it (`pip wheel`, with build isolation: the build requirements of pyproject.toml in a fresh
 environment, not this one's setuptools) from a copy of the sources in a temporary directory,
 unpack it, then run one script with every variant (layer
@@ -32,7 +32,7 @@ import sys
 import numpy as np
 import jax, jax.numpy as jnp
 import normjax as nj
-from normjax._kernels import cpu as _native, moments as _columns, standardize as _rows
+from normjax._src.kernels import cpu as _native, moments as _columns, rows as _rows
 assert _native.NATIVE
 rng = np.random.default_rng(0)
 out = {"level": np.asarray(_native.CPU_LEVEL)}
@@ -158,7 +158,7 @@ def built(tmp_path_factory):
   assert len(wheels) == 1, f"pip wheel built {wheels}:\n{output}"
   with zipfile.ZipFile(wheels[0]) as wheel:
     wheel.extractall(tmp / "pkg")
-  built = list((tmp / "pkg" / "normjax" / "_kernels" / "cpu").glob("_normalize*.so"))
+  built = list((tmp / "pkg" / "normjax" / "_src" / "kernels" / "cpu").glob("_normalize*.so"))
   assert len(built) == 1, f"the wheel has no native kernel (the build skips it when it fails " \
                           f"to compile):\n{output}"
   (tmp / "check.py").write_text(_SCRIPT)

@@ -1,4 +1,4 @@
-"""Per-channel moments from one read (normjax/_kernels/moments.py) and their CPU kernels.
+"""Per-channel moments from one read (normjax/_src/kernels/moments.py) and their CPU kernels.
 
 Batch, instance and group norm on NHWC input take their statistics from `column_moments_p`,
 batch and group norm on NCHW input from `row_moments_p` (one read of `x` each); these tests
@@ -17,8 +17,8 @@ import pytest
 
 import normjax as nj
 from normjax import _dispatch
-from normjax._kernels import moments as _columns
-from normjax._kernels import cpu as _native
+from normjax._src.kernels import moments as _columns
+from normjax._src.kernels import cpu as _native
 from tests import reference
 from tests.helpers import rand, slow_except
 

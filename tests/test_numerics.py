@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 
 import normjax as nj
 from normjax import _dispatch
-from normjax._kernels import moments as _columns
+from normjax._src.kernels import moments as _columns
 from normjax import _core
 from tests import reference as ref
 from tests.helpers import fast_compiles, rand, slow_except

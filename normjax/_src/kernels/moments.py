@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.interpreters import ad, batching
 
 from normjax import _core
-from normjax._kernels import primitives
+from normjax._src.kernels import primitives
 
 F32 = primitives.F32
 

@@ -1,7 +1,7 @@
 """normjax's native CPU kernels: `normalize.cc`, built by setup.py into `_normalize*.so`.
 
 Importing this package registers the kernels with XLA as FFI targets for the CPU platform
-(`NATIVE` is True) if the library was built; `normjax._kernels.primitives` lowers the
+(`NATIVE` is True) if the library was built; `normjax._src.kernels.primitives` lowers the
 primitives to them on CPU. Set `NORMJAX_NATIVE=0` before importing normjax to use the
 primitives' `jax.numpy` definitions everywhere.
 

@@ -1,11 +1,11 @@
 // Native CPU kernels for normalization over contiguous rows (layer, RMS and channels-first
-// instance norm; normjax/_kernels/standardize.py), and per-channel moments of channels-last and
-// channels-first input (batch, instance and group norm; normjax/_kernels/moments.py).
+// instance norm; normjax/_src/kernels/rows.py), and per-channel moments of channels-last and
+// channels-first input (batch, instance and group norm; normjax/_src/kernels/moments.py).
 //
 // XLA:CPU reads a layer-norm row three to five times (one reduction per sum, then the
 // normalize pass, and as many again in the backward). These kernels read each row from memory
 // once or twice: a block of the row stays in L1 while its statistics are computed. They are
-// XLA FFI handlers, registered by normjax/_kernels/cpu/__init__.py and called through the
+// XLA FFI handlers, registered by normjax/_src/kernels/cpu/__init__.py and called through the
 // primitives there; every other platform (and a CPU without this library) uses the jax.numpy
 // definition of the same primitives.
 //
@@ -753,7 +753,7 @@ auto BindAddForward() {
 }  // namespace
 
 // The instruction-set level the kernels run at ("baseline", "avx2" or "avx512"), picked at
-// the first call; the loader (normjax/_kernels/cpu/__init__.py) exposes it as CPU_LEVEL.
+// the first call; the loader (normjax/_src/kernels/cpu/__init__.py) exposes it as CPU_LEVEL.
 extern "C" __attribute__((visibility("default"))) const char* NormjaxCpuLevel() {
   return Active().name;
 }

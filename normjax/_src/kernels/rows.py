@@ -16,7 +16,7 @@ The input is viewed as `[rows, features]` and three primitives do the work:
 
 Scale and bias are vectors: per feature (layer/RMS norm, `per_row=False`) or per row
 (instance norm with channels first, `per_row=True`). On CPU, when the native library is
-loaded (`normjax._kernels.cpu`), the forward and backward lower to its kernels: one read of
+loaded (`normjax._src.kernels.cpu`), the forward and backward lower to its kernels: one read of
 each row per pass, on XLA's intra-op threads. `ops` gives `_core.standardize` the
 `forward`/`tangent` pair for one call; `normjax._dispatch` decides when it applies.
 
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.interpreters import ad, batching
 
 from normjax import _core
-from normjax._kernels import primitives
+from normjax._src.kernels import primitives
 
 F32 = primitives.F32
 

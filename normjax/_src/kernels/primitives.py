@@ -4,7 +4,7 @@ A primitive here is defined by a reference function (built from `normjax._core` 
 3-D view of the input). The reference gives its lowering on every platform, its JVP (so
 forward mode and every higher order work), its eager evaluation and the batching fallback.
 `LOWERINGS` is the one place where faster lowerings are registered, per platform: today the
-native CPU library (`normjax/_kernels/cpu`, XLA FFI targets); a Pallas kernel for GPU or TPU
+native CPU library (`normjax/_src/kernels/cpu`, XLA FFI targets); a Pallas kernel for GPU or TPU
 would be one more entry.
 
 A native lowering steps aside for the reference when the program is lowered for `jax.export`
@@ -25,7 +25,7 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from normjax._kernels import cpu
+from normjax._src.kernels import cpu
 
 F32 = jnp.dtype(jnp.float32)
 # Input dtypes the native kernels take, and the suffix of their FFI target names.

@@ -1,0 +1,1 @@
+"""Kernels: primitives defined by the numerics, with per-platform lowerings in one table."""
