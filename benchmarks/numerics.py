@@ -33,7 +33,7 @@ input:
   * `var`: the variance of the first channel (outlier case), next to the float64 value;
   * `var rel err`: max over the statistics of `|var - var64| / var64`. The variance is the one
     each library normalizes with: normjax's batch-norm running variance after one step with
-    `momentum=0` and, for layer norm, the statistics of `normjax._dispatch.standardize` (what
+    `momentum=0` and, for layer norm, the statistics of `normjax._src.dispatch.standardize` (what
     `layer_norm` calls); flax's `batch_stats` after one step with `momentum=0` and, for layer
     norm, `flax.linen.normalization._compute_stats` (what `LayerNorm` calls); PyTorch's
     running variance after one step with `momentum=1` (unbiased, rescaled by `(n - 1) / n` in
@@ -158,7 +158,7 @@ def output_errors(case: Case, x: np.ndarray, y: np.ndarray, mean, var) -> tuple[
 def run_normjax(case: Case, x: np.ndarray):
   import jax  # pylint: disable=import-outside-toplevel
   import normjax as nj  # pylint: disable=import-outside-toplevel
-  from normjax import _dispatch  # pylint: disable=import-outside-toplevel
+  from normjax._src import dispatch as _dispatch  # pylint: disable=import-outside-toplevel
   if case.kind == "layer":
     y = jax.jit(lambda x: nj.layer_norm(x, eps=EPS))(x)
     var = jax.jit(lambda x: _dispatch.standardize(x, (x.ndim - 1,), None, None, EPS)[1].var)(x)

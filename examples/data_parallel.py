@@ -255,7 +255,7 @@ def run(batch_size: int = 64, steps: int = 30, num_devices: int = NUM_DEVICES, l
   mesh = make_mesh(num_devices)
   record("shard_map + axis_name", shard_map_step(optimizer, momentum, mesh), mesh)
   # jit over sharded arrays: an Explicit mesh axis, so that the sharding is part of the array
-  # type and normjax keeps XLA's own (partitionable) ops (see normjax/_dispatch.py).
+  # type and normjax keeps XLA's own (partitionable) ops (see normjax/_src/dispatch.py).
   emesh = make_mesh(num_devices, explicit=True)
   with jax.set_mesh(emesh):
     record("jit, sharded batch", single_device_step(optimizer, momentum), emesh)

@@ -1,30 +1,32 @@
 """normjax: batch, layer, RMS, instance and group normalization for JAX, on one shared core.
 
 Pure functions with explicit batch-statistics state (state in, new state out); Flax wrappers in
-`normjax.linen` and `normjax.nnx`.
+`normjax.linen` and `normjax.nnx`. The implementation lives in `normjax._src` (private); this
+module only hands its public names on.
 """
 
-from normjax._state import BatchStats
-from normjax._state import SpectralState
-from normjax._state import init_batch_stats
-from normjax.batch import batch_norm
-from normjax.fold import fold_batch_norm
-from normjax.fold import fold_linen_params
-from normjax.group import group_norm
-from normjax.group import instance_norm
-from normjax.layer import add_layer_norm
-from normjax.layer import add_rms_norm
-from normjax.layer import layer_norm
-from normjax.layer import rms_norm
-from normjax.renorm import batch_renorm
-from normjax.response import filter_response_norm
-from normjax.response import tlu
-from normjax.torch_interop import from_torch_state_dict
-from normjax.torch_interop import to_torch_state_dict
-from normjax.weights import init_spectral_state
-from normjax.weights import spectral_normalize
-from normjax.weights import weight_norm
-from normjax.weights import weight_standardize
+from normjax._src.batch import batch_norm as batch_norm
+from normjax._src.batch import batch_renorm as batch_renorm
+from normjax._src.dispatch import implementation as implementation
+from normjax._src.group import group_norm as group_norm
+from normjax._src.group import instance_norm as instance_norm
+from normjax._src.interop import fold_batch_norm as fold_batch_norm
+from normjax._src.interop import fold_linen_params as fold_linen_params
+from normjax._src.interop import from_torch_state_dict as from_torch_state_dict
+from normjax._src.interop import to_torch_state_dict as to_torch_state_dict
+from normjax._src.layer import add_layer_norm as add_layer_norm
+from normjax._src.layer import add_rms_norm as add_rms_norm
+from normjax._src.layer import layer_norm as layer_norm
+from normjax._src.layer import rms_norm as rms_norm
+from normjax._src.response import filter_response_norm as filter_response_norm
+from normjax._src.response import tlu as tlu
+from normjax._src.state import BatchStats as BatchStats
+from normjax._src.state import SpectralState as SpectralState
+from normjax._src.state import init_batch_stats as init_batch_stats
+from normjax._src.weights import init_spectral_state as init_spectral_state
+from normjax._src.weights import spectral_normalize as spectral_normalize
+from normjax._src.weights import weight_norm as weight_norm
+from normjax._src.weights import weight_standardize as weight_standardize
 
 __version__ = "0.2.0"
 
@@ -40,6 +42,7 @@ __all__ = (
     "fold_linen_params",
     "from_torch_state_dict",
     "group_norm",
+    "implementation",
     "init_batch_stats",
     "init_spectral_state",
     "instance_norm",

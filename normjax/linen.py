@@ -45,10 +45,10 @@ import jax.numpy as jnp
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 
-from normjax import _flax
-from normjax import _state
-from normjax import weights as _weights
-from normjax._state import BatchStats
+from normjax._src import flax_adapter as _flax
+from normjax._src import state as _state
+from normjax._src import weights as _weights
+from normjax._src.state import BatchStats
 
 __all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "BatchRenorm", "FilterResponseNorm",
            "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv",

@@ -33,11 +33,10 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import initializers
 from flax.typing import Axes, Dtype, Initializer
 
-from normjax import _flax
-from normjax import _state
-from normjax import weights as _weights
-from normjax._state import BatchStats
-from normjax.group import _group_size
+from normjax._src import flax_adapter as _flax
+from normjax._src import state as _state
+from normjax._src import weights as _weights
+from normjax._src.state import BatchStats
 
 __all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "BatchRenorm", "FilterResponseNorm",
            "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv",
@@ -459,7 +458,7 @@ class GroupNorm(nnx.Module):
                scale_metadata: Any = _NO_METADATA):
     num_features = _flax.check_num_features(num_features)
     _flax.no_index_groups(axis_index_groups, "GroupNorm")
-    group_size = _group_size(num_features, num_groups, group_size)
+    group_size = _flax.check_group_size(num_features, num_groups, group_size)
     num_groups = num_features // group_size
     self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
     self.bias = _param(use_bias, bias_init, rngs, (num_features,), param_dtype, bias_metadata)

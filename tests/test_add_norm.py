@@ -1,5 +1,5 @@
 """The residual-add norms `add_layer_norm` / `add_rms_norm` (normjax/layer.py), on every path:
-the reference (`x + residual`, then `_dispatch.standardize`) and the fused native kernel
+the reference (`x + residual`, then the dispatch's `standardize`) and the fused native kernel
 (`rows_add_forward_p`, `NormjaxRowsAddForward*`): outputs against float64 NumPy, `h` exactly
 the rounded sum, derivatives equal to those of `layer_norm(x + residual)`, the kernel called
 with `h` written once, `jax.export`, and bad input."""
@@ -277,11 +277,11 @@ def test_flax_modules(dtype):
 
 
 def test_core_add_standardize_reference_definition():
-  """`_core.add_standardize` without a kernel's `add_forward` (its jax.numpy definition):
+  """The numerics' `add_standardize` without a kernel's `add_forward` (its jax.numpy definition):
   float64 values and the unfused form's gradients."""
-  from normjax import _core
+  from normjax._src.numerics import standardize as _standardize  # pylint: disable=import-outside-toplevel
   x, r, s, b, s16, b16 = _inputs(jnp.float32)
-  fn = lambda x, r, s, b: _core.add_standardize(x, r, (3,), s.reshape(1, 1, 1, 16),
+  fn = lambda x, r, s, b: _standardize.add_standardize(x, r, (3,), s.reshape(1, 1, 1, 16),
                                                  b.reshape(1, 1, 1, 16), 1e-5)
   y, h = jax.jit(fn)(x, r, s16, b16)
   np.testing.assert_array_equal(h, _rounded_sum(x, r))

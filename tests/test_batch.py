@@ -144,7 +144,7 @@ def _fused_computations(text):
 def test_evaluation_loop_over_x_takes_the_per_channel_factor_from_outside():
   """The compiled evaluation forward is one elementwise loop over `x` whose per-channel factor
   (`rsqrt`, the non-finite check) is computed once per channel outside it, as in flax's
-  program: no `rsqrt`, `compare` or `select` per element of `x` (`_core.rstd` picks the NaN
+  program: no `rsqrt`, `compare` or `select` per element of `x` (`rstd` picks the NaN
   before the `rsqrt`; a select after it was fused into the loop)."""
   x = jnp.zeros((4, 8, 8, 16), jnp.float32)
   c = jnp.ones(16, jnp.float32)

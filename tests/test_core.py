@@ -1,4 +1,4 @@
-"""Accuracy of the closed-form derivative (normjax/_core.py `tangent`, through every kernel the
+"""Accuracy of the closed-form derivative (normjax/_src/numerics/standardize.py `tangent`, through every kernel the
 dispatch picks): float32 gradients at least as close to a float64 run as flax's autodiff of
 its own modules on ordinary data, and far closer at large means; and the compiled reference
 reads a bfloat16 `x` without a float32 copy."""
@@ -11,7 +11,7 @@ import pytest
 
 import normjax as nj
 import normjax.linen as njnn
-from normjax import _core
+from normjax._src.numerics import standardize as _standardize
 from tests import reference as ref
 from tests.helpers import rand, slow_except
 
@@ -110,7 +110,7 @@ def test_variance_cond_only_where_the_device_runs_it(platform, has_cond):
   conditioned. Counted in the exported module: the predicate's `and` reduction, and the
   reductions over `x` (two, then two in the shifted branch; on GPUs one, then two)."""
   x = jnp.zeros((8, 64))
-  f = jax.jit(lambda x: _core.standardize(x, (1,), None, None, 1e-5)[0])
+  f = jax.jit(lambda x: _standardize.standardize(x, (1,), None, None, 1e-5)[0])
   text = jax.export.export(f, platforms=(platform,))(x).mlir_module()
   assert text.count("applies stablehlo.and") == int(has_cond)
   assert text.count("stablehlo.reduce(") == (5 if has_cond else 3)
@@ -120,12 +120,12 @@ def test_variance_cond_only_where_the_device_runs_it(platform, has_cond):
 @pytest.mark.parametrize("centered", [True, False])
 def test_bfloat16_passes_read_x_without_a_float32_copy(centered):
   """On CPU each reduction over a bfloat16 `x` and the normalize step read it through their
-  own handles (`_core.pinned_reads`) and convert it inside their own fusions: the compiled
+  own handles (`rounding.pinned_reads`) and convert it inside their own fusions: the compiled
   reference, the cond's shifted pass included, keeps no float32 array of `x`'s size in its
   scratch memory. A shared conversion, the `reduce_precision` pin, or a shared `x - shift`
   in the shifted pass made XLA:CPU write one (layer/RMS norm bf16 2.2-2.5x flax's time)."""
   x = jnp.zeros((4, 256, 512), jnp.bfloat16)
-  fn = lambda x: _core.standardize(x, (2,), None, None, 1e-5, centered=centered)[0]
+  fn = lambda x: _standardize.standardize(x, (2,), None, None, 1e-5, centered=centered)[0]
   compiled = jax.jit(fn).lower(x).compile()
   assert compiled.memory_analysis().temp_size_in_bytes < 4 * x.size, compiled.as_text()
 

@@ -1,6 +1,6 @@
-"""One suite over every implementation `normjax._dispatch` can pick (the reference in
-`normjax._core`, the native CPU kernels, and any later kernel): each variant and layout
-against the float64 NumPy reference on adversarial data (a huge first element, large
+"""One suite over every implementation the dispatch can pick (`nj.implementation`: the
+reference in `normjax/_src/numerics`, the native CPU kernels, and any later kernel): each
+variant and layout against the float64 NumPy reference on adversarial data (a huge first element, large
 offsets, long rows, overflow, NaN/Inf, empty and size-1 axes, vmap over empty batches, eps of
 every real type). The `implementation` fixture (tests/conftest.py) pins the dispatch; a new
 kernel joins by adding its name there."""
@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import normjax as nj
-from normjax import _dispatch
 from tests import reference as ref
 from tests.helpers import rand, slow_except
 
@@ -215,15 +214,15 @@ def test_eps_of_any_real_type(implementation, name, eps):
 
 
 @pytest.mark.parametrize("name", slow_except(sorted(VARIANTS), "batch_nchw"))
-def test_gradients_match_the_reference_implementation(implementation, name, monkeypatch):
+def test_gradients_match_the_reference_implementation(implementation, name):
   """First and second derivatives of every implementation equal the reference's."""
   fn, _ = VARIANTS[name]
   x = jnp.asarray(_data("offset", shape=(3, 4, 6, 4), seed=5))
   c = jnp.asarray(rand(x.shape, seed=6))
   loss = lambda x: jnp.vdot(jnp.sin(fn(x)), c)
   got = [jax.jit(jax.grad(loss))(x), jax.jit(lambda x: jax.jvp(jax.grad(loss), (x,), (c,))[1])(x)]
-  monkeypatch.setattr(_dispatch, "plan", lambda *args, **kwargs: _dispatch.REFERENCE)
-  want = [jax.grad(loss)(x), jax.jvp(jax.grad(loss), (x,), (c,))[1]]
+  with nj.implementation("reference"):
+    want = [jax.grad(loss)(x), jax.jvp(jax.grad(loss), (x,), (c,))[1]]
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
 
@@ -239,7 +238,7 @@ PARAMETERS_ALONG_REDUCED_AXES = {
 
 
 @pytest.mark.parametrize("name", slow_except(sorted(PARAMETERS_ALONG_REDUCED_AXES), "layer_axes02"))
-def test_parameters_varying_along_the_reduced_axes(implementation, name, monkeypatch):
+def test_parameters_varying_along_the_reduced_axes(implementation, name):
   """Output against float64, and first and second derivatives (in x, scale and bias) against
   the reference implementation, where the scale varies along a reduced, non-trailing axis."""
   axis, pshape = PARAMETERS_ALONG_REDUCED_AXES[name]
@@ -262,8 +261,8 @@ def test_parameters_varying_along_the_reduced_axes(implementation, name, monkeyp
   argnums = (0, 1) if rms else (0, 1, 2)
   second = lambda x, *p: jax.jvp(lambda x: jax.grad(loss)(x, *p), (x,), (c,))[1]
   got = [jax.jit(jax.grad(loss, argnums))(*args), jax.jit(second)(*args)]
-  monkeypatch.setattr(_dispatch, "plan", lambda *args, **kwargs: _dispatch.REFERENCE)
-  want = [jax.grad(loss, argnums)(*args), second(*args)]
+  with nj.implementation("reference"):
+    want = [jax.grad(loss, argnums)(*args), second(*args)]
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import normjax as nj
-from normjax import _axes
+from normjax._src import checks
 
 from tests import reference
 
@@ -493,9 +493,9 @@ def test_eps_of_any_real_type(eps, name, use_jit):
 
 
 def test_check_eps_canonical_value():
-  assert type(_axes.check_eps(np.int64(2))) is float and _axes.check_eps(np.int64(2)) == 2.0
-  assert type(_axes.check_eps(jnp.bfloat16(0.5))) is float
-  assert _axes.check_eps(0) == 0.0
+  assert type(checks.check_eps(np.int64(2))) is float and checks.check_eps(np.int64(2)) == 2.0
+  assert type(checks.check_eps(jnp.bfloat16(0.5))) is float
+  assert checks.check_eps(0) == 0.0
 
 
 def test_traced_eps_passes_through_unchecked():
@@ -504,15 +504,15 @@ def test_traced_eps_passes_through_unchecked():
   seen = []
 
   def f(eps):
-    seen.append(_axes.check_eps(eps) is eps)
+    seen.append(checks.check_eps(eps) is eps)
     return eps
 
   jax.jit(f)(1e-3)
   assert seen == [True]
   with pytest.raises(ValueError, match="eps must be a scalar"):
-    jax.jit(_axes.check_eps)(jnp.ones(2))
+    jax.jit(checks.check_eps)(jnp.ones(2))
   with pytest.raises(TypeError, match="eps must be a real number"):
-    jax.jit(_axes.check_eps)(jnp.asarray(True))
+    jax.jit(checks.check_eps)(jnp.asarray(True))
 
 
 @pytest.mark.parametrize("epsilon", [0, np.float32(1e-5), 1])

@@ -627,7 +627,7 @@ def test_native_source_compiles_without_warnings(tmp_path):
 
 def test_add_reference_definition_returns_the_sum_at_its_rounding():
   """The `jax.numpy` definition of the residual-add kernel returns `h = x + residual` pinned
-  to bfloat16, as the kernel writes it and `_core.add_standardize` returns it: a consumer of
+  to bfloat16, as the kernel writes it and the numerics' `add_standardize` returns it: a consumer of
   `h` in the same program sees the `h` whose statistics were taken. Unpinned, XLA recomputed
   the add in float32 inside a float32 consumer (off by up to 3.9 at `1e5 + N(0, 1)`)."""
   a = jnp.full((4, 1024), 1e5, jnp.bfloat16)

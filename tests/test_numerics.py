@@ -10,9 +10,8 @@ import pytest
 from jax.test_util import check_grads
 
 import normjax as nj
-from normjax import _dispatch
 from normjax._src.kernels import moments as _columns
-from normjax import _core
+from normjax._src.numerics import moments as _moments
 from tests import reference as ref
 from tests.helpers import fast_compiles, rand, slow_except
 
@@ -59,11 +58,12 @@ def _branch_inputs():
 
 
 @pytest.fixture
-def xla_moments(monkeypatch):
-  """`_core.moments` on its XLA path (the conditional variance, which masks, named axes and
+def xla_moments():
+  """The numerics' `moments` on its XLA path (the conditional variance, which masks, named axes and
   float16/float64 input take), not the one-read kernels of `_columns` that plain float32
   reductions like `moments(x, (1,))` are otherwise handed to."""
-  monkeypatch.setattr(_dispatch, "plan", lambda *args, **kwargs: _dispatch.REFERENCE)
+  with nj.implementation("reference"):
+    yield
 
 
 @pytest.mark.usefixtures("xla_moments")
@@ -75,7 +75,7 @@ def test_conditional_fast_path_both_branches(case, use_jit):
   float64 (layer norm over rows, batch norm over the batch axis, moments directly)."""
   x, one_pass = _branch_inputs()[case]
   maybe = jax.jit if use_jit else (lambda f: f)
-  stats = maybe(lambda x: _core.moments(x, (1,)))(jnp.asarray(x))
+  stats = maybe(lambda x: _moments.moments(x, (1,)))(jnp.asarray(x))
   # The branch taken: the one-pass result has a zero shift, the shifted pass the pass-1 mean.
   assert bool(np.all(np.asarray(stats.shift) == 0)) == one_pass
   mean, var, _ = ref.moments(x, (1,))
@@ -103,13 +103,13 @@ def test_conditional_fast_path_threshold():
   """Rows just inside `mean**2 <= TAU * var` take the one pass, rows just outside the second."""
   base = rand((4, 256), 13)
   base = (base - base.mean(1, keepdims=True)) / base.std(1, keepdims=True)   # var 1, mean 0
-  for ratio, one_pass in ((0.5 * _core.TAU, True), (2.0 * _core.TAU, False)):
+  for ratio, one_pass in ((0.5 * _moments.TAU, True), (2.0 * _moments.TAU, False)):
     x = (base + np.sqrt(ratio)).astype(np.float32)
-    stats = _core.moments(jnp.asarray(x), (1,))
+    stats = _moments.moments(jnp.asarray(x), (1,))
     assert bool(np.all(np.asarray(stats.shift) == 0)) == one_pass
     np.testing.assert_allclose(np.asarray(stats.var), 1.0, rtol=1e-5)
   # Constant rows with a non-zero mean (var 0) take the shifted pass and give exactly 0.
-  stats = _core.moments(jnp.full((2, 64), 3.0, jnp.float32), (1,))
+  stats = _moments.moments(jnp.full((2, 64), 3.0, jnp.float32), (1,))
   assert not np.all(np.asarray(stats.shift) == 0)
   np.testing.assert_array_equal(np.asarray(stats.var), 0.0)
 

@@ -1,4 +1,4 @@
-"""Filter response normalization and TLU (normjax.response) against the float64 reference."""
+"""Filter response normalization and TLU (normjax/_src/response.py) against the float64 reference."""
 
 import jax
 import jax.numpy as jnp

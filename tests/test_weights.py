@@ -1,4 +1,4 @@
-"""Weight standardization, weight norm and spectral norm (normjax.weights) vs float64 NumPy."""
+"""Weight standardization, weight norm and spectral norm (normjax/_src/weights.py) vs float64 NumPy."""
 
 import jax
 import jax.numpy as jnp

@@ -1,1 +1,1 @@
-"""normjax's implementation: private; the public names are re-exported by `normjax`, `normjax.linen` and `normjax.nnx`."""
+"""normjax's implementation (private): `normjax`, `normjax.linen` and `normjax.nnx` re-export it."""

@@ -1,18 +1,19 @@
 """Per-channel moments from one read of the input (batch/instance/group norm, NHWC and NCHW).
 
-When `_core.moments` would reduce one contiguous block of axes with channels after it (batch
+When `moments` would reduce one contiguous block of axes with channels after it (batch
 norm over N, H, W; instance and group norm over H, W of NHWC input), the input is viewed as
 `[batch, positions, channels]` and `column_moments_p` gives per `(batch, channel)` the mean as
 `shift + offset` and the biased variance. Channels-first input whose reduced axes end the
 shape (batch norm over N, H, W and group norm over H, W of NCHW input) is viewed as
 `[outer, channels, positions]` instead, and `row_moments_p` does the same per row
 `(outer, channel)`, pooled over `outer` for batch norm (`pool_outer`). Both pool group norm's
-groups of `group_size` consecutive channels. Their definitions are `_core.moments` on the
+groups of `group_size` consecutive channels. Their definitions are `moments` on the
 view; on CPU with the native library each is one kernel read of `x` (blocked sums about a
 block's own mean or, for later blocks near it, the running mean, merged with Chan's formula:
 exact to float32 rounding whatever the order and length). The normalize step and the
-derivatives stay `_core`'s (XLA fuses them with their neighbours), except one piece of the
-backward: `_core.tangent`'s `xhat * a + c` (per-channel `a`, `c` spread over `x`) is
+derivatives stay the numerics' (`normjax._src.numerics`; XLA fuses them with their
+neighbours), except one piece of the
+backward: `tangent`'s `xhat * a + c` (per-channel `a`, `c` spread over `x`) is
 `column_spread_p`, whose transpose is `column_sums_p` (channels last) or `row_sums_p`
 (channels first): per (example, channel) or per row the sums of the cotangent `g` and of
 `g * (x - mean)` from one read of `x` and `g` (XLA instead wrote `xhat` out and reduced `g`
@@ -27,14 +28,17 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import ad, batching
 
-from normjax import _core
+from normjax._src.numerics.moments import Moments
+from normjax._src.numerics.moments import moments
+from normjax._src.numerics.moments import subtract_mean
+from normjax._src.numerics.standardize import normalize
 from normjax._src.kernels import primitives
 
 F32 = primitives.F32
 
 
-def _outputs(stats: _core.Moments, shape):
-  """`(shift, offset, var)` of `_core.Moments` as arrays of `shape`."""
+def _outputs(stats: Moments, shape):
+  """`(shift, offset, var)` of `Moments` as arrays of `shape`."""
   zero = jnp.zeros_like(stats.var)
   shift = zero if stats.shift is None else stats.shift
   return tuple(jnp.broadcast_to(v, stats.var.shape).reshape(shape)
@@ -46,12 +50,12 @@ def _groups(axis, size):
 
 
 def _column_reference(x, *, group_size):
-  stats = _core.moments(x, (1,), groups=_groups(2, group_size))
+  stats = moments(x, (1,), groups=_groups(2, group_size))
   return _outputs(stats, (x.shape[0], x.shape[2]))
 
 
 def _row_reference(x, *, pool_outer, group_size):
-  stats = _core.moments(x, (0, 2) if pool_outer else (2,), groups=_groups(1, group_size))
+  stats = moments(x, (0, 2) if pool_outer else (2,), groups=_groups(1, group_size))
   zero = jnp.zeros(x.shape[:2] + (1,), F32)
   return _outputs(stats._replace(var=stats.var + zero), x.shape[:2])
 
@@ -79,7 +83,7 @@ def _sums_reference(x, g, shift, offset):
   """Per (batch, channel) of `[batch, positions, channels]` (or per row of `[rows,
   positions]`): the sums of `g` and of `g * ((x - shift) - offset)` over the positions, axis 1
   (`g` float32)."""
-  d = _core._centered(x, _core.Moments(shift=shift[:, None], offset=offset[:, None], var=None,
+  d = subtract_mean(x, Moments(shift=shift[:, None], offset=offset[:, None], var=None,
                                        count=None))
   return jnp.sum(g, 1), jnp.sum(g * d, 1)
 
@@ -98,12 +102,12 @@ row_sums_p = primitives.define_primitive(
 def _spread_reference(x, shift, offset, rstd, a, c):
   """`xhat * a + c` (float32) with `xhat = ((x - shift) - offset) * rstd`, all per-entry
   operands `[batch, channels]` broadcast over the positions of `x [batch, positions,
-  channels]` (or `[rows]` over `x [rows, positions]`): the part of `_core.tangent` that
+  channels]` (or `[rows]` over `x [rows, positions]`): the part of `tangent` that
   spreads per-channel values over `x`. Linear in `(a, c)`; its transpose reduces the
   cotangent with `column_sums_p` (or `row_sums_p`)."""
   e = lambda v: v[:, None]
-  stats = _core.Moments(shift=e(shift), offset=e(offset), var=None, count=None)
-  return (_core._centered(x, stats) * e(rstd) * e(a) + e(c),)
+  stats = Moments(shift=e(shift), offset=e(offset), var=None, count=None)
+  return (subtract_mean(x, stats) * e(rstd) * e(a) + e(c),)
 
 
 def _spread_abstract(x, *args):
@@ -187,9 +191,9 @@ def _channels_first_view(shape, axes):
 
 def ops(x_shape: tuple[int, ...], axes: tuple[int, ...], groups: tuple[int, int] | None,
         eps: float):
-  """`(forward, spread)` for `_core.standardize(x, axes, ..., groups=groups)` with the
+  """`(forward, spread)` for `standardize(x, axes, ..., groups=groups)` with the
   statistics from a moments kernel, or None when neither view applies (or the groups do not
-  fit it). `spread` is `_core.tangent`'s `spread` through `column_spread_p`, whose transpose
+  fit it). `spread` is `tangent`'s `spread` through `column_spread_p`, whose transpose
   is the backward's sums kernel (`column_sums_p` on the channels-last view, `row_sums_p` on
   the channels-first one)."""
   size = 1 if groups is None else groups[1]
@@ -208,7 +212,7 @@ def ops(x_shape: tuple[int, ...], axes: tuple[int, ...], groups: tuple[int, int]
 
   if last is not None:
     n = last[1] * size
-    moments = lambda x: column_moments_p.bind(x.reshape(last), group_size=size)
+    kernel_moments = lambda x: column_moments_p.bind(x.reshape(last), group_size=size)
     per_entry = lambda v: jnp.broadcast_to(v, stats_shape).reshape(last[0], last[2])
 
     def spread(x, stats, rstd, a, c):
@@ -230,15 +234,15 @@ def ops(x_shape: tuple[int, ...], axes: tuple[int, ...], groups: tuple[int, int]
                                     per_row(a), per_row(c))
       return out.reshape(x_shape)
 
-    def moments(x):
+    def kernel_moments(x):
       outs = row_moments_p.bind(x.reshape(outer, channels, positions), pool_outer=pool_outer,
                                 group_size=size)
       return [o[:1] for o in outs] if pool_outer else outs
 
   def forward(x, scale, bias, mask):
     del mask
-    shift, offset, var = (v.reshape(stats_shape) for v in moments(x))
-    stats = _core.Moments(shift=shift, offset=offset, var=var, count=jnp.asarray(n, F32))
-    return _core.normalize(x, stats, scale, bias, eps), stats
+    shift, offset, var = (v.reshape(stats_shape) for v in kernel_moments(x))
+    stats = Moments(shift=shift, offset=offset, var=var, count=jnp.asarray(n, F32))
+    return normalize(x, stats, scale, bias, eps), stats
 
   return forward, spread

@@ -1,6 +1,6 @@
-"""Kernel primitives: a `jax.numpy` definition from `normjax._core`, and per-platform lowerings.
+"""Kernel primitives: a `jax.numpy` definition from the numerics, and per-platform lowerings.
 
-A primitive here is defined by a reference function (built from `normjax._core` on a 2-D or
+A primitive here is defined by a reference function (built from `normjax._src.numerics` on a 2-D or
 3-D view of the input). The reference gives its lowering on every platform, its JVP (so
 forward mode and every higher order work), its eager evaluation and the batching fallback.
 `LOWERINGS` is the one place where faster lowerings are registered, per platform: today the
@@ -51,7 +51,7 @@ def define_primitive(name: str, reference: Callable, abstract_eval: Callable,
 
   Args:
     name: the primitive's name.
-    reference: `reference(*operands, **params)`, the definition (from `normjax._core`).
+    reference: `reference(*operands, **params)`, the definition (from `normjax._src.numerics`).
     abstract_eval: shapes and dtypes of the outputs.
     target: the native kernel's FFI target name without its dtype suffix, or None.
 

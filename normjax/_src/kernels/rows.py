@@ -3,12 +3,12 @@
 The input is viewed as `[rows, features]` and three primitives do the work:
 
   * `rows_forward_p`: `x, scale, bias -> y, shift, offset, var` (per-row statistics; the mean
-    is `shift + offset`, as in `_core.Moments`).
-  * `rows_tangent_p`: the tangent of `y`, linear in `(dx, dscale, dbias)`: `_core.tangent`.
+    is `shift + offset`, as in `Moments`).
+  * `rows_tangent_p`: the tangent of `y`, linear in `(dx, dscale, dbias)`: `tangent`.
     Its transpose is
   * `rows_backward_p`: `x, g, shift, offset, rstd, scale -> dx, dscale, dbias`, whose
-    definition is the transpose of `_core.tangent` (`jax.linear_transpose`): the closed-form
-    derivative is written once, in `_core`.
+    definition is the transpose of `tangent` (`jax.linear_transpose`): the closed-form
+    derivative is written once, in the numerics (`normjax._src.numerics`).
   * `rows_add_forward_p`: `x, residual, scale, bias -> y, h, shift, offset, var`, the forward
     of `h = x + residual` (in `x.dtype`) that also returns `h`: the residual add of a pre-norm
     block inside the kernel, which reads `x` and `residual` once and writes `y` and `h` (see
@@ -17,14 +17,14 @@ The input is viewed as `[rows, features]` and three primitives do the work:
 Scale and bias are vectors: per feature (layer/RMS norm, `per_row=False`) or per row
 (instance norm with channels first, `per_row=True`). On CPU, when the native library is
 loaded (`normjax._src.kernels.cpu`), the forward and backward lower to its kernels: one read of
-each row per pass, on XLA's intra-op threads. `ops` gives `_core.standardize` the
-`forward`/`tangent` pair for one call; `normjax._dispatch` decides when it applies.
+each row per pass, on XLA's intra-op threads. `ops` gives `standardize` the
+`forward`/`tangent` pair for one call; `normjax._src.dispatch` decides when it applies.
 
 Costs of a custom call: it is a fusion barrier (an elementwise op producing `x`, such as a
 residual add, is written out before the kernel reads it), and XLA's SPMD partitioner does not
 know how to split it: under `jit` with an input sharded along `Auto` mesh axes the call runs
 on the gathered input (correct, not fast). Inputs sharded along `Explicit` mesh axes take the
-reference path (see `normjax._dispatch`).
+reference path (see `normjax._src.dispatch`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import ad, batching
 
-from normjax import _core
+from normjax._src.numerics.moments import Moments
+from normjax._src.numerics.moments import moments
+from normjax._src.numerics.rounding import pin_rounding
+from normjax._src.numerics.rounding import residual_sum
+from normjax._src.numerics.standardize import normalize
+from normjax._src.numerics.standardize import tangent
 from normjax._src.kernels import primitives
 
 F32 = primitives.F32
@@ -50,16 +55,16 @@ def _expand(param, per_row):
 def _row_stats(x, shift, offset, var, centered):
   count = jnp.asarray(x.shape[1], F32)
   if not centered:
-    return _core.Moments(shift=None, offset=None, var=var[:, None], count=count)
-  return _core.Moments(shift=shift[:, None], offset=offset[:, None], var=var[:, None],
+    return Moments(shift=None, offset=None, var=var[:, None], count=count)
+  return Moments(shift=shift[:, None], offset=offset[:, None], var=var[:, None],
                        count=count)
 
 
-# ----------------------------------------------------------------- definitions (from _core)
+# ----------------------------------------------------------------- definitions (the numerics)
 
 def _forward_reference(x, scale, bias, *, eps, centered, per_row):
-  stats = _core.moments(x, (1,), centered=centered)
-  y = _core.normalize(_core.pin_rounding(x), stats, _expand(scale, per_row),
+  stats = moments(x, (1,), centered=centered)
+  y = normalize(pin_rounding(x), stats, _expand(scale, per_row),
                       _expand(bias, per_row), eps)
   zero = jnp.zeros_like(stats.var)
   shift = zero if stats.shift is None else stats.shift
@@ -68,9 +73,9 @@ def _forward_reference(x, scale, bias, *, eps, centered, per_row):
 
 
 def _add_forward_reference(x, residual, scale, bias, *, eps, centered, per_row):
-  # `h` pinned to its rounding, as `_core.add_standardize` returns it (and as the kernel
+  # `h` pinned to its rounding, as `add_standardize` returns it (and as the kernel
   # writes it): its consumers downstream see the `h` whose statistics were taken.
-  h = _core.residual_sum(x, residual)
+  h = residual_sum(x, residual)
   y, shift, offset, var = _forward_reference(h, scale, bias, eps=eps, centered=centered,
                                              per_row=per_row)
   return y, h, shift, offset, var
@@ -79,7 +84,7 @@ def _add_forward_reference(x, residual, scale, bias, *, eps, centered, per_row):
 def _tangent_reference(x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered, per_row):
   e = functools.partial(_expand, per_row=per_row)
   stats = _row_stats(x, shift, offset, rstd, centered)
-  return (_core.tangent(x, stats, rstd[:, None], e(scale), dx, e(dscale), e(dbias), (1,)),)
+  return (tangent(x, stats, rstd[:, None], e(scale), dx, e(dscale), e(dbias), (1,)),)
 
 
 def _backward_reference(x, g, shift, offset, rstd, scale, *, centered, per_row):
@@ -205,13 +210,13 @@ class _View:
     return p.reshape(size).astype(F32)
 
   def moments(self, x2, shift, offset, var):
-    """The kernel's per-row statistics as `_core.Moments` of the input's rank."""
+    """The kernel's per-row statistics as `Moments` of the input's rank."""
     stats = _row_stats(x2, shift, offset, var, self.centered)
     return jax.tree.map(lambda v: v.reshape(self.stats_shape) if v.ndim else v, stats)
 
 
 def ops(x_shape: tuple[int, ...], n_axes: int, eps: float, *, centered: bool, per_row: bool):
-  """`(forward, tangent)` for `_core.standardize` over the last `n_axes` axes of an input of
+  """`(forward, tangent)` for `standardize` over the last `n_axes` axes of an input of
   `x_shape`, through the primitives; `per_row`: scale and bias vary along the other axes only
   (one value per row), else along the normalized axes only (one per feature)."""
   v = _View(x_shape, n_axes, centered, per_row)
@@ -240,7 +245,7 @@ def ops(x_shape: tuple[int, ...], n_axes: int, eps: float, *, centered: bool, pe
 
 def add_ops(x_shape: tuple[int, ...], n_axes: int, eps: float, *, centered: bool,
             per_row: bool):
-  """`(add_forward, tangent)` for `_core.add_standardize`: `add_forward(x, residual, scale,
+  """`(add_forward, tangent)` for `add_standardize`: `add_forward(x, residual, scale,
   bias) -> (y, h, Moments of h)` through `rows_add_forward_p`; `tangent` is `ops`' (the
   derivative of `y` is taken at `h`)."""
   v = _View(x_shape, n_axes, centered, per_row)

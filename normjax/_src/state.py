@@ -7,7 +7,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from normjax import _axes
+from normjax._src import checks
+
 
 
 class BatchStats(NamedTuple):
@@ -54,7 +55,7 @@ def init_batch_stats(num_features: int, dtype=jnp.float32) -> BatchStats:
     >>> nj.init_batch_stats(3)
     BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32), count=Array(0, dtype=int32))
   """
-  num_features = _axes.check_positive_int(num_features, "num_features")
+  num_features = checks.check_positive_int(num_features, "num_features")
   try:
     dtype = jnp.dtype(dtype)
   except TypeError:
@@ -66,17 +67,6 @@ def init_batch_stats(num_features: int, dtype=jnp.float32) -> BatchStats:
   return BatchStats(mean=jnp.zeros((num_features,), dtype),
                     var=jnp.ones((num_features,), dtype),
                     count=jnp.zeros((), jnp.int32))
-
-
-def missing_stats_fields(stats: Any) -> list[str]:
-  """The fields among `mean`, `var`, `count` that `stats` lacks: a `BatchStats`, or any
-  object with those attributes (for a tuple, as named fields: a namedtuple without `count`,
-  or a plain tuple, would otherwise offer `tuple.count`, a method)."""
-  if isinstance(stats, tuple):
-    fields = getattr(type(stats), "_fields", ())
-  else:
-    fields = tuple(f for f in ("mean", "var", "count") if hasattr(stats, f))
-  return [f for f in ("mean", "var", "count") if f not in fields]
 
 
 def update_running_stats(stats: BatchStats, batch_mean: jax.Array, batch_var: jax.Array,

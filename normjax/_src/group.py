@@ -6,8 +6,9 @@ from typing import Any
 
 import jax
 
-from normjax import _axes
-from normjax import _dispatch
+from normjax._src import checks
+from normjax._src import dispatch
+from normjax._src import shapes
 
 
 def instance_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,
@@ -88,59 +89,48 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
     >>> nj.group_norm(x, num_groups=2, eps=0.0)
     Array([[-1.,  1., -1.,  1.]], dtype=float32)
   """
-  return _group_norm(x, scale, bias, num_groups=num_groups, group_size=group_size,
-                     channel_axis=channel_axis, batch_axis=batch_axis, eps=eps, mask=mask,
-                     axis_name=axis_name, fast_variance=fast_variance, single_element=False)
+  return normalize_groups(x, scale, bias, num_groups=num_groups, group_size=group_size,
+                          channel_axis=channel_axis, batch_axis=batch_axis, eps=eps, mask=mask,
+                          axis_name=axis_name, fast_variance=fast_variance,
+                          single_element=False)
 
 
-def _group_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, *,
-                num_groups: int | None, group_size: int | None, channel_axis: int,
-                batch_axis: int | None, eps: float, mask: jax.Array | None, axis_name: Any,
-                fast_variance: bool, single_element: bool) -> jax.Array:
-  """`group_norm`; `single_element=True` also accepts one element per example and group.
+def normalize_groups(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, *,
+                     num_groups: int | None, group_size: int | None, channel_axis: int,
+                     batch_axis: int | None, eps: float, mask: jax.Array | None,
+                     axis_name: Any, fast_variance: bool, single_element: bool) -> jax.Array:
+  """`group_norm` and `instance_norm`, with flax's semantics as a named option.
 
-  Flax's behaviour, used by the Flax modules (e.g. `InstanceNorm` on `[N, C]` input): the mean
-  is that element and the variance 0, so the output is `bias` (0 without bias), with finite
-  derivatives.
+  Args:
+    single_element: also accept one element per example and group (flax's behaviour;
+      `group_norm` raises), as the Flax modules do (e.g. `InstanceNorm` on `[N, C]` input):
+      the mean is that element and the variance 0, so the output is `bias` (0 without bias),
+      with finite derivatives.
+    The others: as in `group_norm`.
   """
-  x = _axes.check_floating(x)
-  c_axis, b_axis = _axes.channel_and_batch_axes(channel_axis, batch_axis, x.ndim)
+  x = checks.check_floating(x)
+  c_axis, b_axis = checks.channel_and_batch_axes(channel_axis, batch_axis, x.ndim)
   num_channels = x.shape[c_axis]
-  size = _group_size(num_channels, num_groups, group_size)
-  scale = _axes.check_channel_param(scale, "scale", x.shape, c_axis)
-  bias = _axes.check_channel_param(bias, "bias", x.shape, c_axis)
-  eps = _axes.check_eps(eps)
-  _axes.check_bool(fast_variance, "fast_variance", "True for the one-pass variance")
-  mask = _axes.check_mask(mask, x.shape)
+  size = checks.check_group_size(num_channels, num_groups, group_size)
+  scale = checks.check_channel_param(scale, "scale", x.shape, c_axis)
+  bias = checks.check_channel_param(bias, "bias", x.shape, c_axis)
+  eps = checks.check_eps(eps)
+  checks.check_bool(fast_variance, "fast_variance", "True for the one-pass variance")
+  mask = checks.check_mask(mask, x.shape)
 
   # Statistics per example and group: reduce every axis but the batch and channel axes (per
-  # channel, channels contiguous), then the channels of each group (see `_core`, `groups`).
+  # channel, channels contiguous), then the channels of each group (`groups` of the numerics'
+  # `moments`).
   reduce_axes = tuple(a for a in range(x.ndim) if a not in (b_axis, c_axis))
   if (not single_element and axis_name is None and
-      _axes.reduced_size(x.shape, reduce_axes) * size == 1):
+      shapes.reduced_size(x.shape, reduce_axes) * size == 1):
     raise ValueError(f"group_norm/instance_norm needs more than one element per example and group "
                      f"to normalize over; got x of shape {tuple(x.shape)} with group_size={size}, "
                      f"channel_axis={channel_axis}, batch_axis={batch_axis}.")
   if num_channels == 0:
     return x   # no channel, no group: nothing to normalize (any group count divides 0)
-  per_channel = lambda p: _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
-  y, _ = _dispatch.standardize(x, reduce_axes, per_channel(scale), per_channel(bias), eps,
+  per_channel = lambda p: shapes.broadcast_to_axes(p, x.ndim, (c_axis,))
+  y, _ = dispatch.standardize(x, reduce_axes, per_channel(scale), per_channel(bias), eps,
                                mask=mask, axis_name=axis_name, fast_variance=fast_variance,
                                groups=None if size == 1 else (c_axis, size))
   return y
-
-
-def _group_size(num_channels: int, num_groups: Any, group_size: Any) -> int:
-  """The number of channels per group, from exactly one of `num_groups` and `group_size`.
-
-  Either may be of any integral type (Python or NumPy int, not bool).
-  """
-  if (num_groups is None) == (group_size is None):
-    raise ValueError(f"give exactly one of num_groups and group_size; got num_groups={num_groups} "
-                     f"and group_size={group_size}.")
-  name, value = ("num_groups", num_groups) if num_groups is not None else ("group_size", group_size)
-  value = _axes.check_positive_int(value, name)
-  if num_channels % value:
-    raise ValueError(f"{name}={value} must divide the number of channels; got {num_channels} "
-                     f"channels, which {value} does not divide.")
-  return value if group_size is not None else num_channels // value

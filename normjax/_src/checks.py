@@ -1,7 +1,8 @@
-"""Axis and shape handling shared by every variant: canonical axes, feature shapes, checks.
+"""Every trace-time argument check, and its message.
 
-Every check here runs at trace time on static shapes, and every error names the argument, what
-was expected and what was received.
+Each check runs on static shapes and Python values at trace time, names the argument, the value
+expected and the one received, and returns the value checked, typed, for the layers below to
+trust (`check_eps` gives a Python float or a traced scalar; axes come back canonical).
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Axes = tuple[int, ...]
+from normjax._src.shapes import Axes
 
 
 def canonicalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") -> Axes:
@@ -27,7 +28,7 @@ def canonicalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") 
     TypeError: if `axis` is neither an int nor a tuple/list of ints (e.g. None, 1.5, "1").
     ValueError: if an entry is outside `[-ndim, ndim)` or an axis is named twice.
   """
-  if _is_int(axis):
+  if is_int(axis):
     axes = (axis,)
   elif isinstance(axis, (tuple, list)):
     axes = tuple(axis)
@@ -36,7 +37,7 @@ def canonicalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") 
                     f"(of type {type(axis).__name__}).")
   out = []
   for a in axes:
-    if not _is_int(a):
+    if not is_int(a):
       raise TypeError(f"{name} must be an int or a tuple of ints; got {name}={axis!r}, whose "
                       f"entry {a!r} is of type {type(a).__name__}.")
     if not -ndim <= a < ndim:
@@ -52,7 +53,7 @@ def canonicalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") 
 
 def canonicalize_axis(axis: int, ndim: int, name: str) -> int:
   """Returns one axis as a non-negative int (see `canonicalize_axes`)."""
-  if not _is_int(axis):
+  if not is_int(axis):
     raise TypeError(f"{name} must be an int; got {name}={axis!r} (of type "
                     f"{type(axis).__name__}).")
   return canonicalize_axes(axis, ndim, name)[0]
@@ -101,7 +102,7 @@ def check_eps(eps: Any, name: str = "eps") -> Any:
     TypeError: `eps` is a bool, complex, a string, None or any other non-real value.
     ValueError: `eps` is not a scalar, or is negative, NaN or infinite.
   """
-  value = _real_scalar(eps, name)
+  value = real_scalar(eps, name)
   if isinstance(value, jax.core.Tracer):
     return value
   if not 0.0 <= value < math.inf:
@@ -122,7 +123,7 @@ def check_momentum(momentum: Any) -> Any:
   """
   if momentum is None:
     return None
-  value = _real_scalar(momentum, "momentum")
+  value = real_scalar(momentum, "momentum")
   if isinstance(value, jax.core.Tracer):
     return value
   if not 0.0 <= value <= 1.0:
@@ -147,7 +148,7 @@ def check_bool(value: Any, name: str, meaning: str = "") -> bool:
 
 def check_positive_int(value: Any, name: str) -> int:
   """Returns `value` as a Python int >= 1; any integral type (Python, NumPy) but bool."""
-  if not _is_int(value):
+  if not is_int(value):
     raise TypeError(f"{name} must be a positive int; got {name}={value!r} (of type "
                     f"{type(value).__name__}).")
   if value < 1:
@@ -173,7 +174,7 @@ def check_axis_index_groups(axis_index_groups: Any, axis_name: Any) -> Any:
                      f"axis_name=None.")
   expected = "a sequence of sequences of ints (device indices along axis_name)"
   if not isinstance(axis_index_groups, (tuple, list)) or not all(
-      isinstance(g, (tuple, list, np.ndarray)) and all(_is_int(i) for i in g)
+      isinstance(g, (tuple, list, np.ndarray)) and all(is_int(i) for i in g)
       for g in axis_index_groups):
     raise TypeError(f"axis_index_groups must be {expected}; got {axis_index_groups!r}.")
   sizes = {len(g) for g in axis_index_groups}
@@ -240,43 +241,14 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
   return jnp.broadcast_to(mask, x_shape)
 
 
-def reduced_size(shape: Sequence[int], axes: Axes) -> int:
-  """The number of elements each statistic is taken over on this device."""
-  return math.prod(shape[a] for a in axes)
 
-
-def axis_size(axis_name: Any, axis_index_groups: Any = None) -> int | None:
-  """The size of a named (mapped) axis group, or None when it cannot be known at trace time."""
-  if axis_name is None:
-    return 1
-  if axis_index_groups is not None:
-    return len(axis_index_groups[0])
-  try:
-    return int(jax.lax.axis_size(axis_name))
-  except Exception:  # pylint: disable=broad-except  # not concrete, or no such axis here
-    return None
-
-
-def broadcast_to_axes(param: jax.Array | None, ndim: int, axes: Axes) -> jax.Array | None:
-  """Reshapes a parameter of shape `[x.shape[a] for a in axes]` so it broadcasts against `x`.
-
-  An absent parameter (None) stays None.
-  """
-  if param is None:
-    return None
-  shape = [1] * ndim
-  for a, n in zip(axes, param.shape):
-    shape[a] = n
-  return param.reshape(shape)
-
-
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
   """An integral Python or NumPy scalar, not a bool."""
   return (isinstance(value, (numbers.Integral, np.integer))
           and not isinstance(value, (bool, np.bool_)))
 
 
-def _real_scalar(value: Any, name: str) -> Any:
+def real_scalar(value: Any, name: str) -> Any:
   """A concrete real scalar as a Python float; a tracer of shape () and real dtype unchanged."""
   expected = ("a real number (a Python int or float, a NumPy integer or floating scalar, or a "
               "0-d array of such a dtype)")
@@ -294,3 +266,126 @@ def _real_scalar(value: Any, name: str) -> Any:
   if isinstance(value, jax.core.Tracer):
     return value
   return float(value)
+
+
+def missing_stats_fields(stats: Any) -> list[str]:
+  """The fields among `mean`, `var`, `count` that `stats` lacks: a `BatchStats`, or any
+  object with those attributes (for a tuple, as named fields: a namedtuple without `count`,
+  or a plain tuple, would otherwise offer `tuple.count`, a method)."""
+  if isinstance(stats, tuple):
+    fields = getattr(type(stats), "_fields", ())
+  else:
+    fields = tuple(f for f in ("mean", "var", "count") if hasattr(stats, f))
+  return [f for f in ("mean", "var", "count") if f not in fields]
+
+
+def check_stats(stats: Any, num_channels: int) -> None:
+  """Checks `stats`: a BatchStats-like record of `[C]` floating mean and var, scalar int count.
+
+  A `BatchStats`, or any object with array attributes `mean`, `var` and `count` (for a tuple, as
+  named fields: a namedtuple without `count` would otherwise offer `tuple.count`, a method).
+  """
+  example = f"e.g. from nj.init_batch_stats({num_channels})"
+  missing = missing_stats_fields(stats)
+  if missing:
+    raise TypeError(f"stats must be a BatchStats (fields mean, var, count), {example}; got "
+                    f"{type(stats).__name__}, which has no field {', '.join(missing)}.")
+  for field in ("mean", "var", "count"):
+    value = getattr(stats, field)
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+      raise TypeError(f"stats.{field} must be an array, {example}; got {value!r} (of type "
+                      f"{type(value).__name__}).")
+  for field in ("mean", "var"):
+    value = getattr(stats, field)
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+      raise TypeError(f"stats.{field} must have a floating dtype (the running averages; "
+                      f"float32 from init_batch_stats); got dtype {value.dtype}.")
+    shape = tuple(jnp.shape(value))
+    if shape != (num_channels,):
+      raise ValueError(f"stats.{field} must have shape ({num_channels},) (one value per channel "
+                       f"of x); got shape {shape}.")
+  count = stats.count
+  if count.dtype == jnp.bool_ or not jnp.issubdtype(count.dtype, jnp.integer):
+    raise TypeError(f"stats.count must be a scalar integer array (the number of batches folded "
+                    f"in, int32 from init_batch_stats); got dtype {count.dtype}.")
+  if tuple(jnp.shape(count)) != ():
+    raise ValueError(f"stats.count must be a scalar (shape ()), the number of batches folded in; "
+                     f"got shape {tuple(jnp.shape(count))}.")
+
+
+def check_residual(residual, x):
+  """`residual` as an array of exactly `x`'s shape and dtype (never broadcast or promoted)."""
+  residual = check_floating(residual, "residual")
+  if tuple(residual.shape) != tuple(x.shape):
+    raise ValueError(f"residual must have the shape of x, {tuple(x.shape)}; got shape "
+                     f"{tuple(residual.shape)}.")
+  if residual.dtype != x.dtype:
+    raise TypeError(f"residual must have the dtype of x, {x.dtype}; got dtype "
+                    f"{residual.dtype} (cast one of them first).")
+  return residual
+
+
+def check_group_size(num_channels: int, num_groups: Any, group_size: Any) -> int:
+  """The number of channels per group, from exactly one of `num_groups` and `group_size`.
+
+  Either may be of any integral type (Python or NumPy int, not bool).
+  """
+  if (num_groups is None) == (group_size is None):
+    raise ValueError(f"give exactly one of num_groups and group_size; got num_groups={num_groups} "
+                     f"and group_size={group_size}.")
+  name, value = ("num_groups", num_groups) if num_groups is not None else ("group_size", group_size)
+  value = check_positive_int(value, name)
+  if num_channels % value:
+    raise ValueError(f"{name}={value} must divide the number of channels; got {num_channels} "
+                     f"channels, which {value} does not divide.")
+  return value if group_size is not None else num_channels // value
+
+
+class Renorm(NamedTuple):
+  """Batch renormalization's settings (`batch_renorm`), checked."""
+  r_max: Any           # float >= 1, or a traced scalar
+  d_max: Any           # float >= 0, or a traced scalar
+  warmup_steps: Any    # int >= 0, or a traced integer scalar
+
+
+def check_renorm(r_max: Any, d_max: Any, warmup_steps: Any) -> Renorm:
+  """The checked `Renorm` settings (see `batch_renorm` for the errors)."""
+  r_max = real_scalar(r_max, "r_max")
+  if not isinstance(r_max, jax.core.Tracer) and not r_max >= 1.0:
+    raise ValueError(f"r_max must be >= 1 (r is clipped to [1 / r_max, r_max]; 1 gives r = 1); "
+                     f"got r_max={r_max!r}.")
+  d_max = real_scalar(d_max, "d_max")
+  if not isinstance(d_max, jax.core.Tracer) and not d_max >= 0.0:
+    raise ValueError(f"d_max must be >= 0 (d is clipped to [-d_max, d_max]; 0 gives d = 0); got "
+                     f"d_max={d_max!r}.")
+  return Renorm(r_max, d_max, _check_steps(warmup_steps))
+
+
+def _check_steps(steps: Any) -> Any:
+  """`warmup_steps` as a Python int >= 0, or a traced integer scalar unchanged."""
+  if isinstance(steps, jax.core.Tracer) or (hasattr(steps, "dtype") and np.ndim(steps) == 0
+                                            and np.issubdtype(steps.dtype, np.integer)):
+    if isinstance(steps, jax.core.Tracer):
+      if not np.issubdtype(steps.dtype, np.integer) or steps.shape != ():
+        raise TypeError(f"warmup_steps must be an integer scalar; got a traced value of dtype "
+                        f"{steps.dtype} and shape {steps.shape}.")
+      return steps
+    steps = int(steps)
+  if not is_int(steps):
+    raise TypeError(f"warmup_steps must be an int >= 0 (the number of first training steps that "
+                    f"are plain batch norm); got warmup_steps={steps!r} (of type "
+                    f"{type(steps).__name__}).")
+  if steps < 0:
+    raise ValueError(f"warmup_steps must be >= 0 (the number of first training steps that are "
+                     f"plain batch norm); got warmup_steps={steps!r}.")
+  return int(steps)
+
+
+def check_warmup_fits(renorm: Renorm, count_dtype: Any) -> None:
+  """`ValueError` unless a concrete `warmup_steps` fits `stats.count`'s dtype."""
+  if isinstance(renorm.warmup_steps, int):
+    top = int(jnp.iinfo(count_dtype).max)
+    if renorm.warmup_steps > top:
+      raise ValueError(f"warmup_steps must be at most {top}, the largest stats.count of dtype "
+                       f"{count_dtype} (warmup lasts while count < warmup_steps); got "
+                       f"warmup_steps={renorm.warmup_steps}.")

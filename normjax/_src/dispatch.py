@@ -1,10 +1,14 @@
-"""Per call, a kernel whose plan applies, or the reference (`normjax._core`).
+"""Per call, a kernel whose plan applies, or the reference (`normjax._src.numerics`); the one
+way from the variants to the maths.
 
 The variants call `standardize` here with the reduced axes and the broadcast-shaped scale and
 bias. `plan` looks at shapes, dtypes and arguments once, at trace time, and names the kernel
 that applies (`Plan.kernel`); `standardize` then hands that kernel's `forward`/`tangent` to
-`_core.standardize`, which owns the closed-form derivative either way. A kernel applies when:
+the numerics' `standardize`, which owns the closed-form derivative either way. A kernel
+applies when:
 
+  * `implementation(...)` is not `"reference"` (the seam the tests use: each test body runs
+    on every implementation),
   * the default backend has native kernels (`normjax._src.kernels.primitives.has_kernel`; today
     CPU with the native library built, and not with `NORMJAX_NATIVE=0`),
   * `x` is float32 or bfloat16, non-empty, not sharded along an `Explicit` mesh axis (those
@@ -15,13 +19,13 @@ that applies (`Plan.kernel`); `standardize` then hands that kernel's `forward`/`
     (instance norm with channels first, `per_row`);
     `"moments"`: centered statistics whose reduced axes and channel groups fit a moments
     kernel's view (batch/instance/group norm on NHWC, batch/group norm on NCHW); the
-    backward's per-channel sums take a kernel too (`_core.tangent`'s `spread`, see
+    backward's per-channel sums take a kernel too (`tangent`'s `spread`, see
     `normjax._src.kernels.moments`).
 
 `add_standardize` (the residual-add norms) takes the fused rows kernel
 (`rows_add_forward_p`) where the plan is `"rows"`, and otherwise adds `x + residual` and
 calls `standardize` (XLA fuses the add into the reference's reductions; the sum's rounding
-is pinned, see `_core.residual_sum`).
+is pinned, see `rounding.residual_sum`).
 """
 
 from __future__ import annotations
@@ -33,11 +37,66 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from normjax import _axes
-from normjax import _core
 from normjax._src.kernels import moments
 from normjax._src.kernels import primitives
 from normjax._src.kernels import rows
+from normjax._src.numerics import renorm as _renorm_math
+from normjax._src.numerics import rounding
+from normjax._src.numerics import spectral
+from normjax._src.numerics import standardize as numerics
+from normjax._src.numerics.moments import Moments
+from normjax._src.numerics.moments import stats_dtype
+from normjax._src.shapes import Axes
+
+# What the variants use of the numerics besides `standardize` (no kernel applies to these).
+rstd = numerics.rstd
+residual_sum = rounding.residual_sum
+renormalize = _renorm_math.renormalize
+l2_normalize = spectral.l2_normalize
+power_iteration = spectral.power_iteration
+__all__ = ("Moments", "stats_dtype", "rstd", "residual_sum", "renormalize", "l2_normalize",
+           "power_iteration", "implementation", "plan", "standardize", "add_standardize",
+           "normalize_with_stats")
+
+IMPLEMENTATIONS = ("auto", "reference", "native", "pallas")
+# The names `implementation` accepts in this build ("pallas" is issue 29's, not built yet).
+AVAILABLE = ("auto", "reference", "native")
+# Jit-cache-sensitive: a function traced under one implementation is traced again under another.
+_CHOICE = jax.make_user_context(default_value="auto")
+
+
+def implementation(name: str) -> Any:
+  """Chooses the implementation every normjax function takes inside the `with` block.
+
+  A context manager, thread-local and nestable, read by the dispatch at trace time (a jitted
+  function is traced again when the choice changes).
+
+  Args:
+    name: `"auto"` (the default: the dispatch's plan picks per call), `"reference"` (the
+      `jax.numpy` code, which GPUs and TPUs run), or `"native"` (the CPU kernels wherever
+      their plan applies, the reference elsewhere). `"pallas"` (Pallas kernels) is not in
+      this version. Setting `NORMJAX_NATIVE=0` before importing normjax makes every choice
+      the reference, process-wide.
+
+  Returns:
+    A context manager.
+
+  Raises:
+    ValueError: an unknown name (the message lists the known ones), or `"pallas"`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> with nj.implementation("reference"):
+    ...   y = nj.layer_norm(jnp.array([[1.0, 3.0]]), eps=0.0)
+    >>> y
+    Array([[-1.,  1.]], dtype=float32)
+  """
+  if not isinstance(name, str) or name not in AVAILABLE:
+    extra = (" is not available in this version (no Pallas kernels yet)"
+             if name == "pallas" else " is not an implementation")
+    raise ValueError(f"implementation must be one of {', '.join(map(repr, AVAILABLE))}; got "
+                     f"{name!r}, which{extra}.")
+  return _CHOICE(name)
 
 
 class Plan(NamedTuple):
@@ -77,10 +136,10 @@ def _rows_layout(x, axes, scale, bias) -> Plan:
   return Plan(kernel="rows", per_row=layouts.pop() if layouts else False)
 
 
-def plan(x: jax.Array, axes: _axes.Axes, scale, bias, eps, *, mask=None, axis_name=None,
+def plan(x: jax.Array, axes: Axes, scale, bias, eps, *, mask=None, axis_name=None,
          fast_variance: bool = False, centered: bool = True, groups=None) -> Plan:
   """The implementation `standardize` takes for these arguments (see the module doc)."""
-  if (not primitives.has_kernel(jax.default_backend())
+  if (_CHOICE.value == "reference" or not primitives.has_kernel(jax.default_backend())
       or jnp.dtype(x.dtype) not in primitives.NATIVE_DTYPES or x.size == 0 or not axes
       or mask is not None or axis_name is not None or fast_variance
       or not _concrete_eps(eps) or explicitly_sharded(x)):
@@ -92,12 +151,12 @@ def plan(x: jax.Array, axes: _axes.Axes, scale, bias, eps, *, mask=None, axis_na
   return REFERENCE
 
 
-def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
+def standardize(x: jax.Array, axes: Axes, scale: jax.Array | None,
                 bias: jax.Array | None, eps: Any, *, mask: jax.Array | None = None,
                 axis_name: Any = None, axis_index_groups: Any = None,
                 fast_variance: bool = False, centered: bool = True,
-                groups: tuple[int, int] | None = None) -> tuple[jax.Array, _core.Moments]:
-  """`_core.standardize` (same arguments and result) through the kernel `plan` picks."""
+                groups: tuple[int, int] | None = None) -> tuple[jax.Array, Moments]:
+  """The numerics' `standardize` (same arguments and result) through the kernel `plan` picks."""
   p = plan(x, axes, scale, bias, eps, mask=mask, axis_name=axis_name,
            fast_variance=fast_variance, centered=centered, groups=groups)
   kw = dict(mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
@@ -105,22 +164,22 @@ def standardize(x: jax.Array, axes: _axes.Axes, scale: jax.Array | None,
   if p.kernel == "rows":
     forward, tangent = rows.ops(x.shape, len(axes), float(eps), centered=centered,
                                 per_row=p.per_row)
-    return _core.standardize(x, axes, scale, bias, eps, forward=forward, tangent_fn=tangent,
+    return numerics.standardize(x, axes, scale, bias, eps, forward=forward, tangent_fn=tangent,
                              **kw)
   if p.kernel == "moments":
     # The kernel reads x and XLA's normalize step reads it again: both must see the same
-    # rounding of a bfloat16 x made by a fused op (see `_core.pin_rounding`).
+    # rounding of a bfloat16 x made by a fused op (see `rounding.pin_rounding`).
     forward, spread = moments.ops(x.shape, axes, groups, float(eps))
 
     def tangent(x, stats, rstd_, scale, dx, dscale, dbias, mask):
-      return _core.tangent(x, stats, rstd_, scale, dx, dscale, dbias, axes, mask=mask,
+      return numerics.tangent(x, stats, rstd_, scale, dx, dscale, dbias, axes, mask=mask,
                            groups=groups, spread=spread)
-    return _core.standardize(_core.pin_rounding(x), axes, scale, bias, eps, forward=forward,
+    return numerics.standardize(rounding.pin_rounding(x), axes, scale, bias, eps, forward=forward,
                              tangent_fn=tangent, **kw)
-  return _core.standardize(x, axes, scale, bias, eps, **kw)
+  return numerics.standardize(x, axes, scale, bias, eps, **kw)
 
 
-def add_standardize(x: jax.Array, residual: jax.Array, axes: _axes.Axes,
+def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
                     scale: jax.Array | None, bias: jax.Array | None, eps: Any, *,
                     centered: bool = True) -> tuple[jax.Array, jax.Array]:
   """`(standardize(h, ...)[0], h)` with `h = x + residual`, through the fused rows kernel
@@ -129,8 +188,18 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: _axes.Axes,
   if p.kernel == "rows":
     add_forward, tangent = rows.add_ops(x.shape, len(axes), float(eps), centered=centered,
                                         per_row=p.per_row)
-    return _core.add_standardize(x, residual, axes, scale, bias, eps, centered=centered,
+    return numerics.add_standardize(x, residual, axes, scale, bias, eps, centered=centered,
                                  add_forward=add_forward, tangent_fn=tangent)
-  h = _core.residual_sum(x, residual)
+  h = rounding.residual_sum(x, residual)
   y, _ = standardize(h, axes, scale, bias, eps, centered=centered)
   return y, h
+
+
+def normalize_with_stats(x: jax.Array, mean: jax.Array, var: jax.Array,
+                         scale: jax.Array | None, bias: jax.Array | None, eps: Any) -> jax.Array:
+  """`(x - mean) * rsqrt(var + eps) * scale + bias` with given statistics (batch norm in
+  evaluation), all broadcast-shaped against `x`; computed in `stats_dtype(x.dtype)` and
+  returned in `x.dtype`. One elementwise pass that XLA fuses with its neighbours: no kernel."""
+  dtype = stats_dtype(x.dtype)
+  given = Moments(shift=None, offset=mean.astype(dtype), var=var.astype(dtype), count=None)
+  return numerics.normalize(x, given, scale, bias, eps)

@@ -12,8 +12,9 @@ from typing import Any
 
 import jax
 
-from normjax import _axes
-from normjax import _dispatch
+from normjax._src import checks
+from normjax._src import dispatch
+from normjax._src import shapes
 
 
 def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,
@@ -57,8 +58,8 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
   """
   x, axes, scale, bias, mask, eps = _prepare(x, axis, eps, mask, axis_name, scale=scale,
                                              bias=bias, fast_variance=fast_variance)
-  feature = lambda p: _axes.broadcast_to_axes(p, x.ndim, axes)
-  y, _ = _dispatch.standardize(x, axes, feature(scale), feature(bias), eps,
+  feature = lambda p: shapes.broadcast_to_axes(p, x.ndim, axes)
+  y, _ = dispatch.standardize(x, axes, feature(scale), feature(bias), eps,
                                mask=mask, axis_name=axis_name, fast_variance=fast_variance)
   return y
 
@@ -80,7 +81,7 @@ def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequen
     Array([[0.84852815, 1.1313709 ]], dtype=float32)
   """
   x, axes, scale, _, mask, eps = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=None)
-  y, _ = _dispatch.standardize(x, axes, _axes.broadcast_to_axes(scale, x.ndim, axes), None,
+  y, _ = dispatch.standardize(x, axes, shapes.broadcast_to_axes(scale, x.ndim, axes), None,
                                eps, mask=mask, axis_name=axis_name, centered=False)
   return y
 
@@ -116,9 +117,9 @@ def add_layer_norm(x: jax.Array, residual: jax.Array, scale: jax.Array | None = 
     Array([[2., 2., 2.]], dtype=float32)
   """
   x, axes, scale, bias, _, eps = _prepare(x, axis, eps, None, None, scale=scale, bias=bias)
-  residual = _check_residual(residual, x)
-  feature = lambda p: _axes.broadcast_to_axes(p, x.ndim, axes)
-  return _dispatch.add_standardize(x, residual, axes, feature(scale), feature(bias), eps)
+  residual = checks.check_residual(residual, x)
+  feature = lambda p: shapes.broadcast_to_axes(p, x.ndim, axes)
+  return dispatch.add_standardize(x, residual, axes, feature(scale), feature(bias), eps)
 
 
 def add_rms_norm(x: jax.Array, residual: jax.Array, scale: jax.Array | None = None, *,
@@ -141,33 +142,21 @@ def add_rms_norm(x: jax.Array, residual: jax.Array, scale: jax.Array | None = No
     Array([[0.84852815, 1.1313709 ]], dtype=float32)
   """
   x, axes, scale, _, _, eps = _prepare(x, axis, eps, None, None, scale=scale, bias=None)
-  residual = _check_residual(residual, x)
-  return _dispatch.add_standardize(x, residual, axes,
-                                   _axes.broadcast_to_axes(scale, x.ndim, axes), None, eps,
+  residual = checks.check_residual(residual, x)
+  return dispatch.add_standardize(x, residual, axes,
+                                   shapes.broadcast_to_axes(scale, x.ndim, axes), None, eps,
                                    centered=False)
-
-
-def _check_residual(residual, x):
-  """`residual` as an array of exactly `x`'s shape and dtype (never broadcast or promoted)."""
-  residual = _axes.check_floating(residual, "residual")
-  if tuple(residual.shape) != tuple(x.shape):
-    raise ValueError(f"residual must have the shape of x, {tuple(x.shape)}; got shape "
-                     f"{tuple(residual.shape)}.")
-  if residual.dtype != x.dtype:
-    raise TypeError(f"residual must have the dtype of x, {x.dtype}; got dtype "
-                    f"{residual.dtype} (cast one of them first).")
-  return residual
 
 
 def _prepare(x, axis, eps, mask, axis_name, *, scale, bias, fast_variance=False):
   """The checked arguments: `x`, canonical axes, `scale`, `bias`, `mask` and `eps` as a float."""
-  x = _axes.check_floating(x)
-  axes = _axes.canonicalize_axes(axis, x.ndim, "axis")
+  x = checks.check_floating(x)
+  axes = checks.canonicalize_axes(axis, x.ndim, "axis")
   if not axes and axis_name is None:
     raise ValueError(f"axis must name at least one axis to normalize over; got axis={axis!r}.")
   feature_shape = tuple(x.shape[a] for a in axes)
-  scale = _axes.check_param(scale, "scale", feature_shape)
-  bias = _axes.check_param(bias, "bias", feature_shape)
-  eps = _axes.check_eps(eps)
-  _axes.check_bool(fast_variance, "fast_variance", "True for the one-pass variance")
-  return x, axes, scale, bias, _axes.check_mask(mask, x.shape), eps
+  scale = checks.check_param(scale, "scale", feature_shape)
+  bias = checks.check_param(bias, "bias", feature_shape)
+  eps = checks.check_eps(eps)
+  checks.check_bool(fast_variance, "fast_variance", "True for the one-pass variance")
+  return x, axes, scale, bias, checks.check_mask(mask, x.shape), eps

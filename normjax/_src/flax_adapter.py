@@ -4,7 +4,7 @@ Flax describes a normalization by its reduction axes and feature axes (the axes 
 scale and bias vary along); normjax's functions by `axis` / `channel_axis` / `batch_axis`, with
 parameters of the variant's feature shape. Each function here turns the first description into
 one call of a normjax function, using only reshapes, transposes, broadcasts, `vmap`s and dtype
-casts. No statistic is computed here: the maths stays in `normjax._core`.
+casts. No statistic is computed here: the maths stays in `normjax._src.numerics`.
 
 Dtypes follow flax: the output has `dtype` if given, else the promoted dtype of the input and
 the parameters; statistics are computed in at least float32 from the input (cast up to the
@@ -22,18 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from normjax import _axes
-from normjax import _core
-from normjax._state import BatchStats
-from normjax.batch import _batch_norm
-from normjax.group import _group_norm
-from normjax.layer import _check_residual as check_residual
-from normjax.layer import add_layer_norm as _add_layer_norm
-from normjax.layer import add_rms_norm as _add_rms_norm
-from normjax.layer import layer_norm as _layer_norm
-from normjax.layer import rms_norm as _rms_norm
-from normjax.response import filter_response_norm as _frn
-from normjax.renorm import settings as _renorm_settings
+from normjax._src import batch
+from normjax._src import checks
+from normjax._src import dispatch
+from normjax._src import group
+from normjax._src import layer
+from normjax._src import response
+from normjax._src.state import BatchStats
 
 
 def result_dtype(*args: Any, dtype: Any = None) -> jnp.dtype:
@@ -67,26 +62,36 @@ def promote_dtype(args: tuple, /, *, dtype: Any = None, inexact: bool = True) ->
 
 def check_input(x: Any) -> jax.Array:
   """`x` as an array; `TypeError` (normjax's message) unless it is floating."""
-  return _axes.check_floating(x)
+  return checks.check_floating(x)
 
 
 def _input(x: Any, params: Sequence[Any], dtype: Any) -> tuple[jax.Array, jnp.dtype]:
   """Checks `x`, and returns it in its computation dtype along with the output dtype."""
-  x = _axes.check_floating(x)
+  x = checks.check_floating(x)
   out = result_dtype(x, *params, dtype=dtype)
   return x.astype(result_dtype(x, out)), out
 
 
 def check_num_features(num_features: Any) -> int:
   """An nnx module's `num_features`: a positive int (flax's would fail in a shape error)."""
-  return _axes.check_positive_int(num_features, "num_features")
+  return checks.check_positive_int(num_features, "num_features")
 
 
 def check_use_running_average(value: Any) -> bool:
   """`use_running_average` (after flax's merge of attribute and argument): a bool, as
   `batch_norm`'s `train` (flax would read "no" by its truthiness, as True)."""
-  return _axes.check_bool(value, "use_running_average",
+  return checks.check_bool(value, "use_running_average",
                           "True for the stored statistics, False for the batch's")
+
+
+def check_residual(residual: Any, x: jax.Array) -> jax.Array:
+  """An add-norm module's `residual`: exactly `x`'s shape and dtype (never broadcast)."""
+  return checks.check_residual(residual, x)
+
+
+def check_group_size(num_features: Any, num_groups: Any, group_size: Any) -> int:
+  """An nnx `GroupNorm`'s channels per group, from exactly one of `num_groups`/`group_size`."""
+  return checks.check_group_size(num_features, num_groups, group_size)
 
 
 def check_channels(x: jax.Array, axis: int, num_features: int) -> None:
@@ -99,7 +104,7 @@ def check_channels(x: jax.Array, axis: int, num_features: int) -> None:
 
 def feature_axes(axes: Any, ndim: int, name: str) -> tuple[int, ...]:
   """Canonical (sorted, non-negative) axes, with normjax's range and repeat errors."""
-  return _axes.canonicalize_axes(axes, ndim, name)
+  return checks.canonicalize_axes(axes, ndim, name)
 
 
 def to_shape(param: Any, shape: Sequence[int], name: str) -> jax.Array | None:
@@ -156,16 +161,17 @@ def batch_norm(x: Any, scale: Any, bias: Any, stats: BatchStats, *, axis: Any, d
   """
   kwargs = dict(kwargs, fast_variance=False, single_value=True)
   x, out = _input(x, (scale, bias), dtype)
-  axes = _axes.canonicalize_axes(axis, x.ndim, "axis")
+  axes = checks.canonicalize_axes(axis, x.ndim, "axis")
   if len(axes) == 1:
-    y, new = _batch_norm(x, scale, bias, stats, channel_axis=axes[0], mask=mask, **kwargs)
+    y, new = batch.normalize_batch(x, scale, bias, stats, channel_axis=axes[0], mask=mask,
+                                   **kwargs)
     return y.astype(out), new
   xm, undo = merge_axes(x, axes)
-  mask = None if mask is None else merge_axes(_axes.check_mask(mask, x.shape), axes)[0]
+  mask = None if mask is None else merge_axes(checks.check_mask(mask, x.shape), axes)[0]
   flat = lambda p, name: to_shape(p, xm.shape[-1:], name)
   flat_stats = BatchStats(flat(stats.mean, "mean"), flat(stats.var, "var"), stats.count)
-  y, new = _batch_norm(xm, flat(scale, "scale"), flat(bias, "bias"), flat_stats, channel_axis=-1,
-                       mask=mask, **kwargs)
+  y, new = batch.normalize_batch(xm, flat(scale, "scale"), flat(bias, "bias"), flat_stats,
+                                 channel_axis=-1, mask=mask, **kwargs)
   new = new._replace(mean=new.mean.reshape(jnp.shape(stats.mean)),
                      var=new.var.reshape(jnp.shape(stats.var)))
   return undo(y).astype(out), new
@@ -176,7 +182,7 @@ def batch_renorm(x: Any, scale: Any, bias: Any, stats: BatchStats, *, axis: Any,
                  ) -> tuple[jax.Array, BatchStats]:
   """`nj.batch_renorm` with flax's feature `axis` (as `batch_norm` here); in evaluation, or
   with `r_max=None` (flax's `init`, which normalizes with plain batch statistics), batch norm."""
-  renorm = None if r_max is None else _renorm_settings(r_max, d_max, warmup_steps)
+  renorm = None if r_max is None else checks.check_renorm(r_max, d_max, warmup_steps)
   return batch_norm(x, scale, bias, stats, axis=axis, dtype=dtype, renorm=renorm,
                     unbiased_running_var=False, **kwargs)
 
@@ -190,11 +196,11 @@ def layer_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_ax
   call is vmapped over those axes, each slice with its own parameter values.
   """
   x, out = _input(x, (scale, bias), dtype)
-  red = _axes.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+  red = checks.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
   if not red:
     raise ValueError(f"reduction_axes must name at least one axis of x (rank {x.ndim}); got "
                      f"reduction_axes={reduction_axes!r}.")
-  feat = _axes.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
+  feat = checks.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
   mapped = tuple(a for a in feat if a not in red)
   inner_red = tuple(r - sum(m < r for m in mapped) for r in red)
   in_x_rank = [x.shape[a] if a in feat else 1 for a in range(x.ndim)]
@@ -206,10 +212,11 @@ def layer_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_ax
     reduced = lambda p: None if p is None else jnp.broadcast_to(
         p.reshape([p.shape[a] for a in inner_red]), [x.shape[a] for a in inner_red])
     if centered:
-      return _layer_norm(x, reduced(scale), reduced(bias), axis=inner_red, mask=mask, **kwargs)
-    return _rms_norm(x, reduced(scale), axis=inner_red, mask=mask, **kwargs)
+      return layer.layer_norm(x, reduced(scale), reduced(bias), axis=inner_red, mask=mask,
+                              **kwargs)
+    return layer.rms_norm(x, reduced(scale), axis=inner_red, mask=mask, **kwargs)
 
-  mask = _axes.check_mask(mask, x.shape) if mapped else mask
+  mask = checks.check_mask(mask, x.shape) if mapped else mask
   return map_axes(norm, mapped, x, mask, scale, bias).astype(out)
 
 
@@ -224,22 +231,22 @@ def add_layer_norm(x: Any, residual: Any, scale: Any, bias: Any, *, reduction_ax
   `axis_name`, this is one `nj.add_layer_norm` / `nj.add_rms_norm` call (the fused kernel);
   otherwise the sum, then `layer_norm`.
   """
-  x = _axes.check_floating(x)
-  residual = check_residual(residual, x)
+  x = checks.check_floating(x)
+  residual = checks.check_residual(residual, x)
   x, out = _input(x, (scale, bias), dtype)
   residual = residual.astype(x.dtype)
-  red = _axes.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
-  feat = _axes.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
+  red = checks.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+  feat = checks.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
   if red != feat or axis_name is not None:
-    h = _core.residual_sum(x, residual)
+    h = dispatch.residual_sum(x, residual)
     return layer_norm(h, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes,
                       dtype=dtype, centered=centered, eps=eps, axis_name=axis_name), h
   shape = [x.shape[a] for a in red]
   scale, bias = to_shape(scale, shape, "scale"), to_shape(bias, shape, "bias")
   if centered:
-    y, h = _add_layer_norm(x, residual, scale, bias, axis=red, eps=eps)
+    y, h = layer.add_layer_norm(x, residual, scale, bias, axis=red, eps=eps)
   else:
-    y, h = _add_rms_norm(x, residual, scale, axis=red, eps=eps)
+    y, h = layer.add_rms_norm(x, residual, scale, axis=red, eps=eps)
   return y.astype(out), h
 
 
@@ -252,14 +259,14 @@ def instance_norm(x: Any, scale: Any, bias: Any, *, feature_axes: Any, dtype: An
   """
   kwargs = dict(kwargs, num_groups=None, group_size=1, batch_axis=0)
   x, out = _input(x, (scale, bias), dtype)
-  axes = _axes.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
+  axes = checks.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
   if 0 in axes:
     raise ValueError(f"feature_axes={feature_axes!r} must not include axis 0, the batch axis; got "
                      f"x of rank {x.ndim}.")
   if len(axes) == 1:
     return _group(x, scale, bias, channel_axis=axes[0], mask=mask, **kwargs).astype(out)
   xm, undo = merge_axes(x, axes)
-  mask = None if mask is None else merge_axes(_axes.check_mask(mask, x.shape), axes)[0]
+  mask = None if mask is None else merge_axes(checks.check_mask(mask, x.shape), axes)[0]
   flat = lambda p, name: to_shape(p, xm.shape[-1:], name)
   y = _group(xm, flat(scale, "scale"), flat(bias, "bias"), channel_axis=-1, mask=mask, **kwargs)
   return undo(y).astype(out)
@@ -273,11 +280,11 @@ def group_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_ax
   further ones are vmapped over.
   """
   x, out = _input(x, (scale, bias), dtype)
-  c_axis = _axes.canonicalize_axis(feature_axis, x.ndim, "feature_axis")
+  c_axis = checks.canonicalize_axis(feature_axis, x.ndim, "feature_axis")
   if reduction_axes is None:
     kept = (0,)
   else:
-    red = _axes.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+    red = checks.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
     if c_axis not in red:
       raise ValueError(f"reduction_axes={reduction_axes!r} must include the channel axis "
                        f"(feature_axis={feature_axis}), whose groups are normalized over; got "
@@ -289,14 +296,14 @@ def group_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_ax
     return _group(x, scale, bias, channel_axis=inner_c, batch_axis=kept[0] if kept else None,
                   mask=mask, **kwargs)
 
-  mask = _axes.check_mask(mask, x.shape) if len(kept) > 1 else mask
+  mask = checks.check_mask(mask, x.shape) if len(kept) > 1 else mask
   return map_axes(norm, kept[1:], x, mask).astype(out)
 
 
 def _group(x: jax.Array, scale: Any, bias: Any, *, num_groups: int | None = None,
            group_size: int | None = None, **kwargs: Any) -> jax.Array:
   """`nj.group_norm` that, like flax, accepts a single element per example and group."""
-  return _group_norm(x, scale, bias, num_groups=num_groups, group_size=group_size,
+  return group.normalize_groups(x, scale, bias, num_groups=num_groups, group_size=group_size,
                      fast_variance=False, single_element=True, **kwargs)
 
 
@@ -304,4 +311,5 @@ def filter_response_norm(x: Any, scale: Any, bias: Any, tau: Any, *, channel_axi
                          dtype: Any, **kwargs: Any) -> jax.Array:
   """`nj.filter_response_norm` in flax's dtypes (output `dtype`, else promoted)."""
   x, out = _input(x, (scale, bias, tau), dtype)
-  return _frn(x, scale, bias, tau, channel_axis=channel_axis, **kwargs).astype(out)
+  y = response.filter_response_norm(x, scale, bias, tau, channel_axis=channel_axis, **kwargs)
+  return y.astype(out)

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
-from normjax import _axes
-from normjax import _core
-from normjax import _dispatch
-from normjax._state import SpectralState
+from normjax._src import checks
+from normjax._src import dispatch
+from normjax._src import shapes
+from normjax._src.state import SpectralState
 
 
-def _fan_in_axes(kernel: jax.Array, axis: int | Sequence[int] | None) -> _axes.Axes:
+def _fan_in_axes(kernel: jax.Array, axis: int | Sequence[int] | None) -> shapes.Axes:
   """`axis` canonicalized, or every axis but the last (the output axis) when None."""
   if axis is None:
     return tuple(range(kernel.ndim - 1))
-  return _axes.canonicalize_axes(axis, kernel.ndim, "axis")
+  return checks.canonicalize_axes(axis, kernel.ndim, "axis")
 
 
 def weight_standardize(kernel: jax.Array, *, axis: int | Sequence[int] | None = None,
@@ -50,14 +51,14 @@ def weight_standardize(kernel: jax.Array, *, axis: int | Sequence[int] | None = 
     Array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
   """
-  kernel = _axes.check_floating(kernel, "kernel")
+  kernel = checks.check_floating(kernel, "kernel")
   axes = _fan_in_axes(kernel, axis)
   if not axes:
     raise ValueError(f"weight_standardize needs at least one axis to standardize over; got "
                      f"axis={axis!r} for a kernel of shape {tuple(kernel.shape)} (axis=None takes "
                      f"every axis but the last, so the kernel must have rank >= 2).")
-  eps = _axes.check_eps(eps)
-  y, _ = _dispatch.standardize(kernel, axes, None, None, eps)
+  eps = checks.check_eps(eps)
+  y, _ = dispatch.standardize(kernel, axes, None, None, eps)
   return y
 
 
@@ -89,13 +90,13 @@ def weight_norm(v: jax.Array, g: jax.Array | None = None, *,
     Array([[6., 2.],
            [8., 0.]], dtype=float32)
   """
-  v = _axes.check_floating(v, "v")
+  v = checks.check_floating(v, "v")
   axes = _fan_in_axes(v, axis)
   kept = tuple(a for a in range(v.ndim) if a not in axes)
-  g = _axes.check_param(g, "g", tuple(v.shape[a] for a in kept))
-  eps = _axes.check_eps(eps)
-  n = max(_axes.reduced_size(v.shape, axes), 1)
-  dtype = _core.stats_dtype(v.dtype)
+  g = checks.check_param(g, "g", tuple(v.shape[a] for a in kept))
+  eps = checks.check_eps(eps)
+  n = max(shapes.reduced_size(v.shape, axes), 1)
+  dtype = dispatch.stats_dtype(v.dtype)
   if isinstance(n, int):
     factor, eps_per_element = jnp.asarray(1.0 / math.sqrt(n), dtype), eps / n
   else:   # a symbolic fan-in (jax.export): n is known at run time only
@@ -103,7 +104,7 @@ def weight_norm(v: jax.Array, g: jax.Array | None = None, *,
     factor, eps_per_element = jax.lax.rsqrt(n), jnp.asarray(eps, dtype) / n
   scale = factor if g is None else g.astype(dtype) * factor
   scale = jnp.broadcast_to(scale, tuple(v.shape[a] for a in kept))
-  y, _ = _dispatch.standardize(v, axes, _axes.broadcast_to_axes(scale, v.ndim, kept), None,
+  y, _ = dispatch.standardize(v, axes, shapes.broadcast_to_axes(scale, v.ndim, kept), None,
                                eps_per_element, centered=False)
   return y
 
@@ -136,11 +137,11 @@ def init_spectral_state(kernel: jax.Array, key: jax.Array) -> SpectralState:
     >>> state.u.shape, float(jnp.linalg.norm(state.u).round(5)), state.sigma
     ((4,), 1.0, Array(1., dtype=float32))
   """
-  kernel = _axes.check_floating(kernel, "kernel")
+  kernel = checks.check_floating(kernel, "kernel")
   _, out = _matrix_shape(kernel)
-  dtype = _core.stats_dtype(kernel.dtype)
+  dtype = dispatch.stats_dtype(kernel.dtype)
   u = jax.random.normal(key, (out,), dtype)
-  return SpectralState(u=_core.l2_normalize(u, 0.0), sigma=jnp.ones((), dtype))
+  return SpectralState(u=dispatch.l2_normalize(u, 0.0), sigma=jnp.ones((), dtype))
 
 
 def spectral_normalize(kernel: jax.Array, state: SpectralState, *, train: bool, n_steps: int = 1,
@@ -187,24 +188,24 @@ def spectral_normalize(kernel: jax.Array, state: SpectralState, *, train: bool, 
     (Array([[1.    , 0.    ],
            [0.    , 0.3333]], dtype=float32), Array(3., dtype=float32))
   """
-  kernel = _axes.check_floating(kernel, "kernel")
+  kernel = checks.check_floating(kernel, "kernel")
   rows, out = _matrix_shape(kernel)
   if not isinstance(state, SpectralState):
     raise TypeError(f"state must be a SpectralState(u, sigma) (from init_spectral_state); got "
                     f"state of type {type(state).__name__}.")
-  u0 = _axes.check_floating(state.u, "state.u")
-  sigma0 = _axes.check_floating(state.sigma, "state.sigma")
+  u0 = checks.check_floating(state.u, "state.u")
+  sigma0 = checks.check_floating(state.sigma, "state.sigma")
   if tuple(u0.shape) != (out,) or sigma0.shape != ():
     raise ValueError(f"state must have u of shape ({out},) (the kernel's last axis) and a scalar "
                      f"sigma; got u of shape {tuple(u0.shape)} and sigma of shape "
                      f"{tuple(sigma0.shape)} for a kernel of shape {tuple(kernel.shape)}.")
-  train = _axes.check_bool(train, "train", "True to run the power iteration")
-  n_steps = _axes.check_positive_int(n_steps, "n_steps")
-  eps = _axes.check_eps(eps)
-  dtype = _core.stats_dtype(kernel.dtype)
+  train = checks.check_bool(train, "train", "True to run the power iteration")
+  n_steps = checks.check_positive_int(n_steps, "n_steps")
+  eps = checks.check_eps(eps)
+  dtype = dispatch.stats_dtype(kernel.dtype)
   w = kernel.reshape(rows, out).astype(dtype)
   if train:
-    u, _, sigma = _core.power_iteration(w, u0.astype(dtype), n_steps, eps)
+    u, _, sigma = dispatch.power_iteration(w, u0.astype(dtype), n_steps, eps)
     new = SpectralState(u=jax.lax.stop_gradient(u).astype(u0.dtype),
                         sigma=jax.lax.stop_gradient(sigma).astype(sigma0.dtype))
   else:

@@ -1,17 +1,19 @@
-"""Batch normalization: statistics over every axis but the channel axis, with running state."""
+"""Batch normalization and batch renormalization: statistics over every axis but the channel
+axis, with running state; one implementation (`normalize_batch`) for both."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from normjax import _axes
-from normjax import _core
-from normjax import _dispatch
-from normjax._state import BatchStats, missing_stats_fields, update_running_stats
+from normjax._src import checks
+from normjax._src import dispatch
+from normjax._src import shapes
+from normjax._src.state import BatchStats
+from normjax._src.state import update_running_stats
 
 
 def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, stats: BatchStats,
@@ -95,69 +97,117 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, st
     >>> stats.mean
     Array([0.045, 0.055, 0.065], dtype=float32)
   """
-  return _batch_norm(x, scale, bias, stats, train=train, channel_axis=channel_axis,
-                     momentum=momentum, eps=eps, mask=mask, axis_name=axis_name,
-                     axis_index_groups=axis_index_groups,
-                     unbiased_running_var=unbiased_running_var, fast_variance=fast_variance,
-                     single_value=False, virtual_batch_size=virtual_batch_size)
+  return normalize_batch(x, scale, bias, stats, train=train, channel_axis=channel_axis,
+                         momentum=momentum, eps=eps, mask=mask, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups,
+                         unbiased_running_var=unbiased_running_var,
+                         fast_variance=fast_variance, single_value=False,
+                         virtual_batch_size=virtual_batch_size)
 
 
-class Renorm(NamedTuple):
-  """Batch renormalization's settings (`normjax.renorm.batch_renorm`), checked."""
-  r_max: Any           # float >= 1, or a traced scalar
-  d_max: Any           # float >= 0, or a traced scalar
-  warmup_steps: Any    # int >= 0, or a traced integer scalar
+def batch_renorm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
+                 stats: BatchStats, *, train: bool, r_max: Any = 3.0, d_max: Any = 5.0,
+                 warmup_steps: Any = 0, channel_axis: int = -1, momentum: float | None = 0.99,
+                 eps: float = 1e-5, mask: jax.Array | None = None, axis_name: Any = None,
+                 axis_index_groups: Any = None) -> tuple[jax.Array, BatchStats]:
+  """Batch renormalization (Ioffe, 2017) with explicit running statistics.
 
+  In training, with the biased batch statistics `mu_B`, `var_B`, `sigma_B = sqrt(var_B + eps)`
+  and the running ones before this step, `sigma = sqrt(stats.var + eps)`:
 
-def _batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, stats: BatchStats,
-                *, train: bool, channel_axis: int, momentum: float | None, eps: float,
-                mask: jax.Array | None, axis_name: Any, axis_index_groups: Any,
-                unbiased_running_var: bool, fast_variance: bool, single_value: bool,
-                virtual_batch_size: int | None = None,
-                renorm: Renorm | None = None) -> tuple[jax.Array, BatchStats]:
-  """`batch_norm`; `single_value=True` also trains on one value per channel (flax's behaviour).
+    r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
+    d = stop_gradient(clip((mu_B - stats.mean) / sigma, -d_max, d_max))
+    y = ((x - mu_B) / sigma_B * r + d) * scale + bias
 
-  With one value per channel the batch mean is that value and the batch variance 0, so the
-  output is `bias` (0 without bias) and the derivatives are finite. Used by the Flax modules.
-  `renorm` (checked settings) makes it batch renormalization (`normjax.renorm`).
+  While `stats.count < warmup_steps`, `r = 1` and `d = 0` (plain batch norm). Gradients flow
+  through `mu_B` and `sigma_B` as in batch norm, not through `r` and `d`. The running
+  statistics are updated exactly as `batch_norm` updates them, and evaluation is
+  `batch_norm`'s. `r_max=1, d_max=0` is batch norm.
+
+  Args:
+    x: `[N, ..., C]` (or `[N, C, ...]` with `channel_axis=1`) floating input.
+    scale: `[C]` multiplier, or None.
+    bias: `[C]` offset, or None.
+    stats: the running `BatchStats`; `count` (the number of training steps so far) drives the
+      warmup.
+    train: True for the batch statistics and an update of `stats`; False to use `stats`.
+    r_max: bound of `r`, >= 1; may be a traced scalar (a schedule under `jit`).
+    d_max: bound of `|d|`, >= 0; may be a traced scalar.
+    warmup_steps: the number of first steps (`stats.count < warmup_steps`) that are plain
+      batch norm; an int >= 0 or a traced integer scalar.
+    channel_axis, momentum, eps, mask, axis_name, axis_index_groups: as in `batch_norm`.
+
+  Returns:
+    `(y, new_stats)` as in `batch_norm`.
+
+  Raises:
+    ValueError: `r_max < 1`, `d_max < 0`, `warmup_steps < 0` or above the largest
+      `stats.count` of its dtype (when concrete), and `batch_norm`'s errors.
+    TypeError: a non-real `r_max`/`d_max`, a non-integer `warmup_steps`, and `batch_norm`'s
+      errors.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> x = jnp.array([[0.0], [2.0]])            # batch mean 1, batch variance 1
+    >>> stats = nj.init_batch_stats(1)          # running mean 0, variance 1: d = 1, r = 1
+    >>> y, stats = nj.batch_renorm(x, None, None, stats, train=True, eps=0.0)
+    >>> y
+    Array([[0.],
+           [2.]], dtype=float32)
   """
-  x = _axes.check_floating(x)
-  train = _axes.check_bool(train, "train",
+  return normalize_batch(x, scale, bias, stats, train=train, channel_axis=channel_axis,
+                         momentum=momentum, eps=eps, mask=mask, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups, unbiased_running_var=False,
+                         fast_variance=False, single_value=False,
+                         renorm=checks.check_renorm(r_max, d_max, warmup_steps))
+
+
+def normalize_batch(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
+                    stats: BatchStats, *, train: bool, channel_axis: int,
+                    momentum: float | None, eps: float, mask: jax.Array | None, axis_name: Any,
+                    axis_index_groups: Any, unbiased_running_var: bool, fast_variance: bool,
+                    single_value: bool, virtual_batch_size: int | None = None,
+                    renorm: checks.Renorm | None = None) -> tuple[jax.Array, BatchStats]:
+  """`batch_norm` and `batch_renorm`, with flax's semantics as named options.
+
+  Args:
+    single_value: also train on one value per channel (flax's behaviour; `batch_norm`
+      raises): the batch mean is that value and the batch variance 0, so the output is
+      `bias` (0 without bias) and the derivatives are finite. The Flax modules pass True.
+    renorm: `checks.check_renorm`'s settings to make it batch renormalization, or None.
+    The others: as in `batch_norm`.
+  """
+  x = checks.check_floating(x)
+  train = checks.check_bool(train, "train",
                            "True for batch statistics, False for the running statistics")
-  c_axis = _axes.canonicalize_axis(channel_axis, x.ndim, "channel_axis")
+  c_axis = checks.canonicalize_axis(channel_axis, x.ndim, "channel_axis")
   num_channels = x.shape[c_axis]
-  scale = _axes.check_channel_param(scale, "scale", x.shape, c_axis)
-  bias = _axes.check_channel_param(bias, "bias", x.shape, c_axis)
-  _check_stats(stats, num_channels)
-  if renorm is not None and isinstance(renorm.warmup_steps, int):
-    top = int(jnp.iinfo(stats.count.dtype).max)
-    if renorm.warmup_steps > top:
-      raise ValueError(f"warmup_steps must be at most {top}, the largest stats.count of dtype "
-                       f"{stats.count.dtype} (warmup lasts while count < warmup_steps); got "
-                       f"warmup_steps={renorm.warmup_steps}.")
-  eps = _axes.check_eps(eps)
-  momentum = _axes.check_momentum(momentum)
-  mask = _axes.check_mask(mask, x.shape)
-  _axes.check_axis_index_groups(axis_index_groups, axis_name)
-  unbiased_running_var = _axes.check_bool(
+  scale = checks.check_channel_param(scale, "scale", x.shape, c_axis)
+  bias = checks.check_channel_param(bias, "bias", x.shape, c_axis)
+  checks.check_stats(stats, num_channels)
+  if renorm is not None:
+    checks.check_warmup_fits(renorm, stats.count.dtype)
+  eps = checks.check_eps(eps)
+  momentum = checks.check_momentum(momentum)
+  mask = checks.check_mask(mask, x.shape)
+  checks.check_axis_index_groups(axis_index_groups, axis_name)
+  unbiased_running_var = checks.check_bool(
       unbiased_running_var, "unbiased_running_var",
       "True to store the unbiased variance n / (n - 1) * var, as PyTorch does")
-  fast_variance = _axes.check_bool(fast_variance, "fast_variance",
+  fast_variance = checks.check_bool(fast_variance, "fast_variance",
                                    "True for the one-pass variance")
   if virtual_batch_size is not None:
-    virtual_batch_size = _axes.check_positive_int(virtual_batch_size, "virtual_batch_size")
+    virtual_batch_size = checks.check_positive_int(virtual_batch_size, "virtual_batch_size")
     if x.ndim < 2 or c_axis == 0 or x.shape[0] % virtual_batch_size:
       raise ValueError(
           f"virtual_batch_size={virtual_batch_size} must divide the batch axis 0 of x (into "
           f"groups of consecutive examples), which must not be the channel axis; got x of shape "
           f"{tuple(x.shape)} with channel_axis={channel_axis}.")
-  per_channel = lambda p: _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
+  per_channel = lambda p: shapes.broadcast_to_axes(p, x.ndim, (c_axis,))
 
   if not train:
-    dtype = _core.stats_dtype(x.dtype)
-    running = _core.Moments(shift=None, offset=per_channel(stats.mean.astype(dtype)),
-                            var=per_channel(stats.var.astype(dtype)), count=None)
-    return _core.normalize(x, running, per_channel(scale), per_channel(bias), eps), stats
+    return dispatch.normalize_with_stats(x, per_channel(stats.mean), per_channel(stats.var),
+                                         per_channel(scale), per_channel(bias), eps), stats
 
   xg, mg, cg = x, mask, c_axis
   if virtual_batch_size is not None:  # ghost batch norm: [N, ...] -> [N / k, k, ...]
@@ -165,22 +215,22 @@ def _batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, s
     xg, mg, cg = split(x), None if mask is None else split(mask), c_axis + 1
   kept = (cg,) if virtual_batch_size is None else (0, cg)
   reduce_axes = tuple(a for a in range(xg.ndim) if a not in kept)
-  devices = _axes.axis_size(axis_name, axis_index_groups)
+  devices = shapes.axis_size(axis_name, axis_index_groups)
   if (not single_value and mask is None and devices is not None and
-      _axes.reduced_size(xg.shape, reduce_axes) * devices == 1):
+      shapes.reduced_size(xg.shape, reduce_axes) * devices == 1):
     raise ValueError(f"batch_norm with train=True needs more than 1 value per channel; got x of "
                      f"shape {tuple(x.shape)} with channel_axis={channel_axis} (and {devices} "
                      f"device(s) along axis_name={axis_name!r}, virtual_batch_size="
                      f"{virtual_batch_size}). Use a larger batch, or train=False.")
-  as_kept = lambda p: _axes.broadcast_to_axes(p, xg.ndim, (cg,))
+  as_kept = lambda p: shapes.broadcast_to_axes(p, xg.ndim, (cg,))
   kw = dict(mask=mg, axis_name=axis_name, axis_index_groups=axis_index_groups,
             fast_variance=fast_variance)
   if renorm is None:
-    y, batch = _dispatch.standardize(xg, reduce_axes, as_kept(scale), as_kept(bias), eps, **kw)
+    y, batch = dispatch.standardize(xg, reduce_axes, as_kept(scale), as_kept(bias), eps, **kw)
   else:
-    xhat, batch = _dispatch.standardize(xg, reduce_axes, None, None, eps, **kw)
+    xhat, batch = dispatch.standardize(xg, reduce_axes, None, None, eps, **kw)
     active = stats.count >= jnp.asarray(renorm.warmup_steps, stats.count.dtype)
-    y = _core.renormalize(xhat, batch, as_kept(stats.mean), as_kept(stats.var), as_kept(scale),
+    y = dispatch.renormalize(xhat, batch, as_kept(stats.mean), as_kept(stats.var), as_kept(scale),
                           as_kept(bias), eps, renorm.r_max, renorm.d_max, active)
   y = y.reshape(x.shape)
 
@@ -200,37 +250,3 @@ def _batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, s
   new_stats = update_running_stats(stats, over_groups(batch_mean), over_groups(batch_var),
                                    groups > 0, momentum)
   return y, new_stats
-
-
-def _check_stats(stats: Any, num_channels: int) -> None:
-  """Checks `stats`: a BatchStats-like record of `[C]` floating mean and var, scalar int count.
-
-  A `BatchStats`, or any object with array attributes `mean`, `var` and `count` (for a tuple, as
-  named fields: a namedtuple without `count` would otherwise offer `tuple.count`, a method).
-  """
-  example = f"e.g. from nj.init_batch_stats({num_channels})"
-  missing = missing_stats_fields(stats)
-  if missing:
-    raise TypeError(f"stats must be a BatchStats (fields mean, var, count), {example}; got "
-                    f"{type(stats).__name__}, which has no field {', '.join(missing)}.")
-  for field in ("mean", "var", "count"):
-    value = getattr(stats, field)
-    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
-      raise TypeError(f"stats.{field} must be an array, {example}; got {value!r} (of type "
-                      f"{type(value).__name__}).")
-  for field in ("mean", "var"):
-    value = getattr(stats, field)
-    if not jnp.issubdtype(value.dtype, jnp.floating):
-      raise TypeError(f"stats.{field} must have a floating dtype (the running averages; "
-                      f"float32 from init_batch_stats); got dtype {value.dtype}.")
-    shape = tuple(jnp.shape(value))
-    if shape != (num_channels,):
-      raise ValueError(f"stats.{field} must have shape ({num_channels},) (one value per channel "
-                       f"of x); got shape {shape}.")
-  count = stats.count
-  if count.dtype == jnp.bool_ or not jnp.issubdtype(count.dtype, jnp.integer):
-    raise TypeError(f"stats.count must be a scalar integer array (the number of batches folded "
-                    f"in, int32 from init_batch_stats); got dtype {count.dtype}.")
-  if tuple(jnp.shape(count)) != ():
-    raise ValueError(f"stats.count must be a scalar (shape ()), the number of batches folded in; "
-                     f"got shape {tuple(jnp.shape(count))}.")

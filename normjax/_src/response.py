@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from normjax import _axes
-from normjax import _dispatch
+from normjax._src import checks
+from normjax._src import dispatch
+from normjax._src import shapes
 
 
 def filter_response_norm(x: jax.Array, scale: jax.Array | None = None,
@@ -48,17 +49,17 @@ def filter_response_norm(x: jax.Array, scale: jax.Array | None = None,
     >>> nj.filter_response_norm(x, tau=jnp.array([0.0]), eps=0.0)[..., 0]
     Array([[1., 0.]], dtype=float32)
   """
-  x = _axes.check_floating(x)
-  c_axis, b_axis = _axes.channel_and_batch_axes(channel_axis, batch_axis, x.ndim)
-  scale = _axes.check_channel_param(scale, "scale", x.shape, c_axis)
-  bias = _axes.check_channel_param(bias, "bias", x.shape, c_axis)
-  tau = _axes.check_channel_param(tau, "tau", x.shape, c_axis)
-  eps = _axes.check_eps(eps)
-  mask = _axes.check_mask(mask, x.shape)
-  per_channel = lambda p: _axes.broadcast_to_axes(p, x.ndim, (c_axis,))
+  x = checks.check_floating(x)
+  c_axis, b_axis = checks.channel_and_batch_axes(channel_axis, batch_axis, x.ndim)
+  scale = checks.check_channel_param(scale, "scale", x.shape, c_axis)
+  bias = checks.check_channel_param(bias, "bias", x.shape, c_axis)
+  tau = checks.check_channel_param(tau, "tau", x.shape, c_axis)
+  eps = checks.check_eps(eps)
+  mask = checks.check_mask(mask, x.shape)
+  per_channel = lambda p: shapes.broadcast_to_axes(p, x.ndim, (c_axis,))
   spatial = tuple(a for a in range(x.ndim) if a not in (b_axis, c_axis))
   # A traced eps (e.g. a learned one) takes the reference, whose derivative covers eps too.
-  y, _ = _dispatch.standardize(x, spatial, per_channel(scale), per_channel(bias), eps,
+  y, _ = dispatch.standardize(x, spatial, per_channel(scale), per_channel(bias), eps,
                                mask=mask, centered=False)
   return y if tau is None else _threshold(y, per_channel(tau))
 
@@ -84,12 +85,12 @@ def tlu(x: jax.Array, tau: jax.Array, *, channel_axis: int = -1) -> jax.Array:
     Array([[ 0.,  2.],
            [ 3., -3.]], dtype=float32)
   """
-  x = _axes.check_floating(x)
-  c_axis = _axes.canonicalize_axis(channel_axis, x.ndim, "channel_axis")
-  tau = _axes.check_channel_param(tau, "tau", x.shape, c_axis)
+  x = checks.check_floating(x)
+  c_axis = checks.canonicalize_axis(channel_axis, x.ndim, "channel_axis")
+  tau = checks.check_channel_param(tau, "tau", x.shape, c_axis)
   if tau is None:
     raise TypeError("tau must be a floating array of shape [C]; got tau=None.")
-  return _threshold(x, _axes.broadcast_to_axes(tau, x.ndim, (c_axis,)))
+  return _threshold(x, shapes.broadcast_to_axes(tau, x.ndim, (c_axis,)))
 
 
 def _threshold(y: jax.Array, tau: jax.Array) -> jax.Array:
