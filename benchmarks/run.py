@@ -139,7 +139,7 @@ def time_interleaved(calls: dict, rounds: int, target_s: float, max_reps: int = 
       # allocator and thread-pool state). One order per round (as before) kept the same
       # predecessor for a whole round: with seed 0 and five rounds, normjax followed the NumPy
       # roofline copy in 3 of 5 rounds and flax in none, and its eval forward measured
-      # 1.15-1.25x flax's time for the same XLA program (OPTIMIZATION_LOG section 12).
+      # 1.15-1.25x flax's time for the same XLA program (docs/performance-history.md).
       for name in rng.sample(names, len(names)):
         if i < reps[name]:
           t0 = time.perf_counter()

@@ -278,7 +278,7 @@ void ParallelChunks(ffi::ThreadPool& pool, int64_t rows, int64_t chunks, Body bo
   // Every pool thread is offered a task (not one fewer, as if the caller were one of them):
   // right after an XLA fusion the pool's workers are still busy on their cores, and with
   // num_threads - 1 tasks the kernel often ran on the caller alone (RMS norm 8x512x1024:
-  // 0.95 ms after itself, 1.5 ms after any XLA fusion; benchmarks/neighbours.py).
+  // 0.95 ms after itself, 1.5 ms after any XLA fusion; docs/performance-history.md).
   const int64_t tasks = std::min<int64_t>(pool.num_threads(), chunks - 1);
   if (tasks <= 0) {
     for (int64_t c = 0; c < chunks; ++c) run_chunk(c);
