@@ -42,7 +42,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.typing import Axes, Dtype, Initializer
+from flax.typing import Axes
+from flax.typing import Dtype
+from flax.typing import Initializer
 from jax.nn import initializers
 
 from normjax._src import flax_adapter as _flax

@@ -31,7 +31,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import initializers
-from flax.typing import Axes, Dtype, Initializer
+from flax.typing import Axes
+from flax.typing import Dtype
+from flax.typing import Initializer
 
 from normjax._src import flax_adapter as _flax
 from normjax._src import state as _state
@@ -109,8 +111,8 @@ class BatchNorm(nnx.Module):
                scale_init: Initializer = initializers.ones_init(), axis_name: str | None = None,
                axis_index_groups: Any = None, use_fast_variance: bool = True,
                promote_dtype: Any = _flax.promote_dtype, unbiased_running_var: bool = False,
-               virtual_batch_size: int | None = None, rngs: nnx.Rngs, bias_metadata: Any = _NO_METADATA,
-               scale_metadata: Any = _NO_METADATA):
+               virtual_batch_size: int | None = None, rngs: nnx.Rngs,
+               bias_metadata: Any = _NO_METADATA, scale_metadata: Any = _NO_METADATA):
     num_features = _flax.check_num_features(num_features)
     self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))

@@ -31,7 +31,8 @@ is pinned, see `rounding.residual_sum`).
 from __future__ import annotations
 
 import numbers
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +128,8 @@ def _rows_layout(x, axes, scale, bias) -> Plan:
   def layout(p):
     if p.shape == (1,) * lead + x.shape[lead:]:
       return False
-    if all(d == 1 for d in p.shape[lead:]) and all(d in (1, n) for d, n in zip(p.shape, x.shape)):
+    if all(d == 1 for d in p.shape[lead:]) and all(
+        d in (1, n) for d, n in zip(p.shape, x.shape, strict=False)):
       return True
     return None
   layouts = {layout(p) for p in (scale, bias) if p is not None}

@@ -17,7 +17,8 @@ PyTorch stores the unbiased batch variance `n / (n - 1) * var` in `running_var`:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax

@@ -36,7 +36,7 @@ def broadcast_to_axes(param: jax.Array | None, ndim: int, axes: Axes) -> jax.Arr
   if param is None:
     return None
   shape = [1] * ndim
-  for a, n in zip(axes, param.shape):
+  for a, n in zip(axes, param.shape, strict=False):
     shape[a] = n
   return param.reshape(shape)
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from normjax._src import checks
-
 
 
 class BatchStats(NamedTuple):
@@ -54,7 +53,7 @@ def init_batch_stats(num_features: int, dtype=jnp.float32) -> BatchStats:
     >>> import normjax as nj
     >>> nj.init_batch_stats(3)
     BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32), count=Array(0, dtype=int32))
-  """
+  """  # noqa: E501 (the doctest's expected output is one line)
   num_features = checks.check_positive_int(num_features, "num_features")
   try:
     dtype = jnp.dtype(dtype)

@@ -26,13 +26,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.interpreters import ad, batching
+from jax.interpreters import ad
+from jax.interpreters import batching
 
+from normjax._src.kernels import primitives
 from normjax._src.numerics.moments import Moments
 from normjax._src.numerics.moments import moments
 from normjax._src.numerics.moments import subtract_mean
 from normjax._src.numerics.standardize import normalize
-from normjax._src.kernels import primitives
 
 F32 = primitives.F32
 
@@ -127,7 +128,7 @@ def _spread_transpose(cts, x, shift, offset, rstd, a, c):
   sg, sgx = sums.bind(x, ad.instantiate_zeros(ct), shift, offset)
   grads = (sgx * rstd, sg)
   return [None] * 4 + [primitives.sum_to_vma(g, v.aval) if ad.is_undefined_primal(v) else None
-                       for g, v in zip(grads, (a, c))]
+                       for g, v in zip(grads, (a, c), strict=True)]
 
 
 ad.primitive_transposes[column_spread_p] = _spread_transpose
@@ -146,7 +147,7 @@ def _fold_examples(p, reference):
     size = primitives.batch_size(args, dims)
     if size == 0 or params.get("pool_outer", False):
       return fallback(args, dims, **params)
-    args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+    args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims, strict=True)]
     outs = p.bind(*(a.reshape((size * a.shape[1],) + a.shape[2:]) for a in args), **params)
     return [o.reshape((size, o.shape[0] // size) + o.shape[1:]) for o in outs], [0] * len(outs)
   return rule

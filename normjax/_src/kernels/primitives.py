@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad
+from jax.interpreters import mlir
 
 from normjax._src.kernels import cpu
 
@@ -39,7 +40,7 @@ def has_kernel(platform: str) -> bool:
   return LOWERINGS.get(platform, False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_bind(p, params):
   """Eager evaluation of primitive `p`: compiled, so that the kernel runs as under jit."""
   return jax.jit(lambda *args: p.bind(*args, **dict(params)))
@@ -140,4 +141,4 @@ def batch_by_reference(reference: Callable) -> Callable:
 
 def batch_size(args, dims) -> int:
   """The size of the vmapped axis."""
-  return next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  return next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)

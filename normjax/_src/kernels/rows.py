@@ -34,15 +34,16 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.interpreters import ad, batching
+from jax.interpreters import ad
+from jax.interpreters import batching
 
+from normjax._src.kernels import primitives
 from normjax._src.numerics.moments import Moments
 from normjax._src.numerics.moments import moments
 from normjax._src.numerics.rounding import pin_rounding
 from normjax._src.numerics.rounding import residual_sum
 from normjax._src.numerics.standardize import normalize
 from normjax._src.numerics.standardize import tangent
-from normjax._src.kernels import primitives
 
 F32 = primitives.F32
 
@@ -145,7 +146,7 @@ def _tangent_transpose(cts, x, shift, offset, rstd, scale, dx, dscale, dbias, *,
   grads = rows_backward_p.bind(x, ad.instantiate_zeros(ct), shift, offset, rstd, scale,
                                centered=centered, per_row=per_row)
   return [None] * 5 + [primitives.sum_to_vma(g, v.aval) if ad.is_undefined_primal(v) else None
-                       for g, v in zip(grads, linear)]
+                       for g, v in zip(grads, linear, strict=True)]
 
 
 ad.primitive_transposes[rows_tangent_p] = _tangent_transpose

@@ -22,7 +22,8 @@ channel, so the normalize step is one elementwise pass with per-channel factors.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
