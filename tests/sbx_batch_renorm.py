@@ -1,4 +1,4 @@
-"""An oracle for sbx's `BatchRenorm` linen module, for tests/test_renorm_sbx.py.
+"""An oracle for sbx's `BatchRenorm` linen module, for tests/test_batch_renorm_sbx.py.
 
 The module this mirrors is `BatchRenorm` in `sbx/common/jax_layers.py` of
 https://github.com/araffin/sbx (Antonin Raffin, MIT licence; adapted there from

@@ -4,7 +4,7 @@ Layer and RMS norm over trailing axes run through three primitives whose CPU low
 XLA FFI call into normjax/_src/kernels/cpu/normalize.cc. The tests here check that the kernel is built and
 used, that kernel and `jax.numpy` definitions agree with each other and with float64 NumPy,
 and that every transformation reaches the right rule (batch folding, the batching fallbacks,
-the transpose, higher derivatives). The variant-level tests (test_variants, test_numerics,
+the transpose, higher derivatives). The variant-level tests (test_variants, test_numerics_moments,
 test_torch_parity, ...) run through the kernel as well.
 """
 

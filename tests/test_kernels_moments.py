@@ -4,7 +4,7 @@ Batch, instance and group norm on NHWC input take their statistics from `column_
 batch and group norm on NCHW input from `row_moments_p` (one read of `x` each); these tests
 check the dispatch, the kernels against their jax.numpy definitions and float64 NumPy, the
 pooling of statistics (channel groups, and the batch for NCHW batch norm) at large means,
-vmap and derivatives. The variant-level suites (test_variants, test_numerics,
+vmap and derivatives. The variant-level suites (test_variants, test_numerics_moments,
 test_torch_parity, ...) run through them as well.
 """
 

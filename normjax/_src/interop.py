@@ -110,7 +110,7 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
   BatchNorm without scale and bias has none). The recipe: define the model with a switch that
   builds the conv with `use_bias=True` and no BatchNorm after it (e.g. `bn = (lambda y: y) if
   fold else nn.BatchNorm(...)`), then `folded.apply({"params": fold_linen_params(...)}, x)` equals
-  `model.apply(variables, x, use_running_average=True)` (tested in tests/test_fold.py).
+  `model.apply(variables, x, use_running_average=True)` (tested in tests/test_interop.py).
 
   Args:
     params: the trained model's `params` collection.

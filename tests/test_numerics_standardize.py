@@ -1,7 +1,10 @@
-"""Accuracy of the closed-form derivative (normjax/_src/numerics/standardize.py `tangent`, through every kernel the
-dispatch picks): float32 gradients at least as close to a float64 run as flax's autodiff of
-its own modules on ordinary data, and far closer at large means; and the compiled reference
-reads a bfloat16 `x` without a float32 copy."""
+"""normjax/_src/numerics/standardize.py: the closed-form derivative (`tangent`, through every
+kernel the dispatch picks) is at least as accurate in float32 as flax's autodiff of its own
+modules on ordinary data, and far more at large means; the compiled reference reads a
+bfloat16 `x` without a float32 copy; and the backward keeps only `x` and per-row statistics
+(the checkpoint policy: no normalized copy of `x`)."""
+
+import math
 
 import flax.linen as fnn
 import jax
@@ -174,3 +177,30 @@ def test_traced_eps_is_differentiable(name):
   got_x = jax.grad(lambda x: jnp.vdot(jax.jit(f)(x, eps), c))(x)
   want_x = jax.grad(lambda x: jnp.vdot(f(x, eps), c))(x)
   np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-5 * float(jnp.abs(want_x).max()))
+
+
+# ----------------------------------------------------------------- what the backward keeps
+
+CASES = {
+    "layer": ((4, 16, 32), lambda x, s, b: nj.layer_norm(x, s, b)),
+    "rms": ((4, 16, 32), lambda x, s, b: nj.rms_norm(x, s)),
+    "group": ((2, 8, 8, 32), lambda x, s, b: nj.group_norm(x, s, b, num_groups=8)),
+    "instance": ((2, 8, 8, 32), lambda x, s, b: nj.instance_norm(x, s, b)),
+    "batch": ((2, 8, 8, 32), lambda x, s, b: nj.batch_norm(
+        x, s, b, nj.init_batch_stats(32), train=True)[0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_only_x_and_statistics_are_saved(name, dtype):
+  shape, f = CASES[name]
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), dtype)
+  s = jnp.ones((shape[-1],), jnp.float32)
+  b = jnp.zeros((shape[-1],), jnp.float32)
+  leaves = jax.eval_shape(lambda *a: jax.tree.leaves(jax.vjp(f, *a)[1]), x, s, b)
+  full = [l for l in leaves if math.prod(l.shape) == x.size]
+  # x itself, as given (not an upcast or normalized copy); everything else is small.
+  assert len(full) == 1 and full[0].dtype == x.dtype, leaves
+  small = sum(math.prod(l.shape) for l in leaves if math.prod(l.shape) != x.size)
+  assert small <= 4 * x.size // shape[-1] + 4 * shape[-1], leaves

@@ -1,4 +1,4 @@
-"""The residual-add norms `add_layer_norm` / `add_rms_norm` (normjax/layer.py), on every path:
+"""The residual-add norms `add_layer_norm` / `add_rms_norm` (normjax/_src/layer.py), on every path:
 the reference (`x + residual`, then the dispatch's `standardize`) and the fused native kernel
 (`rows_add_forward_p`, `NormjaxRowsAddForward*`): outputs against float64 NumPy, `h` exactly
 the rounded sum, derivatives equal to those of `layer_norm(x + residual)`, the kernel called
@@ -205,7 +205,7 @@ def test_kernel_called_and_h_written_once(dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_backward_keeps_only_h_and_statistics(implementation, dtype):
   """Reverse mode keeps the sum h (which the caller keeps anyway), not x, residual or a
-  normalized copy (as tests/test_residuals.py for the plain norms)."""
+  normalized copy (as tests/test_numerics_standardize.py checks for the plain norms)."""
   x, r, s, b, s16, b16 = _inputs(dtype, shape=(4, 16, 32))
   s, b = jnp.asarray(rand((32,), seed=2)), jnp.asarray(rand((32,), seed=3))
   leaves = jax.eval_shape(
