@@ -143,6 +143,7 @@ class BatchNorm(nn.Module):
     if self.momentum is None and (init or self.has_variable("batch_stats", "count")):
       count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
     elif self.momentum is None and update:
+      assert self.scope is not None  # a bound module's call
       where = "".join(f"[{k!r}]" for k in ("batch_stats", *self.scope.path, "count"))
       raise ValueError(
           "BatchNorm(momentum=None) averages over all batches so far, counted by "
@@ -545,7 +546,7 @@ class FilterResponseNorm(nn.Module):
     shape = (jnp.shape(x)[axis[0]],)
     scale, bias = _affine(self, shape)
     tau = self.param("tau", self.tau_init, shape, self.param_dtype) if self.use_tau else None
-    eps = self.epsilon
+    eps: float | jax.Array = self.epsilon
     if self.learned_epsilon:
       eps = eps + jnp.abs(self.param("eps", self.epsilon_init, (), self.param_dtype))
     return _flax.filter_response_norm(x, scale, bias, tau, channel_axis=self.feature_axis,
@@ -595,13 +596,13 @@ class WeightNorm(nn.WeightNorm):
 
   def _l2_normalize(self, path: Any, vs: Any) -> jax.Array:
     value = jnp.asarray(vs)
+    assert self.layer_instance.name is not None  # bound: flax has named the wrapped layer
     str_path = (self.layer_instance.name + "/"
                 + jax.tree_util.keystr(path[1:], simple=True, separator="/"))
     if self.variable_filter and not any(f in str_path for f in self.variable_filter):
       return value
-    if self.feature_axes is None:
-      feature_axes = ()
-    else:
+    feature_axes: tuple[int, ...] = ()
+    if self.feature_axes is not None:
       feature_axes = _flax.feature_axes(self.feature_axes, value.ndim, "feature_axes")
     reduction = tuple(a for a in range(value.ndim) if a not in feature_axes)
     scale = None
@@ -642,6 +643,7 @@ class SpectralNorm(nn.SpectralNorm):
       raise ValueError(f"SpectralNorm: Input is {value.ndim}D but error_on_non_matrix is True: "
                        f"the parameter {jax.tree_util.keystr(path)} has shape "
                        f"{tuple(value.shape)}; expected a matrix (rank 2).")
+    assert self.layer_instance.name is not None  # bound: flax has named the wrapped layer
     name = self.layer_instance.name + "/" + "/".join(k.key for k in path[1:])
     out = value.shape[-1]
     u = self.variable(self.collection_name, name + "/u", jax.random.normal,

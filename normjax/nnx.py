@@ -24,6 +24,7 @@ on an argument).
 from __future__ import annotations
 
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 from typing import Any
 
 import jax
@@ -44,7 +45,7 @@ __all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "BatchRenorm", "FilterResp
            "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv",
            "WeightNorm")
 
-_NO_METADATA = MappingProxyType({})
+_NO_METADATA: MappingProxyType[str, Any] = MappingProxyType({})
 
 
 def _param(use: bool, init: Initializer, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Dtype,
@@ -102,6 +103,17 @@ class BatchNorm(nnx.Module):
     >>> bn.eval()
     >>> y = bn(jnp.arange(12.0).reshape(4, 3))      # uses the stored statistics
   """
+
+  if TYPE_CHECKING:  # the constructor's options, set by `_store_options`
+    axis: int | tuple[int, ...]
+    momentum: float | None
+    epsilon: float
+    dtype: Dtype | None
+    axis_name: str | None
+    axis_index_groups: Any
+    promote_dtype: Any
+    unbiased_running_var: bool
+    virtual_batch_size: int | None
 
   def __init__(self, num_features: int, *, use_running_average: bool | None = False,
                axis: int | tuple[int, ...] = -1, momentum: float | None = 0.99,
@@ -182,6 +194,18 @@ class BatchRenorm(nnx.Module):
     1
   """
 
+  if TYPE_CHECKING:  # the constructor's options, set by `_store_options`
+    axis: int | tuple[int, ...]
+    momentum: float
+    epsilon: float
+    dtype: Dtype | None
+    axis_name: str | None
+    axis_index_groups: Any
+    promote_dtype: Any
+    r_max: Any
+    d_max: Any
+    warmup_steps: Any
+
   def __init__(self, num_features: int, *, use_running_average: bool | None = False,
                axis: int | tuple[int, ...] = -1, momentum: float = 0.99,
                epsilon: float = 1e-5, dtype: Dtype | None = None,
@@ -260,6 +284,14 @@ class LayerNorm(nnx.Module):
     Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
   """
 
+  if TYPE_CHECKING:  # the constructor's options, set by `_store_options`
+    epsilon: float
+    dtype: Dtype | None
+    reduction_axes: Axes
+    feature_axes: Axes
+    axis_name: str | None
+    promote_dtype: Any
+
   def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
                bias_init: Initializer = initializers.zeros_init(),
@@ -301,6 +333,14 @@ class RMSNorm(nnx.Module):
     >>> njnnx.RMSNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))(jnp.array([[3.0, -3.0]]))
     Array([[ 1., -1.]], dtype=float32)
   """
+
+  if TYPE_CHECKING:  # the constructor's options, set by `_store_options`
+    epsilon: float
+    dtype: Dtype | None
+    reduction_axes: Axes
+    feature_axes: Axes
+    axis_name: str | None
+    promote_dtype: Any
 
   def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32, use_scale: bool = True,
@@ -396,6 +436,13 @@ class InstanceNorm(nnx.Module):
     Array([[-1.,  1.]], dtype=float32)
   """
 
+  if TYPE_CHECKING:  # the constructor's options, set by `_store_options`
+    epsilon: float
+    dtype: Dtype | None
+    feature_axes: Axes
+    axis_name: str | None
+    promote_dtype: Any
+
   def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
                bias_init: Initializer = initializers.zeros,
@@ -447,6 +494,16 @@ class GroupNorm(nnx.Module):
     Array([[-1.,  1., -1.,  1.]], dtype=float32)
   """
 
+  if TYPE_CHECKING:  # the constructor's options, set by `_store_options`
+    num_features: int
+    num_groups: int | None
+    epsilon: float
+    dtype: Dtype | None
+    reduction_axes: Axes | None
+    axis_name: str | None
+    promote_dtype: Any
+    feature_axis: int
+
   def __init__(self, num_features: int, num_groups: int | None = 32,
                group_size: int | None = None, *, epsilon: float = 1e-6,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
@@ -492,6 +549,13 @@ class FilterResponseNorm(nnx.Module):
     Array([[1., 0.]], dtype=float32)
   """
 
+  if TYPE_CHECKING:  # the constructor's options, set by `_store_options`
+    epsilon: float
+    learned_epsilon: bool
+    dtype: Dtype | None
+    feature_axis: int
+    promote_dtype: Any
+
   def __init__(self, num_features: int, *, epsilon: float = 1e-6, learned_epsilon: bool = False,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
                use_bias: bool = True, use_scale: bool = True, use_tau: bool = True,
@@ -514,7 +578,7 @@ class FilterResponseNorm(nnx.Module):
     x, scale, bias, tau = self.promote_dtype(
         (_flax.check_input(x), _value(self.scale), _value(self.bias), _value(self.tau)),
         dtype=self.dtype)
-    eps = self.epsilon
+    eps: float | jax.Array = self.epsilon
     if self.learned_epsilon:
       eps = eps + jnp.abs(self.eps[...])
     return _flax.filter_response_norm(x, scale, bias, tau, channel_axis=self.feature_axis,
@@ -571,6 +635,7 @@ class WeightNorm(nnx.WeightNorm):
     reduction = tuple(a for a in range(value.ndim) if a not in feature_axes)
     g = None
     if self.use_scale:
+      assert self.scales is not None  # flax's WeightNorm makes them when use_scale
       if path not in self.scales:
         raise RuntimeError(f"WeightNorm: no scale for the param {path}; the parameters of the "
                            f"wrapped layer must not change after construction.")

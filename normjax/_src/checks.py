@@ -12,6 +12,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,10 @@ def check_axis_index_groups(axis_index_groups: Any, axis_name: Any) -> Any:
   return axis_index_groups
 
 
+@overload
+def check_param(param: None, name: str, expected: tuple[int, ...]) -> None: ...
+@overload
+def check_param(param: Any, name: str, expected: tuple[int, ...]) -> jax.Array | None: ...
 def check_param(param: Any, name: str, expected: tuple[int, ...]) -> jax.Array | None:
   """Checks that an optional scale/bias is floating with exactly the feature shape `expected`."""
   if param is None:
@@ -219,6 +224,12 @@ def check_channel_param(param: Any, name: str, x_shape: tuple[int, ...],
                      f"{' or '.join(map(named, fits))}.") from None
 
 
+@overload
+def check_mask(mask: None, x_shape: tuple[int, ...]) -> None: ...
+@overload
+def check_mask(mask: jax.Array, x_shape: tuple[int, ...]) -> jax.Array: ...
+@overload
+def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None: ...
 def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
   """Returns `mask` broadcast to `x_shape`; it must be boolean and broadcastable to `x`."""
   if mask is None:

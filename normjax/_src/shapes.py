@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import Any
+from typing import overload
 
 import jax
 
@@ -28,6 +29,12 @@ def axis_size(axis_name: Any, axis_index_groups: Any = None) -> int | None:
     return None
 
 
+@overload
+def broadcast_to_axes(param: None, ndim: int, axes: Axes) -> None: ...
+@overload
+def broadcast_to_axes(param: jax.Array, ndim: int, axes: Axes) -> jax.Array: ...
+@overload
+def broadcast_to_axes(param: jax.Array | None, ndim: int, axes: Axes) -> jax.Array | None: ...
 def broadcast_to_axes(param: jax.Array | None, ndim: int, axes: Axes) -> jax.Array | None:
   """Reshapes a parameter of shape `[x.shape[a] for a in axes]` so it broadcasts against `x`.
 

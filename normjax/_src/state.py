@@ -31,7 +31,7 @@ class BatchStats(NamedTuple):
   """
   mean: jax.Array
   var: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count: the public field name
 
 
 def init_batch_stats(num_features: int, dtype=jnp.float32) -> BatchStats:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import functools
 import numbers
 from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
+from typing import TypeAlias
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,15 @@ NATIVE_DTYPES = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.bfloat16): "BF16"}
 # platform -> whether its native lowering is available (the FFI targets are registered).
 LOWERINGS = {"cpu": cpu.NATIVE}
 
+# The static parameters of a primitive (eps, centered, per_row, group_size, pool_outer).
+Param: TypeAlias = bool | int | float | np.number | np.bool_
+# A reference definition: operands (and static parameters by keyword) -> a tuple of outputs.
+Reference: TypeAlias = Callable[..., tuple[jax.Array, ...]]
+# An abstract evaluation: operands' avals (and static parameters by keyword) -> outputs' avals.
+AbstractEval: TypeAlias = Callable[..., list[jax.core.ShapedArray]]
+# A batching rule: (operands, their batch axes, **params) -> (outputs, their batch axes).
+BatchRule: TypeAlias = Callable[..., tuple[Sequence[jax.Array], Sequence[int]]]
+
 
 def has_kernel(platform: str) -> bool:
   """Whether primitives lower to a native kernel on `platform`."""
@@ -41,12 +52,13 @@ def has_kernel(platform: str) -> bool:
 
 
 @functools.cache
-def _compiled_bind(p, params):
+def _compiled_bind(p: jex_core.Primitive,
+                   params: tuple[tuple[str, Param], ...]) -> Callable[..., list[jax.Array]]:
   """Eager evaluation of primitive `p`: compiled, so that the kernel runs as under jit."""
   return jax.jit(lambda *args: p.bind(*args, **dict(params)))
 
 
-def define_primitive(name: str, reference: Callable, abstract_eval: Callable,
+def define_primitive(name: str, reference: Reference, abstract_eval: AbstractEval,
                      target: str | None = None) -> jex_core.Primitive:
   """A primitive defined by `reference` (a jax.numpy function returning a tuple of arrays).
 
@@ -71,16 +83,18 @@ def define_primitive(name: str, reference: Callable, abstract_eval: Callable,
       mlir.register_lowering(p, _native_lowering(target, reference_lowering),
                              platform=platform)
 
-  def jvp(primals, tangents, **params):
-    tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+  def jvp(primals: Sequence[jax.Array], tangents: Sequence[jax.Array | ad.Zero],
+          **params: Param) -> tuple[list[jax.Array], list[jax.Array]]:
+    dense = tuple(ad.instantiate_zeros(t) for t in tangents)
     primals_out, tangents_out = jax.jvp(functools.partial(reference, **params), tuple(primals),
-                                        tangents)
+                                        dense)
     return list(primals_out), list(tangents_out)
   ad.primitive_jvps[p] = jvp
   return p
 
 
-def _with_vma(abstract_eval: Callable, *args, **params):
+def _with_vma(abstract_eval: AbstractEval, *args: jax.core.ShapedArray,
+              **params: Param) -> list[jax.core.ShapedArray]:
   """`abstract_eval`'s outputs, varying over the `shard_map` axes its operands vary over.
 
   Inside `jax.shard_map` (with its default `check_vma=True`) an array's type records the mesh
@@ -99,7 +113,12 @@ def _with_vma(abstract_eval: Callable, *args, **params):
                    manual_axis_type=a.manual_axis_type) for o in outs]
 
 
-def sum_to_vma(ct: jax.Array, aval: Any) -> jax.Array:
+def _varying(aval: jax.core.AbstractValue) -> frozenset[str]:
+  """The `shard_map` mesh axes `aval` varies over (none outside `shard_map`)."""
+  return getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+
+
+def sum_to_vma(ct: jax.Array, aval: jax.core.AbstractValue) -> jax.Array:
   """A cotangent psum'd over the `shard_map` axes it varies over and its primal `aval` does not.
 
   A parameter replicated over a mesh axis (not varying) that a kernel combines with a
@@ -107,12 +126,11 @@ def sum_to_vma(ct: jax.Array, aval: Any) -> jax.Array:
   rows); its cotangent is their sum over the devices (the transpose of JAX's implicit
   replicated-to-varying cast, which jax.numpy code gets automatically).
   """
-  mat = lambda a: getattr(getattr(a, "manual_axis_type", None), "varying", frozenset())
-  extra = tuple(sorted(mat(jax.typeof(ct)) - mat(aval)))
+  extra = tuple(sorted(_varying(jax.typeof(ct)) - _varying(aval)))
   return jax.lax.psum(ct, extra) if extra else ct
 
 
-def _attribute(value):
+def _attribute(value: Param) -> bool | np.int64 | np.float32:
   """An FFI attribute: floats as float32, bools as bool, integers as int64."""
   if isinstance(value, (bool, np.bool_)):
     return bool(value)
@@ -121,24 +139,27 @@ def _attribute(value):
   return np.float32(value)
 
 
-def _native_lowering(target, reference_lowering):
-  def lowering(ctx, *args, **params):
-    dtype = NATIVE_DTYPES.get(jnp.dtype(ctx.avals_in[0].dtype))
+def _native_lowering(target: str, reference_lowering: mlir.LoweringRule) -> mlir.LoweringRule:
+  def lowering(ctx: mlir.LoweringRuleContext, *args: mlir.ir.Value,
+               **params: Param) -> Sequence[mlir.ir.Value | Sequence[mlir.ir.Value]]:
+    x_aval = cast(jax.core.ShapedArray, ctx.avals_in[0])
+    dtype = NATIVE_DTYPES.get(jnp.dtype(x_aval.dtype))
     if dtype is None or ctx.module_context.lowering_parameters.for_export:
       return reference_lowering(ctx, *args, **params)
-    params = {k: _attribute(v) for k, v in params.items()}
-    return jax.ffi.ffi_lowering(f"{target}{dtype}")(ctx, *args, **params)
+    attributes = {k: _attribute(v) for k, v in params.items()}
+    return jax.ffi.ffi_lowering(f"{target}{dtype}")(ctx, *args, **attributes)
   return lowering
 
 
-def batch_by_reference(reference: Callable) -> Callable:
+def batch_by_reference(reference: Reference) -> BatchRule:
   """A batching rule: `jax.vmap` of the `jax.numpy` definition."""
-  def rule(args, dims, **params):
+  def rule(args: Sequence[jax.Array], dims: Sequence[int | None],
+           **params: Param) -> tuple[Sequence[jax.Array], Sequence[int]]:
     outs = jax.vmap(functools.partial(reference, **params), in_axes=tuple(dims))(*args)
     return outs, [0] * len(outs)
   return rule
 
 
-def batch_size(args, dims) -> int:
+def batch_size(args: Sequence[jax.Array], dims: Sequence[int | None]) -> int:
   """The size of the vmapped axis."""
   return next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)

@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
 from jax.interpreters import ad
 from jax.interpreters import batching
 
@@ -46,14 +49,29 @@ from normjax._src.numerics.standardize import normalize
 from normjax._src.numerics.standardize import tangent
 
 F32 = primitives.F32
+Shape = tuple[int, ...]
+ShapedArray = jax.core.ShapedArray
+Vector = jax.Array | None  # a scale or bias (None: absent)
+# A cotangent or a linear operand of a transpose rule: an array, a symbolic zero, or the
+# primal being transposed for.
+Linear = jax.Array | ad.Zero | ad.UndefinedPrimal
+# `forward(x, scale, bias, mask) -> (y, Moments)`;
+# `tangent(x, stats, rstd, scale, dx, dscale, dbias, mask) -> dy`;
+# `add_forward(x, residual, scale, bias) -> (y, h, Moments of h)`.
+Forward = Callable[[jax.Array, Vector, Vector, Vector], tuple[jax.Array, Moments]]
+Tangent = Callable[[jax.Array, Moments, jax.Array, Vector, jax.Array, Vector, Vector, Vector],
+                   jax.Array]
+AddForward = Callable[[jax.Array, jax.Array, Vector, Vector],
+                      tuple[jax.Array, jax.Array, Moments]]
 
 
-def _expand(param, per_row):
+def _expand(param: jax.Array, per_row: bool) -> jax.Array:
   """A per-feature `[features]` or per-row `[rows]` vector as a 2-D `[rows, features]` operand."""
   return param[:, None] if per_row else param[None]
 
 
-def _row_stats(x, shift, offset, var, centered):
+def _row_stats(x: jax.Array, shift: jax.Array, offset: jax.Array, var: jax.Array,
+               centered: bool) -> Moments:
   count = jnp.asarray(x.shape[1], F32)
   if not centered:
     return Moments(shift=None, offset=None, var=var[:, None], count=count)
@@ -63,7 +81,8 @@ def _row_stats(x, shift, offset, var, centered):
 
 # ----------------------------------------------------------------- definitions (the numerics)
 
-def _forward_reference(x, scale, bias, *, eps, centered, per_row):
+def _forward_reference(x: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float,
+                       centered: bool, per_row: bool) -> tuple[jax.Array, ...]:
   stats = moments(x, (1,), centered=centered)
   y = normalize(pin_rounding(x), stats, _expand(scale, per_row),
                       _expand(bias, per_row), eps)
@@ -73,7 +92,9 @@ def _forward_reference(x, scale, bias, *, eps, centered, per_row):
   return y, shift[:, 0], offset[:, 0], stats.var[:, 0]
 
 
-def _add_forward_reference(x, residual, scale, bias, *, eps, centered, per_row):
+def _add_forward_reference(x: jax.Array, residual: jax.Array, scale: jax.Array,
+                           bias: jax.Array, *, eps: float, centered: bool,
+                           per_row: bool) -> tuple[jax.Array, ...]:
   # `h` pinned to its rounding, as `add_standardize` returns it (and as the kernel
   # writes it): its consumers downstream see the `h` whose statistics were taken.
   h = residual_sum(x, residual)
@@ -82,14 +103,18 @@ def _add_forward_reference(x, residual, scale, bias, *, eps, centered, per_row):
   return y, h, shift, offset, var
 
 
-def _tangent_reference(x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered, per_row):
+def _tangent_reference(x: jax.Array, shift: jax.Array, offset: jax.Array, rstd: jax.Array,
+                       scale: jax.Array, dx: jax.Array, dscale: jax.Array, dbias: jax.Array, *,
+                       centered: bool, per_row: bool) -> tuple[jax.Array]:
   e = functools.partial(_expand, per_row=per_row)
   stats = _row_stats(x, shift, offset, rstd, centered)
   return (tangent(x, stats, rstd[:, None], e(scale), dx, e(dscale), e(dbias), (1,)),)
 
 
-def _backward_reference(x, g, shift, offset, rstd, scale, *, centered, per_row):
-  def linear(dx, dscale, dbias):
+def _backward_reference(x: jax.Array, g: jax.Array, shift: jax.Array, offset: jax.Array,
+                        rstd: jax.Array, scale: jax.Array, *, centered: bool,
+                        per_row: bool) -> tuple[jax.Array, ...]:
+  def linear(dx: jax.Array, dscale: jax.Array, dbias: jax.Array) -> jax.Array:
     return _tangent_reference(x, shift, offset, rstd, scale, dx, dscale, dbias,
                               centered=centered, per_row=per_row)[0]
   like = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(scale.shape, F32),
@@ -99,28 +124,34 @@ def _backward_reference(x, g, shift, offset, rstd, scale, *, centered, per_row):
 
 # ----------------------------------------------------------------- the primitives
 
-def _shaped(shape, dtype):
+def _shaped(shape: Shape, dtype: jnp.dtype) -> ShapedArray:
   return jax.core.ShapedArray(shape, dtype)
 
 
-def _forward_abstract(x, scale, bias, *, eps, centered, per_row):
+def _forward_abstract(x: ShapedArray, scale: ShapedArray, bias: ShapedArray, *, eps: float,
+                      centered: bool, per_row: bool) -> list[ShapedArray]:
   del scale, bias, eps, centered, per_row
   row = _shaped(x.shape[:1], F32)
   return [_shaped(x.shape, x.dtype), row, row, row]
 
 
-def _add_forward_abstract(x, residual, scale, bias, **params):
+def _add_forward_abstract(x: ShapedArray, residual: ShapedArray, scale: ShapedArray,
+                          bias: ShapedArray, *, eps: float, centered: bool,
+                          per_row: bool) -> list[ShapedArray]:
   del residual
-  y, *stats = _forward_abstract(x, scale, bias, **params)
+  y, *stats = _forward_abstract(x, scale, bias, eps=eps, centered=centered, per_row=per_row)
   return [y, _shaped(x.shape, x.dtype)] + stats
 
 
-def _tangent_abstract(x, *args, centered, per_row):
+def _tangent_abstract(x: ShapedArray, *args: ShapedArray, centered: bool,
+                      per_row: bool) -> list[ShapedArray]:
   del args, centered, per_row
   return [_shaped(x.shape, x.dtype)]
 
 
-def _backward_abstract(x, g, shift, offset, rstd, scale, *, centered, per_row):
+def _backward_abstract(x: ShapedArray, g: ShapedArray, shift: ShapedArray, offset: ShapedArray,
+                       rstd: ShapedArray, scale: ShapedArray, *, centered: bool,
+                       per_row: bool) -> list[ShapedArray]:
   del g, shift, offset, rstd, centered, per_row
   return [_shaped(x.shape, x.dtype), _shaped(scale.shape, F32), _shaped(scale.shape, F32)]
 
@@ -137,8 +168,10 @@ rows_backward_p = primitives.define_primitive(
     target="NormjaxRowsBackward")
 
 
-def _tangent_transpose(cts, x, shift, offset, rstd, scale, dx, dscale, dbias, *, centered,
-                       per_row):
+def _tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shift: jax.Array,
+                       offset: jax.Array, rstd: jax.Array, scale: jax.Array, dx: Linear,
+                       dscale: Linear, dbias: Linear, *, centered: bool,
+                       per_row: bool) -> list[jax.Array | None]:
   (ct,) = cts
   linear = (dx, dscale, dbias)
   if type(ct) is ad.Zero:
@@ -154,7 +187,9 @@ ad.primitive_transposes[rows_tangent_p] = _tangent_transpose
 
 # ----------------------------------------------------------------- batching
 
-def _batch_rows(p, reference, feature_operands, sums_over_rows=False):
+def _batch_rows(p: jex_core.Primitive, reference: primitives.Reference,
+                feature_operands: tuple[int, ...],
+                sums_over_rows: bool = False) -> primitives.BatchRule:
   """Folds the batch into the rows when only per-row operands are batched: every output of a
   per-row computation is per row, so `[B, rows, ...]` is `[B * rows, ...]`. The operands at
   `feature_operands` are per feature (unless `per_row`), and a batch along them (a batched
@@ -163,7 +198,8 @@ def _batch_rows(p, reference, feature_operands, sums_over_rows=False):
   batch."""
   fallback = primitives.batch_by_reference(reference)
 
-  def rule(args, dims, **params):
+  def rule(args: Sequence[jax.Array], dims: Sequence[int | None],
+           **params: primitives.Param) -> tuple[Sequence[jax.Array], Sequence[int]]:
     per_feature = () if params["per_row"] else feature_operands
     size = primitives.batch_size(args, dims)
     if (size == 0 or (sums_over_rows and not params["per_row"])
@@ -194,14 +230,14 @@ batching.primitive_batchers[rows_backward_p] = _batch_rows(
 class _View:
   """An input of `x_shape` normalized over its last `n_axes` axes, as `[rows, n]`."""
 
-  def __init__(self, x_shape, n_axes, centered, per_row):
+  def __init__(self, x_shape: Shape, n_axes: int, centered: bool, per_row: bool):
     self.x_shape = tuple(x_shape)
     lead = self.x_shape[:len(x_shape) - n_axes]
     self.rows, self.n = math.prod(lead), math.prod(x_shape[len(x_shape) - n_axes:])
     self.stats_shape = lead + (1,) * n_axes
     self.centered, self.per_row = centered, per_row
 
-  def vector(self, p, default):
+  def vector(self, p: Vector, default: float) -> jax.Array:
     """Scale or bias (None: `default`) as the kernels' float32 vector."""
     size = self.rows if self.per_row else self.n
     if p is None:
@@ -210,13 +246,15 @@ class _View:
       p = jnp.broadcast_to(p, self.stats_shape)
     return p.reshape(size).astype(F32)
 
-  def moments(self, x2, shift, offset, var):
+  def moments(self, x2: jax.Array, shift: jax.Array, offset: jax.Array,
+              var: jax.Array) -> Moments:
     """The kernel's per-row statistics as `Moments` of the input's rank."""
     stats = _row_stats(x2, shift, offset, var, self.centered)
     return jax.tree.map(lambda v: v.reshape(self.stats_shape) if v.ndim else v, stats)
 
 
-def ops(x_shape: tuple[int, ...], n_axes: int, eps: float, *, centered: bool, per_row: bool):
+def ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool,
+        per_row: bool) -> tuple[Forward, Tangent]:
   """`(forward, tangent)` for `standardize` over the last `n_axes` axes of an input of
   `x_shape`, through the primitives; `per_row`: scale and bias vary along the other axes only
   (one value per row), else along the normalized axes only (one per feature)."""
@@ -224,14 +262,16 @@ def ops(x_shape: tuple[int, ...], n_axes: int, eps: float, *, centered: bool, pe
   rows, n = v.rows, v.n
   kw = dict(centered=centered, per_row=per_row)
 
-  def forward(x, scale, bias, mask):
+  def forward(x: jax.Array, scale: Vector, bias: Vector,
+              mask: Vector) -> tuple[jax.Array, Moments]:
     del mask
     x2 = x.reshape(rows, n)
     y2, shift, offset, var = rows_forward_p.bind(x2, v.vector(scale, 1.0), v.vector(bias, 0.0),
                                                  eps=eps, **kw)
     return y2.reshape(x_shape), v.moments(x2, shift, offset, var)
 
-  def tangent(x, stats, rstd, scale, dx, dscale, dbias, mask):
+  def tangent(x: jax.Array, stats: Moments, rstd: jax.Array, scale: Vector, dx: jax.Array,
+              dscale: Vector, dbias: Vector, mask: Vector) -> jax.Array:
     del mask
     zero = jnp.zeros((rows,), F32)
     per_row_stat = lambda s: zero if s is None else s.reshape(rows)
@@ -244,8 +284,8 @@ def ops(x_shape: tuple[int, ...], n_axes: int, eps: float, *, centered: bool, pe
   return forward, tangent
 
 
-def add_ops(x_shape: tuple[int, ...], n_axes: int, eps: float, *, centered: bool,
-            per_row: bool):
+def add_ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool,
+            per_row: bool) -> tuple[AddForward, Tangent]:
   """`(add_forward, tangent)` for `add_standardize`: `add_forward(x, residual, scale,
   bias) -> (y, h, Moments of h)` through `rows_add_forward_p`; `tangent` is `ops`' (the
   derivative of `y` is taken at `h`)."""
@@ -253,7 +293,8 @@ def add_ops(x_shape: tuple[int, ...], n_axes: int, eps: float, *, centered: bool
   rows, n = v.rows, v.n
   _, tangent = ops(x_shape, n_axes, eps, centered=centered, per_row=per_row)
 
-  def add_forward(x, residual, scale, bias):
+  def add_forward(x: jax.Array, residual: jax.Array, scale: Vector,
+                  bias: Vector) -> tuple[jax.Array, jax.Array, Moments]:
     y2, h2, shift, offset, var = rows_add_forward_p.bind(
         x.reshape(rows, n), residual.reshape(rows, n), v.vector(scale, 1.0),
         v.vector(bias, 0.0), eps=eps, centered=centered, per_row=per_row)

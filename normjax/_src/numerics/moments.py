@@ -47,7 +47,8 @@ class Moments(NamedTuple):
   shift: jax.Array | None   # [..] stop-gradient reference value, or None (zero)
   offset: jax.Array | None  # [..] mean - shift, or None for uncentered (RMS) statistics
   var: jax.Array            # [..] biased variance (or mean square when offset is None)
-  count: jax.Array          # [..] number of elements counted, a float
+  # The field shadows tuple.count (a method): the name is the public API's.
+  count: jax.Array  # type: ignore[assignment]  # [..] number of elements counted, a float
 
   @property
   def mean(self) -> jax.Array:

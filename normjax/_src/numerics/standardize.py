@@ -243,7 +243,7 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
   same closed form as `standardize`'s, at `h`: `dh = dx + dresidual`, `dy = tangent_fn(h, ...,
   dh, ...)`; under reverse mode the backward keeps `h` and the per-row statistics.
   """
-  reduce = dict(axis_name=None, axis_index_groups=None, groups=None)
+  reduce: dict[str, Any] = dict(axis_name=None, axis_index_groups=None, groups=None)
   if add_forward is None:
     def run(x, residual, scale, bias, eps):
       h = residual_sum(x, residual)
