@@ -206,8 +206,9 @@ def normalize_batch(x: jax.Array, scale: jax.Array | None, bias: jax.Array | Non
   per_channel = lambda p: shapes.broadcast_to_axes(p, x.ndim, (c_axis,))
 
   if not train:
-    return dispatch.normalize_with_stats(x, per_channel(stats.mean), per_channel(stats.var),
-                                         per_channel(scale), per_channel(bias), eps), stats
+    mean, var = (shapes.broadcast_to_axes(v, x.ndim, (c_axis,)) for v in (stats.mean, stats.var))
+    return dispatch.normalize_with_stats(x, mean, var, per_channel(scale), per_channel(bias),
+                                         eps), stats
 
   xg, mg, cg = x, mask, c_axis
   if virtual_batch_size is not None:  # ghost batch norm: [N, ...] -> [N / k, k, ...]
@@ -230,8 +231,9 @@ def normalize_batch(x: jax.Array, scale: jax.Array | None, bias: jax.Array | Non
   else:
     xhat, batch = dispatch.standardize(xg, reduce_axes, None, None, eps, **kw)
     active = stats.count >= jnp.asarray(renorm.warmup_steps, stats.count.dtype)
-    y = dispatch.renormalize(xhat, batch, as_kept(stats.mean), as_kept(stats.var), as_kept(scale),
-                          as_kept(bias), eps, renorm.r_max, renorm.d_max, active)
+    mean, var = (shapes.broadcast_to_axes(v, xg.ndim, (cg,)) for v in (stats.mean, stats.var))
+    y = dispatch.renormalize(xhat, batch, mean, var, as_kept(scale), as_kept(bias), eps,
+                             renorm.r_max, renorm.d_max, active)
   y = y.reshape(x.shape)
 
   per_group = lambda v: jnp.broadcast_to(v, batch.var.shape).reshape(-1, num_channels)

@@ -12,6 +12,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
+from typing import TypeGuard
 from typing import overload
 
 import jax
@@ -30,6 +31,7 @@ def canonicalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") 
     TypeError: if `axis` is neither an int nor a tuple/list of ints (e.g. None, 1.5, "1").
     ValueError: if an entry is outside `[-ndim, ndim)` or an axis is named twice.
   """
+  axes: tuple[Any, ...]
   if is_int(axis):
     axes = (axis,)
   elif isinstance(axis, (tuple, list)):
@@ -193,6 +195,8 @@ def check_axis_index_groups(axis_index_groups: Any, axis_name: Any) -> Any:
 @overload
 def check_param(param: None, name: str, expected: tuple[int, ...]) -> None: ...
 @overload
+def check_param(param: jax.Array, name: str, expected: tuple[int, ...]) -> jax.Array: ...
+@overload
 def check_param(param: Any, name: str, expected: tuple[int, ...]) -> jax.Array | None: ...
 def check_param(param: Any, name: str, expected: tuple[int, ...]) -> jax.Array | None:
   """Checks that an optional scale/bias is floating with exactly the feature shape `expected`."""
@@ -254,7 +258,7 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
 
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
   """An integral Python or NumPy scalar, not a bool."""
   return (isinstance(value, (numbers.Integral, np.integer))
           and not isinstance(value, (bool, np.bool_)))

@@ -171,7 +171,9 @@ def standardize(x: jax.Array, axes: Axes, scale: jax.Array | None,
   if p.kernel == "moments":
     # The kernel reads x and XLA's normalize step reads it again: both must see the same
     # rounding of a bfloat16 x made by a fused op (see `rounding.pin_rounding`).
-    forward, spread = moments.ops(x.shape, axes, groups, float(eps))
+    moment_ops = moments.ops(x.shape, axes, groups, float(eps))
+    assert moment_ops is not None, "plan() chose the moments kernel, whose view fits"
+    forward, spread = moment_ops
 
     def tangent(x, stats, rstd_, scale, dx, dscale, dbias, mask):
       return numerics.tangent(x, stats, rstd_, scale, dx, dscale, dbias, axes, mask=mask,
@@ -203,5 +205,7 @@ def normalize_with_stats(x: jax.Array, mean: jax.Array, var: jax.Array,
   evaluation), all broadcast-shaped against `x`; computed in `stats_dtype(x.dtype)` and
   returned in `x.dtype`. One elementwise pass that XLA fuses with its neighbours: no kernel."""
   dtype = stats_dtype(x.dtype)
-  given = Moments(shift=None, offset=mean.astype(dtype), var=var.astype(dtype), count=None)
+  # Given statistics have no count (normalize does not read it).
+  given = Moments(shift=None, offset=mean.astype(dtype), var=var.astype(dtype),
+                  count=None)  # type: ignore[arg-type]
   return numerics.normalize(x, given, scale, bias, eps)

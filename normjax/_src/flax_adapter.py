@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,12 @@ def feature_axes(axes: Any, ndim: int, name: str) -> tuple[int, ...]:
   return checks.canonicalize_axes(axes, ndim, name)
 
 
+@overload
+def to_shape(param: None, shape: Sequence[int], name: str) -> None: ...
+@overload
+def to_shape(param: jax.Array, shape: Sequence[int], name: str) -> jax.Array: ...
+@overload
+def to_shape(param: Any, shape: Sequence[int], name: str) -> jax.Array | None: ...
 def to_shape(param: Any, shape: Sequence[int], name: str) -> jax.Array | None:
   """Reshapes a parameter or statistic to `shape` (same values, same order), or raises."""
   if param is None:
@@ -130,7 +137,8 @@ def merge_axes(x: jax.Array, axes: Sequence[int]) -> tuple[jax.Array, Callable]:
   perm = rest + list(axes)
   moved_shape = tuple(x.shape[a] for a in perm)
   merged = jnp.transpose(x, perm).reshape(moved_shape[:len(rest)] + (-1,))
-  undo = lambda y: jnp.transpose(y.reshape(moved_shape), np.argsort(perm))
+  inverse = tuple(int(a) for a in np.argsort(perm))
+  undo = lambda y: jnp.transpose(y.reshape(moved_shape), inverse)
   return merged, undo
 
 
@@ -170,7 +178,8 @@ def batch_norm(x: Any, scale: Any, bias: Any, stats: BatchStats, *, axis: Any, d
   xm, undo = merge_axes(x, axes)
   mask = None if mask is None else merge_axes(checks.check_mask(mask, x.shape), axes)[0]
   flat = lambda p, name: to_shape(p, xm.shape[-1:], name)
-  flat_stats = BatchStats(flat(stats.mean, "mean"), flat(stats.var, "var"), stats.count)
+  flat_stats = BatchStats(to_shape(stats.mean, xm.shape[-1:], "mean"),
+                          to_shape(stats.var, xm.shape[-1:], "var"), stats.count)
   y, new = batch.normalize_batch(xm, flat(scale, "scale"), flat(bias, "bias"), flat_stats,
                                  channel_axis=-1, mask=mask, **kwargs)
   new = new._replace(mean=new.mean.reshape(jnp.shape(stats.mean)),
@@ -205,8 +214,11 @@ def layer_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_ax
   mapped = tuple(a for a in feat if a not in red)
   inner_red = tuple(r - sum(m < r for m in mapped) for r in red)
   in_x_rank = [x.shape[a] if a in feat else 1 for a in range(x.ndim)]
-  as_feature = lambda p, name: (None if p is None else
-                                to_shape(p, [x.shape[a] for a in feat], name).reshape(in_x_rank))
+
+  def as_feature(p: jax.Array | None, name: str) -> jax.Array | None:
+    if p is None:
+      return None
+    return to_shape(p, [x.shape[a] for a in feat], name).reshape(in_x_rank)
   scale, bias = as_feature(scale, "scale"), as_feature(bias, "bias")
 
   def norm(x, mask, scale, bias):
@@ -282,6 +294,7 @@ def group_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_ax
   """
   x, out = _input(x, (scale, bias), dtype)
   c_axis = checks.canonicalize_axis(feature_axis, x.ndim, "feature_axis")
+  kept: tuple[int, ...]
   if reduction_axes is None:
     kept = (0,)
   else:

@@ -184,7 +184,9 @@ def fold_linen_params(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
     # A BatchNorm with neither scale nor bias has statistics but no params.
     bn = get(out, bn_name, "params", default={})
     kernel, bias = fold_batch_norm(conv["kernel"], conv.get("bias"), bn.get("scale"),
-                                   bn.get("bias"), BatchStats(st["mean"], st["var"], None),
+                                   bn.get("bias"),
+                                   # a linen batch_stats entry has no count; folding reads none
+                                   BatchStats(st["mean"], st["var"], None),  # type: ignore[arg-type]
                                    eps=eps[bn_name],
                                    out_axis=out_axis[conv_name])
     conv["kernel"], conv["bias"] = kernel, bias
@@ -298,7 +300,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> di
   if "num_batches_tracked" in found:
     _check_count(found["num_batches_tracked"], f"state_dict[{prefix + 'num_batches_tracked'!r}]")
   f32 = lambda k: jnp.asarray(found[k], jnp.float32)
-  out = {}
+  out: dict[str, Any] = {}
   if "weight" in found:
     out["scale"] = f32("weight")
   if "bias" in found:
@@ -400,7 +402,9 @@ def _check_shapes(entries: list[tuple[str, bool, tuple[int, ...]]]) -> None:
     if not shape:
       raise ValueError(f"{name} must be an array of at least one dimension ([C], or a "
                        f"LayerNorm's normalized_shape); got shape {shape}.")
-  ref = next((e for e in entries if e[1]), entries[0] if entries else None)
+  if not entries:
+    return
+  ref = next((e for e in entries if e[1]), entries[0])
   for name, _, shape in entries:
     if shape != ref[2]:
       raise ValueError(f"{name} must have shape {ref[2]} (that of {ref[0]}); got shape "

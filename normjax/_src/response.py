@@ -61,7 +61,7 @@ def filter_response_norm(x: jax.Array, scale: jax.Array | None = None,
   # A traced eps (e.g. a learned one) takes the reference, whose derivative covers eps too.
   y, _ = dispatch.standardize(x, spatial, per_channel(scale), per_channel(bias), eps,
                                mask=mask, centered=False)
-  return y if tau is None else _threshold(y, per_channel(tau))
+  return y if tau is None else _threshold(y, shapes.broadcast_to_axes(tau, x.ndim, (c_axis,)))
 
 
 def tlu(x: jax.Array, tau: jax.Array, *, channel_axis: int = -1) -> jax.Array:
@@ -87,10 +87,10 @@ def tlu(x: jax.Array, tau: jax.Array, *, channel_axis: int = -1) -> jax.Array:
   """
   x = checks.check_floating(x)
   c_axis = checks.canonicalize_axis(channel_axis, x.ndim, "channel_axis")
-  tau = checks.check_channel_param(tau, "tau", x.shape, c_axis)
-  if tau is None:
+  checked = checks.check_channel_param(tau, "tau", x.shape, c_axis)
+  if checked is None:
     raise TypeError("tau must be a floating array of shape [C]; got tau=None.")
-  return _threshold(x, shapes.broadcast_to_axes(tau, x.ndim, (c_axis,)))
+  return _threshold(x, shapes.broadcast_to_axes(checked, x.ndim, (c_axis,)))
 
 
 def _threshold(y: jax.Array, tau: jax.Array) -> jax.Array:

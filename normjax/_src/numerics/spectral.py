@@ -41,6 +41,7 @@ def power_iteration(w: jax.Array, u: jax.Array, n_steps: int,
     norm = jnp.sqrt(jnp.sum(t * t))
     unit = (norm > 0) & (norm >= eps)
     u = jnp.where(unit, t / jnp.where(unit, norm, jnp.ones((), norm.dtype)), u)
+  assert v is not None, "n_steps >= 1 (checked by spectral_normalize)"
   u, v = lax.stop_gradient(u), lax.stop_gradient(v)
   return u, v, v @ (w @ u)
 
