@@ -329,16 +329,77 @@ def check_stats(stats: Any, num_channels: int) -> None:
                      f"got shape {tuple(jnp.shape(count))}.")
 
 
-def check_residual(residual, x):
-  """`residual` as an array of exactly `x`'s shape and dtype (never broadcast or promoted)."""
+def check_residual(residual: Any, x: jax.Array, residual_dtype: Any = None) -> jax.Array:
+  """`residual` as an array of exactly `x`'s shape, and of `x`'s dtype or `residual_dtype`
+  (never broadcast or promoted)."""
   residual = check_floating(residual, "residual")
   if tuple(residual.shape) != tuple(x.shape):
     raise ValueError(f"residual must have the shape of x, {tuple(x.shape)}; got shape "
                      f"{tuple(residual.shape)}.")
-  if residual.dtype != x.dtype:
-    raise TypeError(f"residual must have the dtype of x, {x.dtype}; got dtype "
+  allowed = {jnp.dtype(x.dtype)} | ({jnp.dtype(residual_dtype)} if residual_dtype else set())
+  if jnp.dtype(residual.dtype) not in allowed:
+    which = " or residual_dtype" if residual_dtype else ""
+    raise TypeError(f"residual must have the dtype of x{which}, "
+                    f"{' or '.join(sorted(str(d) for d in allowed))}; got dtype "
                     f"{residual.dtype} (cast one of them first).")
   return residual
+
+
+def check_same_shape(value: Any, x: jax.Array, name: str) -> jax.Array:
+  """`value` as a floating array of exactly `x`'s shape (a gate `z`, say)."""
+  value = check_floating(value, name)
+  if tuple(value.shape) != tuple(x.shape):
+    raise ValueError(f"{name} must have the shape of x, {tuple(x.shape)}; got shape "
+                     f"{tuple(value.shape)}.")
+  return value
+
+
+def check_scale_offset(scale_offset: Any, scale: jax.Array | None) -> float:
+  """`scale_offset` as a Python float; a non-zero one needs a `scale` to offset."""
+  value = real_scalar(scale_offset, "scale_offset")
+  if isinstance(value, jax.core.Tracer) or not math.isfinite(value):
+    raise TypeError(f"scale_offset must be a finite Python number (the constant added to the "
+                    f"scale, e.g. 1.0 for Gemma's zero-centered scale); got "
+                    f"scale_offset={scale_offset!r}.")
+  if value != 0.0 and scale is None:
+    raise ValueError(f"scale_offset={value} needs a scale to offset (y = xhat * (scale_offset + "
+                     f"scale)); got scale=None. Pass the scale parameter, or no scale_offset.")
+  return float(value)
+
+
+def check_dtype(dtype: Any, name: str, *, optional: bool = True, why: str = "") -> Any:
+  """A floating dtype (`residual_dtype`, `init_batch_stats`' `dtype`), or None if `optional`."""
+  if dtype is None and optional:
+    return None
+  expected = (f"{name} must be {'None or ' if optional else ''}a floating dtype (float32, "
+              f"float64, bfloat16, float16){why}")
+  try:
+    checked = jnp.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"{expected}; got {name}={dtype!r}.") from None
+  if not jnp.issubdtype(checked, jnp.floating):
+    raise TypeError(f"{expected}; got {name}={checked}.")
+  return checked
+
+
+def check_modulation(value: Any, name: str, x: jax.Array) -> jax.Array | None:
+  """A per-example `shift`/`scale`: None, or floating, of `x`'s rank and broadcastable to it.
+
+  The same rank is required, so that a `[B, D]` modulation of `[B, T, D]` input is an error
+  (it would broadcast along the wrong axes when `B == T`) rather than reinterpreted.
+  """
+  if value is None:
+    return None
+  value = check_floating(value, name)
+  shape, x_shape = tuple(value.shape), tuple(x.shape)
+  fits = len(shape) == len(x_shape) and all(d in (1, n) for d, n in zip(shape, x_shape,
+                                                                           strict=True))
+  if not fits:
+    hint = (f" (for per-example values of shape {shape}, insert size-1 axes, e.g. "
+            f"{name}[:, None, :] for [B, T, D] input)" if len(shape) < len(x_shape) else "")
+    raise ValueError(f"{name} must have the rank of x ({len(x_shape)}) and broadcast to its "
+                     f"shape {x_shape} (each axis 1 or x's size); got shape {shape}{hint}.")
+  return value
 
 
 def check_group_size(num_channels: int, num_groups: Any, group_size: Any) -> int:

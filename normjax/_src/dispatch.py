@@ -41,6 +41,8 @@ import numpy as np
 from normjax._src.kernels import moments
 from normjax._src.kernels import primitives
 from normjax._src.kernels import rows
+from normjax._src.numerics import health
+from normjax._src.numerics import pointwise
 from normjax._src.numerics import renorm as _renorm_math
 from normjax._src.numerics import rounding
 from normjax._src.numerics import spectral
@@ -53,10 +55,16 @@ from normjax._src.shapes import Axes
 rstd = numerics.rstd
 residual_sum = rounding.residual_sum
 renormalize = _renorm_math.renormalize
-l2_normalize = spectral.l2_normalize
+unit_vector = spectral.l2_normalize
 power_iteration = spectral.power_iteration
-__all__ = ("Moments", "stats_dtype", "rstd", "residual_sum", "renormalize", "l2_normalize",
-           "power_iteration", "implementation", "plan", "standardize", "add_standardize",
+offset_scale = pointwise.offset_scale
+silu = pointwise.silu
+dynamic_tanh = pointwise.dynamic_tanh
+l2_normalize = pointwise.l2_normalize
+row_health = health.row_health
+__all__ = ("Moments", "stats_dtype", "rstd", "residual_sum", "renormalize", "unit_vector",
+           "power_iteration", "offset_scale", "silu", "dynamic_tanh", "l2_normalize",
+           "row_health", "implementation", "plan", "standardize", "add_standardize",
            "normalize_with_stats")
 
 IMPLEMENTATIONS = ("auto", "reference", "native", "pallas")

@@ -98,14 +98,20 @@ def group_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
 def normalize_groups(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, *,
                      num_groups: int | None, group_size: int | None, channel_axis: int,
                      batch_axis: int | None, eps: float, mask: jax.Array | None,
-                     axis_name: Any, fast_variance: bool, single_element: bool) -> jax.Array:
-  """`group_norm` and `instance_norm`, with flax's semantics as a named option.
+                     axis_name: Any, fast_variance: bool, single_element: bool,
+                     modulation: tuple[jax.Array | None, jax.Array | None] | None = None
+                     ) -> jax.Array:
+  """`group_norm`, `instance_norm` and `adaptive_group_norm`, with flax's semantics as a
+  named option.
 
   Args:
     single_element: also accept one element per example and group (flax's behaviour;
       `group_norm` raises), as the Flax modules do (e.g. `InstanceNorm` on `[N, C]` input):
       the mean is that element and the variance 0, so the output is `bias` (0 without bias),
       with finite derivatives.
+    modulation: `(shift, scale)`, per-example factors checked by `checks.check_modulation`
+      (either may be None), for `y = norm(x) * (1 + scale) + shift` in place of the
+      per-channel `scale` and `bias` (which must then be None): `adaptive_group_norm`.
     The others: as in `group_norm`.
   """
   x = checks.check_floating(x)
@@ -129,8 +135,13 @@ def normalize_groups(x: jax.Array, scale: jax.Array | None, bias: jax.Array | No
                      f"channel_axis={channel_axis}, batch_axis={batch_axis}.")
   if num_channels == 0:
     return x   # no channel, no group: nothing to normalize (any group count divides 0)
-  per_channel = lambda p: shapes.broadcast_to_axes(p, x.ndim, (c_axis,))
-  y, _ = dispatch.standardize(x, reduce_axes, per_channel(scale), per_channel(bias), eps,
+  factor = shapes.broadcast_to_axes(scale, x.ndim, (c_axis,))
+  offset = shapes.broadcast_to_axes(bias, x.ndim, (c_axis,))
+  if modulation is not None:
+    shift, modulated = modulation
+    factor = None if modulated is None else dispatch.offset_scale(modulated, 1.0)
+    offset = shift
+  y, _ = dispatch.standardize(x, reduce_axes, factor, offset, eps,
                                mask=mask, axis_name=axis_name, fast_variance=fast_variance,
                                groups=None if size == 1 else (c_axis, size))
   return y

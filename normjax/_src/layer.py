@@ -19,7 +19,8 @@ from normjax._src import shapes
 
 def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,
                axis: int | Sequence[int] = -1, eps: float = 1e-5, mask: jax.Array | None = None,
-               axis_name: Any = None, fast_variance: bool = False) -> jax.Array:
+               axis_name: Any = None, fast_variance: bool = False,
+               scale_offset: float = 0.0) -> jax.Array:
   """Layer normalization (Ba et al., 2016): `(x - E[x]) / sqrt(Var[x] + eps) * scale + bias`.
 
   Statistics are taken over `axis` for every position of the other axes. `axis=-1` with
@@ -40,16 +41,20 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
     axis_name: a mapped/sharded axis that is itself one of the normalized axes (a feature- or
       sequence-sharded layer norm); its sums and counts are psum'd.
     fast_variance: one-pass variance `E[x^2] - E[x]^2`, less accurate for large means.
+    scale_offset: a Python float added to `scale` (formed in float32 whatever the parameter
+      dtype): `y = xhat * (scale_offset + scale) + bias`, the zero-centered scale of Gemma and
+      Qwen3-Next (`scale_offset=1.0` with `scale` initialised to zeros).
 
   Returns:
     Array of `x.shape` and `x.dtype`.
 
   Raises:
     TypeError: non-floating `x`, `scale` or `bias`, an `axis` that is not an int or a tuple of
-      ints, a non-real `eps` (bool, complex, string), a non-bool `fast_variance`, or a
-      non-boolean `mask`.
+      ints, a non-real `eps` (bool, complex, string), a non-bool `fast_variance`, a
+      non-boolean `mask`, or a `scale_offset` that is not a finite number.
     ValueError: out-of-range or repeated axes, `scale`/`bias` of the wrong shape, a negative,
-      NaN or infinite `eps`, or a mask not broadcastable to `x`.
+      NaN or infinite `eps`, a mask not broadcastable to `x`, or a non-zero `scale_offset`
+      without a `scale`.
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
@@ -57,7 +62,8 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
     Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
   """
   x, axes, scale, bias, mask, eps = _prepare(x, axis, eps, mask, axis_name, scale=scale,
-                                             bias=bias, fast_variance=fast_variance)
+                                             bias=bias, fast_variance=fast_variance,
+                                             scale_offset=scale_offset)
   feature = lambda p: shapes.broadcast_to_axes(p, x.ndim, axes)
   y, _ = dispatch.standardize(x, axes, feature(scale), feature(bias), eps,
                                mask=mask, axis_name=axis_name, fast_variance=fast_variance)
@@ -65,12 +71,17 @@ def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
 
 
 def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequence[int] = -1,
-             eps: float = 1e-6, mask: jax.Array | None = None, axis_name: Any = None) -> jax.Array:
+             eps: float = 1e-6, mask: jax.Array | None = None, axis_name: Any = None,
+             scale_offset: float = 0.0) -> jax.Array:
   """RMS normalization (Zhang & Sennrich, 2019): `x * rsqrt(mean(x**2) + eps) * scale`.
 
-  No mean is subtracted and there is no bias. `axis`, `mask` and `axis_name` are as in
-  `layer_norm`; `scale` has the shape of the normalized axes in increasing order. Equals
-  `torch.nn.RMSNorm(C, eps=eps)` for `axis=-1`.
+  No mean is subtracted and there is no bias. `axis`, `mask`, `axis_name` and `scale_offset`
+  are as in `layer_norm`; `scale` has the shape of the normalized axes in increasing order.
+  Equals `torch.nn.RMSNorm(C, eps=eps)` for `axis=-1`; Gemma's RMS norm is
+  `rms_norm(x, w, scale_offset=1.0)` with `w` initialised to zeros. The factor
+  `rsqrt(mean(x**2) + eps) * (scale_offset + scale)` is applied in float32 and the product
+  rounded to `x.dtype` once (Gemma's Hugging Face order; Llama's rounds the normalized `x` to
+  `x.dtype` before the scale multiply: `rms_norm(x).astype(x.dtype) * scale` gives that).
 
   Returns:
     Array of `x.shape` and `x.dtype`.
@@ -80,7 +91,8 @@ def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequen
     >>> nj.rms_norm(jnp.array([[3.0, 4.0]]), eps=0.0)
     Array([[0.84852815, 1.1313709 ]], dtype=float32)
   """
-  x, axes, scale, _, mask, eps = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=None)
+  x, axes, scale, _, mask, eps = _prepare(x, axis, eps, mask, axis_name, scale=scale, bias=None,
+                                          scale_offset=scale_offset)
   y, _ = dispatch.standardize(x, axes, shapes.broadcast_to_axes(scale, x.ndim, axes), None,
                                eps, mask=mask, axis_name=axis_name, centered=False)
   return y
@@ -88,7 +100,8 @@ def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, axis: int | Sequen
 
 def add_layer_norm(x: jax.Array, residual: jax.Array, scale: jax.Array | None = None,
                    bias: jax.Array | None = None, *, axis: int | Sequence[int] = -1,
-                   eps: float = 1e-5) -> tuple[jax.Array, jax.Array]:
+                   eps: float = 1e-5, scale_offset: float = 0.0,
+                   residual_dtype: Any = None) -> tuple[jax.Array, jax.Array]:
   """`h = x + residual`, then `layer_norm(h, scale, bias, axis=axis, eps=eps)`; returns both.
 
   The residual stream of a pre-LN transformer block (`h` goes on to the next block, `y` into
@@ -99,14 +112,19 @@ def add_layer_norm(x: jax.Array, residual: jax.Array, scale: jax.Array | None = 
 
   Args:
     x: floating input of any rank.
-    residual: the residual stream, of `x.shape` and `x.dtype`.
-    scale, bias, axis, eps: as in `layer_norm`.
+    residual: the residual stream, of `x.shape`, and of `x.dtype` or `residual_dtype`.
+    scale, bias, axis, eps, scale_offset: as in `layer_norm`.
+    residual_dtype: None (the sum in `x.dtype`), or a floating dtype in which the sum `h` is
+      formed, kept and returned (flash-attention's `residual_in_fp32` is
+      `residual_dtype=jnp.float32`); `y` keeps `x.dtype` either way.
 
   Returns:
-    `(y, h)`, both of `x.shape` and `x.dtype`: the normalized sum and the sum.
+    `(y, h)` of `x.shape`: the normalized sum in `x.dtype`, and the sum in `residual_dtype`
+    (or `x.dtype`).
 
   Raises:
-    TypeError: `residual` of another dtype than `x`, and as `layer_norm`.
+    TypeError: `residual` of another dtype than `x` (and `residual_dtype`), a
+      `residual_dtype` that is not a floating dtype, and as `layer_norm`.
     ValueError: `residual` of another shape than `x`, and as `layer_norm`.
 
   Example:
@@ -116,21 +134,20 @@ def add_layer_norm(x: jax.Array, residual: jax.Array, scale: jax.Array | None = 
     >>> h
     Array([[2., 2., 2.]], dtype=float32)
   """
-  x, axes, scale, bias, _, eps = _prepare(x, axis, eps, None, None, scale=scale, bias=bias)
-  residual = checks.check_residual(residual, x)
-  feature = lambda p: shapes.broadcast_to_axes(p, x.ndim, axes)
-  return dispatch.add_standardize(x, residual, axes, feature(scale), feature(bias), eps)
+  x, axes, scale, bias, _, eps = _prepare(x, axis, eps, None, None, scale=scale, bias=bias,
+                                          scale_offset=scale_offset)
+  return _add_norm(x, residual, axes, scale, bias, eps, residual_dtype, centered=True)
 
 
 def add_rms_norm(x: jax.Array, residual: jax.Array, scale: jax.Array | None = None, *,
-                 axis: int | Sequence[int] = -1,
-                 eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+                 axis: int | Sequence[int] = -1, eps: float = 1e-6, scale_offset: float = 0.0,
+                 residual_dtype: Any = None) -> tuple[jax.Array, jax.Array]:
   """`h = x + residual`, then `rms_norm(h, scale, axis=axis, eps=eps)`; returns both.
 
-  As `add_layer_norm`, for RMS norm.
+  As `add_layer_norm` (`scale_offset`, `residual_dtype` included), for RMS norm.
 
   Returns:
-    `(y, h)`, both of `x.shape` and `x.dtype`.
+    `(y, h)` of `x.shape`: `y` in `x.dtype`, `h` in `residual_dtype` (or `x.dtype`).
 
   Raises:
     TypeError, ValueError: as `add_layer_norm`.
@@ -141,15 +158,30 @@ def add_rms_norm(x: jax.Array, residual: jax.Array, scale: jax.Array | None = No
     >>> y
     Array([[0.84852815, 1.1313709 ]], dtype=float32)
   """
-  x, axes, scale, _, _, eps = _prepare(x, axis, eps, None, None, scale=scale, bias=None)
-  residual = checks.check_residual(residual, x)
-  return dispatch.add_standardize(x, residual, axes,
-                                   shapes.broadcast_to_axes(scale, x.ndim, axes), None, eps,
-                                   centered=False)
+  x, axes, scale, _, _, eps = _prepare(x, axis, eps, None, None, scale=scale, bias=None,
+                                       scale_offset=scale_offset)
+  return _add_norm(x, residual, axes, scale, None, eps, residual_dtype, centered=False)
 
 
-def _prepare(x, axis, eps, mask, axis_name, *, scale, bias, fast_variance=False):
-  """The checked arguments: `x`, canonical axes, `scale`, `bias`, `mask` and `eps` as a float."""
+def _add_norm(x: jax.Array, residual: Any, axes: shapes.Axes, scale: jax.Array | None,
+              bias: jax.Array | None, eps: Any, residual_dtype: Any, *,
+              centered: bool) -> tuple[jax.Array, jax.Array]:
+  """The residual-add norm with checked parameters; `h` in `residual_dtype` if given."""
+  residual_dtype = checks.check_dtype(residual_dtype, "residual_dtype")
+  residual = checks.check_residual(residual, x, residual_dtype)
+  feature = lambda p: shapes.broadcast_to_axes(p, x.ndim, axes)
+  if residual_dtype is None or residual_dtype == x.dtype:
+    return dispatch.add_standardize(x, residual.astype(x.dtype), axes, feature(scale),
+                                    feature(bias), eps, centered=centered)
+  y, h = dispatch.add_standardize(x.astype(residual_dtype), residual.astype(residual_dtype),
+                                  axes, feature(scale), feature(bias), eps, centered=centered)
+  return y.astype(x.dtype), h
+
+
+def _prepare(x, axis, eps, mask, axis_name, *, scale, bias, fast_variance=False,
+             scale_offset=0.0):
+  """The checked arguments: `x`, canonical axes, `scale` (plus `scale_offset`, in at least
+  float32), `bias`, `mask` and `eps` as a float."""
   x = checks.check_floating(x)
   axes = checks.canonicalize_axes(axis, x.ndim, "axis")
   if not axes and axis_name is None:
@@ -159,4 +191,7 @@ def _prepare(x, axis, eps, mask, axis_name, *, scale, bias, fast_variance=False)
   bias = checks.check_param(bias, "bias", feature_shape)
   eps = checks.check_eps(eps)
   checks.check_bool(fast_variance, "fast_variance", "True for the one-pass variance")
+  offset = checks.check_scale_offset(scale_offset, scale)
+  if scale is not None:
+    scale = dispatch.offset_scale(scale, offset)
   return x, axes, scale, bias, checks.check_mask(mask, x.shape), eps

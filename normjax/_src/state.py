@@ -55,14 +55,8 @@ def init_batch_stats(num_features: int, dtype=jnp.float32) -> BatchStats:
     BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32), count=Array(0, dtype=int32))
   """  # noqa: E501 (the doctest's expected output is one line)
   num_features = checks.check_positive_int(num_features, "num_features")
-  try:
-    dtype = jnp.dtype(dtype)
-  except TypeError:
-    raise TypeError(f"dtype must be a floating dtype (float32, float64, bfloat16, float16); got "
-                    f"dtype={dtype!r}.") from None
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"dtype must be a floating dtype (float32, float64, bfloat16, float16): the "
-                    f"running mean and variance are averages; got dtype={dtype}.")
+  dtype = checks.check_dtype(dtype, "dtype", optional=False,
+                             why=": the running mean and variance are averages")
   return BatchStats(mean=jnp.zeros((num_features,), dtype),
                     var=jnp.ones((num_features,), dtype),
                     count=jnp.zeros((), jnp.int32))

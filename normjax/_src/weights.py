@@ -141,7 +141,7 @@ def init_spectral_state(kernel: jax.Array, key: jax.Array) -> SpectralState:
   _, out = _matrix_shape(kernel)
   dtype = dispatch.stats_dtype(kernel.dtype)
   u = jax.random.normal(key, (out,), dtype)
-  return SpectralState(u=dispatch.l2_normalize(u, 0.0), sigma=jnp.ones((), dtype))
+  return SpectralState(u=dispatch.unit_vector(u, 0.0), sigma=jnp.ones((), dtype))
 
 
 def spectral_normalize(kernel: jax.Array, state: SpectralState, *, train: bool, n_steps: int = 1,
