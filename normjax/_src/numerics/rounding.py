@@ -58,6 +58,15 @@ def residual_sum(x: jax.Array, residual: jax.Array) -> jax.Array:
   consumer (excess precision), so that the reductions and the normalize step of one call see
   differently rounded values (garbage for `1e5 + N(0, 1)` in bfloat16); `pin_rounding` pins
   the rounding, so the statistics are those of the `h` that is returned.
+
+  The returned `h` also goes to consumers outside normjax (the next block), so it is rounded
+  with `reduce_precision` on every platform as well: on CPU the `optimization_barrier` of
+  `pin_rounding` does not survive to XLA:CPU's fused program, where a YNNPACK fusion read the
+  sum in float32 (`tests/test_numerics_rounding.py`).
   """
-  return pin_rounding(x + residual)
+  h = pin_rounding(x + residual)
+  fi = jnp.finfo(h.dtype)
+  if fi.bits >= 32:
+    return h
+  return lax.reduce_precision(h, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
 
