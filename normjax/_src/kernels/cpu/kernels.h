@@ -612,24 +612,6 @@ void ColumnSumsChunk(const void* xv, const float* gv, const float* __restrict__ 
   }
 }
 
-inline Kernels MakeKernels(const char* name) {
-  Kernels k;
-  k.name = name;
-  k.forward[0] = &ForwardChunk<float>;
-  k.forward[1] = &ForwardChunk<uint16_t>;
-  k.backward[0] = &BackwardChunk<float>;
-  k.backward[1] = &BackwardChunk<uint16_t>;
-  k.row_stats[0] = &RowStatsChunk<float>;
-  k.row_stats[1] = &RowStatsChunk<uint16_t>;
-  k.column_stats[0] = &ColumnStatsChunk<float>;
-  k.column_stats[1] = &ColumnStatsChunk<uint16_t>;
-  k.column_sums[0] = &ColumnSumsChunk<float>;
-  k.column_sums[1] = &ColumnSumsChunk<uint16_t>;
-  k.row_sums[0] = &RowSumsChunk<float>;
-  k.row_sums[1] = &RowSumsChunk<uint16_t>;
-  return k;
-}
-
 // Rows [begin, end) of the fused residual-add forward (see RowsAddForward in normalize.cc):
 // per row, h = x + residual in float32, rounded to T and stored (the row stays in cache), then
 // the forward of ForwardChunk on the stored, rounded h: the same statistics and output as the
@@ -639,7 +621,7 @@ void AddForwardChunk(const AddForwardArgs& a, int64_t begin, int64_t end) {
   const int64_t n = a.forward.n;
   const T* xp = static_cast<const T*>(a.x);
   const T* rp = static_cast<const T*>(a.residual);
-  T* hp = static_cast<T*>(const_cast<void*>(a.forward.x));
+  T* hp = static_cast<T*>(a.h);
   RowGroups(begin, end, [&](auto rows, int64_t r0) {
     constexpr int R = decltype(rows)::value;
     for (int64_t r = r0; r < r0 + R; ++r) {
@@ -654,8 +636,21 @@ void AddForwardChunk(const AddForwardArgs& a, int64_t begin, int64_t end) {
   });
 }
 
-inline AddKernels MakeAddKernels() {
-  AddKernels k;
+// This level's row of the dispatch table (normalize.cc).
+constexpr Kernels MakeKernels() {
+  Kernels k{};
+  k.forward[0] = &ForwardChunk<float>;
+  k.forward[1] = &ForwardChunk<uint16_t>;
+  k.backward[0] = &BackwardChunk<float>;
+  k.backward[1] = &BackwardChunk<uint16_t>;
+  k.row_stats[0] = &RowStatsChunk<float>;
+  k.row_stats[1] = &RowStatsChunk<uint16_t>;
+  k.column_stats[0] = &ColumnStatsChunk<float>;
+  k.column_stats[1] = &ColumnStatsChunk<uint16_t>;
+  k.column_sums[0] = &ColumnSumsChunk<float>;
+  k.column_sums[1] = &ColumnSumsChunk<uint16_t>;
+  k.row_sums[0] = &RowSumsChunk<float>;
+  k.row_sums[1] = &RowSumsChunk<uint16_t>;
   k.add_forward[0] = &AddForwardChunk<float>;
   k.add_forward[1] = &AddForwardChunk<uint16_t>;
   return k;

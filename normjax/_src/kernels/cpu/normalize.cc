@@ -135,9 +135,17 @@ struct BackwardArgs {
   bool per_row;
 };
 
+// The fused residual-add forward (RowsAddForward): h = x + residual is written to `h`, then
+// the forward reads it back through `forward.x` (the same buffer).
+struct AddForwardArgs {
+  const void* x;
+  const void* residual;
+  void* h;
+  ForwardArgs forward;
+};
+
 // The loops of one instruction-set level; index 0 is float32, 1 bfloat16.
 struct Kernels {
-  const char* name;
   void (*forward[2])(const ForwardArgs&, int64_t begin, int64_t end);
   void (*backward[2])(const BackwardArgs&, int64_t begin, int64_t end, double* acc);
   void (*row_stats[2])(const void* x, int64_t n, int64_t begin, int64_t end, double* mean,
@@ -149,20 +157,12 @@ struct Kernels {
                          double* sg, double* sgx);
   void (*row_sums[2])(const void* x, const float* g, const float* shift, const float* offset,
                       int64_t n, int64_t begin, int64_t end, double* sg, double* sgx);
-};
-
-// The fused residual-add forward (RowsAddForward): `forward.x` is the h output, written by
-// the kernel before the forward reads it.
-struct AddForwardArgs {
-  const void* x;
-  const void* residual;
-  ForwardArgs forward;
-};
-
-// The residual-add loops of one instruction-set level; index 0 is float32, 1 bfloat16.
-struct AddKernels {
   void (*add_forward[2])(const AddForwardArgs&, int64_t begin, int64_t end);
 };
+
+// The instruction-set levels, narrowest first: an index into kLevelNames and kDispatch.
+enum Level : int { kBaseline, kAvx2, kAvx512, kNumLevels };
+constexpr const char* kLevelNames[kNumLevels] = {"baseline", "avx2", "avx512"};
 
 // ----------------------------------------------------------------- the levels
 
@@ -198,26 +198,46 @@ namespace avx512 {
 #pragma GCC pop_options
 #endif
 
-// The widest level this CPU (and OS) supports, capped by NORMJAX_CPU_LEVEL if set.
-Kernels SelectKernels() {
-  const char* cap = std::getenv("NORMJAX_CPU_LEVEL");
-  const std::string limit = cap == nullptr ? "" : cap;
+// The dispatch table: the loops of each level this build has, indexed by Level (a build for
+// another architecture has the baseline only).
+constexpr Kernels kDispatch[] = {
+    baseline::MakeKernels(),
+#if defined(__x86_64__)
+    avx2::MakeKernels(),
+    avx512::MakeKernels(),
+#endif
+};
+
+// The widest level this CPU (and OS) supports.
+Level SupportedLevel() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl");
-  if (has_avx512 && limit != "avx2" && limit != "baseline") return avx512::MakeKernels("avx512");
-  if (has_avx2 && limit != "baseline") return avx2::MakeKernels("avx2");
+  if (has_avx512) return kAvx512;
+  if (has_avx2) return kAvx2;
 #endif
-  return baseline::MakeKernels("baseline");
+  return kBaseline;
 }
 
-const Kernels& Active() {
-  static const Kernels kernels = SelectKernels();
-  return kernels;
+// The cap NORMJAX_CPU_LEVEL sets: the level it names; unset or any other value, no cap.
+Level CapLevel() {
+  const char* cap = std::getenv("NORMJAX_CPU_LEVEL");
+  for (int level = kBaseline; cap != nullptr && level < kNumLevels; ++level) {
+    if (std::strcmp(cap, kLevelNames[level]) == 0) return static_cast<Level>(level);
+  }
+  return static_cast<Level>(kNumLevels - 1);
 }
+
+// The level the kernels run at, chosen once (at the first call).
+Level ActiveLevel() {
+  static const Level level = std::min(SupportedLevel(), CapLevel());
+  return level;
+}
+
+const Kernels& Active() { return kDispatch[ActiveLevel()]; }
 
 template <ffi::DataType T>
 constexpr int DtypeIndex() {
@@ -687,19 +707,6 @@ auto BindBackward() {
 
 // ----------------------------------------------------------------- fused residual add
 
-// The residual-add loops of the level Active() runs at.
-const AddKernels& ActiveAdd() {
-  static const AddKernels kernels = [] {
-    const std::string name = Active().name;
-#if defined(__x86_64__)
-    if (name == "avx512") return avx512::MakeAddKernels();
-    if (name == "avx2") return avx2::MakeAddKernels();
-#endif
-    return baseline::MakeAddKernels();
-  }();
-  return kernels;
-}
-
 // h = x + residual (added in float32, rounded to T, stored), then RowsForward on h: y, h and
 // the per-row statistics of h from one read of x and residual (XLA would write h out and the
 // forward would read it back).
@@ -720,12 +727,12 @@ ffi::Error RowsAddForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer
     if (residual.dimensions()[0] != rows || residual.dimensions()[1] != n) {
       return ffi::Error::InvalidArgument("normjax rows_add_forward: residual shape mismatch");
     }
-    const AddForwardArgs args{x.untyped_data(), residual.untyped_data(),
+    const AddForwardArgs args{x.untyped_data(), residual.untyped_data(), h->untyped_data(),
                               ForwardArgs{h->untyped_data(), scale.typed_data(),
                                           bias.typed_data(), y->untyped_data(),
                                           shift->typed_data(), offset->typed_data(),
                                           var->typed_data(), n, eps, centered, per_row}};
-    const auto add_forward = ActiveAdd().add_forward[DtypeIndex<T>()];
+    const auto add_forward = Active().add_forward[DtypeIndex<T>()];
     ParallelChunks(pool, rows, NumChunks(rows, n),
                    [&](int64_t begin, int64_t end, int64_t) { add_forward(args, begin, end); });
     return ffi::Error::Success();
@@ -755,7 +762,7 @@ auto BindAddForward() {
 // The instruction-set level the kernels run at ("baseline", "avx2" or "avx512"), picked at
 // the first call; the loader (normjax/_src/kernels/cpu/__init__.py) exposes it as CPU_LEVEL.
 extern "C" __attribute__((visibility("default"))) const char* NormjaxCpuLevel() {
-  return Active().name;
+  return kLevelNames[ActiveLevel()];
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsForwardF32, RowsForward<ffi::F32>,
