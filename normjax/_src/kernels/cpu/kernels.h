@@ -346,10 +346,8 @@ void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* ac
   float* __restrict__ ds = partial.data();
   float* __restrict__ db = ds + n;
   auto flush = [&]() {
-    for (int64_t j = 0; j < 2 * n; ++j) {
-      acc[j] += static_cast<double>(partial[j]);
-      partial[j] = 0.f;
-    }
+    AddInOrder(partial.data(), 1, 0, 2 * n, acc);
+    std::fill(partial.begin(), partial.end(), 0.f);
   };
   int64_t pending = 0;
   RowGroups(begin, end, [&](auto rows, int64_t r0) {
@@ -581,22 +579,20 @@ void ColumnStatsChunk(const void* xv, int64_t positions, int64_t c, int64_t b, i
 
 // Per-channel sums of g and of g * ((x - shift) - offset) over positions [m0, m1) of example
 // b of x and g [batch, positions, c] (channels contiguous; shift and offset are example b's
-// [c]), written to sg[0, c) and sgx[0, c): the reductions of a batch/instance/group norm
+// [c]), written to sums[0, c) and sums[c, 2c): the reductions of a batch/instance/group norm
 // backward on NHWC input, from one read of x and g. Each channel's sums run over at most
 // ColumnBlockPositions(c) positions in float32 and are added across blocks in double.
 template <typename T>
 void ColumnSumsChunk(const void* xv, const float* gv, const float* __restrict__ shift,
                      const float* __restrict__ offset, int64_t positions, int64_t c, int64_t b,
-                     int64_t m0, int64_t m1, double* __restrict__ sg,
-                     double* __restrict__ sgx) {
+                     int64_t m0, int64_t m1, double* sums) {
   const T* x = static_cast<const T*>(xv) + b * positions * c;
   const float* g = gv + b * positions * c;
   const int64_t block = ColumnBlockPositions(c);
   std::vector<float> buf(2 * c);
   float* __restrict__ s1 = buf.data();
   float* __restrict__ s2 = s1 + c;
-  std::fill(sg, sg + c, 0.0);
-  std::fill(sgx, sgx + c, 0.0);
+  std::fill(sums, sums + 2 * c, 0.0);
   for (int64_t p0 = m0; p0 < m1; p0 += block) {
     const int64_t p1 = std::min(m1, p0 + block);
     ColumnPairSums(p0, p1, c, [&](int64_t p, int64_t i, auto* out) {
@@ -605,10 +601,7 @@ void ColumnSumsChunk(const void* xv, const float* gv, const float* __restrict__ 
       out[0] = gg;
       out[1] = gg * ((Get<V>(x + p * c, i) - Get<V>(shift, i)) - Get<V>(offset, i));
     }, s1, s2);
-    for (int64_t i = 0; i < c; ++i) {
-      sg[i] += static_cast<double>(s1[i]);
-      sgx[i] += static_cast<double>(s2[i]);
-    }
+    AddInOrder(buf.data(), 1, 0, 2 * c, sums);
   }
 }
 

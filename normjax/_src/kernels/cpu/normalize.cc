@@ -100,6 +100,18 @@ struct RunningMoments {
   }
 };
 
+// totals[j] += parts[k * stride + j] for k = 0, 1, ..., count - 1 in that order (j < width),
+// in double: the partial sums of chunks of rows, of ranges of positions or of blocks, added
+// in a fixed order, so that the totals are the same bits whatever the thread count.
+template <typename P>
+inline void AddInOrder(const P* parts, int64_t count, int64_t stride, int64_t width,
+                       double* totals) {
+  for (int64_t k = 0; k < count; ++k) {
+    const P* part = parts + k * stride;
+    for (int64_t j = 0; j < width; ++j) totals[j] += static_cast<double>(part[j]);
+  }
+}
+
 // 1 / sqrt(var + eps) for a finite variance, else NaN (see the file comment).
 inline float RstdOf(float var, float eps) {
   return std::isfinite(var) ? 1.0f / std::sqrt(var + eps)
@@ -154,7 +166,7 @@ struct Kernels {
                           int64_t m1, double* mean, double* m2);
   void (*column_sums[2])(const void* x, const float* g, const float* shift, const float* offset,
                          int64_t positions, int64_t c, int64_t b, int64_t m0, int64_t m1,
-                         double* sg, double* sgx);
+                         double* sums);
   void (*row_sums[2])(const void* x, const float* g, const float* shift, const float* offset,
                       int64_t n, int64_t begin, int64_t end, double* sg, double* sgx);
   void (*add_forward[2])(const AddForwardArgs&, int64_t begin, int64_t end);
@@ -422,14 +434,11 @@ ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T
     ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t chunk) {
       backward(args, begin, end, acc.data() + chunk * 2 * n);
     });
+    std::vector<double> totals(2 * n, 0.0);
+    AddInOrder(acc.data(), chunks, 2 * n, 2 * n, totals.data());
     for (int64_t j = 0; j < n; ++j) {
-      double a = 0.0, b = 0.0;
-      for (int64_t c = 0; c < chunks; ++c) {
-        a += acc[c * 2 * n + j];
-        b += acc[c * 2 * n + n + j];
-      }
-      ds[j] = static_cast<float>(a);
-      db[j] = static_cast<float>(b);
+      ds[j] = static_cast<float>(totals[j]);
+      db[j] = static_cast<float>(totals[n + j]);
     }
     return ffi::Error::Success();
   });
@@ -544,8 +553,8 @@ ffi::Error ColumnSums(ffi::ThreadPool pool, ffi::Buffer<T, 3> x, ffi::Buffer<ffi
   return Guarded("normjax column_sums", [&]() -> ffi::Error {
     const int64_t batch = x.dimensions()[0], positions = x.dimensions()[1];
     const int64_t c = x.dimensions()[2];
-    const int64_t entries = batch * c;
-    std::vector<double> tg(entries, 0.0), tgx(entries, 0.0);
+    // Per example, the sums of g over each channel, then those of g * ((x - shift) - offset).
+    std::vector<double> totals(static_cast<size_t>(batch) * 2 * c, 0.0);
     if (positions > 0 && c > 0) {
       const ExampleRanges ranges(batch, positions, 2 * c);
       const int64_t chunks = ranges.chunks;
@@ -560,23 +569,22 @@ ffi::Error ColumnSums(ffi::ThreadPool pool, ffi::Buffer<T, 3> x, ffi::Buffer<ffi
           int64_t b, m0, m1;
           ranges.Range(k, &b, &m0, &m1);
           double* out = part.data() + k * 2 * c;
-          sums(xp, gp, sp + b * c, op + b * c, positions, c, b, m0, m1, out, out + c);
+          sums(xp, gp, sp + b * c, op + b * c, positions, c, b, m0, m1, out);
         }
       });
-      for (int64_t k = 0; k < chunks; ++k) {  // in order: deterministic
-        const int64_t b = k / ranges.per_example;
-        const double* in = part.data() + k * 2 * c;
-        for (int64_t i = 0; i < c; ++i) {
-          tg[b * c + i] += in[i];
-          tgx[b * c + i] += in[c + i];
-        }
+      const int64_t per_example = ranges.per_example;
+      for (int64_t b = 0; b < batch; ++b) {
+        AddInOrder(part.data() + b * per_example * 2 * c, per_example, 2 * c, 2 * c,
+                   totals.data() + b * 2 * c);
       }
     }
     float* og = sg->typed_data();
     float* ogx = sgx->typed_data();
-    for (int64_t e = 0; e < entries; ++e) {
-      og[e] = static_cast<float>(tg[e]);
-      ogx[e] = static_cast<float>(tgx[e]);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < c; ++i) {
+        og[b * c + i] = static_cast<float>(totals[b * 2 * c + i]);
+        ogx[b * c + i] = static_cast<float>(totals[b * 2 * c + c + i]);
+      }
     }
     return ffi::Error::Success();
   });
