@@ -44,8 +44,11 @@ setup(
     ext_modules=[
         Extension(
             "normjax._src.kernels.cpu._normalize",
-            sources=[os.path.join(_NATIVE, "normalize.cc")],
-            depends=[os.path.join(_NATIVE, "kernels.h")],
+            sources=[os.path.join(_NATIVE, name) for name in (
+                "handlers_rows.cc", "handlers_moments.cc", "levels.cc", "threads.cc")],
+            depends=[os.path.join(_NATIVE, name) for name in (
+                "kernels.h", "threads.h", "level.h", "level_vectors.h", "level_rows.h",
+                "level_columns.h")],
             language="c++",
             extra_compile_args=_flags(),
             optional=True,

@@ -1,7 +1,7 @@
 """The row-normalization primitives (normjax/_src/kernels/rows.py) and their native CPU kernel.
 
 Layer and RMS norm over trailing axes run through three primitives whose CPU lowering is an
-XLA FFI call into normjax/_src/kernels/cpu/normalize.cc. The tests here check that the kernel is built and
+XLA FFI call into normjax/_src/kernels/cpu/handlers_rows.cc. The tests here check that the kernel is built and
 used, that kernel and `jax.numpy` definitions agree with each other and with float64 NumPy,
 and that every transformation reaches the right rule (batch folding, the batching fallbacks,
 the transpose, higher derivatives). The variant-level tests (test_variants, test_numerics_moments,
@@ -611,18 +611,20 @@ def test_kernel_errors_become_python_exceptions():
 
 @pytest.mark.slow
 def test_native_source_compiles_without_warnings(tmp_path):
-  """normalize.cc (and kernels.h) compile warning-free with -Wall -Wextra -Werror, the vendored XLA
-  headers included as system headers."""
+  """The native sources (handlers_rows.cc, handlers_moments.cc, levels.cc, threads.cc and their
+  headers) compile warning-free with -Wall -Wextra -Werror, the vendored XLA headers included
+  as system headers."""
   import shutil
   import subprocess
   cxx = shutil.which("g++")
   if cxx is None:
     pytest.skip("g++ not installed")
   native = os.path.join(os.path.dirname(_native.__file__))
-  subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
-                  "-fPIC", "-isystem", os.path.join(native, "third_party"), "-c",
-                  os.path.join(native, "normalize.cc"), "-o", str(tmp_path / "normalize.o")],
-                 check=True)
+  for source in ("handlers_rows.cc", "handlers_moments.cc", "levels.cc", "threads.cc"):
+    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
+                    "-fPIC", "-isystem", os.path.join(native, "third_party"), "-c",
+                    os.path.join(native, source), "-o", str(tmp_path / f"{source}.o")],
+                   check=True)
 
 
 def test_add_reference_definition_returns_the_sum_at_its_rounding():

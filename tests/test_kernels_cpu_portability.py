@@ -1,7 +1,7 @@
 """The native kernel builds as a user builds it and runs on every x86-64 CPU.
 
 setup.py compiles the kernel for the x86-64 baseline and its loops also for AVX2+FMA and
-AVX-512, picked at run time (normjax/_src/kernels/cpu/normalize.cc). These tests build a wheel as pip
+AVX-512, picked at run time (normjax/_src/kernels/cpu/levels.cc). These tests build a wheel as pip
 builds it (`pip wheel`, with build isolation: the build requirements of pyproject.toml in a fresh
 environment, not this one's setuptools) from a copy of the sources in a temporary directory,
 unpack it, then run one script with every variant (layer

@@ -1,0 +1,49 @@
+// The hot loops of normjax's CPU kernels, compiled once per instruction-set level, and the
+// level's row of the dispatch table (MakeKernels).
+//
+// levels.cc includes this file several times, each time inside its own namespace and (on
+// x86-64) inside a `#pragma GCC target` region: the baseline every x86-64 CPU runs (SSE2),
+// AVX2+FMA and AVX-512. Neither it nor its parts (level_vectors.h, level_rows.h,
+// level_columns.h) has an include guard or includes a standard header: every standard header
+// is included by levels.cc before the first region, so that no library code is compiled for
+// a wider target. Before including it, levels.cc defines
+//   NJ_WIDTH  floats per vector register (4, 8 or 16), and
+//   NJ_AVX2   1 where AVX2 intrinsics may be used in this region (0 otherwise),
+// and the shared types (Kernels, ForwardArgs, BackwardArgs, RunningMoments, kLanes, kBlock)
+// are declared outside the regions, in kernels.h.
+//
+// Every level computes the same floating-point operations in the same order: sums run over
+// kLanes = 16 lanes (element i of a block in lane i % 16, as 4, 2 or 1 registers), the lanes
+// are added in order, and the library is compiled with -ffp-contract=off (no FMA
+// contraction). So the results are bit-identical whichever level runs
+// (tests/test_kernels_cpu_portability.py).
+//
+// Accuracy: statistics are accumulated in blocks of at most kBlock elements (cache resident):
+// per block a float32 sum gives the block mean, a second pass over the cached block sums
+// (x - block mean) and its square, and the block's (count, mean, M2) is merged into the
+// row's with Chan's formula in double. Float32 error grows over at most kBlock / kLanes = 64
+// additions per lane, whatever the row length and whatever the data order.
+
+#include "level_vectors.h"   // NOLINT(build/include)
+#include "level_rows.h"      // NOLINT(build/include)
+#include "level_columns.h"   // NOLINT(build/include)
+
+// This level's row of the dispatch table (levels.cc).
+constexpr Kernels MakeKernels() {
+  Kernels k{};
+  k.forward[0] = &ForwardChunk<float>;
+  k.forward[1] = &ForwardChunk<uint16_t>;
+  k.backward[0] = &BackwardChunk<float>;
+  k.backward[1] = &BackwardChunk<uint16_t>;
+  k.row_stats[0] = &RowStatsChunk<float>;
+  k.row_stats[1] = &RowStatsChunk<uint16_t>;
+  k.column_stats[0] = &ColumnStatsChunk<float>;
+  k.column_stats[1] = &ColumnStatsChunk<uint16_t>;
+  k.column_sums[0] = &ColumnSumsChunk<float>;
+  k.column_sums[1] = &ColumnSumsChunk<uint16_t>;
+  k.row_sums[0] = &RowSumsChunk<float>;
+  k.row_sums[1] = &RowSumsChunk<uint16_t>;
+  k.add_forward[0] = &AddForwardChunk<float>;
+  k.add_forward[1] = &AddForwardChunk<uint16_t>;
+  return k;
+}
