@@ -1,9 +1,9 @@
 """Builds normjax's optional native CPU kernel; everything else is in pyproject.toml.
 
-`normjax/_src/kernels/cpu/normalize.cc` (layer/RMS/instance norm forward and backward over contiguous rows,
-and per-channel moments for batch/instance/group norm) is compiled against the XLA FFI headers
-vendored in `normjax/_src/kernels/cpu/third_party` (from jaxlib; no jaxlib is needed to build). It is
-optional: without a C++ compiler the build goes on without it, and normjax uses its
+The C++ sources in `normjax/_src/kernels/cpu/` (layer/RMS/instance norm forward and backward
+over contiguous rows, and per-channel moments for batch/instance/group norm) are compiled
+against the XLA FFI headers vendored in `normjax/_src/kernels/cpu/third_party` (from jaxlib; no
+jaxlib is needed to build). It is optional: without a C++ compiler the build goes on without it, and normjax uses its
 `jax.numpy` definitions instead (`normjax._src.kernels.cpu.NATIVE` says which).
 
 The library runs on every x86-64 CPU: it is compiled for the baseline instruction set, and its

@@ -1,4 +1,5 @@
-"""normjax's native CPU kernels: `normalize.cc`, built by setup.py into `_normalize*.so`.
+"""normjax's native CPU kernels: the C++ sources here (`handlers_*.cc`, `levels.cc`,
+`threads.cc`), built by setup.py into `_normalize*.so`.
 
 Importing this package registers the kernels with XLA as FFI targets for the CPU platform
 (`NATIVE` is True) if the library was built; `normjax._src.kernels.primitives` lowers the
