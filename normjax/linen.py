@@ -33,6 +33,32 @@ so checkpoints carry over) called with the residual stream: `y, h = AddLayerNorm
 residual)` is `h = x + residual; y = LayerNorm()(h)` computed in one pass
 (`normjax.add_layer_norm`; a separate module rather than a `residual=` argument, so that the
 return type never depends on an argument).
+
+Layers of today's models, which flax lacks: `scale_offset` on `LayerNorm`/`RMSNorm` (and the
+add-norms; Gemma's zero-centered `1 + scale`), `AdaptiveLayerNorm` (adaLN-Zero, DiT),
+`AdaptiveGroupNorm` (AdaGN) and `DynamicTanh`. `record_health=True` on `LayerNorm`, `RMSNorm`
+(and the add-norms) and `BatchNorm` sows `normjax.norm_health` of the input into
+`intermediates`; a training step returns it for the loop to log:
+
+    >>> import jax, jax.numpy as jnp, optax, normjax.linen as njnn
+    >>> model = njnn.LayerNorm(record_health=True)
+    >>> x = jnp.array([[1.0, 2.0, 4.0], [3.0, 3.0, 3.0]])     # one row of two is constant
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> opt = optax.sgd(0.1)
+    >>> @jax.jit
+    ... def train_step(params, opt_state, x):
+    ...   def loss(params):
+    ...     y, state = model.apply({"params": params}, x, mutable=["intermediates"])
+    ...     return jnp.sum(y[:, 0] ** 2), state["intermediates"]["norm_health"][0]
+    ...   (value, health), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    ...   updates, opt_state = opt.update(grads, opt_state)
+    ...   return optax.apply_updates(params, updates), opt_state, health
+    >>> opt_state = opt.init(params)
+    >>> for step in range(2):
+    ...   params, opt_state, health = train_step(params, opt_state, x)
+    ...   print(step, {k: round(float(v), 2) for k, v in health._asdict().items()})
+    0 {'ill_conditioned': 0.0, 'eps_dominated': 0.5, 'constant': 0.5, 'nonfinite': 0.0}
+    1 {'ill_conditioned': 0.0, 'eps_dominated': 0.5, 'constant': 0.5, 'nonfinite': 0.0}
 """
 
 from __future__ import annotations
@@ -52,9 +78,9 @@ from normjax._src import state as _state
 from normjax._src import weights as _weights
 from normjax._src.state import BatchStats
 
-__all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "BatchRenorm", "FilterResponseNorm",
-           "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv",
-           "WeightNorm")
+__all__ = ("AdaptiveGroupNorm", "AdaptiveLayerNorm", "AddLayerNorm", "AddRMSNorm", "BatchNorm",
+           "BatchRenorm", "DynamicTanh", "FilterResponseNorm", "GroupNorm", "InstanceNorm",
+           "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv", "WeightNorm")
 
 
 def _affine(module: nn.Module, shape: tuple[int, ...], bias: bool = True):
@@ -64,6 +90,14 @@ def _affine(module: nn.Module, shape: tuple[int, ...], bias: bool = True):
   if not bias:
     return scale
   return scale, (m.param("bias", m.bias_init, shape, m.param_dtype) if m.use_bias else None)
+
+
+def _sow_health(module: nn.Module, health: Any, *args: Any, **kwargs: Any) -> None:
+  """With `record_health`, sows `health(*args, **kwargs)` (a `NormHealth`) into
+  `intermediates` under `norm_health`; not during `init`, so that the variables `init`
+  returns hold no diagnostics to be carried into `apply`."""
+  if module.record_health and not module.is_initializing():
+    module.sow("intermediates", "norm_health", health(*args, **kwargs))
 
 
 class BatchNorm(nn.Module):
@@ -92,6 +126,10 @@ class BatchNorm(nn.Module):
     unbiased_running_var: store the unbiased `n / (n - 1)` batch variance in `var` (PyTorch).
     virtual_batch_size: ghost batch norm in training: groups of this many consecutive
       examples along axis 0 are normalized separately (`normjax.batch_norm`).
+    record_health: sow `normjax.norm_health` of the input, per channel (over every axis but
+      the feature axes: its fractions count channels), into the `intermediates` collection
+      as `norm_health` on every `apply` that makes `intermediates` mutable (not in `init`).
+      False (the default) adds nothing to the program.
 
   Example:
     >>> import jax, jax.numpy as jnp, normjax.linen as njnn
@@ -118,6 +156,7 @@ class BatchNorm(nn.Module):
   force_float32_reductions: bool = True
   unbiased_running_var: bool = False
   virtual_batch_size: int | None = None
+  record_health: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
@@ -153,6 +192,7 @@ class BatchNorm(nn.Module):
           "number of batches the loaded mean and var average (0 restarts the average: the "
           "first batch replaces them).")
     scale, bias = _affine(self, shape)
+    _sow_health(self, _flax.batch_health, x, axis=self.axis, eps=self.epsilon, mask=mask)
     stats = BatchStats(mean.value, var.value,
                        jnp.zeros((), jnp.int32) if count is None else count.value)
     y, new = _flax.batch_norm(
@@ -279,6 +319,14 @@ class LayerNorm(nn.Module):
     axis_index_groups: not supported (must be None).
     use_fast_variance: accepted for compatibility, ignored (the variance is always stable).
     force_float32_reductions: accepted, ignored (reductions are in at least float32).
+    scale_offset: a Python float added to `scale` (in float32): `y = xhat * (scale_offset +
+      scale) + bias`. The zero-centered scale of Gemma and Qwen3-Next is `scale_offset=1.0`
+      with `scale_init=nn.initializers.zeros` (the default initializer stays ones: give the
+      zeros yourself). Needs `use_scale`.
+    record_health: sow `normjax.norm_health` of the input over `reduction_axes` (its
+      fractions count the normalized rows) into the `intermediates` collection as
+      `norm_health` on every `apply` that makes `intermediates` mutable (not in `init`).
+      False (the default) adds nothing to the program.
 
   Example:
     >>> import jax, jax.numpy as jnp, normjax.linen as njnn
@@ -286,6 +334,14 @@ class LayerNorm(nn.Module):
     >>> ln = njnn.LayerNorm(epsilon=0.0)
     >>> ln.apply(ln.init(jax.random.key(0), x), x).round(4)
     Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
+
+    Recording the input's health during training (`intermediates` made mutable):
+
+    >>> ln = njnn.LayerNorm(record_health=True)
+    >>> x = jnp.array([[1.0, 2.0], [5.0, 5.0]])                 # the second row is constant
+    >>> y, state = ln.apply(ln.init(jax.random.key(0), x), x, mutable=["intermediates"])
+    >>> float(state["intermediates"]["norm_health"][0].constant)
+    0.5
   """
   epsilon: float = 1e-6
   dtype: Dtype | None = None
@@ -300,6 +356,8 @@ class LayerNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  scale_offset: float = 0.0
+  record_health: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
@@ -307,9 +365,12 @@ class LayerNorm(nn.Module):
     _flax.no_index_groups(self.axis_index_groups, "LayerNorm")
     feature_axes = _flax.feature_axes(self.feature_axes, jnp.ndim(x), "feature_axes")
     scale, bias = _affine(self, tuple(jnp.shape(x)[a] for a in feature_axes))
+    _sow_health(self, _flax.norm_health, x, reduction_axes=self.reduction_axes,
+                eps=self.epsilon, mask=mask)
     return _flax.layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
                             feature_axes=self.feature_axes, dtype=self.dtype, mask=mask,
-                            eps=self.epsilon, axis_name=self.axis_name)
+                            eps=self.epsilon, axis_name=self.axis_name,
+                            scale_offset=self.scale_offset)
 
 
 class RMSNorm(nn.Module):
@@ -322,6 +383,11 @@ class RMSNorm(nn.Module):
     dtype, param_dtype, use_scale, scale_init: as in `BatchNorm`.
     reduction_axes, feature_axes, axis_name, axis_index_groups: as in `LayerNorm`.
     use_fast_variance, force_float32_reductions: accepted for compatibility, ignored.
+    scale_offset: as in `LayerNorm`: `y = x * rsqrt(mean(x**2) + epsilon) * (scale_offset +
+      scale)`; Gemma's RMSNorm is `RMSNorm(scale_offset=1.0,
+      scale_init=nn.initializers.zeros)` (the default initializer stays ones).
+    record_health: as in `LayerNorm` (the health of the rows' mean and variance, as
+      `normjax.norm_health` takes them).
 
   Example:
     >>> import jax, jax.numpy as jnp, normjax.linen as njnn
@@ -329,6 +395,14 @@ class RMSNorm(nn.Module):
     >>> rms = njnn.RMSNorm(epsilon=0.0)
     >>> rms.apply(rms.init(jax.random.key(0), x), x)
     Array([[ 1., -1.]], dtype=float32)
+
+    Gemma's zero-centered scale: `scale` starts at zeros and the factor applied is `1 + scale`.
+
+    >>> import flax.linen as nn
+    >>> gemma = njnn.RMSNorm(epsilon=0.0, scale_offset=1.0, scale_init=nn.initializers.zeros)
+    >>> variables = gemma.init(jax.random.key(0), x)
+    >>> variables["params"]["scale"], gemma.apply(variables, x)
+    (Array([0., 0.], dtype=float32), Array([[ 1., -1.]], dtype=float32))
   """
   epsilon: float = 1e-6
   dtype: Dtype | None = None
@@ -341,6 +415,8 @@ class RMSNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  scale_offset: float = 0.0
+  record_health: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
@@ -348,15 +424,19 @@ class RMSNorm(nn.Module):
     _flax.no_index_groups(self.axis_index_groups, "RMSNorm")
     feature_axes = _flax.feature_axes(self.feature_axes, jnp.ndim(x), "feature_axes")
     scale = _affine(self, tuple(jnp.shape(x)[a] for a in feature_axes), bias=False)
+    _sow_health(self, _flax.norm_health, x, reduction_axes=self.reduction_axes,
+                eps=self.epsilon, mask=mask)
     return _flax.layer_norm(x, scale, None, reduction_axes=self.reduction_axes,
                             feature_axes=self.feature_axes, dtype=self.dtype, mask=mask,
-                            centered=False, eps=self.epsilon, axis_name=self.axis_name)
+                            centered=False, eps=self.epsilon, axis_name=self.axis_name,
+                            scale_offset=self.scale_offset)
 
 
 class AddLayerNorm(LayerNorm):
   """`LayerNorm` of the residual sum: `__call__(x, residual) -> (y, h)` with `h = x +
   residual` and `y = LayerNorm(...)(h)` (`normjax.add_layer_norm`: one pass on the native
-  kernels). Same attributes and variables as `LayerNorm`.
+  kernels). Same attributes and variables as `LayerNorm` (`scale_offset` included;
+  `record_health` sows the health of `h`).
 
   Example:
     >>> import jax, jax.numpy as jnp, normjax.linen as njnn
@@ -374,9 +454,13 @@ class AddLayerNorm(LayerNorm):
     _flax.no_index_groups(self.axis_index_groups, "AddLayerNorm")
     feature_axes = _flax.feature_axes(self.feature_axes, jnp.ndim(x), "feature_axes")
     scale, bias = _affine(self, tuple(jnp.shape(x)[a] for a in feature_axes))
-    return _flax.add_layer_norm(x, residual, scale, bias, reduction_axes=self.reduction_axes,
+    y, h = _flax.add_layer_norm(x, residual, scale, bias, reduction_axes=self.reduction_axes,
                                 feature_axes=self.feature_axes, dtype=self.dtype,
-                                eps=self.epsilon, axis_name=self.axis_name)
+                                eps=self.epsilon, axis_name=self.axis_name,
+                                scale_offset=self.scale_offset)
+    _sow_health(self, _flax.norm_health, h, reduction_axes=self.reduction_axes,
+                eps=self.epsilon)
+    return y, h
 
 
 class AddRMSNorm(RMSNorm):
@@ -398,9 +482,13 @@ class AddRMSNorm(RMSNorm):
     _flax.no_index_groups(self.axis_index_groups, "AddRMSNorm")
     feature_axes = _flax.feature_axes(self.feature_axes, jnp.ndim(x), "feature_axes")
     scale = _affine(self, tuple(jnp.shape(x)[a] for a in feature_axes), bias=False)
-    return _flax.add_layer_norm(x, residual, scale, None, reduction_axes=self.reduction_axes,
+    y, h = _flax.add_layer_norm(x, residual, scale, None, reduction_axes=self.reduction_axes,
                                 feature_axes=self.feature_axes, dtype=self.dtype,
-                                centered=False, eps=self.epsilon, axis_name=self.axis_name)
+                                centered=False, eps=self.epsilon, axis_name=self.axis_name,
+                                scale_offset=self.scale_offset)
+    _sow_health(self, _flax.norm_health, h, reduction_axes=self.reduction_axes,
+                eps=self.epsilon)
+    return y, h
 
 
 class InstanceNorm(nn.Module):
@@ -551,6 +639,145 @@ class FilterResponseNorm(nn.Module):
       eps = eps + jnp.abs(self.param("eps", self.epsilon_init, (), self.param_dtype))
     return _flax.filter_response_norm(x, scale, bias, tau, channel_axis=self.feature_axis,
                                       eps=eps, dtype=self.dtype, mask=mask)
+
+
+class AdaptiveLayerNorm(nn.Module):
+  """Adaptive layer norm with a zero-initialised modulation (adaLN-Zero, DiT; Peebles & Xie,
+  2023): `normjax.adaptive_layer_norm` with per-example `shift`, `scale` (and `gate`)
+  computed from a conditioning vector.
+
+  `__call__(x, cond)` with `x` of shape `[B, ..., D]` and `cond` of shape
+  `[B, cond_features]` (a timestep and class embedding): as DiT, `cond` goes through
+  `silu`, then a Dense layer named `modulation` (params `modulation/kernel` of shape
+  `(cond_features, n * D)` and `modulation/bias` of `(n * D,)`, n = 3 with the gate, else 2),
+  whose output is split, in DiT's `chunk` order, into `shift`, `scale` and `gate`, each
+  `[B, D]` and reshaped to `[B, 1, ..., 1, D]` (x's rank, broadcast over the middle axes).
+  Then `y = layer_norm(x) * (1 + scale) + shift` over the last axis, with no affine
+  parameters of its own. The Dense is initialised to zeros (kernel and bias), so at
+  initialisation `y` is the plain layer norm of `x` and `gate` is 0: a residual branch
+  `x + gate * f(y)` starts as the identity.
+
+  Attributes:
+    epsilon: added to the variance (DiT's 1e-6).
+    use_gate: also compute a `gate` and return `(y, gate)`; False returns `y` (adaLN).
+    dtype: computation dtype of the Dense and output dtype of `y` (default: promoted from `x`
+      and the modulation).
+    param_dtype: dtype of the Dense's parameters.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, normjax as nj, normjax.linen as njnn
+    >>> x, cond = jnp.arange(24.0).reshape(2, 3, 4), jnp.ones((2, 5))   # [B, T, D], [B, C]
+    >>> ada = njnn.AdaptiveLayerNorm()
+    >>> variables = ada.init(jax.random.key(0), x, cond)
+    >>> jax.tree.map(jnp.shape, variables["params"])
+    {'modulation': {'bias': (12,), 'kernel': (5, 12)}}
+    >>> y, gate = ada.apply(variables, x, cond)                 # at init: layer_norm(x), 0
+    >>> bool(jnp.allclose(y, nj.layer_norm(x, eps=1e-6))), gate.shape, float(abs(gate).max())
+    (True, (2, 1, 4), 0.0)
+  """
+  epsilon: float = 1e-6
+  use_gate: bool = True
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array, *,
+               mask: jax.Array | None = None) -> Any:
+    """`(y, gate)` with `use_gate`, else `y`; `mask` (bool, broadcastable to `x`) selects
+    what enters the statistics."""
+    return _flax.adaptive_layer_norm(x, cond, self._modulation, use_gate=self.use_gate,
+                                     dtype=self.dtype, eps=self.epsilon, mask=mask)
+
+  def _modulation(self, h: jax.Array, features: int) -> jax.Array:
+    return _zero_dense(self, features)(h)
+
+
+class AdaptiveGroupNorm(nn.Module):
+  """Adaptive group norm (AdaGN, the diffusion U-Nets' scale-shift norm):
+  `normjax.adaptive_group_norm` with per-example `shift` and `scale` from a conditioning
+  vector, channels-last (`[B, ..., C]`, batch axis 0).
+
+  As `AdaptiveLayerNorm` without the gate: `silu(cond)` through a zero-initialised Dense
+  named `modulation` (`(cond_features, 2 * C)`), split into `shift`, `scale` (that order)
+  reshaped to `[B, 1, ..., 1, C]`; `y = group_norm(x) * (1 + scale) + shift`, which at
+  initialisation is the group norm of `x` without affine parameters.
+
+  Attributes:
+    num_groups: the number of channel groups (default 32, as `GroupNorm`).
+    group_size: the number of channels per group (give exactly one of the two).
+    epsilon: added to the variance (default 1e-5).
+    dtype, param_dtype: as in `AdaptiveLayerNorm`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, normjax.linen as njnn
+    >>> x, cond = jnp.ones((2, 4, 4, 8)), jnp.ones((2, 16))   # NHWC, [B, cond_features]
+    >>> agn = njnn.AdaptiveGroupNorm(num_groups=4)
+    >>> variables = agn.init(jax.random.key(0), x, cond)
+    >>> variables["params"]["modulation"]["kernel"].shape, agn.apply(variables, x, cond).shape
+    ((16, 16), (2, 4, 4, 8))
+  """
+  num_groups: int | None = 32
+  group_size: int | None = None
+  epsilon: float = 1e-5
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    """The modulated group norm of `x`; `mask` (bool, broadcastable to `x`) selects what
+    enters the statistics."""
+    return _flax.adaptive_group_norm(x, cond, self._modulation, dtype=self.dtype,
+                                     num_groups=self.num_groups, group_size=self.group_size,
+                                     eps=self.epsilon, mask=mask)
+
+  def _modulation(self, h: jax.Array, features: int) -> jax.Array:
+    return _zero_dense(self, features)(h)
+
+
+def _zero_dense(module: Any, features: int) -> nn.Dense:
+  """The adaptive modules' `modulation` Dense, zero-initialised (adaLN-Zero)."""
+  return nn.Dense(features, dtype=module.dtype, param_dtype=module.param_dtype,
+                  kernel_init=initializers.zeros, bias_init=initializers.zeros,
+                  promote_dtype=_flax.linen_promote_dtype, name="modulation")
+
+
+class DynamicTanh(nn.Module):
+  """Dynamic tanh (`normjax.dynamic_tanh`; Zhu et al., 2025, "Transformers without
+  Normalization"): `tanh(alpha * x) * scale + bias`, a drop-in for a `LayerNorm` over the last
+  axis, without statistics.
+
+  Params: `alpha` (a scalar, initialised to `alpha_init`), `scale` (ones) and `bias` (zeros)
+  of shape `(D,)`, `D` the size of `x`'s last axis, as in the paper.
+
+  Attributes:
+    alpha_init: the initial `alpha` (the paper's 0.5; it suggests smaller values for wider
+      or deeper models).
+    dtype: output dtype (default: promoted from the input and the parameters).
+    param_dtype: dtype of `alpha`, `scale` and `bias`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, normjax.linen as njnn
+    >>> x = jnp.array([[0.0, 100.0, -100.0]])
+    >>> dyt = njnn.DynamicTanh()
+    >>> variables = dyt.init(jax.random.key(0), x)
+    >>> jax.tree.map(jnp.shape, variables["params"])
+    {'alpha': (), 'bias': (3,), 'scale': (3,)}
+    >>> dyt.apply(variables, x)                             # tanh(0.5 * x)
+    Array([[ 0.,  1., -1.]], dtype=float32)
+  """
+  alpha_init: float = 0.5
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`tanh(alpha * x) * scale + bias` over the last axis."""
+    shape = tuple(jnp.shape(x)[a] for a in _flax.feature_axes(-1, jnp.ndim(x), "axis"))
+    alpha = self.param("alpha", initializers.constant(self.alpha_init), (), self.param_dtype)
+    scale = self.param("scale", initializers.ones, shape, self.param_dtype)
+    bias = self.param("bias", initializers.zeros, shape, self.param_dtype)
+    return _flax.dynamic_tanh(x, alpha, scale, bias, dtype=self.dtype)
 
 
 class WSConv(nn.Conv):

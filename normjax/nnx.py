@@ -19,6 +19,27 @@ variables) called with the residual stream: `y, h = AddLayerNorm(C, rngs=rngs)(x
 is `h = x + residual; y = LayerNorm(C, rngs=rngs)(h)` in one pass (`normjax.add_layer_norm`;
 a separate module rather than a `residual=` argument, so that the return type never depends
 on an argument).
+
+As in `normjax.linen`: `scale_offset` (zero-centered scale), `AdaptiveLayerNorm`,
+`AdaptiveGroupNorm`, `DynamicTanh`, and `record_health=True`, which sows `normjax.norm_health`
+as an `nnx.Intermediate` named `norm_health`; `nnx.capture` collects it in a training step:
+
+    >>> import jax.numpy as jnp, optax, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> model = njnnx.RMSNorm(3, record_health=True, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    >>> @nnx.jit
+    ... def train_step(model, optimizer, x):
+    ...   def loss(model):
+    ...     y, intermediates = nnx.capture(model, nnx.Intermediate)(x)
+    ...     return jnp.sum(y ** 2), intermediates["norm_health"][0]
+    ...   (value, health), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    ...   optimizer.update(model, grads)
+    ...   return health
+    >>> x = jnp.array([[1.0, 2.0, 4.0], [3.0, 3.0, 3.0]])     # one row of two is constant
+    >>> health = train_step(model, optimizer, x)
+    >>> {k: round(float(v), 2) for k, v in health._asdict().items()}
+    {'ill_conditioned': 0.0, 'eps_dominated': 0.5, 'constant': 0.5, 'nonfinite': 0.0}
 """
 
 from __future__ import annotations
@@ -41,9 +62,9 @@ from normjax._src import state as _state
 from normjax._src import weights as _weights
 from normjax._src.state import BatchStats
 
-__all__ = ("AddLayerNorm", "AddRMSNorm", "BatchNorm", "BatchRenorm", "FilterResponseNorm",
-           "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv",
-           "WeightNorm")
+__all__ = ("AdaptiveGroupNorm", "AdaptiveLayerNorm", "AddLayerNorm", "AddRMSNorm", "BatchNorm",
+           "BatchRenorm", "DynamicTanh", "FilterResponseNorm", "GroupNorm", "InstanceNorm",
+           "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv", "WeightNorm")
 
 _NO_METADATA: MappingProxyType[str, Any] = MappingProxyType({})
 
@@ -56,6 +77,13 @@ def _param(use: bool, init: Initializer, rngs: nnx.Rngs, shape: tuple[int, ...],
 
 def _value(variable: Any) -> jax.Array | None:
   return None if variable is None else variable[...]
+
+
+def _sow_health(module: nnx.Module, health: Any, *args: Any, **kwargs: Any) -> None:
+  """With `record_health`, sows `health(*args, **kwargs)` (a `NormHealth`) as an
+  `nnx.Intermediate` named `norm_health`."""
+  if module.record_health:  # type: ignore[attr-defined]
+    module.sow(nnx.Intermediate, "norm_health", health(*args, **kwargs))
 
 
 def _store_options(module: nnx.Module, options: dict[str, Any]) -> None:
@@ -90,6 +118,10 @@ class BatchNorm(nnx.Module):
     unbiased_running_var: store the unbiased `n / (n - 1)` batch variance (PyTorch).
     virtual_batch_size: ghost batch norm in training: groups of this many consecutive
       examples along axis 0 are normalized separately (`normjax.batch_norm`).
+    record_health: on every call, sow `normjax.norm_health` of the input, per channel (over
+      every axis but `axis`: its fractions count channels), as an `nnx.Intermediate` named
+      `norm_health`, which `nnx.capture(model, nnx.Intermediate)` collects (see
+      `LayerNorm`). False (the default) adds nothing to the program.
     rngs: the `nnx.Rngs` the parameters are drawn from.
     bias_metadata, scale_metadata: metadata of the `nnx.Param`s.
 
@@ -114,6 +146,7 @@ class BatchNorm(nnx.Module):
     promote_dtype: Any
     unbiased_running_var: bool
     virtual_batch_size: int | None
+    record_health: bool
 
   def __init__(self, num_features: int, *, use_running_average: bool | None = False,
                axis: int | tuple[int, ...] = -1, momentum: float | None = 0.99,
@@ -123,8 +156,9 @@ class BatchNorm(nnx.Module):
                scale_init: Initializer = initializers.ones_init(), axis_name: str | None = None,
                axis_index_groups: Any = None, use_fast_variance: bool = True,
                promote_dtype: Any = _flax.promote_dtype, unbiased_running_var: bool = False,
-               virtual_batch_size: int | None = None, rngs: nnx.Rngs,
-               bias_metadata: Any = _NO_METADATA, scale_metadata: Any = _NO_METADATA):
+               virtual_batch_size: int | None = None, record_health: bool = False,
+               rngs: nnx.Rngs, bias_metadata: Any = _NO_METADATA,
+               scale_metadata: Any = _NO_METADATA):
     num_features = _flax.check_num_features(num_features)
     self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
@@ -148,6 +182,7 @@ class BatchNorm(nnx.Module):
         error_msg="No use_running_average was given to BatchNorm: pass it to the constructor, "
                   "to the call, or set it with model.train() / model.eval().")
     use_running_average = _flax.check_use_running_average(use_running_average)
+    _sow_health(self, _flax.batch_health, x, axis=self.axis, eps=self.epsilon, mask=mask)
     x, mean, var, scale, bias = self.promote_dtype(
         (_flax.check_input(x), self.mean[...], self.var[...], _value(self.scale),
          _value(self.bias)), dtype=self.dtype)
@@ -275,6 +310,14 @@ class LayerNorm(nnx.Module):
     axis_index_groups: not supported (must be None).
     use_fast_variance: accepted for compatibility, ignored.
     promote_dtype: `fn((x, scale, bias), dtype=...)` as in flax.
+    scale_offset: a Python float added to `scale` (in float32): `y = xhat * (scale_offset +
+      scale) + bias`. The zero-centered scale of Gemma and Qwen3-Next is `scale_offset=1.0`
+      with `scale_init=nnx.initializers.zeros` (the default initializer stays ones: give the
+      zeros yourself). Needs `use_scale`.
+    record_health: on every call, sow `normjax.norm_health` of the input over
+      `reduction_axes` (its fractions count the normalized rows) as an `nnx.Intermediate`
+      named `norm_health`, which `nnx.capture(model, nnx.Intermediate)` collects (a tuple,
+      one `NormHealth` per call). False (the default) adds nothing to the program.
     rngs, bias_metadata, scale_metadata: as in `BatchNorm`.
 
   Example:
@@ -282,6 +325,15 @@ class LayerNorm(nnx.Module):
     >>> from flax import nnx
     >>> njnnx.LayerNorm(3, epsilon=0.0, rngs=nnx.Rngs(0))(jnp.array([[1.0, 2.0, 3.0]])).round(4)
     Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
+
+    Recording the input's health (a training step returns what `nnx.capture` collects, and
+    the loop logs it):
+
+    >>> ln = njnnx.LayerNorm(2, record_health=True, rngs=nnx.Rngs(0))
+    >>> x = jnp.array([[1.0, 2.0], [5.0, 5.0]])                 # the second row is constant
+    >>> y, intermediates = nnx.capture(ln, nnx.Intermediate)(x)
+    >>> float(intermediates["norm_health"][0].constant)
+    0.5
   """
 
   if TYPE_CHECKING:  # the constructor's options, set by `_store_options`
@@ -291,6 +343,8 @@ class LayerNorm(nnx.Module):
     feature_axes: Axes
     axis_name: str | None
     promote_dtype: Any
+    scale_offset: float
+    record_health: bool
 
   def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
@@ -298,7 +352,8 @@ class LayerNorm(nnx.Module):
                scale_init: Initializer = initializers.ones_init(), reduction_axes: Axes = -1,
                feature_axes: Axes = -1, axis_name: str | None = None,
                axis_index_groups: Any = None, use_fast_variance: bool = True,
-               promote_dtype: Any = _flax.promote_dtype, rngs: nnx.Rngs,
+               promote_dtype: Any = _flax.promote_dtype, scale_offset: float = 0.0,
+               record_health: bool = False, rngs: nnx.Rngs,
                bias_metadata: Any = _NO_METADATA, scale_metadata: Any = _NO_METADATA):
     num_features = _flax.check_num_features(num_features)
     _flax.no_index_groups(axis_index_groups, "LayerNorm")
@@ -308,11 +363,14 @@ class LayerNorm(nnx.Module):
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
     """Normalizes `x`; `mask` (bool, broadcastable to `x`) selects what enters the statistics."""
+    _sow_health(self, _flax.norm_health, x, reduction_axes=self.reduction_axes,
+                eps=self.epsilon, mask=mask)
     x, scale, bias = self.promote_dtype(
         (_flax.check_input(x), _value(self.scale), _value(self.bias)), dtype=self.dtype)
     return _flax.layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
                             feature_axes=self.feature_axes, dtype=self.dtype, mask=mask,
-                            eps=self.epsilon, axis_name=self.axis_name)
+                            eps=self.epsilon, axis_name=self.axis_name,
+                            scale_offset=self.scale_offset)
 
 
 class RMSNorm(nnx.Module):
@@ -325,6 +383,11 @@ class RMSNorm(nnx.Module):
     reduction_axes, feature_axes, axis_name, axis_index_groups: as in `LayerNorm`.
     use_fast_variance: accepted for compatibility, ignored.
     promote_dtype: `fn((x, scale), dtype=...)` as in flax.
+    scale_offset: as in `LayerNorm`: `y = x * rsqrt(mean(x**2) + epsilon) * (scale_offset +
+      scale)`; Gemma's RMSNorm is `RMSNorm(C, scale_offset=1.0,
+      scale_init=nnx.initializers.zeros, rngs=rngs)` (the default initializer stays ones).
+    record_health: as in `LayerNorm` (the health of the rows' mean and variance, as
+      `normjax.norm_health` takes them).
     rngs, scale_metadata: as in `BatchNorm`.
 
   Example:
@@ -332,6 +395,13 @@ class RMSNorm(nnx.Module):
     >>> from flax import nnx
     >>> njnnx.RMSNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))(jnp.array([[3.0, -3.0]]))
     Array([[ 1., -1.]], dtype=float32)
+
+    Gemma's zero-centered scale: `scale` starts at zeros and the factor applied is `1 + scale`.
+
+    >>> gemma = njnnx.RMSNorm(2, epsilon=0.0, scale_offset=1.0,
+    ...                       scale_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+    >>> gemma.scale[...], gemma(jnp.array([[3.0, -3.0]]))
+    (Array([0., 0.], dtype=float32), Array([[ 1., -1.]], dtype=float32))
   """
 
   if TYPE_CHECKING:  # the constructor's options, set by `_store_options`
@@ -341,13 +411,16 @@ class RMSNorm(nnx.Module):
     feature_axes: Axes
     axis_name: str | None
     promote_dtype: Any
+    scale_offset: float
+    record_health: bool
 
   def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32, use_scale: bool = True,
                scale_init: Initializer = initializers.ones, reduction_axes: Axes = -1,
                feature_axes: Axes = -1, axis_name: str | None = None,
                axis_index_groups: Any = None, use_fast_variance: bool = True,
-               promote_dtype: Any = _flax.promote_dtype, rngs: nnx.Rngs,
+               promote_dtype: Any = _flax.promote_dtype, scale_offset: float = 0.0,
+               record_health: bool = False, rngs: nnx.Rngs,
                scale_metadata: Any = _NO_METADATA):
     num_features = _flax.check_num_features(num_features)
     _flax.no_index_groups(axis_index_groups, "RMSNorm")
@@ -356,16 +429,19 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Normalizes `x`; `mask` (bool, broadcastable to `x`) selects what enters the statistics."""
+    _sow_health(self, _flax.norm_health, x, reduction_axes=self.reduction_axes,
+                eps=self.epsilon, mask=mask)
     x, scale = self.promote_dtype((_flax.check_input(x), _value(self.scale)), dtype=self.dtype)
     return _flax.layer_norm(x, scale, None, reduction_axes=self.reduction_axes,
                             feature_axes=self.feature_axes, dtype=self.dtype, mask=mask,
-                            centered=False, eps=self.epsilon, axis_name=self.axis_name)
+                            centered=False, eps=self.epsilon, axis_name=self.axis_name,
+                            scale_offset=self.scale_offset)
 
 
 class AddLayerNorm(LayerNorm):
   """`LayerNorm` of the residual sum: `__call__(x, residual) -> (y, h)` with `h = x +
   residual` and `y` the layer norm of `h` (`normjax.add_layer_norm`). Same constructor and
-  variables as `LayerNorm`.
+  variables as `LayerNorm` (`scale_offset` included; `record_health` sows the health of `h`).
 
   Example:
     >>> import jax.numpy as jnp, normjax.nnx as njnnx
@@ -383,9 +459,13 @@ class AddLayerNorm(LayerNorm):
     residual = _flax.check_residual(residual, x)
     x, residual, scale, bias = self.promote_dtype(
         (x, residual, _value(self.scale), _value(self.bias)), dtype=self.dtype)
-    return _flax.add_layer_norm(x, residual, scale, bias, reduction_axes=self.reduction_axes,
+    y, h = _flax.add_layer_norm(x, residual, scale, bias, reduction_axes=self.reduction_axes,
                                 feature_axes=self.feature_axes, dtype=self.dtype,
-                                eps=self.epsilon, axis_name=self.axis_name)
+                                eps=self.epsilon, axis_name=self.axis_name,
+                                scale_offset=self.scale_offset)
+    _sow_health(self, _flax.norm_health, h, reduction_axes=self.reduction_axes,
+                eps=self.epsilon)
+    return y, h
 
 
 class AddRMSNorm(RMSNorm):
@@ -406,9 +486,13 @@ class AddRMSNorm(RMSNorm):
     x = _flax.check_input(x)
     residual = _flax.check_residual(residual, x)
     x, residual, scale = self.promote_dtype((x, residual, _value(self.scale)), dtype=self.dtype)
-    return _flax.add_layer_norm(x, residual, scale, None, reduction_axes=self.reduction_axes,
+    y, h = _flax.add_layer_norm(x, residual, scale, None, reduction_axes=self.reduction_axes,
                                 feature_axes=self.feature_axes, dtype=self.dtype,
-                                centered=False, eps=self.epsilon, axis_name=self.axis_name)
+                                centered=False, eps=self.epsilon, axis_name=self.axis_name,
+                                scale_offset=self.scale_offset)
+    _sow_health(self, _flax.norm_health, h, reduction_axes=self.reduction_axes,
+                eps=self.epsilon)
+    return y, h
 
 
 class InstanceNorm(nnx.Module):
@@ -583,6 +667,179 @@ class FilterResponseNorm(nnx.Module):
       eps = eps + jnp.abs(self.eps[...])
     return _flax.filter_response_norm(x, scale, bias, tau, channel_axis=self.feature_axis,
                                       eps=eps, dtype=self.dtype, mask=mask)
+
+
+class AdaptiveLayerNorm(nnx.Module):
+  """Adaptive layer norm with a zero-initialised modulation (adaLN-Zero, DiT); see
+  `normjax.linen.AdaptiveLayerNorm` for what it computes.
+
+  `__call__(x, cond)` with `x` of shape `[B, ..., num_features]` and `cond` of shape
+  `[B, cond_features]`: `silu(cond)` (as DiT) goes through the `nnx.Linear` named
+  `modulation` (`kernel` `(cond_features, n * num_features)`, `bias` `(n * num_features,)`,
+  n = 3 with the gate, else 2; both initialised to zeros), whose output is split in DiT's
+  `chunk` order into `shift`, `scale` and `gate`, each reshaped to `[B, 1, ..., 1,
+  num_features]`; `y = layer_norm(x) * (1 + scale) + shift`. Returns `(y, gate)` with
+  `use_gate`, else `y`. At initialisation `y` is the plain layer norm and `gate` is 0.
+
+  Args:
+    num_features: the size of `x`'s last axis.
+    cond_features: the size of the conditioning vector.
+    epsilon: added to the variance (DiT's 1e-6).
+    use_gate: also compute and return a `gate`.
+    dtype: computation dtype of the Linear and output dtype of `y` (default: promoted).
+    param_dtype: dtype of the Linear's parameters.
+    rngs: the `nnx.Rngs` the Linear draws its (zero) parameters from.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax as nj, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> ada = njnnx.AdaptiveLayerNorm(4, 5, rngs=nnx.Rngs(0))
+    >>> ada.modulation.kernel.shape
+    (5, 12)
+    >>> x, cond = jnp.arange(24.0).reshape(2, 3, 4), jnp.ones((2, 5))
+    >>> y, gate = ada(x, cond)                                   # at init: layer_norm(x), 0
+    >>> bool(jnp.allclose(y, nj.layer_norm(x, eps=1e-6))), gate.shape, float(abs(gate).max())
+    (True, (2, 1, 4), 0.0)
+  """
+
+  if TYPE_CHECKING:  # the constructor's options, set by `_store_options`
+    num_features: int
+    cond_features: int
+    epsilon: float
+    use_gate: bool
+    dtype: Dtype | None
+
+  def __init__(self, num_features: int, cond_features: int, *, epsilon: float = 1e-6,
+               use_gate: bool = True, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.modulation = _zero_linear(cond_features,
+                                   _flax.modulation_features(num_features, use_gate), dtype,
+                                   param_dtype, rngs)
+    _store_options(self, locals())
+
+  def __call__(self, x: jax.Array, cond: jax.Array, *, mask: jax.Array | None = None) -> Any:
+    """`(y, gate)` with `use_gate`, else `y`; `mask` (bool, broadcastable to `x`) selects
+    what enters the statistics."""
+    return _flax.adaptive_layer_norm(x, cond, self._modulation, use_gate=self.use_gate,
+                                     dtype=self.dtype, eps=self.epsilon, mask=mask,
+                                     num_features=self.num_features,
+                                     cond_features=self.cond_features)
+
+  def _modulation(self, h: jax.Array, features: int) -> jax.Array:
+    del features  # the Linear was made with them
+    return self.modulation(h)
+
+
+class AdaptiveGroupNorm(nnx.Module):
+  """Adaptive group norm (AdaGN), channels-last; see `normjax.linen.AdaptiveGroupNorm`.
+
+  `__call__(x, cond)`: `silu(cond)` through the zero-initialised `nnx.Linear` `modulation`
+  (`(cond_features, 2 * num_features)`), split into `shift`, `scale` (that order) of shape
+  `[B, 1, ..., 1, num_features]`; returns `group_norm(x) * (1 + scale) + shift`.
+
+  Args:
+    num_features: the number of channels (the size of `x`'s last axis).
+    cond_features: the size of the conditioning vector.
+    num_groups: the number of channel groups (default 32, as `GroupNorm`).
+    group_size: the number of channels per group (give exactly one of the two).
+    epsilon: added to the variance (default 1e-5).
+    dtype, param_dtype, rngs: as in `AdaptiveLayerNorm`.
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> agn = njnnx.AdaptiveGroupNorm(8, 16, num_groups=4, rngs=nnx.Rngs(0))
+    >>> agn(jnp.ones((2, 4, 4, 8)), jnp.ones((2, 16))).shape
+    (2, 4, 4, 8)
+  """
+
+  if TYPE_CHECKING:  # the constructor's options, set by `_store_options`
+    num_features: int
+    cond_features: int
+    num_groups: int
+    epsilon: float
+    dtype: Dtype | None
+
+  def __init__(self, num_features: int, cond_features: int, *, num_groups: int | None = 32,
+               group_size: int | None = None, epsilon: float = 1e-5,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    features = _flax.modulation_features(num_features, False)
+    num_groups = num_features // _flax.check_group_size(num_features, num_groups, group_size)
+    self.modulation = _zero_linear(cond_features, features, dtype, param_dtype, rngs)
+    _store_options(self, {k: v for k, v in locals().items() if k not in ("features",
+                                                                          "group_size")})
+
+  def __call__(self, x: jax.Array, cond: jax.Array, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    """The modulated group norm of `x`; `mask` (bool, broadcastable to `x`) selects what
+    enters the statistics."""
+    return _flax.adaptive_group_norm(x, cond, self._modulation, dtype=self.dtype,
+                                     num_groups=self.num_groups, group_size=None,
+                                     eps=self.epsilon, mask=mask,
+                                     num_features=self.num_features,
+                                     cond_features=self.cond_features)
+
+  def _modulation(self, h: jax.Array, features: int) -> jax.Array:
+    del features  # the Linear was made with them
+    return self.modulation(h)
+
+
+def _zero_linear(cond_features: int, features: int, dtype: Dtype | None, param_dtype: Dtype,
+                 rngs: nnx.Rngs) -> nnx.Linear:
+  """The adaptive modules' `modulation` Linear, zero-initialised (adaLN-Zero)."""
+  return nnx.Linear(_flax.check_cond_features(cond_features), features, dtype=dtype,
+                    param_dtype=param_dtype, kernel_init=initializers.zeros_init(),
+                    bias_init=initializers.zeros_init(),
+                    # The same-length tuple flax's PromoteDtypeFn types as its TupleArg.
+                    promote_dtype=_flax.promote_dtype,  # type: ignore[arg-type]
+                    rngs=rngs)
+
+
+class DynamicTanh(nnx.Module):
+  """Dynamic tanh (`normjax.dynamic_tanh`; Zhu et al., 2025): `tanh(alpha * x) * scale + bias`
+  over the last axis; see `normjax.linen.DynamicTanh`.
+
+  Params: `alpha` (a scalar, `alpha_init`), `scale` (ones) and `bias` (zeros) of shape
+  `(num_features,)`.
+
+  Args:
+    num_features: the size of `x`'s last axis.
+    alpha_init: the initial `alpha` (the paper's 0.5).
+    dtype: output dtype (default: promoted from the input and the parameters).
+    param_dtype: dtype of the parameters.
+    promote_dtype: `fn((x, alpha, scale, bias), dtype=...)` as the other modules'.
+    rngs: the `nnx.Rngs` (one key drawn per parameter, as flax's initializers do).
+
+  Example:
+    >>> import jax.numpy as jnp, normjax.nnx as njnnx
+    >>> from flax import nnx
+    >>> dyt = njnnx.DynamicTanh(3, rngs=nnx.Rngs(0))
+    >>> float(dyt.alpha[...]), dyt(jnp.array([[0.0, 100.0, -100.0]]))
+    (0.5, Array([[ 0.,  1., -1.]], dtype=float32))
+  """
+
+  if TYPE_CHECKING:  # the constructor's options, set by `_store_options`
+    dtype: Dtype | None
+    promote_dtype: Any
+
+  def __init__(self, num_features: int, *, alpha_init: float = 0.5, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, promote_dtype: Any = _flax.promote_dtype,
+               rngs: nnx.Rngs):
+    num_features = _flax.check_num_features(num_features)
+    self.alpha = _param(True, initializers.constant(alpha_init), rngs, (), param_dtype,
+                        _NO_METADATA)
+    self.scale = _param(True, initializers.ones_init(), rngs, (num_features,), param_dtype,
+                        _NO_METADATA)
+    self.bias = _param(True, initializers.zeros_init(), rngs, (num_features,), param_dtype,
+                       _NO_METADATA)
+    _store_options(self, locals())
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`tanh(alpha * x) * scale + bias` over the last axis."""
+    x, alpha, scale, bias = self.promote_dtype(
+        (_flax.check_input(x), self.alpha[...], self.scale[...], self.bias[...]),
+        dtype=self.dtype)
+    return _flax.dynamic_tanh(x, alpha, scale, bias, dtype=self.dtype)
 
 
 class _StandardizedConv:

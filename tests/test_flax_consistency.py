@@ -89,8 +89,9 @@ def test_linen_and_nnx_agree_bit_for_bit(name, num_features, options, shape, dty
 
 def test_the_module_sets_match():
   assert set(njnn.__all__) == set(njnnx.__all__) == {
-      "AddLayerNorm", "AddRMSNorm", "BatchNorm", "BatchRenorm", "FilterResponseNorm",
-      "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv", "WeightNorm"}
+      "AdaptiveGroupNorm", "AdaptiveLayerNorm", "AddLayerNorm", "AddRMSNorm", "BatchNorm",
+      "BatchRenorm", "DynamicTanh", "FilterResponseNorm", "GroupNorm", "InstanceNorm",
+      "LayerNorm", "RMSNorm", "SpectralNorm", "WSConv", "WeightNorm"}
   for name in njnn.__all__:
     assert issubclass(getattr(njnn, name), nn.Module)
     assert issubclass(getattr(njnnx, name), nnx.Module)

@@ -4,7 +4,8 @@ Flax describes a normalization by its reduction axes and feature axes (the axes 
 scale and bias vary along); normjax's functions by `axis` / `channel_axis` / `batch_axis`, with
 parameters of the variant's feature shape. Each function here turns the first description into
 one call of a normjax function, using only reshapes, transposes, broadcasts, `vmap`s and dtype
-casts. No statistic is computed here: the maths stays in `normjax._src.numerics`.
+casts (and, for the adaptive modules, DiT's `silu` of the conditioning vector before their Dense
+layer). No statistic is computed here: the maths stays in `normjax._src.numerics`.
 
 Dtypes follow flax: the output has `dtype` if given, else the promoted dtype of the input and
 the parameters; statistics are computed in at least float32 from the input (cast up to the
@@ -24,12 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normjax._src import adaptive
 from normjax._src import batch
 from normjax._src import checks
 from normjax._src import dispatch
 from normjax._src import group
+from normjax._src import health
 from normjax._src import layer
 from normjax._src import response
+from normjax._src import tanh
+from normjax._src.health import NormHealth
 from normjax._src.state import BatchStats
 
 
@@ -235,7 +240,8 @@ def layer_norm(x: Any, scale: Any, bias: Any, *, reduction_axes: Any, feature_ax
 
 def add_layer_norm(x: Any, residual: Any, scale: Any, bias: Any, *, reduction_axes: Any,
                    feature_axes: Any, dtype: Any, centered: bool = True, eps: Any,
-                   axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
+                   axis_name: Any = None, scale_offset: Any = 0.0
+                   ) -> tuple[jax.Array, jax.Array]:
   """`(layer_norm(h, ...), h)` with `h = x + residual` (`rms_norm` when not `centered`).
 
   `residual` must have `x`'s shape and dtype; both are cast to the computation dtype (as `x`
@@ -253,13 +259,15 @@ def add_layer_norm(x: Any, residual: Any, scale: Any, bias: Any, *, reduction_ax
   if red != feat or axis_name is not None:
     h = dispatch.residual_sum(x, residual)
     return layer_norm(h, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes,
-                      dtype=dtype, centered=centered, eps=eps, axis_name=axis_name), h
+                      dtype=dtype, centered=centered, eps=eps, axis_name=axis_name,
+                      scale_offset=scale_offset), h
   shape = [x.shape[a] for a in red]
   scale, bias = to_shape(scale, shape, "scale"), to_shape(bias, shape, "bias")
   if centered:
-    y, h = layer.add_layer_norm(x, residual, scale, bias, axis=red, eps=eps)
+    y, h = layer.add_layer_norm(x, residual, scale, bias, axis=red, eps=eps,
+                                scale_offset=scale_offset)
   else:
-    y, h = layer.add_rms_norm(x, residual, scale, axis=red, eps=eps)
+    y, h = layer.add_rms_norm(x, residual, scale, axis=red, eps=eps, scale_offset=scale_offset)
   return y.astype(out), h
 
 
@@ -327,3 +335,103 @@ def filter_response_norm(x: Any, scale: Any, bias: Any, tau: Any, *, channel_axi
   x, out = _input(x, (scale, bias, tau), dtype)
   y = response.filter_response_norm(x, scale, bias, tau, channel_axis=channel_axis, **kwargs)
   return y.astype(out)
+
+
+def linen_promote_dtype(*args: Any, dtype: Any = None, inexact: bool = True) -> list:
+  """`promote_dtype` in `flax.linen`'s calling convention (the arrays as positional arguments),
+  for the `Dense` layers the linen modules make; works under strict promotion."""
+  return list(promote_dtype(args, dtype=dtype, inexact=inexact))
+
+
+def norm_health(x: Any, *, reduction_axes: Any, eps: Any, mask: Any = None) -> NormHealth:
+  """`nj.norm_health` of a module's input over its reduction axes (flax's `reduction_axes`:
+  the axes a layer or RMS norm normalizes over, or every axis but the features for a batch
+  norm, whose rows are then its channels)."""
+  x = checks.check_floating(x)
+  axes = checks.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+  return health.norm_health(x, axis=axes, eps=eps, mask=mask)
+
+
+def batch_health(x: Any, *, axis: Any, eps: Any, mask: Any = None) -> NormHealth:
+  """`nj.norm_health` per channel of a batch norm: over every axis but the feature `axis`."""
+  x = checks.check_floating(x)
+  feat = checks.canonicalize_axes(axis, x.ndim, "axis")
+  return norm_health(x, reduction_axes=tuple(a for a in range(x.ndim) if a not in feat),
+                     eps=eps, mask=mask)
+
+
+Modulation = Callable[[jax.Array, int], jax.Array]
+
+
+def _modulation(x: Any, cond: Any, modulation: Modulation, chunks: int, dtype: Any,
+                num_features: int | None, cond_features: int | None
+                ) -> tuple[jax.Array, list[jax.Array], jnp.dtype]:
+  """Checks `x` (`[B, ..., D]`) and `cond` (`[B, cond_features]`); returns `x` in its
+  computation dtype, the `chunks` outputs of `modulation(silu(cond), chunks * D)` each
+  reshaped to `[B, 1, ..., 1, D]` (x's rank), in DiT's `chunk` order, and the output dtype."""
+  x = checks.check_floating(x)
+  cond = checks.check_floating(cond, "cond")
+  if x.ndim < 2:
+    raise ValueError(f"x must have a batch axis and a feature axis, [B, ..., num_features]; got "
+                     f"x of shape {tuple(x.shape)}.")
+  if num_features is not None:
+    check_channels(x, -1, num_features)
+  batch, features = x.shape[0], x.shape[-1]
+  if (cond.ndim != 2 or cond.shape[0] != batch
+      or (cond_features is not None and cond.shape[1] != cond_features)):
+    expected = "cond_features" if cond_features is None else cond_features
+    raise ValueError(f"cond must have shape (B, cond_features) = ({batch}, {expected}), one "
+                     f"conditioning vector per example of x (x.shape={tuple(x.shape)}); got "
+                     f"cond of shape {tuple(cond.shape)}.")
+  h = modulation(jax.nn.silu(cond), chunks * features)   # DiT: Linear(SiLU(c))
+  out = result_dtype(x, h, dtype=dtype)
+  per_example = (batch,) + (1,) * (x.ndim - 2) + (features,)
+  parts = [p.reshape(per_example) for p in jnp.split(h, chunks, axis=-1)]
+  return x.astype(result_dtype(x, out)), parts, out
+
+
+def adaptive_layer_norm(x: Any, cond: Any, modulation: Modulation, *, use_gate: bool,
+                        dtype: Any, eps: Any, mask: Any = None, num_features: int | None = None,
+                        cond_features: int | None = None) -> Any:
+  """adaLN(-Zero): `nj.adaptive_layer_norm(x, shift, scale)` over the last axis with `shift,
+  scale(, gate)` from `modulation(silu(cond), n * D)`; returns `(y, gate)` or `y`.
+
+  `modulation(h, features)` is the module's Dense layer (made or called by the face) applied to
+  `h`. `gate` comes back as `shift` and `scale` go in: `[B, 1, ..., 1, D]`, x's rank.
+  """
+  use_gate = checks.check_bool(use_gate, "use_gate", "True to return a gate too")
+  x, parts, out = _modulation(x, cond, modulation, 3 if use_gate else 2, dtype, num_features,
+                              cond_features)
+  y = adaptive.adaptive_layer_norm(x, parts[0], parts[1], eps=eps, mask=mask).astype(out)
+  return (y, parts[2]) if use_gate else y
+
+
+def adaptive_group_norm(x: Any, cond: Any, modulation: Modulation, *, dtype: Any,
+                        num_groups: int | None, group_size: int | None, eps: Any,
+                        mask: Any = None, num_features: int | None = None,
+                        cond_features: int | None = None) -> jax.Array:
+  """AdaGN: `nj.adaptive_group_norm(x, shift, scale)` (channels-last, batch axis 0) with
+  `shift, scale` from `modulation(silu(cond), 2 * C)`."""
+  x, (shift, scale), out = _modulation(x, cond, modulation, 2, dtype, num_features,
+                                       cond_features)
+  return adaptive.adaptive_group_norm(x, shift, scale, num_groups=num_groups,
+                                      group_size=group_size, channel_axis=-1, batch_axis=0,
+                                      eps=eps, mask=mask).astype(out)
+
+
+def dynamic_tanh(x: Any, alpha: Any, scale: Any, bias: Any, *, dtype: Any) -> jax.Array:
+  """`nj.dynamic_tanh` over the last axis, in flax's dtypes (output `dtype`, else promoted)."""
+  x, out = _input(x, (alpha, scale, bias), dtype)
+  return tanh.dynamic_tanh(x, alpha, scale, bias, axis=-1).astype(out)
+
+
+def modulation_features(num_features: Any, use_gate: Any) -> int:
+  """The output width of an adaptive module's `modulation` Dense: `shift`, `scale` (and
+  `gate`), `num_features` each."""
+  chunks = 3 if checks.check_bool(use_gate, "use_gate", "True to return a gate too") else 2
+  return chunks * check_num_features(num_features)
+
+
+def check_cond_features(cond_features: Any) -> int:
+  """An nnx adaptive module's `cond_features`: a positive int."""
+  return checks.check_positive_int(cond_features, "cond_features")
