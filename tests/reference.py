@@ -148,3 +148,185 @@ def power_iteration(w, u, n_steps, eps=1e-12):
     if np.linalg.norm(w.T @ v) >= eps and np.any(w.T @ v):
       u = l2(w.T @ v)
   return u, v @ w @ u
+
+
+# ------------------------------------------------------------------- layers of today's models
+#
+# Written with `xp`, the array namespace of the arguments: NumPy for float64 values, or
+# jax.numpy under `jax.enable_x64` for the float64 derivatives (jax's autodiff of the plain
+# formula, which shares nothing with normjax's closed-form derivative).
+
+
+def _xp(*arrays):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
+
+
+def _cast(xp, a):
+  return None if a is None else xp.asarray(a, dtype=xp.float64)
+
+
+def _axes(axis, ndim):
+  return tuple(sorted(a % ndim for a in np.atleast_1d(axis)))
+
+
+def _standardized(x, axes, eps, mask, centered):
+  """(x - mean) / sqrt(var + eps), or x / sqrt(mean(x^2) + eps), counting only `mask`."""
+  xp = _xp(x)
+  m = xp.ones(x.shape, bool) if mask is None else xp.broadcast_to(xp.asarray(mask, bool), x.shape)
+  n = xp.maximum(xp.sum(m, axis=axes, keepdims=True).astype(xp.float64), 1.0)
+  mean = xp.sum(xp.where(m, x, 0.0), axis=axes, keepdims=True) / n if centered else 0.0 * n
+  d = x - mean
+  var = xp.sum(xp.where(m, d * d, 0.0), axis=axes, keepdims=True) / n
+  return d / xp.sqrt(var + eps)
+
+
+def _modulate(y, shift, scale):
+  if scale is not None:
+    y = y * (1.0 + scale)
+  return y if shift is None else y + shift
+
+
+def adaptive_layer_norm(x, shift=None, scale=None, *, axis=-1, eps=1e-6, mask=None):
+  """layer_norm(x) * (1 + scale) + shift; shift and scale of x's rank."""
+  xp = _xp(x, shift, scale)
+  x, shift, scale = (_cast(xp, a) for a in (x, shift, scale))
+  return _modulate(_standardized(x, _axes(axis, x.ndim), eps, mask, True), shift, scale)
+
+
+def adaptive_rms_norm(x, scale=None, *, axis=-1, eps=1e-6, mask=None):
+  xp = _xp(x, scale)
+  x, scale = _cast(xp, x), _cast(xp, scale)
+  return _modulate(_standardized(x, _axes(axis, x.ndim), eps, mask, False), None, scale)
+
+
+def adaptive_group_norm(x, shift=None, scale=None, *, num_groups, channel_axis=-1, batch_axis=0,
+                        eps=1e-5, mask=None):
+  """group_norm(x) * (1 + scale) + shift: the channels split into `num_groups` consecutive
+  groups, each normalized over it and every axis but the batch and channel axes."""
+  xp = _xp(x, shift, scale)
+  x, shift, scale = (_cast(xp, a) for a in (x, shift, scale))
+  c = channel_axis % x.ndim
+  b = None if batch_axis is None else batch_axis % x.ndim
+  split = x.shape[:c] + (num_groups, x.shape[c] // num_groups) + x.shape[c + 1:]
+  # After the split, the channel axis c is (group c, member c + 1); others shift by one past c.
+  moved = lambda a: a if a < c else a + 1
+  axes = tuple(moved(a) for a in range(x.ndim) if a not in (b, c)) + (c + 1,)
+  m = None if mask is None else xp.broadcast_to(xp.asarray(mask, bool), x.shape).reshape(split)
+  y = _standardized(x.reshape(split), tuple(sorted(axes)), eps, m, True).reshape(x.shape)
+  return _modulate(y, shift, scale)
+
+
+def silu(z):
+  xp = _xp(z)
+  return z / (1.0 + xp.exp(-z))
+
+
+def gated_rms_norm(x, z, scale=None, *, axis=-1, group_size=None, norm_before_gate=False,
+                   eps=1e-6):
+  """Mamba-2's RMSNormGated: rms_norm(x * silu(z)) * scale, or rms_norm(x) * scale * silu(z);
+  the mean square per group of `group_size` consecutive features along `axis`."""
+  xp = _xp(x, z, scale)
+  x, z, scale = (_cast(xp, a) for a in (x, z, scale))
+  axes = _axes(axis, x.ndim)
+  inner = x if norm_before_gate else x * silu(z)
+  if group_size is None:
+    y = _standardized(inner, axes, eps, None, False)
+  else:
+    (a,) = axes
+    split = x.shape[:a] + (x.shape[a] // group_size, group_size) + x.shape[a + 1:]
+    y = _standardized(inner.reshape(split), (a + 1,), eps, None, False).reshape(x.shape)
+  if scale is not None:
+    y = y * scale.reshape([x.shape[i] if i in axes else 1 for i in range(x.ndim)])
+  return y * silu(z) if norm_before_gate else y
+
+
+def dynamic_tanh(x, alpha, scale=None, bias=None, *, axis=-1):
+  xp = _xp(x, alpha, scale, bias)
+  x, alpha, scale, bias = (_cast(xp, a) for a in (x, alpha, scale, bias))
+  shape = [x.shape[i] if i in _axes(axis, x.ndim) else 1 for i in range(x.ndim)]
+  y = xp.tanh(alpha * x)
+  if scale is not None:
+    y = y * scale.reshape(shape)
+  return y if bias is None else y + bias.reshape(shape)
+
+
+def l2_normalize(x, *, axis=-1, eps=1e-12):
+  """x / max(||x||, eps) (PyTorch's F.normalize); a zero vector stays zero."""
+  xp = _xp(x)
+  x = _cast(xp, x)
+  norm = xp.sqrt(xp.sum(x * x, axis=_axes(axis, x.ndim), keepdims=True))
+  floor = xp.maximum(norm, eps)
+  return x / xp.where(floor > 0, floor, 1.0)
+
+
+def norm_health(x, *, axis=-1, eps=1e-5, mask=None):
+  """(ill_conditioned, eps_dominated, constant, nonfinite) row fractions, by a loop over the
+  rows (mask: only True elements count; a row with a counted NaN/Inf is non-finite only)."""
+  x = _f64(x)
+  axes = _axes(axis, x.ndim)
+  m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
+  length = int(np.prod([x.shape[a] for a in axes]))
+  shape = (int(np.prod([n for a, n in enumerate(x.shape) if a not in axes])), length)
+  last = tuple(range(-len(axes), 0))
+  rows_x = np.moveaxis(x, axes, last).reshape(shape)
+  rows_m = np.moveaxis(m, axes, last).reshape(shape)
+  counts = np.zeros(4)
+  for row, keep in zip(rows_x, rows_m):
+    values = row[keep]
+    if not np.all(np.isfinite(values)):
+      counts[3] += 1
+      continue
+    mean = values.mean() if values.size else 0.0
+    var = ((values - mean) ** 2).mean() if values.size else 0.0
+    counts += [0 < var and mean * mean > 1e4 * var, var < eps, var == 0, 0]
+  return tuple(counts / max(len(rows_x), 1))
+
+
+_DERIVATIVES = {}   # the float64 derivatives by the caller's key: one run for every implementation
+
+
+def assert_derivatives_match(fn, want, args, *, seed=0, rtol=1e-4, atol=1e-4, check_value=True,
+                             key=None):
+  """`fn` (normjax, on float32 `args`) against `want` (a formula above, on the same values in
+  float64 under `jax.enable_x64`): the value, the gradient of `sum(sin(y) * w)` (reverse mode),
+  the directional derivative along random tangents (forward mode), and that loss's Hessian
+  times the tangents by forward-over-reverse and by reverse-over-forward. Tolerances are
+  relative to each quantity's largest magnitude (atol) and elementwise (rtol). `key`: names
+  (`want`, `args`, `seed`) for reuse of the float64 run by a later call with the same key."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  tangents = [rng.standard_normal(np.shape(a)) for a in args]
+  weights = rng.standard_normal(np.shape(jax.eval_shape(fn, *args)))
+
+  def all_derivatives(f, args, tangents):
+    args, tangents = tuple(args), tuple(tangents)
+    argnums = tuple(range(len(args)))
+    loss = lambda *a: jnp.sum(jnp.sin(f(*a)) * jnp.asarray(weights, args[0].dtype))
+    grad = jax.grad(loss, argnums=argnums)
+    forward = lambda *a: jax.jvp(loss, a, tangents)[1]
+    return {"value": f(*args), "grad": grad(*args), "jvp": jax.jvp(f, args, tangents)[1],
+            "hvp forward-over-reverse": jax.jvp(grad, args, tangents)[1],
+            "hvp reverse-over-forward": jax.grad(forward, argnums=argnums)(*args)}
+
+  from tests.helpers import fast_compiles  # pylint: disable=import-outside-toplevel
+  f32 = [jnp.asarray(a, jnp.float32) for a in args]
+  with fast_compiles():   # one run of each program: optimizing would cost more than it saves
+    got = jax.jit(lambda a, t: all_derivatives(fn, a, t))(
+        f32, [jnp.asarray(t, jnp.float32) for t in tangents])
+  if key is None or key not in _DERIVATIVES:
+    with jax.enable_x64(True), fast_compiles():
+      f64 = [jnp.asarray(np.asarray(a, np.float64)) for a in f32]
+      expected = jax.jit(lambda a, t: all_derivatives(want, a, t))(
+          f64, [jnp.asarray(t) for t in tangents])
+      _DERIVATIVES[key] = expected = jax.tree.map(np.asarray, expected)
+  expected = _DERIVATIVES[key]
+  for name in expected:
+    if name == "value" and not check_value:
+      continue
+    for i, (g, w) in enumerate(zip(jax.tree.leaves(got[name]), jax.tree.leaves(expected[name]))):
+      np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol,
+                                 atol=atol * max(np.abs(w).max(initial=0.0), 1e-3),
+                                 err_msg=f"{name}, argument {i}")

@@ -46,14 +46,15 @@ def dynamic_tanh(x: jax.Array, alpha: jax.Array, scale: jax.Array | None,
 def l2_normalize(x: jax.Array, axes: Axes, eps: Any) -> jax.Array:
   """`x / max(||x||, eps)` over `axes` in at least float32, returned in `x.dtype`.
 
-  A zero vector stays zero, with finite derivatives (the norm's square root is taken only of
-  positive sums, so its derivative at zero is not `inf * 0`).
+  - A zero vector stays zero, with finite derivatives (the norm's square root is taken only of
+    non-zero sums, so its derivative at zero is not `inf * 0`).
+  - A NaN in the vector gives a NaN vector (the NaN norm is kept, not floored to `eps`).
   """
   dtype = stats_dtype(x.dtype)
   v = x.astype(dtype)
   square = jnp.sum(v * v, axis=axes, keepdims=True)
-  positive = square > 0
-  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, square, jnp.ones((), dtype))),
-                   jnp.zeros((), dtype))
-  floor = jnp.maximum(norm, jnp.asarray(eps, dtype))
-  return (v / jnp.where(floor > 0, floor, jnp.ones((), dtype))).astype(x.dtype)
+  zero = square == 0
+  norm = jnp.where(zero, jnp.zeros((), dtype),
+                   jnp.sqrt(jnp.where(zero, jnp.ones((), dtype), square)))
+  floor = jnp.maximum(norm, jnp.asarray(eps, dtype))   # NaN stays NaN
+  return (v / jnp.where(floor == 0, jnp.ones((), dtype), floor)).astype(x.dtype)
