@@ -292,3 +292,153 @@ def test_core_add_standardize_reference_definition():
   want = jax.grad(_loss(unfused), argnums=(0, 1, 2, 3))(x, r, s16, b16)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------ scale_offset and residual_dtype (issue 28)
+
+# name -> (normjax function of (x, w, b, **kw) returning y, float64 reference of (x, w, b) for
+# the scale 1 + w, traceable by jax under x64 for the derivatives)
+OFFSET_VARIANTS = {
+    "layer": (lambda x, w, b, **kw: nj.layer_norm(x, w, b, **kw),
+              lambda x, w, b: ref.adaptive_layer_norm(x, b.reshape(1, 1, -1),
+                                                      w.reshape(1, 1, -1), eps=1e-5)),
+    "rms": (lambda x, w, b, **kw: nj.rms_norm(x, w, **kw),
+            lambda x, w, b: ref.adaptive_rms_norm(x, w.reshape(1, 1, -1))),
+    "add_layer": (lambda x, w, b, **kw: nj.add_layer_norm(x, x, w, b, **kw)[0],
+                  lambda x, w, b: ref.adaptive_layer_norm(2 * x, b.reshape(1, 1, -1),
+                                                          w.reshape(1, 1, -1), eps=1e-5)),
+    "add_rms": (lambda x, w, b, **kw: nj.add_rms_norm(x, x, w, **kw)[0],
+                lambda x, w, b: ref.adaptive_rms_norm(2 * x, w.reshape(1, 1, -1))),
+}
+
+
+def _offset_inputs(loc=0.0):
+  return rand((4, 6, 16), 0, loc=loc), rand((16,), 1, spread=0.1), rand((16,), 2)
+
+
+@pytest.mark.parametrize("name", sorted(OFFSET_VARIANTS))
+@pytest.mark.parametrize("loc", slow_except([0.0, 1e5], 1e5))
+def test_scale_offset_against_float64(implementation, name, loc):
+  """`scale_offset=1.0`: the scale is `1 + w` (Gemma's zero-centered scale), on every path."""
+  fn, want = OFFSET_VARIANTS[name]
+  x, w, b = _offset_inputs(loc)
+  y = jax.jit(lambda x, w, b: fn(x, w, b, scale_offset=1.0))(x, w, b)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y, np.float64), want(x, w, b), rtol=1e-5, atol=1e-5)
+  # Another offset: y = xhat * (offset + w) + b; and 0.0 is the plain norm, bit for bit.
+  y2 = jax.jit(lambda x, w, b: fn(x, w, b, scale_offset=-2.5))(x, w, b)
+  np.testing.assert_allclose(np.asarray(y2, np.float64), want(x, w - 3.5, b), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_array_equal(fn(x, w, b, scale_offset=0.0), fn(x, w, b))
+
+
+@pytest.mark.parametrize("name", slow_except(sorted(OFFSET_VARIANTS), "rms"))
+def test_scale_offset_derivatives(implementation, name):
+  """First and second derivatives in x and w (and b), reverse and forward mode."""
+  fn, want = OFFSET_VARIANTS[name]
+  ref.assert_derivatives_match(lambda x, w, b: fn(x, w, b, scale_offset=1.0), want,
+                               _offset_inputs(), key=("scale_offset", name))
+
+
+@pytest.mark.parametrize("name", sorted(OFFSET_VARIANTS))
+def test_scale_offset_is_formed_in_float32(implementation, name):
+  """A bfloat16 w of 1e-3 scales by 1.001 (a bfloat16 1 + w is 1.0): with float32 x to 1e-6;
+  with bfloat16 x the output is bfloat16, as float64's on the rounded input within a rounding,
+  and as the float32 scale `1 + w` gives within a bfloat16 ulp."""
+  fn, want = OFFSET_VARIANTS[name]
+  x, _, b = _offset_inputs()
+  w = jnp.full((16,), 1e-3, jnp.bfloat16)
+  assert float((1 + w)[0]) == 1.0   # the rounding the offset avoids
+  w64 = np.asarray(w.astype(jnp.float32), np.float64)
+  b16 = jnp.asarray(b, jnp.bfloat16)
+  b64 = np.asarray(b16.astype(jnp.float32), np.float64)
+  y = jax.jit(lambda x, w, b: fn(x, w, b, scale_offset=1.0))(x, w, b16)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y, np.float64), want(x, w64, b64), rtol=1e-6, atol=1e-6)
+  assert np.abs(want(x, w64, b64) - want(x, 0 * w64, b64)).max() > 1e-3   # the check can tell
+  xb = jnp.asarray(x, jnp.bfloat16)
+  yb = jax.jit(lambda x, w, b: fn(x, w, b, scale_offset=1.0))(xb, w, b16)
+  assert yb.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(   # within a bf16 ulp
+      fn(xb, 1 + w.astype(F32), b16), np.float32), rtol=2.0 ** -7, atol=1e-6)
+  x64 = np.asarray(xb.astype(F32), np.float64)
+  np.testing.assert_allclose(np.asarray(yb, np.float64), want(x64, w64, b64), rtol=1e-2,
+                             atol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["add_layer", "add_rms"])
+@pytest.mark.parametrize("residual", ["float32", "bfloat16"])
+def test_residual_dtype(implementation, name, residual):
+  """bfloat16 x, a float32 (or bfloat16) residual, residual_dtype=float32: h is the float32
+  sum, formed, kept and returned in float32; y is bfloat16, the norm of that h within a
+  rounding; residual_dtype=bfloat16 is the default."""
+  fn = nj.add_layer_norm if name == "add_layer" else nj.add_rms_norm
+  norm = ref.layer_norm if name == "add_layer" else ref.rms_norm
+  x = jnp.asarray(rand((4, 6, 16), 0), jnp.bfloat16)
+  r = jnp.asarray(rand((4, 6, 16), 1, loc=100.0, spread=3.0), residual)
+  w = jnp.asarray(rand((16,), 2, loc=1.0, spread=0.1))
+  y, h = jax.jit(lambda x, r: fn(x, r, w, residual_dtype=jnp.float32))(x, r)
+  assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
+  h_want = np.asarray(x, np.float32) + np.asarray(r, np.float32)
+  np.testing.assert_array_equal(np.asarray(h), h_want)
+  # the float32 sum keeps what bfloat16 rounds away (x is ~1 against a residual of ~100)
+  assert np.abs(h_want - np.asarray(jnp.asarray(h_want, jnp.bfloat16), np.float32)).max() > 0.1
+  np.testing.assert_allclose(np.asarray(y, np.float64), norm(h_want.astype(np.float64), w),
+                             rtol=1e-2, atol=2e-2)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(
+      fn(h, jnp.zeros_like(h), w)[0].astype(jnp.bfloat16), np.float32))
+  if residual == "bfloat16":
+    for got, same in zip(fn(x, r, w, residual_dtype=jnp.bfloat16), fn(x, r, w)):
+      assert got.dtype == same.dtype == jnp.bfloat16
+      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(same, np.float32))
+
+
+def test_residual_dtype_derivatives(implementation):
+  """Gradients in x (bfloat16) and the float32 residual: those of the float32 norm of the float32
+  sum, each in its argument's dtype; second order by forward over reverse."""
+  x = jnp.asarray(rand((4, 6, 16), 0), jnp.bfloat16)
+  r = jnp.asarray(rand((4, 6, 16), 1))
+  w = jnp.asarray(rand((16,), 2, loc=1.0))
+  loss = lambda x, r: _loss(lambda x, r, s, b: nj.add_rms_norm(x, r, s, residual_dtype=F32))(
+      x, r, w, None)
+  plain = lambda x, r: _loss(lambda x, r, s, b: (nj.rms_norm(x.astype(F32) + r, s).astype(
+      jnp.bfloat16), x.astype(F32) + r))(x, r, w, None)
+  got = jax.jit(jax.grad(loss, (0, 1)))(x, r)
+  want = jax.jit(jax.grad(plain, (0, 1)))(x, r)
+  assert got[0].dtype == jnp.bfloat16 and got[1].dtype == F32
+  for g, v in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(v, np.float32), rtol=1e-2,
+                               atol=1e-2)
+  dr = jnp.asarray(rand((4, 6, 16), 3))
+  hvp = lambda f: jax.jvp(lambda r: jax.grad(f, 1)(x, r), (r,), (dr,))[1]
+  np.testing.assert_allclose(hvp(loss), hvp(plain), rtol=1e-3, atol=1e-3)
+
+
+_XO = jnp.ones((2, 8))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: nj.layer_norm(_XO, scale_offset=1.0), ValueError,
+     r"scale_offset=1.0 needs a scale to offset .*got scale=None"),
+    (lambda: nj.rms_norm(_XO, scale_offset=1.0), ValueError, "scale_offset=1.0 needs a scale"),
+    (lambda: nj.add_rms_norm(_XO, _XO, scale_offset=1.0), ValueError, "scale_offset"),
+    (lambda: nj.add_layer_norm(_XO, _XO, None, jnp.ones(8), scale_offset=1.0), ValueError,
+     "scale_offset"),
+    (lambda: nj.rms_norm(_XO, jnp.ones(8), scale_offset=float("nan")), TypeError,
+     "scale_offset must be a finite Python number"),
+    (lambda: nj.rms_norm(_XO, jnp.ones(8), scale_offset="1"), TypeError, "scale_offset"),
+    (lambda: jax.jit(lambda o: nj.rms_norm(_XO, jnp.ones(8), scale_offset=o))(1.0), TypeError,
+     "scale_offset"),
+    (lambda: nj.add_layer_norm(_XO, _XO, residual_dtype=jnp.int32), TypeError,
+     "residual_dtype must be None or a floating dtype.*got residual_dtype=int32"),
+    (lambda: nj.add_rms_norm(_XO, _XO, residual_dtype=jnp.bool_), TypeError, "residual_dtype"),
+    (lambda: nj.add_rms_norm(_XO.astype(jnp.bfloat16), _XO.astype(jnp.float16),
+                             residual_dtype=F32), TypeError,
+     "residual must have the dtype of x or residual_dtype, bfloat16 or float32; got dtype "
+     "float16"),
+    (lambda: nj.add_layer_norm(_XO, _XO.astype(jnp.bfloat16)), TypeError,
+     "residual must have the dtype of x, float32; got dtype bfloat16"),
+])
+def test_scale_offset_and_residual_dtype_misuse(call, error, message):
+  with pytest.raises(error, match=message):
+    call()
