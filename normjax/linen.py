@@ -94,9 +94,10 @@ def _affine(module: nn.Module, shape: tuple[int, ...], bias: bool = True):
 
 def _sow_health(module: nn.Module, health: Any, *args: Any, **kwargs: Any) -> None:
   """With `record_health`, sows `health(*args, **kwargs)` (a `NormHealth`) into
-  `intermediates` under `norm_health`; not during `init`, so that the variables `init`
-  returns hold no diagnostics to be carried into `apply`."""
-  if module.record_health and not module.is_initializing():
+  `intermediates` under `norm_health` when that collection is mutable; not during `init`, so
+  that the variables `init` returns hold no diagnostics to be carried into `apply`."""
+  if (module.record_health and not module.is_initializing()
+      and module.is_mutable_collection("intermediates")):
     module.sow("intermediates", "norm_health", health(*args, **kwargs))
 
 

@@ -442,3 +442,211 @@ def test_batch_norm_virtual_batch_size():
                              momentum=0.9, virtual_batch_size=4)
   np.testing.assert_array_equal(y, y_ref)
   np.testing.assert_array_equal(upd["batch_stats"]["var"], new.var)
+
+
+# --- Layers of today's models (issue 28): scale_offset, adaLN-Zero, AdaGN, DynamicTanh,
+# --- record_health ---
+
+def _silu64(c):
+  c = np.asarray(c, np.float64)
+  return c / (1.0 + np.exp(-c))
+
+
+def _modulation64(cond, kernel, bias, chunks, rank):
+  """DiT's `adaLN_modulation(c).chunk(n)`: `Linear(SiLU(c))` split into n `[B, 1, ..., D]`."""
+  h = _silu64(cond) @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
+  return [p.reshape((p.shape[0],) + (1,) * (rank - 2) + (p.shape[1],))
+          for p in np.split(h, chunks, axis=-1)]
+
+
+def _group_norm64(x, num_groups, eps):
+  x = np.asarray(x, np.float64)
+  g = x.reshape(x.shape[:-1] + (num_groups, -1))
+  axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+  g = (g - g.mean(axes, keepdims=True)) / np.sqrt(g.var(axes, keepdims=True) + eps)
+  return g.reshape(x.shape)
+
+
+def _adaptive_inputs(seed=20, shape=(3, 5, 8), cond_features=6):
+  kx, kc = jax.random.split(jax.random.key(seed))
+  return 1.0 + 2.0 * jax.random.normal(kx, shape), jax.random.normal(kc, (shape[0],
+                                                                          cond_features))
+
+
+@pytest.mark.parametrize("use_gate", [True, False])
+def test_adaptive_layer_norm_at_init_is_the_plain_layer_norm_with_a_zero_gate(use_gate):
+  x, cond = _adaptive_inputs()
+  module = njnn.AdaptiveLayerNorm(use_gate=use_gate)
+  variables = module.init(jax.random.key(0), x, cond)
+  n = 3 if use_gate else 2
+  assert jax.tree.map(jnp.shape, variables) == {
+      "params": {"modulation": {"kernel": (6, n * 8), "bias": (n * 8,)}}}
+  assert all(not np.any(v) for v in jax.tree.leaves(variables))      # adaLN-Zero
+  out = module.apply(variables, x, cond)
+  y, gate = out if use_gate else (out, None)
+  np.testing.assert_allclose(y, _standardize64(x, -1, 1e-6), rtol=1e-5, atol=1e-5)
+  if use_gate:
+    assert gate.shape == (3, 1, 8)
+    np.testing.assert_array_equal(gate, np.zeros((3, 1, 8)))
+
+
+@pytest.mark.parametrize("use_gate", [True, False])
+def test_adaptive_layer_norm_with_set_parameters_matches_dit_in_float64(use_gate):
+  x, cond = _adaptive_inputs(21, (3, 2, 4, 8))                 # [B, H, W, D]: middle axes
+  module = njnn.AdaptiveLayerNorm(use_gate=use_gate, epsilon=1e-3)
+  variables = randomize(module.init(jax.random.key(0), x, cond), jax.random.key(1))
+  params = variables["params"]["modulation"]
+  out = module.apply(variables, x, cond)
+  parts = _modulation64(cond, params["kernel"], params["bias"], 3 if use_gate else 2, x.ndim)
+  expected = _standardize64(x, -1, 1e-3) * (1 + parts[1]) + parts[0]
+  y = out[0] if use_gate else out
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+  if use_gate:
+    np.testing.assert_allclose(out[1], parts[2], rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_group_norm_at_init_and_with_set_parameters_in_float64():
+  x, cond = _adaptive_inputs(22, (2, 3, 3, 8), 5)               # NHWC
+  module = njnn.AdaptiveGroupNorm(num_groups=4)
+  variables = module.init(jax.random.key(0), x, cond)
+  assert jax.tree.map(jnp.shape, variables) == {
+      "params": {"modulation": {"kernel": (5, 16), "bias": (16,)}}}
+  np.testing.assert_allclose(module.apply(variables, x, cond), _group_norm64(x, 4, 1e-5),
+                             rtol=1e-5, atol=1e-5)
+  variables = randomize(variables, jax.random.key(1))
+  params = variables["params"]["modulation"]
+  shift, scale = _modulation64(cond, params["kernel"], params["bias"], 2, x.ndim)
+  np.testing.assert_allclose(module.apply(variables, x, cond),
+                             _group_norm64(x, 4, 1e-5) * (1 + scale) + shift,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_tanh_parameters_and_output_in_float64():
+  x, _ = data(jax.random.key(23), (4, 8))
+  module = njnn.DynamicTanh(alpha_init=0.25)
+  variables = module.init(jax.random.key(0), x)
+  params = variables["params"]
+  assert jax.tree.map(jnp.shape, params) == {"alpha": (), "scale": (8,), "bias": (8,)}
+  assert float(params["alpha"]) == 0.25
+  np.testing.assert_array_equal(params["scale"], np.ones(8))
+  np.testing.assert_array_equal(params["bias"], np.zeros(8))
+  params = randomize(params, jax.random.key(1))
+  p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  np.testing.assert_allclose(module.apply({"params": params}, x),
+                             np.tanh(p64["alpha"] * np.asarray(x, np.float64)) * p64["scale"]
+                             + p64["bias"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm"])
+def test_scale_offset_is_the_functional_zero_centered_scale(name):
+  import normjax as nj
+  x, _ = data(jax.random.key(24), (4, 8))
+  r, _ = data(jax.random.key(25), (4, 8))
+  args = (x, r) if name.startswith("Add") else (x,)
+  assert not np.any(getattr(njnn, name)(scale_offset=1.0).init(jax.random.key(0), *args)
+                    ["params"]["scale"] - 1)                 # the default initializer stays ones
+  module = getattr(njnn, name)(scale_offset=1.0, scale_init=nn.initializers.zeros)
+  variables = module.init(jax.random.key(0), *args)
+  np.testing.assert_array_equal(variables["params"]["scale"], np.zeros(8))
+  variables = randomize(variables, jax.random.key(1))
+  variables["params"]["scale"] = variables["params"]["scale"] - 1.0   # small, around 0
+  w, b = variables["params"]["scale"], variables["params"].get("bias")
+  fn = {"LayerNorm": lambda: nj.layer_norm(x, w, b, eps=1e-6, scale_offset=1.0),
+        "RMSNorm": lambda: nj.rms_norm(x, w, scale_offset=1.0),
+        "AddLayerNorm": lambda: nj.add_layer_norm(x, r, w, b, eps=1e-6, scale_offset=1.0),
+        "AddRMSNorm": lambda: nj.add_rms_norm(x, r, w, scale_offset=1.0)}[name]
+  assert_close(module.apply(variables, *args), fn(), tol=0)
+  h = np.asarray(x, np.float64) + (np.asarray(r, np.float64) if name.startswith("Add") else 0)
+  xhat = (_standardize64(h, -1, 1e-6) if "Layer" in name
+          else h / np.sqrt((h ** 2).mean(-1, keepdims=True) + 1e-6))
+  expected = xhat * (1 + np.asarray(w, np.float64)) + (0 if b is None else np.asarray(b))
+  y = module.apply(variables, *args)
+  np.testing.assert_allclose(y[0] if name.startswith("Add") else y, expected, rtol=1e-5,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("name,axes", [("LayerNorm", (-1,)), ("RMSNorm", (-1,)),
+                                       ("BatchNorm", (0, 1))])
+def test_record_health_sows_a_norm_health_into_intermediates(name, axes):
+  import normjax as nj
+  x = jax.random.normal(jax.random.key(26), (3, 4, 5))
+  x = x.at[..., 2].set(3.0).at[1, 0].set(3.0)        # a constant channel and a constant row
+  call = dict(use_running_average=False) if name == "BatchNorm" else {}
+  mutable = ["intermediates", "batch_stats"]
+  quiet = getattr(njnn, name)()
+  variables = quiet.init(jax.random.key(0), x, **call)
+  _, state = quiet.apply(variables, x, **call, mutable=mutable)
+  assert "intermediates" not in state                 # default: nothing sown
+  module = getattr(njnn, name)(record_health=True)
+  variables = module.init(jax.random.key(0), x, **call)
+  assert "intermediates" not in variables             # not during init
+  _, state = module.apply(variables, x, **call, mutable=mutable)
+  (health,) = state["intermediates"]["norm_health"]
+  assert isinstance(health, nj.NormHealth)
+  assert_close(health, nj.norm_health(x, axis=axes, eps=module.epsilon), tol=0)
+  assert float(health.constant) == pytest.approx(1 / 5 if name == "BatchNorm" else 1 / 12)
+
+
+def test_record_health_of_the_add_norms_is_that_of_the_sum():
+  import normjax as nj
+  x = jax.random.normal(jax.random.key(27), (4, 6))
+  module = njnn.AddLayerNorm(record_health=True)
+  variables = module.init(jax.random.key(0), x, -x)
+  (_, h), state = module.apply(variables, x, -x, mutable=["intermediates"])
+  assert_close(state["intermediates"]["norm_health"][0], nj.norm_health(h, eps=1e-6), tol=0)
+  assert float(state["intermediates"]["norm_health"][0].constant) == 1.0   # h == 0
+
+
+def _dit_reference(x, cond, kernel, bias, eps=1e-6):
+  """adaLN-Zero written as DiT does, in jax.numpy (no normjax): the independent oracle of the
+  module's derivatives."""
+  shift, scale, gate = jnp.split(jax.nn.silu(cond) @ kernel + bias[None], 3, axis=-1)
+  mean = x.mean(-1, keepdims=True)
+  xhat = (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+  return xhat * (1 + scale[:, None]) + shift[:, None], gate[:, None]
+
+
+def test_adaptive_layer_norm_under_jit_and_grad_matches_dit():
+  x, cond = _adaptive_inputs(28, (3, 5, 8), 6)
+  module = njnn.AdaptiveLayerNorm()
+  variables = randomize(module.init(jax.random.key(0), x, cond), jax.random.key(1))
+  weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 8)), jnp.float32)
+
+  def loss(variables, x, cond, forward):
+    y, gate = forward(variables, x, cond)
+    return jnp.sum(weights * y * (1 + gate))
+
+  ours = lambda v, x, c: module.apply(v, x, c)
+  ref = lambda v, x, c: _dit_reference(x, c, **v["params"]["modulation"])
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(variables, x, cond, ours)
+  expected = jax.grad(loss, argnums=(0, 1, 2))(variables, x, cond, ref)
+  assert_close(grads, expected, tol=2e-4)
+  # adaLN-Zero: at the zero init the gradient reaches the modulation's kernel.
+  zero = module.init(jax.random.key(0), x, cond)
+  g0 = jax.grad(loss)(zero, x, cond, ours)
+  assert np.abs(g0["params"]["modulation"]["kernel"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("make,args,error,match", [
+    (njnn.AdaptiveLayerNorm, ((2, 3, 4), (2, 3, 5)), ValueError, r"cond must have shape"),
+    (njnn.AdaptiveLayerNorm, ((2, 3, 4), (3, 5)), ValueError, r"\(2, cond_features\).*\(3, 5\)"),
+    (njnn.AdaptiveLayerNorm, ((4,), (1, 5)), ValueError, "x must have a batch axis"),
+    (njnn.AdaptiveGroupNorm, ((2, 3, 8), (2,)), ValueError, "cond must have shape"),
+    (lambda: njnn.AdaptiveLayerNorm(use_gate="yes"), ((2, 4), (2, 5)), TypeError, "use_gate"),
+    (lambda: njnn.AdaptiveGroupNorm(num_groups=3), ((2, 3, 8), (2, 5)), ValueError,
+     "num_groups=3 must divide"),
+    (lambda: njnn.RMSNorm(scale_offset=1.0, use_scale=False), ((2, 4),), ValueError,
+     "scale_offset=1.0 needs a scale"),
+    (lambda: njnn.LayerNorm(scale_offset=float("nan")), ((2, 4),), TypeError, "scale_offset"),
+])
+def test_bad_inputs_of_the_new_modules_raise_named_errors(make, args, error, match):
+  module = make()
+  arrays = [jnp.ones(s) for s in args]
+  with pytest.raises(error, match=match):
+    module.init(jax.random.key(0), *arrays)
+
+
+def test_adaptive_layer_norm_rejects_an_integer_cond():
+  module = njnn.AdaptiveLayerNorm()
+  with pytest.raises(TypeError, match="cond must have a floating dtype"):
+    module.init(jax.random.key(0), jnp.ones((2, 4)), jnp.ones((2, 5), jnp.int32))

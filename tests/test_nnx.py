@@ -336,3 +336,164 @@ def test_batch_norm_virtual_batch_size():
                              momentum=0.9, virtual_batch_size=2)
   np.testing.assert_array_equal(y, y_ref)
   np.testing.assert_array_equal(bn.var[...], new.var)
+
+
+# --- Layers of today's models (issue 28): scale_offset, adaLN-Zero, AdaGN, DynamicTanh,
+# --- record_health ---
+
+def _cond_inputs(seed, shape, cond_features):
+  kx, kc = jax.random.split(jax.random.key(seed))
+  return (1.0 + 2.0 * jax.random.normal(kx, shape),
+          jax.random.normal(kc, (shape[0], cond_features)))
+
+
+@pytest.mark.parametrize("use_gate", [True, False])
+def test_adaptive_layer_norm_at_init_is_the_plain_layer_norm_with_a_zero_gate(use_gate):
+  x, cond = _cond_inputs(30, (3, 5, 8), 6)
+  module = njnnx.AdaptiveLayerNorm(8, 6, use_gate=use_gate, rngs=nnx.Rngs(0))
+  n = 3 if use_gate else 2
+  params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+  assert jax.tree.map(jnp.shape, params) == {"modulation": {"kernel": (6, n * 8),
+                                                            "bias": (n * 8,)}}
+  assert all(not np.any(v) for v in jax.tree.leaves(params))         # adaLN-Zero
+  out = module(x, cond)
+  y, gate = out if use_gate else (out, None)
+  x64 = np.asarray(x, np.float64)
+  expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+  if use_gate:
+    np.testing.assert_array_equal(gate, np.zeros((3, 1, 8)))
+
+
+def _linen_twin(name, linen_options, nnx_args, x, cond):
+  """A linen module with random variables and the nnx module of the same name loaded with
+  them (the nnx Linear's `kernel`/`bias` are the linen Dense's)."""
+  import normjax.linen as njnn
+  linen = getattr(njnn, name)(**linen_options)
+  args = (x,) if cond is None else (x, cond)
+  variables = randomize(linen.init(jax.random.key(0), *args), jax.random.key(1))
+  module = getattr(njnnx, name)(*nnx_args, **linen_options, rngs=nnx.Rngs(2))
+  load(module, variables["params"])
+  return linen.apply(variables, *args), module(*args)
+
+
+@pytest.mark.parametrize("name,options,nnx_args,shape,cond_features", [
+    ("AdaptiveLayerNorm", {}, (8, 6), (3, 5, 8), 6),
+    ("AdaptiveLayerNorm", dict(use_gate=False, epsilon=1e-3), (8, 6), (3, 2, 4, 8), 6),
+    ("AdaptiveGroupNorm", dict(num_groups=4), (8, 5), (2, 3, 3, 8), 5),
+    ("DynamicTanh", dict(alpha_init=0.25), (8,), (4, 8), None),
+])
+def test_linen_and_nnx_give_the_same_output_for_the_same_variables(name, options, nnx_args,
+                                                                   shape, cond_features):
+  x, cond = _cond_inputs(31, shape, cond_features or 1)
+  y_linen, y_nnx = _linen_twin(name, options, nnx_args, x,
+                               None if cond_features is None else cond)
+  assert jax.tree.structure(y_linen) == jax.tree.structure(y_nnx)
+  jax.tree.map(np.testing.assert_array_equal, y_nnx, y_linen)
+
+
+def test_dynamic_tanh_parameters_and_output_in_float64():
+  module = njnnx.DynamicTanh(8, alpha_init=0.25, rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+  assert jax.tree.map(jnp.shape, params) == {"alpha": (), "scale": (8,), "bias": (8,)}
+  assert float(params["alpha"]) == 0.25
+  np.testing.assert_array_equal(params["scale"], np.ones(8))
+  np.testing.assert_array_equal(params["bias"], np.zeros(8))
+  params = randomize(params, jax.random.key(1))
+  load(module, params)
+  x, _ = data(jax.random.key(32), (4, 8))
+  p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  np.testing.assert_allclose(module(x), np.tanh(p64["alpha"] * np.asarray(x, np.float64))
+                             * p64["scale"] + p64["bias"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm"])
+def test_scale_offset_is_the_functional_zero_centered_scale(name):
+  import normjax as nj
+  x, _ = data(jax.random.key(33), (4, 8))
+  r, _ = data(jax.random.key(34), (4, 8))
+  args = (x, r) if name.startswith("Add") else (x,)
+  assert np.all(getattr(njnnx, name)(8, scale_offset=1.0, rngs=nnx.Rngs(0)).scale[...] == 1)
+  module = getattr(njnnx, name)(8, scale_offset=1.0, scale_init=nnx.initializers.zeros,
+                                rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(module.scale[...], np.zeros(8))
+  w = 0.1 * jax.random.normal(jax.random.key(35), (8,))
+  b = jax.random.normal(jax.random.key(36), (8,))
+  module.scale[...] = w
+  if hasattr(module, "bias"):
+    module.bias[...] = b
+  expected = {"LayerNorm": lambda: nj.layer_norm(x, w, b, eps=1e-6, scale_offset=1.0),
+              "RMSNorm": lambda: nj.rms_norm(x, w, scale_offset=1.0),
+              "AddLayerNorm": lambda: nj.add_layer_norm(x, r, w, b, eps=1e-6, scale_offset=1.0),
+              "AddRMSNorm": lambda: nj.add_rms_norm(x, r, w, scale_offset=1.0)}[name]()
+  assert_close(module(*args), expected, tol=0)
+
+
+@pytest.mark.parametrize("name,axes", [("LayerNorm", (-1,)), ("RMSNorm", (-1,)),
+                                       ("BatchNorm", (0, 1))])
+def test_record_health_sows_a_norm_health_as_an_intermediate(name, axes):
+  import normjax as nj
+  x = jax.random.normal(jax.random.key(37), (3, 4, 5))
+  x = x.at[..., 2].set(3.0).at[1, 0].set(3.0)        # a constant channel and a constant row
+  quiet = getattr(njnnx, name)(5, rngs=nnx.Rngs(0))
+  _, intermediates = nnx.capture(quiet, nnx.Intermediate)(x)
+  assert not intermediates                             # default: nothing sown
+  module = getattr(njnnx, name)(5, record_health=True, rngs=nnx.Rngs(0))
+  _, intermediates = nnx.capture(module, nnx.Intermediate)(x)
+  (health,) = intermediates["norm_health"].get_value()      # one call, one NormHealth
+  assert isinstance(health, nj.NormHealth)
+  assert_close(health, nj.norm_health(x, axis=axes, eps=module.epsilon), tol=0)
+  assert float(health.constant) == pytest.approx(1 / 5 if name == "BatchNorm" else 1 / 12)
+
+
+def test_adaptive_layer_norm_under_nnx_jit_and_grad():
+  x, cond = _cond_inputs(38, (3, 5, 8), 6)
+  module = njnnx.AdaptiveLayerNorm(8, 6, rngs=nnx.Rngs(0))
+  weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 8)), jnp.float32)
+
+  @nnx.jit
+  def step(module, x, cond):
+    def loss(module, x, cond):
+      y, gate = module(x, cond)
+      return jnp.sum(weights * y * (1 + gate))
+    return nnx.grad(loss, argnums=(0, 1, 2))(module, x, cond)
+
+  grads, gx, gc = step(module, x, cond)
+  kernel = grads["modulation"]["kernel"][...]
+  assert kernel.shape == (6, 24)
+  for part in (kernel[:, :8], kernel[:, 8:16], kernel[:, 16:]):   # shift, scale, gate all learn
+    assert np.abs(part).max() > 1e-3                               # from adaLN-Zero's zeros
+  assert np.all(np.isfinite(gx)) and np.all(gc == 0)   # zero kernel: no gradient to cond yet
+  # The same gradient as linen's module, whose derivatives test_linen checks against DiT.
+  import normjax.linen as njnn
+  linen = njnn.AdaptiveLayerNorm()
+  variables = {"params": {"modulation": nnx.to_pure_dict(nnx.state(module.modulation))}}
+  g_linen = jax.grad(lambda v, x: jnp.sum(weights * linen.apply(v, x, cond)[0]
+                                          * (1 + linen.apply(v, x, cond)[1])),
+                     argnums=(0, 1))(variables, x)
+  assert_close((nnx.to_pure_dict(grads)["modulation"], gx),
+               (g_linen[0]["params"]["modulation"], g_linen[1]), tol=1e-5)
+
+
+@pytest.mark.parametrize("build,args,error,match", [
+    (lambda: njnnx.AdaptiveLayerNorm(8, 6, rngs=nnx.Rngs(0)), ((2, 3, 8), (2, 5)), ValueError,
+     r"cond must have shape \(B, cond_features\) = \(2, 6\).*got cond of shape \(2, 5\)"),
+    (lambda: njnnx.AdaptiveLayerNorm(8, 6, rngs=nnx.Rngs(0)), ((2, 3, 8), (3, 6)), ValueError,
+     "cond must have shape"),
+    (lambda: njnnx.AdaptiveLayerNorm(8, 6, rngs=nnx.Rngs(0)), ((2, 3, 4), (2, 6)), ValueError,
+     "num_features=8"),
+    (lambda: njnnx.AdaptiveGroupNorm(8, 6, num_groups=4, rngs=nnx.Rngs(0)), ((2, 8), (2, 6, 1)),
+     ValueError, "cond must have shape"),
+    (lambda: njnnx.AdaptiveLayerNorm(8, 0, rngs=nnx.Rngs(0)), None, ValueError, "cond_features"),
+    (lambda: njnnx.AdaptiveLayerNorm(8, 6, use_gate=1, rngs=nnx.Rngs(0)), None, TypeError,
+     "use_gate"),
+    (lambda: njnnx.AdaptiveGroupNorm(8, 6, num_groups=3, rngs=nnx.Rngs(0)), None, ValueError,
+     "num_groups=3 must divide"),
+    (lambda: njnnx.DynamicTanh(0, rngs=nnx.Rngs(0)), None, ValueError, "num_features"),
+    (lambda: njnnx.LayerNorm(4, scale_offset=1.0, use_scale=False, rngs=nnx.Rngs(0)), ((2, 4),),
+     ValueError, "scale_offset=1.0 needs a scale"),
+])
+def test_bad_inputs_of_the_new_modules_raise_named_errors(build, args, error, match):
+  with pytest.raises(error, match=match):
+    module = build()
+    module(*[jnp.ones(s) for s in args])
