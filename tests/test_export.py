@@ -174,3 +174,57 @@ def test_export_flax_weight_norm_with_a_symbolic_fan_in():
   # Exported, not serialized: nnx's WeightNorm keys its scales by tuple paths, which
   # jax.export's serialization does not take.
   _export_at_two_fan_ins(fn, make_args, spec, fn, serialize=False)
+
+
+# ------------------------------------------------- the layers of today's models (issue 28)
+
+_B, _T, _D = 2, 3, 8
+_NEW = {   # name -> function of (x, z, cond) of x's shape [B, T, D] (cond [B, 1, D])
+    "adaptive_layer_norm": lambda x, z, c: nj.adaptive_layer_norm(x, c, c * 0.5),
+    "adaptive_rms_norm": lambda x, z, c: nj.adaptive_rms_norm(x, c),
+    "adaptive_group_norm": lambda x, z, c: nj.adaptive_group_norm(x, c, c, num_groups=2),
+    "gated_rms_norm": lambda x, z, c: nj.gated_rms_norm(x, z, c[0, 0], group_size=4),
+    "dynamic_tanh": lambda x, z, c: nj.dynamic_tanh(x, jnp.sum(c) * 0.1, c[0, 0], c[1, 0]),
+    "l2_normalize": lambda x, z, c: nj.l2_normalize(x, axis=(1, 2)),
+    "rms_norm_scale_offset": lambda x, z, c: nj.rms_norm(x, c[0, 0], scale_offset=1.0),
+    "add_rms_norm_residual_dtype": lambda x, z, c: nj.add_rms_norm(
+        x.astype(jnp.bfloat16), z, c[0, 0], scale_offset=1.0, residual_dtype=jnp.float32)[1],
+}
+
+
+def _new_args(b=_B):
+  return tuple(jnp.asarray(rand(shape, seed)) for seed, shape in
+               enumerate(((b, _T, _D), (b, _T, _D), (b, 1, _D))))
+
+
+@pytest.mark.parametrize("name", sorted(_NEW))
+def test_export_new_functions_and_their_gradients(name):
+  """Forward and gradient (in every argument) exported without native calls, serialized,
+  reloaded, and equal to the jitted program."""
+  fn = _NEW[name]
+  args = _new_args()
+  grad = jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a).astype(jnp.float32))), argnums=(0, 1, 2))
+  for f in (fn, grad):
+    exported = jax.export.export(jax.jit(f))(*args)
+    assert "custom_call" not in exported.mlir_module()
+    restored = jax.export.deserialize(exported.serialize())
+    for got, want in zip(jax.tree.leaves(restored.call(*args)), jax.tree.leaves(
+        jax.jit(f)(*args))):
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                 rtol=1e-5, atol=1e-5)
+
+
+def test_export_norm_health_and_a_symbolic_batch():
+  """norm_health's NamedTuple survives serialization (registered as normjax.NormHealth); the
+  adaptive layer norm and the health exported with the batch symbolic, called at two sizes."""
+  def fn(x, z, c):
+    return nj.adaptive_layer_norm(x, c, c, mask=x > -1.0), nj.norm_health(x, mask=x > -1.0)
+  b = jax.export.symbolic_shape("b")[0]
+  spec = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((b, _T, _D), (b, _T, _D), (b, 1, _D))]
+  exported = jax.export.deserialize(jax.export.export(jax.jit(fn))(*spec).serialize())
+  for b in (2, 5):
+    args = _new_args(b)
+    (y, health), (y_want, health_want) = exported.call(*args), fn(*args)
+    assert type(health) is nj.NormHealth
+    np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(health), np.asarray(health_want), rtol=1e-6)

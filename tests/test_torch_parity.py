@@ -142,3 +142,137 @@ def test_spectral_norm_matches_torch_over_training():
         np.testing.assert_allclose(w_sn, theirs, rtol=1e-5, atol=1e-6)
         top = np.linalg.svd(np.asarray(w_sn, np.float64), compute_uv=False)[0]
         np.testing.assert_allclose(top, 1.0, rtol=1e-5)
+
+
+# ------------------------------------------- the formulas users port (issue 28), in PyTorch
+
+
+def _bf16_bits(a):
+  """The bfloat16 bit patterns of a torch or jax bfloat16 array, as int32."""
+  if isinstance(a, torch.Tensor):
+    return a.view(torch.int16).numpy().astype(np.int32)
+  return np.asarray(a).view(np.int16).astype(np.int32)
+
+
+def _assert_within_one_ulp(ours, theirs):
+  """Equal, or one bfloat16 ulp apart (same sign); and mostly equal."""
+  a, b = _bf16_bits(ours), _bf16_bits(theirs)
+  assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
+  assert np.mean(a == b) > 0.9
+
+
+def _gemma_rms_norm(x, w, eps=1e-6):
+  """Hugging Face's GemmaRMSNorm.forward: float32, normalize, * (1 + w.float()), type_as(x)."""
+  out = x.float()
+  out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps)
+  return (out * (1.0 + w.float())).type_as(x)
+
+
+def _llama_rms_norm(x, w, eps=1e-6):
+  """Hugging Face's LlamaRMSNorm.forward: float32, normalize, back to x's dtype, then w * x."""
+  h = x.to(torch.float32)
+  h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+  return w * h.to(x.dtype)
+
+
+def _bf16_inputs(seed):
+  x = rand((4, 8, 64), seed, loc=0.3)
+  w = rand((64,), seed + 1, spread=0.1)   # Gemma's w: zero-initialised, trained small
+  xt, wt = (torch.from_numpy(a).to(torch.bfloat16) for a in (x, w))
+  xj, wj = (jnp.asarray(a.float().numpy(), jnp.bfloat16) for a in (xt, wt))
+  return xt, wt, xj, wj
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gemma_rms_norm_is_scale_offset_one(seed):
+  """`rms_norm(x, w, scale_offset=1.0)` is Gemma's RMSNorm: float32 equal to 1e-6, bfloat16
+  within one ulp; the bfloat16 `1 + w` a user would otherwise precompute is not."""
+  xt, wt, xj, wj = _bf16_inputs(seed)
+  ours = jax.jit(lambda x, w: nj.rms_norm(x, w, scale_offset=1.0))(xj, wj)
+  theirs = _gemma_rms_norm(xt, wt)
+  assert ours.dtype == jnp.bfloat16 and theirs.dtype == torch.bfloat16
+  _assert_within_one_ulp(ours, theirs)
+  precomputed = nj.rms_norm(xj, 1 + wj)   # rounds w's small values away
+  agree = lambda a: np.mean(_bf16_bits(a) == _bf16_bits(theirs))
+  assert agree(precomputed) < agree(ours) - 0.1
+  x32, w32 = xt.float(), wt.float()
+  np.testing.assert_allclose(nj.rms_norm(jnp.asarray(x32.numpy()), jnp.asarray(w32.numpy()),
+                                         scale_offset=1.0),
+                             _gemma_rms_norm(x32, w32).numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_llama_rms_norm_is_rounded_then_scaled(seed):
+  """Llama's order (normalized x rounded to x.dtype, then `w * x`) is
+  `nj.rms_norm(x).astype(x.dtype) * w`, as rms_norm's docstring says; `nj.rms_norm(x, w)`
+  differs from it in bfloat16 (one rounding, Gemma's order)."""
+  xt, _, xj, _ = _bf16_inputs(seed)
+  wt = torch.from_numpy(rand((64,), seed + 2, loc=1.0, spread=0.3)).to(torch.bfloat16)
+  wj = jnp.asarray(wt.float().numpy(), jnp.bfloat16)
+  ours = jax.jit(lambda x, w: nj.rms_norm(x).astype(x.dtype) * w[None, None])(xj, wj)
+  theirs = _llama_rms_norm(xt, wt)
+  assert theirs.dtype == torch.bfloat16
+  _assert_within_one_ulp(ours, theirs)
+  assert not np.array_equal(_bf16_bits(nj.rms_norm(xj, wj)), _bf16_bits(theirs))
+
+
+def _dit_modulate(x, shift, scale):
+  """DiT's `modulate` after its `LayerNorm(elementwise_affine=False, eps=1e-6)`."""
+  x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
+  return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def test_dit_modulate_is_adaptive_layer_norm():
+  """Values and gradients in x, shift and scale against PyTorch autograd."""
+  x, shift, scale, g = rand((3, 10, 32), 20, loc=1.0), rand((3, 32), 21), rand((3, 32), 22), \
+      rand((3, 10, 32), 23)
+  tx, ts, tc = (_t(a).requires_grad_() for a in (x, shift, scale))
+  y_torch = _dit_modulate(tx, ts, tc)
+  (y_torch * _t(g)).sum().backward()
+  fn = lambda x, b, s: nj.adaptive_layer_norm(x, b[:, None], s[:, None])
+  y = jax.jit(fn)(x, shift, scale)
+  np.testing.assert_allclose(y, y_torch.detach().numpy(), rtol=1e-5, atol=1e-5)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * jnp.asarray(g)), (0, 1, 2)))(
+      x, shift, scale)
+  for ours, theirs in zip(grads, (tx.grad, ts.grad, tc.grad)):
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _mamba2_rms_norm_gated(x, weight, z, eps=1e-6, group_size=None, norm_before_gate=True):
+  """mamba_ssm's `rms_norm_ref` (RMSNormGated's reference), with a reshape for einops'
+  `rearrange(x, '... (g d) -> ... g d', d=group_size)`."""
+  dtype = x.dtype
+  x, weight, z = x.float(), weight.float(), z.float()
+  if not norm_before_gate:
+    x = x * F.silu(z)
+  if group_size is None:
+    rstd = 1 / torch.sqrt(x.square().mean(dim=-1, keepdim=True) + eps)
+    out = x * rstd * weight
+  else:
+    x_group = x.reshape(*x.shape[:-1], -1, group_size)
+    rstd = 1 / torch.sqrt(x_group.square().mean(dim=-1, keepdim=True) + eps)
+    out = (x_group * rstd).reshape(x.shape) * weight
+  if norm_before_gate:
+    out = out * F.silu(z)
+  return out.to(dtype)
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_mamba2_rms_norm_gated(norm_before_gate, group_size):
+  """float32 values and gradients in x, z and weight; bfloat16 within one ulp."""
+  x, z, w, g = rand((2, 6, 64), 30), rand((2, 6, 64), 31), rand((64,), 32, loc=1.0), \
+      rand((2, 6, 64), 33)
+  kw = dict(group_size=group_size, norm_before_gate=norm_before_gate)
+  tx, tz, tw = (_t(a).requires_grad_() for a in (x, z, w))
+  y_torch = _mamba2_rms_norm_gated(tx, tw, tz, **kw)
+  (y_torch * _t(g)).sum().backward()
+  fn = lambda x, z, w: nj.gated_rms_norm(x, z, w, **kw)
+  np.testing.assert_allclose(jax.jit(fn)(x, z, w), y_torch.detach().numpy(), rtol=1e-5,
+                             atol=1e-5)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * jnp.asarray(g)), (0, 1, 2)))(x, z, w)
+  for ours, theirs in zip(grads, (tx.grad, tz.grad, tw.grad)):
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-4, atol=1e-4)
+  bf = [torch.from_numpy(a).to(torch.bfloat16) for a in (x, z, w)]
+  ours = jax.jit(fn)(*(jnp.asarray(a.float().numpy(), jnp.bfloat16) for a in bf))
+  _assert_within_one_ulp(ours, _mamba2_rms_norm_gated(bf[0], bf[2], bf[1], **kw))
