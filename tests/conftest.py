@@ -13,6 +13,21 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+# Modules whose every test runs on `reference-gpu` in the default run too; elsewhere that
+# implementation's cases are `slow` (CI runs them): the GPU branches are also tested directly
+# by test_numerics_platform.py and test_numerics_rounding.py, and all of them by the oracle suite.
+GPU_BRANCHES_BY_DEFAULT = ("test_dispatch.py", "test_numerics_platform.py",
+                           "test_numerics_rounding.py")
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if (params.get("implementation") == "reference-gpu"
+        and item.path.name not in GPU_BRANCHES_BY_DEFAULT):
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=["reference", "reference-gpu", "native"])
 def implementation(request):
   """Runs the test on one implementation, chosen with `nj.implementation` (the seam every

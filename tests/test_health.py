@@ -75,6 +75,7 @@ def test_mask():
   np.testing.assert_allclose(np.asarray(health), ref.norm_health(x, mask=mask[:1]), rtol=1e-6)
 
 
+@pytest.mark.slow   # several compilations; CI runs it
 def test_axes_bfloat16_vmap_and_empty():
   """Several axes (the rows layer_norm(x, axis=axis) normalizes), bfloat16 input (statistics in
   float32), vmap, and empty axes (rows of no element are constant; no row at all gives 0)."""

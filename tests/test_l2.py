@@ -27,6 +27,7 @@ def test_matches_float64(axis, loc):
                              rtol=1e-6)
 
 
+@pytest.mark.slow   # seconds of second-order derivatives; CI runs it
 def test_eps_floor_and_zero_vectors():
   """Below the floor x / eps; a tiny vector above it still of unit norm; a zero vector zero,
   its derivative I / eps (finite), its second derivative 0."""

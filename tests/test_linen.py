@@ -81,7 +81,7 @@ def test_matches_flax_init_and_training_steps(name, kw, masked):
     assert_close(upd, {"batch_stats": ours["batch_stats"]}, tol=0)   # unchanged in eval
 
 
-@pytest.mark.parametrize("name,kw,x_dtype", [
+DTYPE_CASES = [
     ("BatchNorm", {}, jnp.bfloat16),                         # float32 params: float32 out
     ("BatchNorm", dict(dtype=jnp.bfloat16), jnp.float32),
     ("BatchNorm", dict(force_float32_reductions=False, param_dtype=jnp.bfloat16), jnp.bfloat16),
@@ -90,7 +90,10 @@ def test_matches_flax_init_and_training_steps(name, kw, masked):
     ("RMSNorm", {}, jnp.bfloat16),
     ("InstanceNorm", dict(dtype=jnp.bfloat16), jnp.float32),
     ("GroupNorm", dict(num_groups=4), jnp.bfloat16),
-])
+]
+
+
+@pytest.mark.parametrize("name,kw,x_dtype", slow_except(DTYPE_CASES, *DTYPE_CASES[::3], unpack=True))
 def test_dtypes_match_flax(name, kw, x_dtype):
   x, _ = data(jax.random.key(3), dtype=x_dtype)
   call = dict(use_running_average=False) if name == "BatchNorm" else {}

@@ -41,6 +41,7 @@ def test_layer_norm_any_axes(case):
   np.testing.assert_allclose(y, ref.layer_norm(x, scale, axis=axes), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow   # test_layer_norm_any_axes keeps the property in the default run
 @SETTINGS
 @given(arrays_and_axes())
 def test_rms_norm_any_axes(case):
