@@ -8,7 +8,10 @@ kernels' definitions are these functions on a 2-D or 3-D view).
 - The default variance is conditional: pass 1 sums `x` and `x**2` (flax's cost) and is kept
   when every row has `mean**2 <= TAU * var` (at most twice the summation error); otherwise a
   second pass shifted by the pass-1 mean runs (one scalar `lax.cond` for the whole input,
-  agreed across devices). Lowered for CUDA/ROCm there is no cond: the shifted pass always runs.
+  agreed across devices). That is the CPU's program. Lowered for CUDA, ROCm or TPU there is
+  no cond and one read: a variadic reduction carrying `(count, mean, compensation, M2)` per
+  row, merged by Chan et al.'s formula with a compensated mean (`welford`, `combine`), then
+  across channel groups and devices by the shifted sums (`merge`).
 - `fast_variance=True` keeps the one-pass variance (loses `log10(mean**2 / var)` digits).
 - The variance is clamped at zero; empty (fully masked) groups count as one element (mean 0,
   variance 0, finite output and gradient); a non-finite variance gives NaN rows (see
@@ -139,7 +142,6 @@ def moments(x: jax.Array, axes: Axes, *, mask: jax.Array | None = None,
     mean_square = sum_over(keep(x_square * x_square)) / safe_count
     return Moments(shift=None, offset=None, var=mean_square, count=count)
   zero = jnp.zeros((), dtype)
-  fi = jnp.finfo(dtype)
 
   def centered_var(t1, t2, m):
     # The variance from the sums `t1`, `t2` of a row and its mean `m = t1 / n`, as
@@ -151,14 +153,7 @@ def moments(x: jax.Array, axes: Axes, *, mask: jax.Array | None = None,
     #    zero while `t1 * m` is not (1.9e-4 relative error at eps = 0 with the other form).
     return (t2 - t1 * m) / safe_count
 
-  def shift_of(mean):
-    # The result does not depend on `shift`, so it is held constant. It is rounded to one bit
-    # less than the dtype's mantissa: `reduce_precision` keeps XLA from contracting
-    # `x - s1 * (1/n)` into an FMA wherever the shift is recomputed (the normalize loop),
-    # which would subtract a value half an ulp of the mean away from the one the second pass
-    # used (1e-3 error at 1e5).
-    return lax.stop_gradient(lax.reduce_precision(mean, exponent_bits=fi.nexp,
-                                                  mantissa_bits=fi.nmant - 1))
+  shift_of = _held_shift
 
   def shifted_pass(shift, x_in):
     # `x - shift` once per reduction (each from its own handle of a bfloat16 `x`; the second
@@ -206,14 +201,146 @@ def moments(x: jax.Array, axes: Axes, *, mask: jax.Array | None = None,
       return jnp.zeros_like(shift), mean, jnp.maximum(var_fast, zero)
     return lax.cond(well_conditioned, one_pass, lambda x_in: shifted_pass(shift, x_in), x_in)
 
-  def always_shifted(x_in):
-    # On GPUs, no `cond`: XLA:GPU runs one by copying the predicate to the host and waiting
-    # for the stream (`ConditionalThunk`), once per call. Pass 1 sums `x` alone for the shift.
-    return shifted_pass(shift_of(sum_over(keep(x)) / safe_count), x_in)
+  def one_read(x_in):
+    # On GPUs and TPUs, no `cond` (XLA:GPU runs one by copying the predicate to the host and
+    # waiting for the stream, once per call) and no second pass: one variadic reduction.
+    return _one_read(axes, axis_name, axis_index_groups, groups)(x_in[0].astype(dtype), mask)
 
   shift, offset, var = platform.platform_dependent(tuple(x_in), default=conditional,
-                                              cuda=always_shifted, rocm=always_shifted)
+                                                   cuda=one_read, rocm=one_read, tpu=one_read)
   return Moments(shift=shift, offset=offset, var=var, count=count)
+
+
+def _held_shift(mean: jax.Array) -> jax.Array:
+  """`mean` as a shift: held constant (the result does not depend on it) and rounded to one
+  bit less than the dtype's mantissa: `reduce_precision` keeps XLA from contracting
+  `x - s1 * (1/n)` into an FMA wherever the shift is recomputed (the normalize loop), which
+  would subtract a value half an ulp of the mean away from the one the second pass used (1e-3
+  error at 1e5)."""
+  fi = jnp.finfo(mean.dtype)
+  return lax.stop_gradient(lax.reduce_precision(mean, exponent_bits=fi.nexp,
+                                                mantissa_bits=fi.nmant - 1))
+
+
+def _one_read(axes: Axes, axis_name: Any, axis_index_groups: Any,
+              groups: tuple[int, int] | None):
+  """`stats(x, mask) -> (shift, offset, var)` of a float `x` in one read (`welford`, then
+  `merge` across channel groups and devices), with the statistics' derivative in closed form
+  (`d offset = E[dx]`, `d var = 2 E[(x - mean) dx]`; a custom JVP, as the variadic reduction
+  has no derivative rule): the derivative programs of any order run it."""
+  sum_parts = lambda v: total(v, (), axis_name, axis_index_groups, groups)
+  single = groups is None and axis_name is None
+
+  @jax.custom_jvp
+  def stats(x, mask):
+    return merge(welford(x, axes, mask), sum_parts, single=single, shift_of=_held_shift)
+
+  @stats.defjvp
+  def stats_jvp(primals, tangents):
+    x, mask = primals
+    dx = tangents[0]
+    shift, offset, var = stats(x, mask)
+    count = _count(x.shape, axes, mask, x.dtype, axis_name, axis_index_groups, groups)
+    safe_count = jnp.maximum(count, jnp.ones((), x.dtype))
+    mean = lambda v: total(counted_only(v, mask), axes, axis_name, axis_index_groups,
+                           groups) / safe_count
+    dvar = 2.0 * mean(((x - shift) - offset) * dx)
+    return (shift, offset, var), (jnp.zeros_like(shift), mean(dx), dvar)
+  return stats
+
+
+class Partial(NamedTuple):
+  """The statistics of a part of a row: `n` elements (int32) with mean `m + c` and sum of
+  squared deviations `m2 + c2` (`c`, `c2`: compensations, the low-order parts that the
+  rounding of `m` and `m2` dropped)."""
+  n: jax.Array
+  m: jax.Array
+  c: jax.Array
+  m2: jax.Array
+  c2: jax.Array
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(s, e)` with `s = fl(a + b)` and `a + b = s + e` exactly (Knuth's TwoSum)."""
+  s = a + b
+  bb = s - a
+  return s, (a - (s - bb)) + (b - bb)
+
+
+def combine(a: Partial, b: Partial) -> Partial:
+  """Chan et al.'s merge of two parts' statistics, with a compensated mean.
+
+  `r = n_b / n`; the mean moves by `r (mean_b - mean_a)`, added to `m_a` with its rounding
+  error kept in `c` (so that a running mean over many elements does not stagnate at the
+  precision of its early elements); `m2 = m2_a + m2_b + d**2 n_a n_b / n` with `d` the full
+  difference of the means, its rounding errors kept in `c2` (a compiler may run the whole
+  reduction as one sequential loop, XLA:CPU does: an uncompensated `m2` over 2**24 elements
+  was 1.4 % off). An empty part (`n = 0`, zeros) is an identity on either side (for finite
+  statistics).
+  """
+  dtype = a.m.dtype
+  n = a.n + b.n
+  r = b.n.astype(dtype) / jnp.maximum(n, 1).astype(dtype)
+  dm = b.m - a.m
+  m, err = _two_sum(a.m, dm * r)
+  # `(m, c)` renormalized too (`c` below half an ulp of `m`).
+  m, c = _two_sum(m, (a.c + r * (b.c - a.c)) + err)
+  d = dm + (b.c - a.c)
+  # `(d * r) * n_a` before the last product: an empty `a` contributes an exact zero even for
+  # a huge `d` (`d * d` would overflow to inf and `inf * 0` is NaN).
+  m2, e1 = _two_sum(a.m2, b.m2)
+  m2, e2 = _two_sum(m2, d * ((d * r) * a.n.astype(dtype)))
+  # Renormalized, so that `c2` stays below half an ulp of `m2` (accumulated on the side, the
+  # errors of adding terms of about the variance to a large `m2` grew `c2` to 3 % of `m2`
+  # over 2**24 elements, and its own rounding cost 1e-4).
+  m2, c2 = _two_sum(m2, (a.c2 + b.c2) + (e1 + e2))
+  return Partial(n, m, c, m2, c2)
+
+
+def welford(x: jax.Array, axes: Axes, mask: jax.Array | None) -> Partial:
+  """Per-row `Partial`s of `x` over `axes` (kept as size 1) in one variadic reduction.
+
+  Each element enters as `(1, x, 0, 0, 0)` (zeros where `mask` is False) and the
+  reduction merges them with `combine` in whatever order the compiler chooses (sequential
+  runs, trees): one read of `x` for exact statistics. `n` is int32 (exact to 2**31 elements
+  per row; a float32 count stops growing at 2**24).
+  """
+  zero = jnp.zeros((), x.dtype)
+  z = jnp.zeros_like(x)
+  if mask is None:
+    parts = Partial(jnp.ones(x.shape, jnp.int32), x, z, z, z)
+  else:
+    parts = Partial(mask.astype(jnp.int32), jnp.where(mask, x, zero), z, z, z)
+  if not axes:
+    return parts
+  init = Partial(jnp.zeros((), jnp.int32), zero, zero, zero, zero)
+  out = lax.reduce(tuple(parts), tuple(init),
+                   lambda a, b: tuple(combine(Partial(*a), Partial(*b))), tuple(axes))
+  shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+  return Partial(*(v.reshape(shape) for v in out))
+
+
+def merge(p: Partial, sum_parts, *, single: bool, shift_of) -> tuple[jax.Array, ...]:
+  """`(shift, offset, var)` from the `Partial`s `p`, merged by `sum_parts` (a sum over
+  channel groups and devices, broadcast back), or taken as they are when `single`.
+
+  The merge is the shifted sums' formula over the parts: with `shift` the count-weighted mean
+  of the `m`s (held constant, see `shift_of`) and `dev = (m - shift) + c` each part's mean
+  relative to it, `offset = sum(n dev) / N` and `var = (sum(m2 + c2 + n dev**2) - offset
+  sum(n dev)) / N`.
+  """
+  dtype = p.m.dtype
+  zero = jnp.zeros((), dtype)
+  if single:
+    n = jnp.maximum(p.n, 1).astype(dtype)
+    return lax.stop_gradient(p.m), p.c, jnp.maximum((p.m2 + p.c2) / n, zero)
+  nf = p.n.astype(dtype)
+  count = jnp.maximum(sum_parts(nf), jnp.ones((), dtype))
+  shift = shift_of(sum_parts(nf * p.m) / count)
+  dev = (p.m - shift) + p.c
+  t1, t2 = sum_parts(nf * dev), sum_parts((p.m2 + p.c2) + nf * dev * dev)
+  offset = t1 / count
+  return shift, offset, jnp.maximum((t2 - t1 * offset) / count, zero)
 
 
 def subtract_mean(x: jax.Array, stats: Moments) -> jax.Array:
