@@ -73,11 +73,30 @@ def test_dtypes_special_values_and_empty():
   assert nj.l2_normalize(jnp.ones((3, 0))).shape == (3, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="finding: the float32 sum of squares overflows above "
-                   "|x| ~ 1.8e19, so x / inf gives 0 where float64 gives a unit vector")
-def test_large_vectors_keep_unit_norm():
-  x = jnp.asarray([[1e20, 1e20], [3e19, -4e19]])
-  np.testing.assert_allclose(nj.l2_normalize(x), ref.l2_normalize(np.asarray(x)), rtol=1e-6)
+@pytest.mark.parametrize("scale", [1e20, 3e37, 1e-20, 1e-30])
+def test_huge_and_tiny_vectors_keep_unit_norm(scale):
+  """Blue's three sums: a float32 sum of squares overflowed above |x| ~ 1.8e19 (x / inf gave
+  0) and flushed to 0 below ~1e-19, and `1 / norm` was subnormal (flushed to zero) for norms
+  above 8.5e37; mixed magnitudes in one vector keep every digit, and the derivatives stay
+  those of float64. (Subnormal inputs are flushed to zero by XLA:CPU before any of this.)"""
+  x = np.asarray([[1.0, 1.0, 0.0], [3.0, -4.0, 0.0], [3.0, 4e-30, 1e-5],
+                  [1.0, 2.0, 3.0]], np.float32) * np.float32(scale)
+  x[3, 0] = 3e-38 if scale > 1 else 1.0   # a row that spans the whole range
+  y = jax.jit(lambda x: nj.l2_normalize(x, eps=0.0))(jnp.asarray(x))
+  want = ref.l2_normalize(x.astype(np.float64), eps=0.0)
+  np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-6, atol=1e-38)
+  if scale > 1e37:   # the gradient (about 1 / norm) is subnormal: float32 cannot hold it
+    return
+  # The gradient in float32 against float64's (second derivatives, about 1 / norm**2, leave
+  # float32's range at these scales).
+  w = np.random.default_rng(0).standard_normal(x.shape)
+  loss = lambda f, x: jnp.sum(jnp.sin(f(x, eps=0.0)) * jnp.asarray(w, x.dtype))
+  got = jax.jit(jax.grad(lambda x: loss(nj.l2_normalize, x)))(jnp.asarray(x))
+  with jax.enable_x64(True):
+    want = np.asarray(jax.grad(lambda x: loss(ref.l2_normalize, x))(
+        jnp.asarray(x, jnp.float64)))
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-4,
+                             atol=1e-5 * np.abs(want).max())
 
 
 def test_vmap_and_qk_norm():
