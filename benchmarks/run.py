@@ -9,10 +9,17 @@ Usage (from the repository root):
   python benchmarks/run.py --filter 'group fwd'   # a subset (regex on the case name)
   python benchmarks/run.py --models        # only the whole-model cases (models.py), both paths (307 s)
   python benchmarks/run.py --models --quick --paths native   # their smoke-test sizes
+  python benchmarks/run.py --patterns      # issue 27's norm patterns (patterns.py), both paths
+  python benchmarks/run.py --patterns --quick   # their smoke-test sizes (~30 s)
 
 Writes `results.md`, `results.json` and `results.png` under `--out` (default
 `benchmarks/results/`; `--quick` writes `quick.*` so the committed full results stay), and for
 the whole-model cases `models.md` and `models.json` (`quick_models.*` with `--quick`).
+
+Norm patterns (`benchmarks/patterns.py`, `--patterns`): normjax.linen's and normjax.nnx's
+LayerNorm/RMSNorm on `x`, on `x + r` and in the pre-LN pattern `(x + r, norm(x + r))`, and the
+fused `add_layer_norm`/`add_rms_norm`, against flax's, forward and training step, on normjax's
+default and jax.numpy paths; writes `patterns.md` and `patterns.json` (see its docstring).
 
 Whole models (`benchmarks/models.py`): a pre-LN transformer stack (4 blocks, d_model 512, 8
 heads, MLP 4x, seq 256, batch 8; LayerNorm and RMSNorm) and a ResNet-style CNN (3 stages of 2
@@ -51,6 +58,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -83,6 +91,9 @@ def parse_args(argv=None):
   p.add_argument("--paths", default="native,jnp",
                  help="normjax paths for the model cases: native (NORMJAX_NATIVE=1) and/or\n"
                       "jnp (NORMJAX_NATIVE=0, in a subprocess unless this process already is)")
+  p.add_argument("--patterns", action="store_true",
+                 help="only the norm patterns of issue 27 (patterns.py; --quick, --rounds,\n"
+                      "--target-s, --filter and --out apply; writes patterns.md/json)")
   p.add_argument("--json-only", default=None, help=argparse.SUPPRESS)   # allocator subprocess
   return p.parse_args(argv)
 
@@ -553,6 +564,9 @@ def main(argv=None):
     os.environ.setdefault("JAX_PLATFORMS", "cuda")
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if args.patterns:
+    run_patterns(args)
+    return
   import jax  # pylint: disable=import-outside-toplevel
   import cases as C  # pylint: disable=import-outside-toplevel
 
@@ -618,6 +632,18 @@ def main(argv=None):
       with open(os.path.join(out_dir, m_stem + ".json"), "w") as f:
         json.dump({"meta": meta, "summary": summary, "records": m_records}, f, indent=1)
       print(md)
+
+
+def run_patterns(args) -> None:
+  """`--patterns`: benchmarks/patterns.py in this process (already under the allocator)."""
+  import patterns  # pylint: disable=import-outside-toplevel
+  argv = ["--allocator", "current"] + (["--quick"] if args.quick else [])
+  for flag, value in (("--rounds", args.rounds), ("--target-s", args.target_s),
+                      ("--filter", args.filter)):
+    argv += [flag, str(value)] if value is not None else []
+  if args.out:
+    argv += ["--out", os.path.join(args.out, "quick_patterns.md" if args.quick else "patterns.md")]
+  patterns.main(argv, command=shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]]))
 
 
 def run_meta(args, device, torch_device, wall, rounds, target_s, models=False) -> dict:
