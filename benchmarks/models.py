@@ -1,4 +1,5 @@
-"""Whole-model cases: a pre-LN transformer block stack and a ResNet-style CNN.
+"""Whole-model cases: a pre-LN transformer block stack, a ResNet-style CNN, a DiT block and a
+Gemma-style block.
 
 Each model is one `flax.linen` module tree, built twice: with flax's own normalization class
 and with `normjax.linen`'s namesake (`norm_class`), everything else identical. The variables are
@@ -17,6 +18,28 @@ Two programs are timed per model and candidate, both `jax.jit`-compiled once up 
 
 Memory is XLA's own account of each compiled program (`compiled.memory_analysis()`): the temp
 buffer, the arguments and the outputs, in bytes.
+
+The two blocks of issue 28 (`python benchmarks/run.py --blocks`, results in
+`models_blocks.{md,json}`) are built from normjax's layers and, on the flax side, from flax's
+modules plus the modulation written by hand, with the same variable tree (names, shapes):
+
+* `dit`: a DiT block (adaLN-Zero; Peebles & Xie, 2023) on `[B, T, D]` tokens and a `[B, D]`
+  conditioning vector: `x + gate1 * attn(modulate(norm(x)))`, then `x + gate2 *
+  mlp(modulate(norm(x)))` (GELU, `mlp_ratio`x). normjax: `normjax.linen.AdaptiveLayerNorm`
+  (its Dense `modulation` on `silu(c)`, `shift, scale, gate`, one normalize step); flax:
+  `nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6)`, a Dense `modulation` on
+  `silu(c)` split the same way and `x * (1 + scale) + shift` by hand. float32.
+* `gemma`: a Gemma-style block (pre-norm attention and GeGLU MLP, then the final norm) with
+  zero-centered RMS norms (`w` initialised to zeros, applied as `1 + w`) and a float32
+  residual stream around bfloat16 attention and MLP. normjax: `normjax.linen.RMSNorm(
+  scale_offset=1.0)` on the stream, then `nj.add_rms_norm(..., scale_offset=1.0,
+  residual_dtype=jnp.float32)` for each residual add + norm; flax: `nn.RMSNorm(
+  use_scale=False)` times `(1 + w)` by hand in float32 on the float32 stream `h = h +
+  delta.astype(float32)`, rounded to bfloat16.
+
+Their all-zero parameters after flax's `init` (adaLN-Zero's modulation, Gemma's norm weights,
+the Dense biases) are replaced by small random values (a trained block's, and gradients that
+do not vanish); both builds run on the same variables, as the other models.
 """
 
 from __future__ import annotations
@@ -32,12 +55,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import normjax as nj
 import normjax.linen as njnn
 
 EPS = 1e-5
 FWD_RTOL = 1e-4    # asserted: max |y_normjax - y_flax| <= FWD_RTOL * max(1, max |y_flax|)
 GRAD_RTOL = 1e-3   # flagged (not asserted): max |g_normjax - g_flax| / max |g_flax|, per leaf
 GRAD_FLOOR = 1e-2  # ... with max |g_flax| at least GRAD_FLOOR * the largest gradient of any leaf
+BF16_FWD_RTOL = 3e-2   # the same, for the bfloat16 Gemma block (a few bfloat16 roundings apart)
+BLOCKS = ("dit", "gemma")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +88,10 @@ class ModelCase:
 
   @property
   def name(self) -> str:
+    if self.kind in BLOCKS:
+      what = {"dit": "adaLN-Zero", "gemma": "zero-centered rms f32-residual bf16"}[self.kind]
+      return (f"{self.kind} block {what} d{self.d_model} h{self.heads} s{self.seq} "
+              f"b{self.batch}")
     if self.kind == "transformer":
       return (f"transformer {self.norm} {self.blocks}x d{self.d_model} h{self.heads} "
               f"s{self.seq} b{self.batch}" + (" fused" if self.fused else ""))
@@ -70,20 +100,28 @@ class ModelCase:
             f"b{self.batch}")
 
   @property
+  def fwd_rtol(self) -> float:
+    return BF16_FWD_RTOL if self.kind == "gemma" else FWD_RTOL
+
+  @property
   def input_shape(self) -> tuple:
-    if self.kind == "transformer":
+    if self.kind in BLOCKS or self.kind == "transformer":
       return (self.batch, self.seq, self.d_model)
     return (self.batch, self.image, self.image, 3)
 
 
-def model_cases(quick: bool) -> list[ModelCase]:
-  """The model suite; `quick` shrinks every model to a smoke-test size (same code paths)."""
+def model_cases(quick: bool, blocks: bool = False) -> list[ModelCase]:
+  """The model suite (`blocks`: the DiT and Gemma blocks instead); `quick` shrinks every model
+  to a smoke-test size (same code paths)."""
   if quick:
     t = dict(batch=2, blocks=1, d_model=64, heads=2, seq=16)
     r = dict(batch=4, image=8, widths=(8, 16), blocks_per_stage=1, groups=4)
   else:
     t = dict(batch=8, blocks=4, d_model=512, heads=8, seq=256)
     r = dict(batch=32, image=32, widths=(16, 32, 64), blocks_per_stage=2, groups=8)
+  if blocks:
+    return [ModelCase(kind, norm, **dict(t, blocks=1))
+            for kind, norm in (("dit", "adaln"), ("gemma", "rms"))]
   return ([ModelCase("transformer", n, **t) for n in ("layer", "rms")] +
           [ModelCase("resnet", n, **r) for n in ("batch", "group")])
 
@@ -195,8 +233,92 @@ class ResNet(nn.Module):
     return nn.Dense(self.classes, name="head")(jnp.mean(x, axis=(1, 2)))
 
 
+class FlaxAdaLN(nn.Module):
+  """adaLN-Zero written by hand with flax's modules: `(LayerNorm(x) * (1 + scale) + shift,
+  gate)`, `shift, scale, gate` from a zero-initialised Dense `modulation` on `silu(cond)`
+  (the variables of `normjax.linen.AdaptiveLayerNorm`)."""
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x, cond):
+    m = nn.Dense(3 * x.shape[-1], kernel_init=nn.initializers.zeros, name="modulation")(
+        nn.silu(cond))
+    shift, scale, gate = (p[:, None, :] for p in jnp.split(m, 3, axis=-1))
+    y = nn.LayerNorm(epsilon=self.epsilon, use_scale=False, use_bias=False)(x)
+    return y * (1 + scale) + shift, gate
+
+
+class DiTBlock(nn.Module):
+  """DiT block (adaLN-Zero) on `(x, cond)`: `x + gate * attn(adaLN(x))`, then `x + gate *
+  mlp(adaLN(x))`; `ada` is `normjax.linen.AdaptiveLayerNorm` or `FlaxAdaLN`."""
+  ada: Callable[..., nn.Module]
+  heads: int
+  mlp_ratio: int
+
+  @nn.compact
+  def __call__(self, inputs, train: bool = False):
+    del train
+    x, cond = inputs
+    y, gate = self.ada(name="ada1")(x, cond)
+    x = x + gate * nn.MultiHeadDotProductAttention(num_heads=self.heads, deterministic=True,
+                                                   name="attn")(y, y)
+    y, gate = self.ada(name="ada2")(x, cond)
+    y = nn.Dense(self.mlp_ratio * x.shape[-1], name="mlp_in")(y)
+    return x + gate * nn.Dense(x.shape[-1], name="mlp_out")(nn.gelu(y))
+
+
+class ZeroRMS(nn.Module):
+  """Gemma's RMS norm of the float32 stream `h`, `w` (`scale`, zeros at init) applied as
+  `1 + w` in float32, the result in bfloat16; `(y, h)`. `delta` given: `h = h + delta` in
+  float32 first. normjax (`delta` needed): `nj.add_rms_norm(..., scale_offset=1.0,
+  residual_dtype=float32)`; flax: `nn.RMSNorm(use_scale=False)` and `1 + w` by hand."""
+  impl: str
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, h, delta=None):
+    w = self.param("scale", nn.initializers.zeros, (h.shape[-1],))
+    if self.impl == "normjax":
+      return nj.add_rms_norm(delta, h, w, eps=self.epsilon, scale_offset=1.0,
+                             residual_dtype=jnp.float32)
+    h = h if delta is None else h + delta.astype(jnp.float32)
+    y = nn.RMSNorm(epsilon=self.epsilon, use_scale=False)(h) * (1 + w)
+    return y.astype(jnp.bfloat16), h
+
+
+class GemmaBlock(nn.Module):
+  """Gemma-style block on the float32 stream `x`: `h = x + attn(norm(x))`, then `h + mlp(
+  norm(h))` (GeGLU, bfloat16), then the final norm; the first norm is normjax's `RMSNorm(
+  scale_offset=1.0)` or flax's by hand, the others `ZeroRMS` with the residual add inside."""
+  impl: str
+  heads: int
+  mlp_ratio: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    bf16, d = jnp.bfloat16, x.shape[-1]
+    if self.impl == "normjax":   # the same variable, norm1/scale
+      y, h = njnn.RMSNorm(scale_offset=1.0, scale_init=nn.initializers.zeros, dtype=bf16,
+                          name="norm1")(x), x
+    else:
+      y, h = ZeroRMS(self.impl, name="norm1")(x)
+    a = nn.MultiHeadDotProductAttention(num_heads=self.heads, dtype=bf16, deterministic=True,
+                                        name="attn")(y, y)
+    y, h = ZeroRMS(self.impl, name="norm2")(h, a)
+    gate = nn.Dense(self.mlp_ratio * d, dtype=bf16, name="mlp_gate")(y)
+    up = nn.Dense(self.mlp_ratio * d, dtype=bf16, name="mlp_up")(y)
+    m = nn.Dense(d, dtype=bf16, name="mlp_down")(nn.gelu(gate) * up)
+    return ZeroRMS(self.impl, name="norm_f")(h, m)[0]
+
+
 def make_model(case: ModelCase, impl: str) -> nn.Module:
   """The model of `case` with `impl`'s ("flax" or "normjax") normalization class."""
+  if case.kind == "dit":
+    ada = njnn.AdaptiveLayerNorm if impl == "normjax" else FlaxAdaLN
+    return DiTBlock(ada, case.heads, case.mlp_ratio)
+  if case.kind == "gemma":
+    return GemmaBlock(impl, case.heads, case.mlp_ratio)
   cls = norm_class(impl, case.norm)
   if case.kind == "transformer":
     add_norm = None
@@ -216,7 +338,10 @@ def make_batch(case: ModelCase, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """(input, target): a regression target for the transformer, class labels for the ResNet."""
   rng = np.random.default_rng(seed)
   x = rng.standard_normal(case.input_shape, dtype=np.float32)
-  if case.kind == "transformer":
+  if case.kind == "dit":   # tokens and the conditioning vector (DiT's c: d_model features)
+    cond = rng.standard_normal((case.batch, case.d_model), dtype=np.float32)
+    return (x, cond), rng.standard_normal(case.input_shape, dtype=np.float32)
+  if case.kind in ("transformer", "gemma"):
     return x, rng.standard_normal(case.input_shape, dtype=np.float32)
   return x, rng.integers(0, case.classes, case.batch).astype(np.int32)
 
@@ -235,6 +360,11 @@ def init_variables(case: ModelCase, x: np.ndarray) -> dict:
   if "batch_stats" in variables:
     stats = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1])
     variables = {**variables, "batch_stats": stats(variables, x)["batch_stats"]}
+  if case.kind in BLOCKS:   # adaLN-Zero's modulation, Gemma's norm weights: trained values
+    rng = np.random.default_rng(1)
+    variables = {**variables, "params": jax.tree.map(
+        lambda p: (jnp.asarray(0.05 * rng.standard_normal(p.shape), p.dtype)
+                   if not np.any(np.asarray(p)) else p), variables["params"])}
   return variables
 
 
@@ -248,8 +378,8 @@ def loss_fn(case: ModelCase, model: nn.Module) -> Callable:
       batch_stats = upd["batch_stats"]
     else:
       out = model.apply(variables, x, train=True)
-    if case.kind == "transformer":
-      value = jnp.mean((out - target) ** 2)
+    if case.kind != "resnet":
+      value = jnp.mean((out.astype(jnp.float32) - target) ** 2)
     else:
       value = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, target))
     return value, batch_stats
@@ -354,11 +484,11 @@ def check_agreement(case: ModelCase, variables: dict, x: np.ndarray, built: dict
   a, b = built["normjax"], built["flax"]
   scale = max(1.0, float(np.max(np.abs(b.fwd_out))))
   fwd_diff = float(np.max(np.abs(a.fwd_out - b.fwd_out)))
-  assert fwd_diff <= FWD_RTOL * scale, f"{case.name}: forward outputs differ by {fwd_diff}"
+  assert fwd_diff <= case.fwd_rtol * scale, f"{case.name}: forward outputs differ by {fwd_diff}"
   (la, ga), (lb, gb) = (a.loss, a.grads), (b.loss, b.grads)
   assert jax.tree.structure(ga) == jax.tree.structure(gb), case.name
   loss_diff = abs(la - lb)
-  assert loss_diff <= FWD_RTOL * max(1.0, abs(float(lb))), f"{case.name}: loss {la} vs {lb}"
+  assert loss_diff <= case.fwd_rtol * max(1.0, abs(float(lb))), f"{case.name}: loss {la} vs {lb}"
   gmax = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(gb))
   grad_diff = max(float(np.max(np.abs(p - q)))
                   for p, q in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)))

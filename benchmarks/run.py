@@ -9,10 +9,18 @@ Usage (from the repository root):
   python benchmarks/run.py --filter 'group fwd'   # a subset (regex on the case name)
   python benchmarks/run.py --models        # only the whole-model cases (models.py), both paths (307 s)
   python benchmarks/run.py --models --quick --paths native   # their smoke-test sizes
+  python benchmarks/run.py --blocks        # the DiT and Gemma blocks alone (models_blocks.*)
+  python benchmarks/run.py --patterns      # issue 27's norm patterns (patterns.py), both paths
+  python benchmarks/run.py --patterns --quick   # their smoke-test sizes (~30 s)
 
 Writes `results.md`, `results.json` and `results.png` under `--out` (default
 `benchmarks/results/`; `--quick` writes `quick.*` so the committed full results stay), and for
 the whole-model cases `models.md` and `models.json` (`quick_models.*` with `--quick`).
+
+Norm patterns (`benchmarks/patterns.py`, `--patterns`): normjax.linen's and normjax.nnx's
+LayerNorm/RMSNorm on `x`, on `x + r` and in the pre-LN pattern `(x + r, norm(x + r))`, and the
+fused `add_layer_norm`/`add_rms_norm`, against flax's, forward and training step, on normjax's
+default and jax.numpy paths; writes `patterns.md` and `patterns.json` (see its docstring).
 
 Whole models (`benchmarks/models.py`): a pre-LN transformer stack (4 blocks, d_model 512, 8
 heads, MLP 4x, seq 256, batch 8; LayerNorm and RMSNorm) and a ResNet-style CNN (3 stages of 2
@@ -51,6 +59,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -83,6 +92,12 @@ def parse_args(argv=None):
   p.add_argument("--paths", default="native,jnp",
                  help="normjax paths for the model cases: native (NORMJAX_NATIVE=1) and/or\n"
                       "jnp (NORMJAX_NATIVE=0, in a subprocess unless this process already is)")
+  p.add_argument("--blocks", action="store_true",
+                 help="only the DiT and Gemma blocks of models.py (both paths); writes\n"
+                      "models_blocks.md/json (quick_models_blocks.* with --quick)")
+  p.add_argument("--patterns", action="store_true",
+                 help="only the norm patterns of issue 27 (patterns.py; --quick, --rounds,\n"
+                      "--target-s, --filter and --out apply; writes patterns.md/json)")
   p.add_argument("--json-only", default=None, help=argparse.SUPPRESS)   # allocator subprocess
   return p.parse_args(argv)
 
@@ -230,7 +245,7 @@ def run_models(args, device, rounds, target_s) -> list:
   """The whole-model records for every path in `--paths`: this process's path here, the other
   in a subprocess with `NORMJAX_NATIVE` set (read once, when normjax is imported)."""
   import models as Mo  # pylint: disable=import-outside-toplevel
-  cases = Mo.model_cases(args.quick)
+  cases = Mo.model_cases(args.quick, blocks=args.blocks)
   if args.filter:
     cases = [c for c in cases if re.search(args.filter, c.name)]
   paths = [p for p in args.paths.split(",") if p]
@@ -266,6 +281,7 @@ def run_models(args, device, rounds, target_s) -> list:
            "--allocator", "current", "--device", args.device, "--rounds", str(rounds),
            "--target-s", str(target_s), "--json-only", tmp]
     cmd += ["--quick"] if args.quick else []
+    cmd += ["--blocks"] if args.blocks else []
     cmd += ["--filter", args.filter] if args.filter else []
     subprocess.run(cmd, check=True, env=dict(os.environ, NORMJAX_NATIVE=PATH_ENV[path]))
     with open(tmp) as f:
@@ -318,6 +334,14 @@ def models_markdown(meta, records, summary) -> str:
            "arguments + outputs, in MiB. `path`: `native` = normjax's CPU kernels, `jnp` = "
            "`NORMJAX_NATIVE=0` (pure jax.numpy), each measured against flax in its own "
            "process.", ""]
+  if any(r["kind"] in ("dit", "gemma") for r in records):
+    lines += ["The DiT and Gemma blocks (issue 28; benchmarks/models.py's docstring) differ "
+              "from flax's build in more than the norm class: normjax's side uses "
+              "`AdaptiveLayerNorm` (adaLN-Zero) and `RMSNorm(scale_offset=1.0)` + "
+              "`nj.add_rms_norm(..., residual_dtype=jnp.float32)`, flax's side flax's "
+              "`LayerNorm` / `RMSNorm` with the modulation, the `1 + w` scale and the float32 "
+              "residual written by hand; same variable tree. The Gemma block computes in "
+              "bfloat16: its eval outputs and loss are checked to 3e-2 instead of 1e-4.", ""]
   head = ["model", "path", "params", "fwd normjax ms", "fwd flax ms", "fwd /flax",
           "train normjax ms", "train flax ms", "train /flax", "train temp MiB", "temp /flax",
           "train total MiB", "total /flax", "fwd temp /flax", "max dy", "grad diff"]
@@ -546,6 +570,7 @@ def allocator_table(args, out_dir):
 
 def main(argv=None):
   args = parse_args(argv)
+  args.models = args.models or args.blocks
   maybe_reexec(args)
   if args.device == "cpu":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -553,6 +578,9 @@ def main(argv=None):
     os.environ.setdefault("JAX_PLATFORMS", "cuda")
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if args.patterns:
+    run_patterns(args)
+    return
   import jax  # pylint: disable=import-outside-toplevel
   import cases as C  # pylint: disable=import-outside-toplevel
 
@@ -611,13 +639,26 @@ def main(argv=None):
                       models=True)
       summary = models_summary(m_records)
       md = models_markdown(meta, m_records, summary)
-      m_stem = stem.replace("results", "models") if not args.quick else stem.replace(
-          "quick", "quick_models")
+      models = "models_blocks" if args.blocks else "models"
+      m_stem = stem.replace("results", models) if not args.quick else stem.replace(
+          "quick", "quick_" + models)
       with open(os.path.join(out_dir, m_stem + ".md"), "w") as f:
         f.write(md)
       with open(os.path.join(out_dir, m_stem + ".json"), "w") as f:
         json.dump({"meta": meta, "summary": summary, "records": m_records}, f, indent=1)
       print(md)
+
+
+def run_patterns(args) -> None:
+  """`--patterns`: benchmarks/patterns.py in this process (already under the allocator)."""
+  import patterns  # pylint: disable=import-outside-toplevel
+  argv = ["--allocator", "current"] + (["--quick"] if args.quick else [])
+  for flag, value in (("--rounds", args.rounds), ("--target-s", args.target_s),
+                      ("--filter", args.filter)):
+    argv += [flag, str(value)] if value is not None else []
+  if args.out:
+    argv += ["--out", os.path.join(args.out, "quick_patterns.md" if args.quick else "patterns.md")]
+  patterns.main(argv, command=shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]]))
 
 
 def run_meta(args, device, torch_device, wall, rounds, target_s, models=False) -> dict:
