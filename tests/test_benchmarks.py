@@ -135,3 +135,26 @@ def test_quick_numerics_reports(quick_numerics_run):
     for impl in ours:
       for metric in ("var_rel_err", "out_abs_err"):
         assert rec["results"][impl][metric] < 1e-3 * fast[metric], (rec["case"], impl, metric)
+
+
+def test_quick_patterns_report(tmp_path):
+  """`run.py --patterns --quick`: issue 27's patterns (n(x), n(x + r), pre-LN, fused) at
+  smoke-test sizes write a markdown table with normjax / flax ratios on both paths."""
+  out = tmp_path / "patterns.md"
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "patterns.py"), "--quick", "--out",
+         str(out)]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  md = out.read_text()
+  for pattern in ("n(x)", "n(x+r)", "fused"):
+    assert pattern in md, pattern
+  assert "jax.numpy" in md and "flax" in md
+
+
+def test_quick_blocks_report(tmp_path):
+  """`run.py --blocks --quick`: the DiT and Gemma-style blocks at smoke-test sizes."""
+  _run_script(tmp_path, "run.py", "--blocks", "--allocator", "current", "--paths", "native")
+  md = (tmp_path / "quick_models_blocks.md").read_text()
+  assert "DiT" in md and "Gemma" in md

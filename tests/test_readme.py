@@ -75,7 +75,8 @@ def test_readme_performance_numbers_come_from_the_results_files():
   section = _section((ROOT / "README.md").read_text(), "Performance")
   section = re.sub(r"`[^`]*`", "", section)            # paths, commands, LD_PRELOAD values
   sources = "\n".join((RESULTS / name).read_text()
-                      for name in ("results.md", "models.md", "jnp/results.md"))
+                      for name in ("results.md", "models.md", "jnp/results.md", "patterns.md",
+                                   "models_blocks.md"))
   known = set(_NUMBER.findall(sources))
   unknown = sorted(set(_NUMBER.findall(section)) - known, key=float)
   assert not unknown, f"README Performance numbers in no results file: {unknown}"
