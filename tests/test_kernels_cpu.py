@@ -96,7 +96,7 @@ def test_forward_kernel_matches_reference_and_numpy(shape, dtype, centered, per_
   x = rand(shape, dtype=dtype, loc=0.5, seed=3)
   params = shape[:1] if per_row else shape[1:]
   g, b = rand(params, seed=4), rand(params, seed=5)
-  kw = dict(eps=1e-5, centered=centered, per_row=per_row)
+  kw = dict(eps=1e-5, centered=centered, per_row=per_row, example_rows=0)
   kernel = jax.jit(lambda *a: _rows.rows_forward_p.bind(*a, **kw))
   ref = jax.jit(lambda *a: _rows._forward_reference(*a, **kw))
   y, shift, offset, var = kernel(x, g, b)
@@ -119,7 +119,7 @@ def test_backward_kernel_matches_reference_and_numpy(shape, dtype, centered, per
   ct = rand(shape, dtype=dtype, seed=7)
   scale = rand(shape[:1] if per_row else shape[1:], seed=8)
   eps = 1e-3
-  kw = dict(centered=centered, per_row=per_row)
+  kw = dict(centered=centered, per_row=per_row, example_rows=0)
   _, shift, offset, var = jax.jit(lambda *a: _rows._forward_reference(*a, eps=eps, **kw))(
       x, scale, scale)
   rstd = jax.lax.rsqrt(var + eps)
@@ -147,7 +147,7 @@ def test_backward_kernel_matches_reference_and_numpy(shape, dtype, centered, per
 def test_backward_is_deterministic():
   x, ct = rand((512, 512), seed=9), rand((512, 512), seed=10)
   scale = rand((512,), seed=11)
-  kw = dict(centered=True, per_row=False)
+  kw = dict(centered=True, per_row=False, example_rows=0)
   stats = jax.jit(lambda *a: _rows._forward_reference(*a, eps=1e-5, **kw))(x, scale, scale)
   rstd = jax.lax.rsqrt(stats[3] + 1e-5)
   bwd = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))
@@ -191,7 +191,7 @@ def test_bfloat16_output_rounds_like_xla(per_row):
   x = jnp.asarray(rand((rows, n), seed=4), jnp.bfloat16)
   bias = jnp.asarray(bias)
   zero = jnp.zeros_like(bias)
-  y = _rows.rows_forward_p.bind(x, zero, bias, eps=1e-5, centered=True, per_row=per_row)[0]
+  y = _rows.rows_forward_p.bind(x, zero, bias, eps=1e-5, centered=True, per_row=per_row, example_rows=0)[0]
   want = jnp.asarray(values).astype(jnp.bfloat16)
   got_bits = np.asarray(y).view(np.uint16)
   want_bits = np.asarray(want).view(np.uint16)
@@ -369,7 +369,7 @@ def test_row_kernels_drift_and_late_outliers_match_float64(dtype):
   mean, var = _moments64(x64, 1)
   ones, zeros = jnp.ones(n), jnp.zeros(n)
   _, *stats = jax.jit(lambda x: _rows.rows_forward_p.bind(
-      x, ones, zeros, eps=1e-5, centered=True, per_row=False))(x)
+      x, ones, zeros, eps=1e-5, centered=True, per_row=False, example_rows=0))(x)
   _check_moments(stats, mean, var, rtol=1e-6)
   assert float(stats[2][4]) == 0.0
   stats = jax.jit(lambda x: _columns.row_moments_p.bind(x, pool_outer=False, group_size=1))(
@@ -465,14 +465,14 @@ def test_rows_of_2_24_values_match_float64():
   x64 = np.asarray(x, np.float64)
   ones, zeros = jnp.ones(n), jnp.zeros(n)
   fwd = jax.jit(lambda x: _rows.rows_forward_p.bind(x, ones, zeros, eps=0.0, centered=True,
-                                                    per_row=False))
+                                                    per_row=False, example_rows=0))
   y, shift, offset, var = fwd(x)
   assert abs(float(var[0]) / x64.var() - 1) <= 1e-6
   assert abs(float(shift[0]) + float(offset[0]) - x64.mean()) <= 1e-9
   np.testing.assert_allclose(np.asarray(y[0, :4096], np.float64),
                              (x64[0, :4096] - x64.mean()) / x64.std(), atol=1e-6)
   del y
-  rms = _rows.rows_forward_p.bind(x, ones, zeros, eps=0.0, centered=False, per_row=False)[3]
+  rms = _rows.rows_forward_p.bind(x, ones, zeros, eps=0.0, centered=False, per_row=False, example_rows=0)[3]
   assert abs(float(rms[0]) / np.mean(x64 ** 2) - 1) <= 1e-6
   row = jax.jit(lambda x: _columns.row_moments_p.bind(x, pool_outer=False, group_size=1))(
       x.reshape(1, 1, n))
@@ -488,10 +488,10 @@ def test_backward_sums_of_long_rows_match_float64():
   ct = (1.0 + rng.standard_normal((2, n), dtype=np.float32)).astype(np.float32)
   scale = jnp.asarray([1.5, 0.5], F32)
   _, shift, offset, var = _rows.rows_forward_p.bind(x, scale, scale, eps=0.0, centered=True,
-                                                    per_row=True)
+                                                    per_row=True, example_rows=0)
   rstd = jax.lax.rsqrt(var)
   dx, dscale, dbias = jax.jit(lambda *a: _rows.rows_backward_p.bind(
-      *a, centered=True, per_row=True))(x, ct, shift, offset, rstd, scale)
+      *a, centered=True, per_row=True, example_rows=0))(x, ct, shift, offset, rstd, scale)
   x64, g64 = np.asarray(x, np.float64), np.asarray(ct, np.float64)
   xhat = (x64 - x64.mean(1, keepdims=True)) / x64.std(1, keepdims=True)
   np.testing.assert_allclose(np.asarray(dbias, np.float64), g64.sum(1), rtol=1e-6)
@@ -507,7 +507,7 @@ def test_backward_parameter_sums_over_many_rows_match_float64():
   x = rng.standard_normal((rows, n), dtype=np.float32)
   ct = (1.0 + 0.1 * rng.standard_normal((rows, n), dtype=np.float32)).astype(np.float32)
   scale = jnp.ones(n)
-  kw = dict(centered=True, per_row=False)
+  kw = dict(centered=True, per_row=False, example_rows=0)
   _, shift, offset, var = _rows.rows_forward_p.bind(x, scale, scale, eps=1e-5, **kw)
   rstd = jax.lax.rsqrt(var + 1e-5)
   _, dscale, dbias = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))(
@@ -526,7 +526,7 @@ def test_rows_at_1e5_normalize_to_float64_accuracy(dtype):
   x = np.asarray(jnp.asarray(x).astype(dtype).astype(F32))
   ones, zeros = jnp.ones(4099), jnp.zeros(4099)
   y = jax.jit(lambda x: _rows.rows_forward_p.bind(x, ones, zeros, eps=1e-5, centered=True,
-                                                  per_row=False)[0])(jnp.asarray(x))
+                                                  per_row=False, example_rows=0)[0])(jnp.asarray(x))
   x64 = np.asarray(x, np.float64)
   want = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-5)
   if dtype == jnp.float32:
@@ -538,7 +538,7 @@ def test_rows_at_1e5_normalize_to_float64_accuracy(dtype):
 def _forward_both(x, centered=True):
   """rows_forward_p's kernel and its jax.numpy definition, jitted."""
   n = x.shape[1]
-  kw = dict(eps=1e-5, centered=centered, per_row=False)
+  kw = dict(eps=1e-5, centered=centered, per_row=False, example_rows=0)
   ones, zeros = jnp.ones(n), jnp.zeros(n)
   kernel = jax.jit(lambda x: _rows.rows_forward_p.bind(x, ones, zeros, **kw))(x)
   ref = jax.jit(lambda x: _rows._forward_reference(x, ones, zeros, **kw))(x)
@@ -580,7 +580,7 @@ def test_nan_and_inf_give_nan_rows(bad):
 def test_size_one_and_empty_axes():
   x = jnp.asarray([[3.0], [-2.0]], F32)
   y, shift, offset, var = _rows.rows_forward_p.bind(x, jnp.ones(1), jnp.full((1,), 0.5), eps=1e-5,
-                                                    centered=True, per_row=False)
+                                                    centered=True, per_row=False, example_rows=0)
   np.testing.assert_array_equal(np.asarray(y), [[0.5], [0.5]])
   np.testing.assert_array_equal(np.asarray(shift), [3.0, -2.0])
   np.testing.assert_array_equal(np.asarray(var), [0.0, 0.0])
@@ -595,7 +595,7 @@ def test_size_one_and_empty_axes():
                                                      group_size=1)
     assert shift.shape == (2, 3) and np.all(np.isfinite(np.asarray(var)))
   y = _rows.rows_forward_p.bind(jnp.zeros((3, 0)), jnp.ones(0), jnp.zeros(0), eps=1e-5,
-                                centered=True, per_row=False)
+                                centered=True, per_row=False, example_rows=0)
   assert y[0].shape == (3, 0) and np.all(np.asarray(y[3]) == 0.0)
 
 
@@ -635,7 +635,7 @@ def test_add_reference_definition_returns_the_sum_at_its_rounding():
   a = jnp.full((4, 1024), 1e5, jnp.bfloat16)
   r = jnp.asarray(np.random.default_rng(0).standard_normal((4, 1024)), jnp.bfloat16)
   ones, zeros = jnp.ones(1024, jnp.float32), jnp.zeros(1024, jnp.float32)
-  kw = dict(eps=1e-5, centered=True, per_row=False)
+  kw = dict(eps=1e-5, centered=True, per_row=False, example_rows=0)
   def h_minus_a(a, r):
     h = _rows._add_forward_reference(a, r, ones, zeros, **kw)[1]
     return h.astype(jnp.float32) - a.astype(jnp.float32)
@@ -651,8 +651,63 @@ def test_reference_definition_reads_a_fused_bfloat16_x_at_its_rounding():
   a = jnp.full((4, 1024), 1e5, jnp.bfloat16)
   r = jnp.asarray(np.random.default_rng(0).standard_normal((4, 1024)), jnp.bfloat16)
   ones, zeros = jnp.ones(1024, jnp.float32), jnp.zeros(1024, jnp.float32)
-  kw = dict(eps=1e-5, centered=True, per_row=False)
+  kw = dict(eps=1e-5, centered=True, per_row=False, example_rows=0)
   got = jax.jit(lambda a, r: _rows._forward_reference(a + r, ones, zeros, **kw)[0])(a, r)
   want = _rows._forward_reference(a + r, ones, zeros, **kw)[0]    # the materialized sum
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("examples,rows_each,n", [(3, 40, 24), (64, 2, 8), (2, 257, 1000)])
+@pytest.mark.parametrize("centered", [True, False])
+def test_per_example_parameters_forward_and_backward_match_float64(examples, rows_each, n,
+                                                                   centered):
+  """Scale and bias per example and feature (`example_rows`: adaLN's `[B, 1, D]` of
+  `[B, T, D]`) against float64 NumPy, forward and backward (dscale, dbias per example), at a
+  1e5 offset: a few long examples (split into chunks, summed in order) and many short ones
+  (each within one chunk)."""
+  rows = examples * rows_each
+  x = jnp.asarray(rand((rows, n), seed=11, loc=1e5 if centered else 3.0))
+  ct = jnp.asarray(rand((rows, n), seed=12))
+  scale = jnp.asarray(rand((examples * n,), seed=13))
+  bias = jnp.asarray(rand((examples * n,), seed=14))
+  kw = dict(centered=centered, per_row=False, example_rows=rows_each)
+  y, shift, offset, var = jax.jit(lambda *a: _rows.rows_forward_p.bind(*a, eps=1e-5, **kw))(
+      x, scale, bias)
+  x64, g64 = np.asarray(x, np.float64), np.asarray(ct, np.float64)
+  s64 = np.repeat(np.asarray(scale, np.float64).reshape(examples, n), rows_each, axis=0)
+  b64 = np.repeat(np.asarray(bias, np.float64).reshape(examples, n), rows_each, axis=0)
+  mean = x64.mean(1, keepdims=True) if centered else 0.0
+  rs = 1 / np.sqrt(((x64 - mean) ** 2).mean(1, keepdims=True) + 1e-5)
+  xhat = (x64 - mean) * rs
+  np.testing.assert_allclose(np.asarray(y, np.float64), xhat * s64 + b64, rtol=1e-5, atol=1e-4)
+  rstd = jax.lax.rsqrt(var + 1e-5)
+  dx, dscale, dbias = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))(
+      x, ct, shift, offset, rstd, scale)
+  gs = g64 * s64
+  dx64 = rs * (gs - (gs.mean(1, keepdims=True) if centered else 0.0)
+               - xhat * (gs * xhat).mean(1, keepdims=True))
+  per_example = lambda v: v.reshape(examples, rows_each, n).sum(1).reshape(-1)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), dx64, rtol=1e-4,
+                             atol=1e-4 * np.abs(dx64).max())
+  for got, want in ((dscale, per_example(g64 * xhat)), (dbias, per_example(g64))):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
+
+
+def test_adaptive_norms_take_the_rows_kernel_with_per_example_parameters():
+  """adaLN's `[B, 1, D]` modulation of `[B, T, D]` goes to the native rows kernel, forward and
+  backward (one read of `x` each, the modulation inside), and matches the reference path."""
+  x = jnp.asarray(rand((4, 16, 32), seed=1, loc=3.0))
+  shift = jnp.asarray(rand((4, 1, 32), seed=2) * 0.1)
+  scale = jnp.asarray(rand((4, 1, 32), seed=3) * 0.1)
+  f = lambda x, shift, scale: nj.adaptive_layer_norm(x, shift, scale)
+  loss = lambda *a: jnp.sum(jnp.sin(f(*a)))
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  text = jax.jit(grad).lower(x, shift, scale).as_text()
+  assert "NormjaxRowsForward" in text and "NormjaxRowsBackward" in text
+  got = [jax.jit(f)(x, shift, scale), *jax.jit(grad)(x, shift, scale)]
+  with nj.implementation("reference"):
+    want = [jax.jit(f)(x, shift, scale), *jax.jit(grad)(x, shift, scale)]
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))

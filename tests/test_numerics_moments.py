@@ -434,3 +434,36 @@ def test_one_read_nonfinite_rows_are_nan_and_others_exact():
   assert np.isnan(var[:2]).all()
   np.testing.assert_allclose(var[2], x[2].astype(np.float64).var(), rtol=1e-6)
   np.testing.assert_allclose(mean[2], x[2].astype(np.float64).mean(), rtol=1e-7)
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (conftest's XLA_FLAGS)")
+@pytest.mark.parametrize("groups", [None, (2, 2)])
+def test_one_read_statistics_merge_across_devices_and_groups(groups):
+  """The one-read statistics merged across devices (`shard_map` over 4, `psum` of the
+  parts' shifted sums) and channel groups equal float64's over the whole batch, at a 1e5
+  offset with uneven masks (a device with no counted element included)."""
+  from jax.sharding import Mesh, PartitionSpec as P
+
+  from normjax._src.numerics import platform
+  x = rand((8, 6, 4), seed=3, loc=1e5)
+  mask = rand((8, 6, 4), seed=4) > -0.5
+  mask[:2] = False   # device 0 counts nothing
+  mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+
+  def local(x, mask):
+    m = _moments.moments(x, (0, 1), mask=mask, axis_name="d", groups=groups)
+    return (m.shift, m.offset), m.var, m.count
+
+  with platform.lowered_for("cuda"):
+    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P("d")),
+                               out_specs=((P(), P()), P(), P()), check_vma=False))
+    (shift, offset), var, count = fn(jnp.asarray(x), jnp.asarray(mask))
+  mean = np.asarray(shift, np.float64) + np.asarray(offset, np.float64)
+  x64 = np.where(mask, x.astype(np.float64), np.nan)
+  if groups is not None:   # channels (axis 2) in groups of 2
+    x64 = np.repeat(x64.reshape(8, 6, 2, 2).transpose(0, 1, 3, 2).reshape(8, 12, 2), 2, axis=2)
+  want_mean = np.nanmean(x64, axis=(0, 1), keepdims=True)
+  want_var = np.nanvar(x64, axis=(0, 1), keepdims=True)
+  np.testing.assert_allclose(mean, want_mean, rtol=1e-9)
+  np.testing.assert_allclose(np.asarray(var, np.float64), want_var, rtol=1e-5)
+  assert np.asarray(count).min() > 0

@@ -15,8 +15,9 @@ applies when:
     keep XLA's own ops, which shard like any jax.numpy code), and `eps` is a concrete number,
   * there is no mask, named axis or `fast_variance`, and
   * `"rows"`: the reduced axes are the trailing axes, without channel groups, and the scale
-    and bias vary along the reduced axes only (layer/RMS norm) or the other axes only
-    (instance norm with channels first, `per_row`);
+    and bias vary along the reduced axes only (layer/RMS norm), the other axes only
+    (instance norm with channels first, `per_row`), or the reduced axes and the first `k`
+    other axes (per example: adaLN's `[B, 1, D]` modulation of `[B, T, D]`, `examples`);
     `"moments"`: centered statistics whose reduced axes and channel groups fit a moments
     kernel's view (batch/instance/group norm on NHWC, batch/group norm on NCHW); the
     backward's per-channel sums take a kernel too (`tangent`'s `spread`, see
@@ -30,6 +31,7 @@ is pinned, see `rounding.residual_sum`).
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 from typing import NamedTuple
@@ -112,6 +114,9 @@ class Plan(NamedTuple):
   """Which implementation one call takes."""
   kernel: str | None  # "rows", "moments", or None for the reference
   per_row: bool = False  # "rows": scale and bias per row rather than per feature
+  # "rows": scale and bias per example and feature, varying along the first `examples` axes
+  # (adaLN's `[B, 1, D]` for `[B, T, D]`); 0: per feature (or per row)
+  examples: int = 0
 
 
 REFERENCE = Plan(kernel=None)
@@ -129,21 +134,29 @@ def _concrete_eps(eps) -> bool:
 
 
 def _rows_layout(x, axes, scale, bias) -> Plan:
-  """Plan("rows") if the parameters vary along the trailing reduced axes only (per feature)
-  or along the other axes only (per row), else the reference."""
+  """Plan("rows") if the parameters vary along the trailing reduced axes only (per feature),
+  along the other axes only (per row), or along the reduced axes and the first `k` other axes
+  (per example and feature, with runs of more than one row per example), else the reference."""
   lead = x.ndim - len(axes)
 
   def layout(p):
     if p.shape == (1,) * lead + x.shape[lead:]:
-      return False
+      return "feature"
     if all(d == 1 for d in p.shape[lead:]) and all(
         d in (1, n) for d, n in zip(p.shape, x.shape, strict=False)):
-      return True
+      return "row"
+    for k in range(1, lead):
+      if (p.shape == x.shape[:k] + (1,) * (lead - k) + x.shape[lead:]
+          and math.prod(x.shape[k:lead]) > 1):
+        return k
     return None
   layouts = {layout(p) for p in (scale, bias) if p is not None}
   if None in layouts or len(layouts) > 1:
     return REFERENCE
-  return Plan(kernel="rows", per_row=layouts.pop() if layouts else False)
+  chosen = layouts.pop() if layouts else "feature"
+  if isinstance(chosen, int):
+    return Plan(kernel="rows", examples=chosen)
+  return Plan(kernel="rows", per_row=chosen == "row")
 
 
 def plan(x: jax.Array, axes: Axes, scale, bias, eps, *, mask=None, axis_name=None,
@@ -173,7 +186,7 @@ def standardize(x: jax.Array, axes: Axes, scale: jax.Array | None,
             fast_variance=fast_variance, centered=centered, groups=groups)
   if p.kernel == "rows":
     forward, tangent = rows.ops(x.shape, len(axes), float(eps), centered=centered,
-                                per_row=p.per_row)
+                                per_row=p.per_row, examples=p.examples)
     return numerics.standardize(x, axes, scale, bias, eps, forward=forward, tangent_fn=tangent,
                              **kw)
   if p.kernel == "moments":
@@ -199,7 +212,7 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
   p = plan(x, axes, scale, bias, eps, centered=centered)
   if p.kernel == "rows":
     add_forward, tangent = rows.add_ops(x.shape, len(axes), float(eps), centered=centered,
-                                        per_row=p.per_row)
+                                        per_row=p.per_row, examples=p.examples)
     return numerics.add_standardize(x, residual, axes, scale, bias, eps, centered=centered,
                                  add_forward=add_forward, tangent_fn=tangent)
   h = rounding.residual_sum(x, residual)

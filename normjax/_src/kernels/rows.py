@@ -14,8 +14,10 @@ The input is viewed as `[rows, features]` and three primitives do the work:
     block inside the kernel, which reads `x` and `residual` once and writes `y` and `h` (see
     the fusion barrier below). Its derivative is the rows tangent/backward at `h` (`add_ops`).
 
-Scale and bias are vectors: per feature (layer/RMS norm, `per_row=False`) or per row
-(instance norm with channels first, `per_row=True`). On CPU, when the native library is
+Scale and bias are vectors: per feature (layer/RMS norm, `per_row=False`), per row
+(instance norm with channels first, `per_row=True`), or per example and feature
+(`example_rows=T > 0`: `[rows / T * features]`, one vector for each run of `T` consecutive
+rows, as adaLN's `[B, 1, D]` modulation of `[B, T, D]`). On CPU, when the native library is
 loaded (`normjax._src.kernels.cpu`), the forward and backward lower to its kernels: one read of
 each row per pass, on XLA's intra-op threads. `ops` gives `standardize` the
 `forward`/`tangent` pair for one call; `normjax._src.dispatch` decides when it applies.
@@ -65,9 +67,18 @@ AddForward = Callable[[jax.Array, jax.Array, Vector, Vector],
                       tuple[jax.Array, jax.Array, Moments]]
 
 
-def _expand(param: jax.Array, per_row: bool) -> jax.Array:
-  """A per-feature `[features]` or per-row `[rows]` vector as a 2-D `[rows, features]` operand."""
-  return param[:, None] if per_row else param[None]
+def _expand(param: jax.Array, per_row: bool, example_rows: int = 0,
+            n: int | None = None) -> jax.Array:
+  """A per-feature `[features]`, per-row `[rows]` or per-example `[examples * features]`
+  vector as a 2-D operand broadcasting against `[rows, features]`."""
+  if per_row:
+    return param[:, None]
+  if example_rows:
+    assert n is not None
+    per_example = param.reshape(-1, 1, n)
+    shape = (per_example.shape[0], example_rows, n)
+    return jnp.broadcast_to(per_example, shape).reshape(-1, n)
+  return param[None]
 
 
 def _row_stats(x: jax.Array, shift: jax.Array, offset: jax.Array, var: jax.Array,
@@ -82,10 +93,11 @@ def _row_stats(x: jax.Array, shift: jax.Array, offset: jax.Array, var: jax.Array
 # ----------------------------------------------------------------- definitions (the numerics)
 
 def _forward_reference(x: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float,
-                       centered: bool, per_row: bool) -> tuple[jax.Array, ...]:
+                       centered: bool, per_row: bool,
+                       example_rows: int = 0) -> tuple[jax.Array, ...]:
+  e = functools.partial(_expand, per_row=per_row, example_rows=example_rows, n=x.shape[1])
   stats = moments(x, (1,), centered=centered)
-  y = normalize(pin_rounding(x), stats, _expand(scale, per_row),
-                      _expand(bias, per_row), eps)
+  y = normalize(pin_rounding(x), stats, e(scale), e(bias), eps)
   zero = jnp.zeros_like(stats.var)
   shift = zero if stats.shift is None else stats.shift
   offset = zero if stats.offset is None else stats.offset
@@ -94,29 +106,31 @@ def _forward_reference(x: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: 
 
 def _add_forward_reference(x: jax.Array, residual: jax.Array, scale: jax.Array,
                            bias: jax.Array, *, eps: float, centered: bool,
-                           per_row: bool) -> tuple[jax.Array, ...]:
+                           per_row: bool, example_rows: int = 0) -> tuple[jax.Array, ...]:
   # `h` pinned to its rounding, as `add_standardize` returns it (and as the kernel
   # writes it): its consumers downstream see the `h` whose statistics were taken.
   h = residual_sum(x, residual)
   y, shift, offset, var = _forward_reference(h, scale, bias, eps=eps, centered=centered,
-                                             per_row=per_row)
+                                             per_row=per_row, example_rows=example_rows)
   return y, h, shift, offset, var
 
 
 def _tangent_reference(x: jax.Array, shift: jax.Array, offset: jax.Array, rstd: jax.Array,
                        scale: jax.Array, dx: jax.Array, dscale: jax.Array, dbias: jax.Array, *,
-                       centered: bool, per_row: bool) -> tuple[jax.Array]:
-  e = functools.partial(_expand, per_row=per_row)
+                       centered: bool, per_row: bool,
+                       example_rows: int = 0) -> tuple[jax.Array]:
+  e = functools.partial(_expand, per_row=per_row, example_rows=example_rows, n=x.shape[1])
   stats = _row_stats(x, shift, offset, rstd, centered)
   return (tangent(x, stats, rstd[:, None], e(scale), dx, e(dscale), e(dbias), (1,)),)
 
 
 def _backward_reference(x: jax.Array, g: jax.Array, shift: jax.Array, offset: jax.Array,
                         rstd: jax.Array, scale: jax.Array, *, centered: bool,
-                        per_row: bool) -> tuple[jax.Array, ...]:
+                        per_row: bool, example_rows: int = 0) -> tuple[jax.Array, ...]:
   def linear(dx: jax.Array, dscale: jax.Array, dbias: jax.Array) -> jax.Array:
     return _tangent_reference(x, shift, offset, rstd, scale, dx, dscale, dbias,
-                              centered=centered, per_row=per_row)[0]
+                              centered=centered, per_row=per_row,
+                              example_rows=example_rows)[0]
   like = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(scale.shape, F32),
           jax.ShapeDtypeStruct(scale.shape, F32))
   return tuple(jax.linear_transpose(linear, *like)(g))
@@ -129,30 +143,30 @@ def _shaped(shape: Shape, dtype: jnp.dtype) -> ShapedArray:
 
 
 def _forward_abstract(x: ShapedArray, scale: ShapedArray, bias: ShapedArray, *, eps: float,
-                      centered: bool, per_row: bool) -> list[ShapedArray]:
-  del scale, bias, eps, centered, per_row
+                      centered: bool, per_row: bool, example_rows: int = 0) -> list[ShapedArray]:
+  del scale, bias, eps, centered, per_row, example_rows
   row = _shaped(x.shape[:1], F32)
   return [_shaped(x.shape, x.dtype), row, row, row]
 
 
 def _add_forward_abstract(x: ShapedArray, residual: ShapedArray, scale: ShapedArray,
                           bias: ShapedArray, *, eps: float, centered: bool,
-                          per_row: bool) -> list[ShapedArray]:
-  del residual
+                          per_row: bool, example_rows: int = 0) -> list[ShapedArray]:
+  del residual, example_rows
   y, *stats = _forward_abstract(x, scale, bias, eps=eps, centered=centered, per_row=per_row)
   return [y, _shaped(x.shape, x.dtype)] + stats
 
 
 def _tangent_abstract(x: ShapedArray, *args: ShapedArray, centered: bool,
-                      per_row: bool) -> list[ShapedArray]:
-  del args, centered, per_row
+                      per_row: bool, example_rows: int = 0) -> list[ShapedArray]:
+  del args, centered, per_row, example_rows
   return [_shaped(x.shape, x.dtype)]
 
 
 def _backward_abstract(x: ShapedArray, g: ShapedArray, shift: ShapedArray, offset: ShapedArray,
                        rstd: ShapedArray, scale: ShapedArray, *, centered: bool,
-                       per_row: bool) -> list[ShapedArray]:
-  del g, shift, offset, rstd, centered, per_row
+                       per_row: bool, example_rows: int = 0) -> list[ShapedArray]:
+  del g, shift, offset, rstd, centered, per_row, example_rows
   return [_shaped(x.shape, x.dtype), _shaped(scale.shape, F32), _shaped(scale.shape, F32)]
 
 
@@ -171,13 +185,13 @@ rows_backward_p = primitives.define_primitive(
 def _tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shift: jax.Array,
                        offset: jax.Array, rstd: jax.Array, scale: jax.Array, dx: Linear,
                        dscale: Linear, dbias: Linear, *, centered: bool,
-                       per_row: bool) -> list[jax.Array | None]:
+                       per_row: bool, example_rows: int = 0) -> list[jax.Array | None]:
   (ct,) = cts
   linear = (dx, dscale, dbias)
   if type(ct) is ad.Zero:
     return [None] * 8
   grads = rows_backward_p.bind(x, ad.instantiate_zeros(ct), shift, offset, rstd, scale,
-                               centered=centered, per_row=per_row)
+                               centered=centered, per_row=per_row, example_rows=example_rows)
   return [None] * 5 + [primitives.sum_to_vma(g, v.aval) if ad.is_undefined_primal(v) else None
                        for g, v in zip(grads, linear, strict=True)]
 
@@ -194,15 +208,15 @@ def _batch_rows(p: jex_core.Primitive, reference: primitives.Reference,
   per-row computation is per row, so `[B, rows, ...]` is `[B * rows, ...]`. The operands at
   `feature_operands` are per feature (unless `per_row`), and a batch along them (a batched
   scale, say) is handled by `jax.vmap` of the definition instead; so is every batch of a
-  primitive that `sums_over_rows` into per-feature outputs (unless `per_row`), and an empty
-  batch."""
+  primitive that `sums_over_rows` into per-feature outputs (unless `per_row`), every batch of
+  per-example parameters (`example_rows`), and an empty batch."""
   fallback = primitives.batch_by_reference(reference)
 
   def rule(args: Sequence[jax.Array], dims: Sequence[int | None],
            **params: primitives.Param) -> tuple[Sequence[jax.Array], Sequence[int]]:
     per_feature = () if params["per_row"] else feature_operands
     size = primitives.batch_size(args, dims)
-    if (size == 0 or (sums_over_rows and not params["per_row"])
+    if (size == 0 or (sums_over_rows and not params["per_row"]) or params.get("example_rows")
         or any(dims[i] is not None for i in per_feature)):
       return fallback(args, dims, **params)
     args = list(args)
@@ -230,20 +244,34 @@ batching.primitive_batchers[rows_backward_p] = _batch_rows(
 class _View:
   """An input of `x_shape` normalized over its last `n_axes` axes, as `[rows, n]`."""
 
-  def __init__(self, x_shape: Shape, n_axes: int, centered: bool, per_row: bool):
+  def __init__(self, x_shape: Shape, n_axes: int, centered: bool, per_row: bool,
+               examples: int = 0):
     self.x_shape = tuple(x_shape)
     lead = self.x_shape[:len(x_shape) - n_axes]
-    self.rows, self.n = math.prod(lead), math.prod(x_shape[len(x_shape) - n_axes:])
+    features = self.x_shape[len(x_shape) - n_axes:]
+    self.rows, self.n = math.prod(lead), math.prod(features)
     self.stats_shape = lead + (1,) * n_axes
     self.centered, self.per_row = centered, per_row
+    # Per-example parameters vary along the first `examples` axes and the features:
+    # `[examples * n]` vectors, each for `example_rows` consecutive rows.
+    self.example_rows = math.prod(lead[examples:]) if examples else 0
+    self.param_shape = (lead[:examples] + (1,) * (len(lead) - examples) + features
+                        if examples else None)
 
   def vector(self, p: Vector, default: float) -> jax.Array:
     """Scale or bias (None: `default`) as the kernels' float32 vector."""
-    size = self.rows if self.per_row else self.n
+    if self.per_row:
+      size = self.rows
+    elif self.param_shape is not None:
+      size = math.prod(self.param_shape)
+    else:
+      size = self.n
     if p is None:
       return jnp.full((size,), default, F32)
     if self.per_row:
       p = jnp.broadcast_to(p, self.stats_shape)
+    elif self.param_shape is not None:
+      p = jnp.broadcast_to(p, self.param_shape)
     return p.reshape(size).astype(F32)
 
   def moments(self, x2: jax.Array, shift: jax.Array, offset: jax.Array,
@@ -254,13 +282,14 @@ class _View:
 
 
 def ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool,
-        per_row: bool) -> tuple[Forward, Tangent]:
+        per_row: bool, examples: int = 0) -> tuple[Forward, Tangent]:
   """`(forward, tangent)` for `standardize` over the last `n_axes` axes of an input of
   `x_shape`, through the primitives; `per_row`: scale and bias vary along the other axes only
-  (one value per row), else along the normalized axes only (one per feature)."""
-  v = _View(x_shape, n_axes, centered, per_row)
+  (one value per row), else along the normalized axes only (one per feature), or with
+  `examples = k > 0` along those and the first `k` axes (per example and feature)."""
+  v = _View(x_shape, n_axes, centered, per_row, examples)
   rows, n = v.rows, v.n
-  kw = dict(centered=centered, per_row=per_row)
+  kw = dict(centered=centered, per_row=per_row, example_rows=v.example_rows)
 
   def forward(x: jax.Array, scale: Vector, bias: Vector,
               mask: Vector) -> tuple[jax.Array, Moments]:
@@ -285,19 +314,20 @@ def ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool,
 
 
 def add_ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool,
-            per_row: bool) -> tuple[AddForward, Tangent]:
+            per_row: bool, examples: int = 0) -> tuple[AddForward, Tangent]:
   """`(add_forward, tangent)` for `add_standardize`: `add_forward(x, residual, scale,
   bias) -> (y, h, Moments of h)` through `rows_add_forward_p`; `tangent` is `ops`' (the
   derivative of `y` is taken at `h`)."""
-  v = _View(x_shape, n_axes, centered, per_row)
+  v = _View(x_shape, n_axes, centered, per_row, examples)
   rows, n = v.rows, v.n
-  _, tangent = ops(x_shape, n_axes, eps, centered=centered, per_row=per_row)
+  _, tangent = ops(x_shape, n_axes, eps, centered=centered, per_row=per_row, examples=examples)
 
   def add_forward(x: jax.Array, residual: jax.Array, scale: Vector,
                   bias: Vector) -> tuple[jax.Array, jax.Array, Moments]:
     y2, h2, shift, offset, var = rows_add_forward_p.bind(
         x.reshape(rows, n), residual.reshape(rows, n), v.vector(scale, 1.0),
-        v.vector(bias, 0.0), eps=eps, centered=centered, per_row=per_row)
+        v.vector(bias, 0.0), eps=eps, centered=centered, per_row=per_row,
+        example_rows=v.example_rows)
     return y2.reshape(x_shape), h2.reshape(x_shape), v.moments(h2, shift, offset, var)
 
   return add_forward, tangent

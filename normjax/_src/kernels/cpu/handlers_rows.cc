@@ -11,7 +11,9 @@
 // on the pool's threads (threads.h).
 //
 // Layout: x is [rows, features] (row-major, the features contiguous); statistics are per row,
-// scale and bias per feature (or, with `per_row`, per row), all statistics in float32. The mean
+// scale and bias per feature (or, with `per_row`, per row; or, with `example_rows` = T > 0, per
+// example and feature: [rows / T, features], the rows of one example consecutive, as adaLN's
+// [B, 1, D] modulation of [B, T, D]), all statistics in float32. The mean
 // is split as `shift + offset`: shift is the float32 rounding of the mean (accumulated in
 // blocks, see level.h), offset = mean - shift, so that `(x - shift) - offset` is accurate for
 // rows whose spread is small next to their mean (`1e5 + N(0, 1)` in float32 loses nothing).
@@ -42,6 +44,54 @@ using normjax_cpu::kMaxAccumulators;
 using normjax_cpu::NumChunks;
 using normjax_cpu::ParallelChunks;
 
+// How the parameters map to the rows: one vector per feature for all rows (one "example"), per
+// row (`per_row`, one example), or one per feature for each run of `example_rows` consecutive
+// rows (`example_rows > 0`: rows / example_rows examples, the parameters [examples, n]).
+struct Examples {
+  int64_t rows, n;
+  bool per_row;
+  int64_t rows_each;
+
+  Examples(int64_t rows_, int64_t n_, bool per_row_, int64_t example_rows)
+      : rows(rows_), n(n_), per_row(per_row_),
+        rows_each(example_rows > 0 && !per_row_ ? example_rows : rows_) {}
+  bool Valid() const { return rows_each > 0 ? rows % rows_each == 0 : rows == 0; }
+  int64_t Count() const { return rows_each > 0 ? rows / rows_each : 1; }
+  size_t Params() const { return static_cast<size_t>(per_row ? rows : Count() * n); }
+  // The arguments of example `e`: the parameter pointers moved to its vectors.
+  ForwardArgs At(ForwardArgs a, int64_t e) const {
+    if (!per_row) {
+      a.scale += e * n;
+      a.bias += e * n;
+    }
+    return a;
+  }
+  BackwardArgs At(BackwardArgs a, int64_t e) const {
+    if (!per_row) a.scale += e * n;
+    return a;
+  }
+  // Calls `rows_of(e, begin, end)` on every example's rows, all on the pool: across examples
+  // when there are at least as many as chunks (each example within one chunk), else the
+  // rows of one example after another split into chunks.
+  template <typename F>
+  void ForEach(ffi::ThreadPool& pool, F rows_of) const {
+    const int64_t chunks = NumChunks(rows, n);
+    if (Count() > 1 && Count() >= chunks) {
+      ParallelChunks(pool, Count(), chunks, [&](int64_t begin, int64_t end, int64_t) {
+        for (int64_t e = begin; e < end; ++e) rows_of(e, e * rows_each, (e + 1) * rows_each);
+      });
+      return;
+    }
+    for (int64_t e = 0; e < Count(); ++e) {
+      const int64_t first = e * rows_each;
+      ParallelChunks(pool, rows_each, NumChunks(rows_each, n),
+                     [&](int64_t begin, int64_t end, int64_t) {
+                       rows_of(e, first + begin, first + end);
+                     });
+    }
+  }
+};
+
 // y = ((x - shift) - offset) * rstd * scale + bias per row, rstd = RstdOf(var, eps), with
 // shift, offset and var (the biased variance; RMS norm: shift = offset = 0 and var = mean of
 // x^2) returned too: the statistics of a block of rows, then their outputs (ForwardChunk).
@@ -51,11 +101,12 @@ ffi::Error RowsForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<ff
                        ffi::ResultBuffer<ffi::F32, 1> shift,
                        ffi::ResultBuffer<ffi::F32, 1> offset,
                        ffi::ResultBuffer<ffi::F32, 1> var, float eps, bool centered,
-                       bool per_row) {
+                       bool per_row, int64_t example_rows) {
   return Guarded("normjax rows_forward", [&]() -> ffi::Error {
     const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
-    const size_t params = static_cast<size_t>(per_row ? rows : n);
-    if (scale.element_count() != params || bias.element_count() != params) {
+    const Examples ex{rows, n, per_row, example_rows};
+    if (!ex.Valid() || scale.element_count() != ex.Params() ||
+        bias.element_count() != ex.Params()) {
       return ffi::Error::InvalidArgument("normjax rows_forward: scale/bias size mismatch");
     }
     const ForwardArgs args{x.untyped_data(),        scale.typed_data(),
@@ -65,8 +116,9 @@ ffi::Error RowsForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<ff
                            eps,                     centered,
                            per_row};
     const auto forward = Active().forward[DtypeIndex<T>()];
-    ParallelChunks(pool, rows, NumChunks(rows, n),
-                   [&](int64_t begin, int64_t end, int64_t) { forward(args, begin, end); });
+    ex.ForEach(pool, [&](int64_t e, int64_t begin, int64_t end) {
+      forward(ex.At(args, e), begin, end);
+    });
     return ffi::Error::Success();
   });
 }
@@ -84,7 +136,8 @@ auto BindForward() {
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
       .template Attr<float>("eps")
       .template Attr<bool>("centered")
-      .template Attr<bool>("per_row");
+      .template Attr<bool>("per_row")
+      .template Attr<int64_t>("example_rows");
 }
 
 }  // namespace
@@ -98,17 +151,20 @@ namespace {
 
 // dx = rstd * (g*scale - E[g*scale] - xhat * E[g*scale*xhat])  (no E[g*scale] term for RMS),
 // dscale = sum over rows of g * xhat, dbias = sum over rows of g; with `per_row` (one scale
-// per row) dscale and dbias are per row instead, the same sums over the row. The sums over
-// rows are per chunk (in double, see BackwardChunk), added up in chunk order.
+// per row) dscale and dbias are per row instead, the same sums over the row; with
+// `example_rows`, per example (the sums over each example's rows). The sums over rows are per
+// chunk (in double, see BackwardChunk), added up in chunk order.
 template <ffi::DataType T>
 ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T, 2> ct,
                         ffi::Buffer<ffi::F32, 1> shift, ffi::Buffer<ffi::F32, 1> offset,
                         ffi::Buffer<ffi::F32, 1> rstd, ffi::Buffer<ffi::F32, 1> scale,
                         ffi::ResultBuffer<T, 2> dx, ffi::ResultBuffer<ffi::F32, 1> dscale,
-                        ffi::ResultBuffer<ffi::F32, 1> dbias, bool centered, bool per_row) {
+                        ffi::ResultBuffer<ffi::F32, 1> dbias, bool centered, bool per_row,
+                        int64_t example_rows) {
   return Guarded("normjax rows_backward", [&]() -> ffi::Error {
     const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
-    if (scale.element_count() != static_cast<size_t>(per_row ? rows : n)) {
+    const Examples ex{rows, n, per_row, example_rows};
+    if (!ex.Valid() || scale.element_count() != ex.Params()) {
       return ffi::Error::InvalidArgument("normjax rows_backward: scale size mismatch");
     }
     float* ds = dscale->typed_data();
@@ -125,17 +181,40 @@ ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T
       });
       return ffi::Error::Success();
     }
-    // Per-chunk sums of g * xhat and g (2n doubles each; their memory bounds the chunks).
+    if (ex.Count() > 1 && ex.Count() >= chunks) {
+      // Many examples: each within one chunk, its sums in that chunk's buffer (in row order).
+      ParallelChunks(pool, ex.Count(), chunks, [&](int64_t begin, int64_t end, int64_t) {
+        std::vector<double> sums(2 * n);
+        for (int64_t e = begin; e < end; ++e) {
+          std::fill(sums.begin(), sums.end(), 0.0);
+          backward(ex.At(args, e), e * ex.rows_each, (e + 1) * ex.rows_each, sums.data());
+          for (int64_t j = 0; j < n; ++j) {
+            ds[e * n + j] = static_cast<float>(sums[j]);
+            db[e * n + j] = static_cast<float>(sums[n + j]);
+          }
+        }
+      });
+      return ffi::Error::Success();
+    }
+    // Per example (one for per-feature parameters), per-chunk sums of g * xhat and g (2n
+    // doubles each; their memory bounds the chunks), added up in chunk order.
+    chunks = NumChunks(ex.rows_each, n);
     chunks = std::max<int64_t>(1, std::min(chunks, kMaxAccumulators / std::max<int64_t>(1, n)));
-    std::vector<double> acc(static_cast<size_t>(chunks) * 2 * n, 0.0);
-    ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t chunk) {
-      backward(args, begin, end, acc.data() + chunk * 2 * n);
-    });
-    std::vector<double> totals(2 * n, 0.0);
-    AddInOrder(acc.data(), chunks, 2 * n, 2 * n, totals.data());
-    for (int64_t j = 0; j < n; ++j) {
-      ds[j] = static_cast<float>(totals[j]);
-      db[j] = static_cast<float>(totals[n + j]);
+    std::vector<double> acc(static_cast<size_t>(chunks) * 2 * n);
+    std::vector<double> totals(2 * n);
+    for (int64_t e = 0; e < ex.Count(); ++e) {
+      const BackwardArgs a = ex.At(args, e);
+      const int64_t first = e * ex.rows_each;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(totals.begin(), totals.end(), 0.0);
+      ParallelChunks(pool, ex.rows_each, chunks, [&](int64_t begin, int64_t end, int64_t chunk) {
+        backward(a, first + begin, first + end, acc.data() + chunk * 2 * n);
+      });
+      AddInOrder(acc.data(), chunks, 2 * n, 2 * n, totals.data());
+      for (int64_t j = 0; j < n; ++j) {
+        ds[e * n + j] = static_cast<float>(totals[j]);
+        db[e * n + j] = static_cast<float>(totals[n + j]);
+      }
     }
     return ffi::Error::Success();
   });
@@ -155,7 +234,8 @@ auto BindBackward() {
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
       .template Attr<bool>("centered")
-      .template Attr<bool>("per_row");
+      .template Attr<bool>("per_row")
+      .template Attr<int64_t>("example_rows");
 }
 
 }  // namespace
@@ -177,11 +257,12 @@ ffi::Error RowsAddForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer
                           ffi::ResultBuffer<ffi::F32, 1> shift,
                           ffi::ResultBuffer<ffi::F32, 1> offset,
                           ffi::ResultBuffer<ffi::F32, 1> var, float eps, bool centered,
-                          bool per_row) {
+                          bool per_row, int64_t example_rows) {
   return Guarded("normjax rows_add_forward", [&]() -> ffi::Error {
     const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
-    const size_t params = static_cast<size_t>(per_row ? rows : n);
-    if (scale.element_count() != params || bias.element_count() != params) {
+    const Examples ex{rows, n, per_row, example_rows};
+    if (!ex.Valid() || scale.element_count() != ex.Params() ||
+        bias.element_count() != ex.Params()) {
       return ffi::Error::InvalidArgument("normjax rows_add_forward: scale/bias size mismatch");
     }
     if (residual.dimensions()[0] != rows || residual.dimensions()[1] != n) {
@@ -193,8 +274,11 @@ ffi::Error RowsAddForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer
                                           shift->typed_data(), offset->typed_data(),
                                           var->typed_data(), n, eps, centered, per_row}};
     const auto add_forward = Active().add_forward[DtypeIndex<T>()];
-    ParallelChunks(pool, rows, NumChunks(rows, n),
-                   [&](int64_t begin, int64_t end, int64_t) { add_forward(args, begin, end); });
+    ex.ForEach(pool, [&](int64_t e, int64_t begin, int64_t end) {
+      AddForwardArgs a = args;
+      a.forward = ex.At(args.forward, e);
+      add_forward(a, begin, end);
+    });
     return ffi::Error::Success();
   });
 }
@@ -214,7 +298,8 @@ auto BindAddForward() {
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
       .template Attr<float>("eps")
       .template Attr<bool>("centered")
-      .template Attr<bool>("per_row");
+      .template Attr<bool>("per_row")
+      .template Attr<int64_t>("example_rows");
 }
 
 }  // namespace
