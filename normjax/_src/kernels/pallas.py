@@ -34,18 +34,25 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
 from normjax._src.numerics.moments import Moments
 from normjax._src.numerics.standardize import normalize
+
+try:   # a jaxlib without a platform's Pallas backend lowers the reference there
+  from jax.experimental.pallas import tpu as pltpu
+except ImportError:  # pragma: no cover
+  pltpu = None  # type: ignore[assignment]
+try:
+  from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover
+  pltriton = None  # type: ignore[assignment]
 
 F32 = jnp.dtype(jnp.float32)
 Ref = Any  # a kernel's reference to a block in memory (`ref[...]` reads, `ref[...] = v` writes)
 # The longest row (features) a block holds; `normjax._src.dispatch` takes the reference beyond.
 MAX_FEATURES = 1 << 15
 # Platforms with a Pallas lowering (on "cpu" the kernels run in interpret mode).
-PLATFORMS = ("cpu", "cuda", "tpu")
+PLATFORMS = ("cpu",) + (("cuda",) if pltriton else ()) + (("tpu",) if pltpu else ())
 # A block holds about this many elements (at most `_MAX_BLOCK_ROWS` rows, at least one).
 _BLOCK_ELEMENTS = 4096
 _MAX_BLOCK_ROWS = 16
@@ -86,7 +93,7 @@ def _layout(shape: tuple[int, ...], platform: str) -> _Layout:
     # Mosaic: a block's last two dimensions are multiples of (16, 128) (bfloat16's tile) or
     # the array's own.
     block_rows = rows if rows <= _MAX_BLOCK_ROWS else _MAX_BLOCK_ROWS
-    params = pltpu.CompilerParams(dimension_semantics=("parallel",))
+    params: Any = pltpu.CompilerParams(dimension_semantics=("parallel",))
     return _Layout(rows, n, block_rows, n, False, params)
   # Triton (and interpret mode, which runs the GPU's blocks): power-of-two block shapes.
   block_n = pl.next_power_of_2(max(n, 1))
@@ -94,7 +101,8 @@ def _layout(shape: tuple[int, ...], platform: str) -> _Layout:
   if platform == "cpu":
     return _Layout(rows, n, block_rows, block_n, True, None)
   warps = min(16, max(4, _pow2_floor(block_rows * block_n // 2048)))
-  return _Layout(rows, n, block_rows, block_n, False, pltriton.CompilerParams(num_warps=warps))
+  params = pltriton.CompilerParams(num_warps=warps)
+  return _Layout(rows, n, block_rows, block_n, False, params)
 
 
 def _call(kernel: Callable[..., None], layout: _Layout, name: str, in_specs: list[pl.BlockSpec],
@@ -190,6 +198,12 @@ def _add_forward_kernel(layout: _Layout, eps: float, centered: bool, x_ref: Ref,
                         residual_ref: Ref, scale_ref: Ref, bias_ref: Ref, y_ref: Ref, h_ref: Ref,
                         shift_ref: Ref, offset_ref: Ref, var_ref: Ref) -> None:
   h = x_ref[...] + residual_ref[...]
+  fi = jnp.finfo(h.dtype)
+  if layout.interpret and fi.bits < 32:
+    # XLA (interpret mode) may keep a bfloat16 sum in float32 for the statistics (excess
+    # precision); a device's kernel rounds it to the dtype it writes. (Pallas does not lower
+    # `reduce_precision` for devices, which need none.)
+    h = lax.reduce_precision(h, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
   y, shift, offset, var = _normalize_block(layout, h, scale_ref[...], bias_ref[...], eps,
                                            centered)
   h_ref[...], y_ref[...] = h, y
