@@ -172,9 +172,27 @@ def _sbmv(h):
   return (h["scale"], h["bias"], h["mean"], h["var"])
 
 
+# The variants the Pallas kernels cover (the rows plan: layer/RMS norm, NCHW instance norm).
+PALLAS_VARIANTS = ("layer", "rms", "instance")
+
+
+def _pallas_fn(case: Case) -> tuple[Callable | None, Callable[[dict], tuple]]:
+  """normjax's function traced under `nj.implementation("pallas")` (None where no kernel)."""
+  f, args_of = _jax_fn(case, "normjax")
+  if case.variant not in PALLAS_VARIANTS or (case.variant == "instance"
+                                             and case.layout != "NCHW"):
+    return None, args_of
+
+  def traced(*args):
+    with nj.implementation("pallas"):
+      return f(*args)
+  return traced, args_of
+
+
 def build_jax(case: Case, impl: str, host: dict, device: Any) -> Built | None:
-  """normjax or flax ("flax" = default fast variance, "flax_slow" = use_fast_variance=False)."""
-  f, args_of = _jax_fn(case, impl)
+  """normjax, normjax's Pallas kernels ("pallas") or flax ("flax" = default fast variance,
+  "flax_slow" = use_fast_variance=False)."""
+  f, args_of = _pallas_fn(case) if impl == "pallas" else _jax_fn(case, impl)
   if f is None:
     return None
   put = lambda a: jax.device_put(a, device)

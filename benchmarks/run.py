@@ -5,7 +5,8 @@ Usage (from the repository root):
   python benchmarks/run.py                 # full suite: kernels, then whole models (~10 min, 2 CPU cores)
   python benchmarks/run.py --no-models     # the kernel cases only (292 s in the committed run)
   python benchmarks/run.py --quick         # smoke run: 2 small shapes, few reps (~30 s; no models)
-  python benchmarks/run.py --device gpu    # on a GPU (torch baseline if torch.cuda works)
+  python benchmarks/run.py --device gpu    # on a GPU (torch baseline if torch.cuda works;
+                                          # normjax's opt-in Pallas kernels as "pallas")
   python benchmarks/run.py --filter 'group fwd'   # a subset (regex on the case name)
   python benchmarks/run.py --models        # only the whole-model cases (models.py), both paths (307 s)
   python benchmarks/run.py --models --quick --paths native   # their smoke-test sizes
@@ -66,6 +67,8 @@ import time
 
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 CPU_IMPLS = ("normjax", "flax", "flax_slow", "torch", "roofline", "floor")
+# On a GPU also normjax's opt-in Pallas kernels (layer/RMS/NCHW instance norm).
+GPU_IMPLS = CPU_IMPLS + ("pallas",)
 # Peak memory bandwidth (GB/s) by device kind, for the GPU table.
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L4": 300.0, "V100": 900.0}
 
@@ -83,7 +86,8 @@ def parse_args(argv=None):
                  help="auto: tcmalloc if installed (re-exec with LD_PRELOAD)")
   p.add_argument("--no-allocator-check", action="store_true",
                  help="skip timing a few cases under the other allocator")
-  p.add_argument("--impls", default=",".join(CPU_IMPLS), help="candidates to time")
+  p.add_argument("--impls", default=None,
+                 help=f"candidates to time (default {','.join(CPU_IMPLS)}; on a GPU also pallas)")
   p.add_argument("--no-plot", action="store_true")
   p.add_argument("--models", action="store_true",
                  help="only the whole-model cases (transformer, ResNet; see models.py)")
@@ -175,7 +179,7 @@ def run_case(case, impls, rounds, target_s, device, torch_device):
   host = C.make_inputs(case)
   built = {}
   for impl in impls:
-    if impl in ("normjax", "flax", "flax_slow"):
+    if impl in ("normjax", "flax", "flax_slow", "pallas"):
       b = C.build_jax(case, impl, host, device)
     elif impl == "torch":
       b = C.build_torch(case, host, torch_device) if torch_device else None
@@ -224,6 +228,8 @@ def run_case(case, impls, rounds, target_s, device, torch_device):
                             / (t["roofline"] * case.bytes_moved / (2 * case.nbytes)))
     rec["ratios"] = ratios
     rec["gbps"] = case.bytes_moved / t["normjax"] / 1e9
+  rec["gbps_by_impl"] = {k: case.bytes_moved / t[k] / 1e9
+                         for k in ("normjax", "pallas", "flax") if k in t}
   return rec
 
 
@@ -442,8 +448,9 @@ def markdown(meta, records, summary, alloc=None):
   gpu = meta.get("platform") == "gpu"
   head = ["case", "normjax ms", "flax ms", "/flax", "/flax-slow", "torch ms", "/torch",
           "/roofline" if not gpu else "GB/s", "/floor", "saved MiB"]
-  if gpu:
+  if gpu:   # GB/s and % of peak bandwidth for normjax's jax.numpy path, Pallas and flax
     head.insert(8, "% peak")
+    head[9:9] = ["pallas ms", "pallas GB/s", "pallas % peak", "flax GB/s", "flax % peak"]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in records:
     rb = r.get("residual_bytes", {})
@@ -452,8 +459,13 @@ def markdown(meta, records, summary, alloc=None):
     row = [r["case"], fmt_ms(r, "normjax"), fmt_ms(r, "flax"), fmt_r(r, "flax"),
            fmt_r(r, "flax_slow"), fmt_ms(r, "torch"), fmt_r(r, "torch")]
     if gpu:
-      row += [f"{r.get('gbps', 0):.0f}", fmt_r(r, "floor"),
-              f"{100 * r.get('gbps', 0) / meta['peak_gbps']:.0f}" if meta.get("peak_gbps") else ""]
+      peak = meta.get("peak_gbps")
+      pct = lambda gbps: f"{100 * gbps / peak:.0f}" if gbps and peak else ""
+      by_impl = r.get("gbps_by_impl", {})
+      gb = lambda impl: "" if impl not in by_impl else f"{by_impl[impl]:.0f}"
+      row += [f"{r.get('gbps', 0):.0f}", pct(r.get("gbps", 0)), fmt_ms(r, "pallas"),
+              gb("pallas"), pct(by_impl.get("pallas")), gb("flax"), pct(by_impl.get("flax")),
+              fmt_r(r, "floor")]
     else:
       row += [fmt_r(r, "roofline"), fmt_r(r, "floor")]
     row.append(saved)
@@ -586,7 +598,8 @@ def main(argv=None):
 
   device = jax.devices()[0]
   torch_device = None
-  impls = [i for i in args.impls.split(",") if i]
+  default_impls = GPU_IMPLS if device.platform == "gpu" else CPU_IMPLS
+  impls = [i for i in (args.impls or ",".join(default_impls)).split(",") if i]
   if "torch" in impls and not args.models:
     try:
       import torch  # pylint: disable=import-outside-toplevel

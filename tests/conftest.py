@@ -18,6 +18,11 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # by test_numerics_platform.py and test_numerics_rounding.py, and all of them by the oracle suite.
 GPU_BRANCHES_BY_DEFAULT = ("test_dispatch.py", "test_numerics_platform.py",
                            "test_numerics_rounding.py")
+# The tests whose `pallas` cases run by default (Pallas interpret mode is slow: elsewhere they
+# are `slow`, and CI runs them): the oracle suite's float64 and gradient checks.
+PALLAS_BY_DEFAULT = ("test_dispatch.py::test_matches_float64",
+                     "test_dispatch.py::test_overflow_nan_and_inf_give_nan_statistics",
+                     "test_dispatch.py::test_gradients_match_the_reference_implementation")
 
 
 def pytest_collection_modifyitems(items):
@@ -26,13 +31,17 @@ def pytest_collection_modifyitems(items):
     if (params.get("implementation") == "reference-gpu"
         and item.path.name not in GPU_BRANCHES_BY_DEFAULT):
       item.add_marker(pytest.mark.slow)
+    if (params.get("implementation") == "pallas"
+        and f"{item.path.name}::{item.originalname}" not in PALLAS_BY_DEFAULT):
+      item.add_marker(pytest.mark.slow)
 
 
-@pytest.fixture(params=["reference", "reference-gpu", "native"])
+@pytest.fixture(params=["reference", "reference-gpu", "native", "pallas"])
 def implementation(request):
   """Runs the test on one implementation, chosen with `nj.implementation` (the seam every
-  variant's dispatch reads): the reference, the reference as lowered for a GPU, and the native
-  CPU kernels (skipped where not built). A later kernel joins by adding its name here.
+  variant's dispatch reads): the reference, the reference as lowered for a GPU, the native
+  CPU kernels (skipped where not built), and the Pallas kernels (in interpret mode on CPU).
+  A later kernel joins by adding its name here.
 
   `reference-gpu` runs, on the CPU, the branches the numerics pick with
   `lax.platform_dependent` for CUDA/ROCm (no `cond` in the variance; `reduce_precision` as the
@@ -45,7 +54,7 @@ def implementation(request):
   from normjax._src.numerics import platform  # pylint: disable=import-outside-toplevel
   if request.param == "native" and not primitives.has_kernel("cpu"):
     pytest.skip("native CPU kernels not built (or NORMJAX_NATIVE=0)")
-  name = "native" if request.param == "native" else "reference"
+  name = request.param if request.param in ("native", "pallas") else "reference"
   lowered = platform.lowered_for("cuda") if request.param == "reference-gpu" else (
       contextlib.nullcontext())
   with nj.implementation(name), lowered:

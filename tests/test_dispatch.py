@@ -280,3 +280,40 @@ def test_bfloat16_input_made_by_a_fused_op(implementation, name):
   y = np.asarray(jax.jit(lambda x, r: fn(x + r))(x, r).astype(jnp.float32), np.float64)
   h = np.asarray((x + r).astype(jnp.float32), np.float64)
   np.testing.assert_allclose(y, want(h), rtol=1e-2, atol=3e-2)
+
+
+# ----------------------------------------------------------------- choosing the implementation
+
+def test_implementation_names():
+  """Every name is accepted (pallas included); an unknown one is a ValueError listing them."""
+  from normjax._src import dispatch  # pylint: disable=import-outside-toplevel
+  x = jnp.asarray(rand((2, 8), seed=1))
+  for name in ("auto", "reference", "native", "pallas"):
+    with nj.implementation(name):
+      assert dispatch._CHOICE.value == name
+      np.testing.assert_allclose(nj.layer_norm(x), ref.layer_norm(x), atol=1e-5)
+  for bad in ("triton", "Pallas", None):
+    with pytest.raises(ValueError, match="'auto', 'reference', 'native', 'pallas'; got"):
+      nj.implementation(bad)
+
+
+def test_pallas_plan(monkeypatch):
+  """Under "pallas", the rows plan asks for the Pallas kernels (no native library needed);
+  everything else, the moments plan included, takes the reference."""
+  from normjax._src import dispatch  # pylint: disable=import-outside-toplevel
+  from normjax._src.kernels import pallas, primitives  # pylint: disable=import-outside-toplevel
+  x = jnp.zeros((4, 6, 8))
+  vec = jnp.ones((1, 1, 8))
+  rows = dispatch.Plan(kernel="rows", per_row=False, implementation="pallas")
+  with nj.implementation("pallas"):
+    assert dispatch.plan(x, (2,), vec, vec, 1e-5) == rows
+    monkeypatch.setitem(primitives.LOWERINGS["native"], "cpu", False)
+    assert dispatch.plan(x, (2,), vec, None, 1e-5, centered=False) == rows
+    assert dispatch.plan(x, (1, 2), None, None, 1e-5) == rows
+    assert dispatch.plan(x, (0, 1), None, None, 1e-5) == dispatch.REFERENCE      # batch norm
+    assert dispatch.plan(x.astype(jnp.float16), (2,), None, None, 1e-5) == dispatch.REFERENCE
+    assert dispatch.plan(x[:0], (2,), None, None, 1e-5) == dispatch.REFERENCE
+    wide = jnp.zeros((2, pallas.MAX_FEATURES + 1))
+    assert dispatch.plan(wide, (1,), None, None, 1e-5) == dispatch.REFERENCE
+  with nj.implementation("native"):
+    assert dispatch.plan(x, (2,), vec, vec, 1e-5) == dispatch.REFERENCE      # no native library

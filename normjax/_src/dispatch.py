@@ -10,7 +10,9 @@ applies when:
   * `implementation(...)` is not `"reference"` (the seam the tests use: each test body runs
     on every implementation),
   * the default backend has native kernels (`normjax._src.kernels.primitives.has_kernel`; today
-    CPU with the native library built, and not with `NORMJAX_NATIVE=0`),
+    CPU with the native library built, and not with `NORMJAX_NATIVE=0`), or the choice is
+    `"pallas"` (which needs no native library: Pallas lowers on every platform of
+    `normjax._src.kernels.pallas.PLATFORMS`, in interpret mode on CPU),
   * `x` is float32 or bfloat16, non-empty, not sharded along an `Explicit` mesh axis (those
     keep XLA's own ops, which shard like any jax.numpy code), and `eps` is a concrete number,
   * there is no mask, named axis or `fast_variance`, and
@@ -22,6 +24,10 @@ applies when:
     kernel's view (batch/instance/group norm on NHWC, batch/group norm on NCHW); the
     backward's per-channel sums take a kernel too (`tangent`'s `spread`, see
     `normjax._src.kernels.moments`).
+
+Under `"pallas"` only the `"rows"` plan takes a kernel (the Pallas kernels, for rows of at most
+`pallas.MAX_FEATURES` values, on the `implementation="pallas"` primitives); everything else takes
+the reference, never the native kernels.
 
 `add_standardize` (the residual-add norms) takes the fused rows kernel
 (`rows_add_forward_p`) where the plan is `"rows"`, and otherwise adds `x + residual` and
@@ -41,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from normjax._src.kernels import moments
+from normjax._src.kernels import pallas
 from normjax._src.kernels import primitives
 from normjax._src.kernels import rows
 from normjax._src.numerics import health
@@ -70,8 +77,8 @@ __all__ = ("Moments", "stats_dtype", "rstd", "residual_sum", "renormalize", "uni
            "normalize_with_stats")
 
 IMPLEMENTATIONS = ("auto", "reference", "native", "pallas")
-# The names `implementation` accepts in this build ("pallas" is issue 29's, not built yet).
-AVAILABLE = ("auto", "reference", "native")
+# The names `implementation` accepts.
+AVAILABLE = IMPLEMENTATIONS
 # Jit-cache-sensitive: a function traced under one implementation is traced again under another.
 _CHOICE = jax.make_user_context(default_value="auto")
 
@@ -84,16 +91,19 @@ def implementation(name: str) -> Any:
 
   Args:
     name: `"auto"` (the default: the dispatch's plan picks per call), `"reference"` (the
-      `jax.numpy` code, which GPUs and TPUs run), or `"native"` (the CPU kernels wherever
-      their plan applies, the reference elsewhere). `"pallas"` (Pallas kernels) is not in
-      this version. Setting `NORMJAX_NATIVE=0` before importing normjax makes every choice
-      the reference, process-wide.
+      `jax.numpy` code, which GPUs and TPUs run by default), `"native"` (the CPU kernels
+      wherever their plan applies, the reference elsewhere), or `"pallas"` (the Pallas
+      kernels for layer and RMS norm over trailing axes, their residual-add and
+      zero-centered forms: Triton on GPUs, Mosaic on TPUs, and Pallas interpret mode on CPUs,
+      which is slow and meant for tests; the reference elsewhere). `"pallas"` is opt-in: no
+      device run has shown it faster than the reference yet. Setting `NORMJAX_NATIVE=0` before
+      importing normjax makes `"auto"` and `"native"` the reference, process-wide.
 
   Returns:
     A context manager.
 
   Raises:
-    ValueError: an unknown name (the message lists the known ones), or `"pallas"`.
+    ValueError: an unknown name (the message lists the known ones).
 
   Example:
     >>> import jax.numpy as jnp, normjax as nj
@@ -103,10 +113,8 @@ def implementation(name: str) -> Any:
     Array([[-1.,  1.]], dtype=float32)
   """
   if not isinstance(name, str) or name not in AVAILABLE:
-    extra = (" is not available in this version (no Pallas kernels yet)"
-             if name == "pallas" else " is not an implementation")
     raise ValueError(f"implementation must be one of {', '.join(map(repr, AVAILABLE))}; got "
-                     f"{name!r}, which{extra}.")
+                     f"{name!r}, which is not an implementation.")
   return _CHOICE(name)
 
 
@@ -117,6 +125,7 @@ class Plan(NamedTuple):
   # "rows": scale and bias per example and feature, varying along the first `examples` axes
   # (adaLN's `[B, 1, D]` for `[B, T, D]`); 0: per feature (or per row)
   examples: int = 0
+  implementation: str = "native"  # the kernel's lowering: "native" or "pallas"
 
 
 REFERENCE = Plan(kernel=None)
@@ -162,14 +171,22 @@ def _rows_layout(x, axes, scale, bias) -> Plan:
 def plan(x: jax.Array, axes: Axes, scale, bias, eps, *, mask=None, axis_name=None,
          fast_variance: bool = False, centered: bool = True, groups=None) -> Plan:
   """The implementation `standardize` takes for these arguments (see the module doc)."""
-  if (_CHOICE.value == "reference" or not primitives.has_kernel(jax.default_backend())
+  choice = _CHOICE.value
+  use_pallas = choice == "pallas"
+  if (choice == "reference"
+      or not (use_pallas or primitives.has_kernel(jax.default_backend()))
       or jnp.dtype(x.dtype) not in primitives.NATIVE_DTYPES or x.size == 0 or not axes
       or mask is not None or axis_name is not None or fast_variance
       or not _concrete_eps(eps) or explicitly_sharded(x)):
     return REFERENCE
   if groups is None and tuple(axes) == tuple(range(x.ndim - len(axes), x.ndim)):
-    return _rows_layout(x, axes, scale, bias)
-  if centered and moments.ops(x.shape, axes, groups, 0.0) is not None:
+    p = _rows_layout(x, axes, scale, bias)
+    if not use_pallas or p.kernel is None:
+      return p
+    if p.examples or math.prod(x.shape[x.ndim - len(axes):]) > pallas.MAX_FEATURES:
+      return REFERENCE   # (per-example parameters: no Pallas kernel yet)
+    return p._replace(implementation="pallas")
+  if centered and not use_pallas and moments.ops(x.shape, axes, groups, 0.0) is not None:
     return Plan(kernel="moments")
   return REFERENCE
 
@@ -186,7 +203,8 @@ def standardize(x: jax.Array, axes: Axes, scale: jax.Array | None,
             fast_variance=fast_variance, centered=centered, groups=groups)
   if p.kernel == "rows":
     forward, tangent = rows.ops(x.shape, len(axes), float(eps), centered=centered,
-                                per_row=p.per_row, examples=p.examples)
+                                per_row=p.per_row, examples=p.examples,
+                                implementation=p.implementation)
     return numerics.standardize(x, axes, scale, bias, eps, forward=forward, tangent_fn=tangent,
                              **kw)
   if p.kernel == "moments":
@@ -212,7 +230,8 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
   p = plan(x, axes, scale, bias, eps, centered=centered)
   if p.kernel == "rows":
     add_forward, tangent = rows.add_ops(x.shape, len(axes), float(eps), centered=centered,
-                                        per_row=p.per_row, examples=p.examples)
+                                        per_row=p.per_row, examples=p.examples,
+                                        implementation=p.implementation)
     return numerics.add_standardize(x, residual, axes, scale, bias, eps, centered=centered,
                                  add_forward=add_forward, tangent_fn=tangent)
   h = rounding.residual_sum(x, residual)

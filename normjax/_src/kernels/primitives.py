@@ -3,11 +3,13 @@
 A primitive here is defined by a reference function (built from `normjax._src.numerics` on a 2-D or
 3-D view of the input). The reference gives its lowering on every platform, its JVP (so
 forward mode and every higher order work), its eager evaluation and the batching fallback.
-`LOWERINGS` is the one place where faster lowerings are registered, per platform: today the
-native CPU library (`normjax/_src/kernels/cpu`, XLA FFI targets); a Pallas kernel for GPU or TPU
-would be one more entry.
+`LOWERINGS` is the one place where faster lowerings are registered, per implementation and
+platform: the native CPU library (`normjax/_src/kernels/cpu`, XLA FFI targets), and the Pallas
+kernels (`normjax._src.kernels.pallas`: Triton on CUDA, Mosaic on TPU, interpret mode on CPU).
+A primitive with a Pallas kernel takes the static parameter `implementation` (`"native"`, the
+default, or `"pallas"`) naming the lowering it asks for; its definition does not depend on it.
 
-A native lowering steps aside for the reference when the program is lowered for `jax.export`
+A kernel's lowering steps aside for the reference when the program is lowered for `jax.export`
 (JAX's lowering parameters say so): an exported program then contains only StableHLO that
 JAX's compatibility guarantees cover, and runs where normjax was never imported.
 """
@@ -29,12 +31,17 @@ from jax.interpreters import ad
 from jax.interpreters import mlir
 
 from normjax._src.kernels import cpu
+from normjax._src.kernels import pallas
 
 F32 = jnp.dtype(jnp.float32)
-# Input dtypes the native kernels take, and the suffix of their FFI target names.
+# Input dtypes the native (and Pallas) kernels take, and the suffix of the FFI target names.
 NATIVE_DTYPES = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.bfloat16): "BF16"}
-# platform -> whether its native lowering is available (the FFI targets are registered).
-LOWERINGS = {"cpu": cpu.NATIVE}
+# implementation -> platform -> whether that implementation's lowering is available there:
+# "native" where the FFI targets are registered; "pallas" on CPU (interpret mode), CUDA, TPU.
+LOWERINGS = {"native": {"cpu": cpu.NATIVE},
+             "pallas": {platform: True for platform in pallas.PLATFORMS}}
+# The static parameter naming the lowering a primitive with a Pallas kernel asks for.
+IMPLEMENTATION = "implementation"
 
 # The static parameters of a primitive (eps, centered, per_row, group_size, pool_outer).
 Param: TypeAlias = bool | int | float | np.number | np.bool_
@@ -46,9 +53,14 @@ AbstractEval: TypeAlias = Callable[..., list[jax.core.ShapedArray]]
 BatchRule: TypeAlias = Callable[..., tuple[Sequence[jax.Array], Sequence[int]]]
 
 
-def has_kernel(platform: str) -> bool:
-  """Whether primitives lower to a native kernel on `platform`."""
-  return LOWERINGS.get(platform, False)
+def has_kernel(platform: str, implementation: str = "native") -> bool:
+  """Whether primitives lower to `implementation`'s kernels on `platform`."""
+  return LOWERINGS[implementation].get(platform, False)
+
+
+def _definition_params(params: dict[str, Param]) -> dict[str, Param]:
+  """A primitive's parameters less the lowering it asks for (which the definition ignores)."""
+  return {k: v for k, v in params.items() if k != IMPLEMENTATION}
 
 
 @functools.cache
@@ -59,7 +71,9 @@ def _compiled_bind(p: jex_core.Primitive,
 
 
 def define_primitive(name: str, reference: Reference, abstract_eval: AbstractEval,
-                     target: str | None = None) -> jex_core.Primitive:
+                     target: str | None = None,
+                     kernel: Callable[..., tuple[jax.Array, ...]] | None = None
+                     ) -> jex_core.Primitive:
   """A primitive defined by `reference` (a jax.numpy function returning a tuple of arrays).
 
   Args:
@@ -67,6 +81,9 @@ def define_primitive(name: str, reference: Reference, abstract_eval: AbstractEva
     reference: `reference(*operands, **params)`, the definition (from `normjax._src.numerics`).
     abstract_eval: shapes and dtypes of the outputs.
     target: the native kernel's FFI target name without its dtype suffix, or None.
+    kernel: `kernel(*operands, platform=..., **params)`, the Pallas kernel computing the same
+      outputs for a platform of `LOWERINGS["pallas"]` (`normjax._src.kernels.pallas`), or None.
+      With one, the primitive takes the parameter `implementation` (`"native"` or `"pallas"`).
 
   Returns:
     The primitive, with its lowerings, JVP and eager evaluation registered; its batching
@@ -75,19 +92,24 @@ def define_primitive(name: str, reference: Reference, abstract_eval: AbstractEva
   p = jex_core.Primitive(name)
   p.multiple_results = True
   p.def_impl(lambda *args, **params: _compiled_bind(p, tuple(sorted(params.items())))(*args))
-  p.def_abstract_eval(functools.partial(_with_vma, abstract_eval))
-  reference_lowering = mlir.lower_fun(reference, multiple_results=True)
+  p.def_abstract_eval(lambda *args, **params: _with_vma(abstract_eval, *args,
+                                                        **_definition_params(params)))
+  definition = lambda *args, **params: reference(*args, **_definition_params(params))
+  reference_lowering = mlir.lower_fun(definition, multiple_results=True)
   mlir.register_lowering(p, reference_lowering)
-  for platform, available in LOWERINGS.items():
-    if target is not None and available:
-      mlir.register_lowering(p, _native_lowering(target, reference_lowering),
+  platforms = {platform for table in LOWERINGS.values() for platform in table}
+  for platform in sorted(platforms):
+    native = target if target is not None and has_kernel(platform) else None
+    fast = kernel if kernel is not None and has_kernel(platform, "pallas") else None
+    if native or fast:
+      mlir.register_lowering(p, _kernel_lowering(platform, reference_lowering, native, fast),
                              platform=platform)
 
   def jvp(primals: Sequence[jax.Array], tangents: Sequence[jax.Array | ad.Zero],
           **params: Param) -> tuple[list[jax.Array], list[jax.Array]]:
     dense = tuple(ad.instantiate_zeros(t) for t in tangents)
-    primals_out, tangents_out = jax.jvp(functools.partial(reference, **params), tuple(primals),
-                                        dense)
+    primals_out, tangents_out = jax.jvp(functools.partial(definition, **params),
+                                        tuple(primals), dense)
     return list(primals_out), list(tangents_out)
   ad.primitive_jvps[p] = jvp
   return p
@@ -139,15 +161,25 @@ def _attribute(value: Param) -> bool | np.int64 | np.float32:
   return np.float32(value)
 
 
-def _native_lowering(target: str, reference_lowering: mlir.LoweringRule) -> mlir.LoweringRule:
+def _kernel_lowering(platform: str, reference_lowering: mlir.LoweringRule, target: str | None,
+                     kernel: Callable[..., tuple[jax.Array, ...]] | None) -> mlir.LoweringRule:
+  """The lowering on `platform`: the Pallas `kernel` if the primitive asks for `"pallas"`,
+  else the native FFI `target` (None: the reference), for float32 and bfloat16 inputs."""
   def lowering(ctx: mlir.LoweringRuleContext, *args: mlir.ir.Value,
                **params: Param) -> Sequence[mlir.ir.Value | Sequence[mlir.ir.Value]]:
+    implementation = params.get(IMPLEMENTATION, "native")
+    params = _definition_params(params)
     x_aval = cast(jax.core.ShapedArray, ctx.avals_in[0])
     dtype = NATIVE_DTYPES.get(jnp.dtype(x_aval.dtype))
     if dtype is None or ctx.module_context.lowering_parameters.for_export:
       return reference_lowering(ctx, *args, **params)
-    attributes = {k: _attribute(v) for k, v in params.items()}
-    return jax.ffi.ffi_lowering(f"{target}{dtype}")(ctx, *args, **attributes)
+    if implementation == "pallas" and kernel is not None:
+      fn = functools.partial(kernel, platform=platform, **params)
+      return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+    if implementation == "native" and target is not None:
+      attributes = {k: _attribute(v) for k, v in params.items()}
+      return jax.ffi.ffi_lowering(f"{target}{dtype}")(ctx, *args, **attributes)
+    return reference_lowering(ctx, *args, **params)
   return lowering
 
 
@@ -155,7 +187,8 @@ def batch_by_reference(reference: Reference) -> BatchRule:
   """A batching rule: `jax.vmap` of the `jax.numpy` definition."""
   def rule(args: Sequence[jax.Array], dims: Sequence[int | None],
            **params: Param) -> tuple[Sequence[jax.Array], Sequence[int]]:
-    outs = jax.vmap(functools.partial(reference, **params), in_axes=tuple(dims))(*args)
+    outs = jax.vmap(functools.partial(reference, **_definition_params(params)),
+                    in_axes=tuple(dims))(*args)
     return outs, [0] * len(outs)
   return rule
 

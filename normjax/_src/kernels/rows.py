@@ -19,8 +19,11 @@ Scale and bias are vectors: per feature (layer/RMS norm, `per_row=False`), per r
 (`example_rows=T > 0`: `[rows / T * features]`, one vector for each run of `T` consecutive
 rows, as adaLN's `[B, 1, D]` modulation of `[B, T, D]`). On CPU, when the native library is
 loaded (`normjax._src.kernels.cpu`), the forward and backward lower to its kernels: one read of
-each row per pass, on XLA's intra-op threads. `ops` gives `standardize` the
-`forward`/`tangent` pair for one call; `normjax._src.dispatch` decides when it applies.
+each row per pass, on XLA's intra-op threads. With `implementation="pallas"` (a parameter of
+every rows primitive), the forward, the residual-add forward and the backward lower to the
+Pallas kernels instead (`normjax._src.kernels.pallas`; interpret mode on CPU). `ops` gives
+`standardize` the `forward`/`tangent` pair for one call; `normjax._src.dispatch` decides when
+it applies and which implementation it asks for.
 
 Costs of a custom call: it is a fusion barrier (an elementwise op producing `x`, such as a
 residual add, is written out before the kernel reads it), and XLA's SPMD partitioner does not
@@ -42,6 +45,7 @@ from jax.extend import core as jex_core
 from jax.interpreters import ad
 from jax.interpreters import batching
 
+from normjax._src.kernels import pallas
 from normjax._src.kernels import primitives
 from normjax._src.numerics.moments import Moments
 from normjax._src.numerics.moments import moments
@@ -171,27 +175,30 @@ def _backward_abstract(x: ShapedArray, g: ShapedArray, shift: ShapedArray, offse
 
 
 rows_forward_p = primitives.define_primitive(
-    "normjax_rows_forward", _forward_reference, _forward_abstract, target="NormjaxRowsForward")
+    "normjax_rows_forward", _forward_reference, _forward_abstract, target="NormjaxRowsForward",
+    kernel=pallas.forward)
 rows_add_forward_p = primitives.define_primitive(
     "normjax_rows_add_forward", _add_forward_reference, _add_forward_abstract,
-    target="NormjaxRowsAddForward")
+    target="NormjaxRowsAddForward", kernel=pallas.add_forward)
 rows_tangent_p = primitives.define_primitive(
     "normjax_rows_tangent", _tangent_reference, _tangent_abstract)
 rows_backward_p = primitives.define_primitive(
     "normjax_rows_backward", _backward_reference, _backward_abstract,
-    target="NormjaxRowsBackward")
+    target="NormjaxRowsBackward", kernel=pallas.backward)
 
 
 def _tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shift: jax.Array,
                        offset: jax.Array, rstd: jax.Array, scale: jax.Array, dx: Linear,
-                       dscale: Linear, dbias: Linear, *, centered: bool,
-                       per_row: bool, example_rows: int = 0) -> list[jax.Array | None]:
+                       dscale: Linear, dbias: Linear, *, centered: bool, per_row: bool,
+                       example_rows: int = 0,
+                       implementation: str = "native") -> list[jax.Array | None]:
   (ct,) = cts
   linear = (dx, dscale, dbias)
   if type(ct) is ad.Zero:
     return [None] * 8
   grads = rows_backward_p.bind(x, ad.instantiate_zeros(ct), shift, offset, rstd, scale,
-                               centered=centered, per_row=per_row, example_rows=example_rows)
+                               centered=centered, per_row=per_row, example_rows=example_rows,
+                               implementation=implementation)
   return [None] * 5 + [primitives.sum_to_vma(g, v.aval) if ad.is_undefined_primal(v) else None
                        for g, v in zip(grads, linear, strict=True)]
 
@@ -281,15 +288,17 @@ class _View:
     return jax.tree.map(lambda v: v.reshape(self.stats_shape) if v.ndim else v, stats)
 
 
-def ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool,
-        per_row: bool, examples: int = 0) -> tuple[Forward, Tangent]:
+def ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row: bool,
+        examples: int = 0, implementation: str = "native") -> tuple[Forward, Tangent]:
   """`(forward, tangent)` for `standardize` over the last `n_axes` axes of an input of
   `x_shape`, through the primitives; `per_row`: scale and bias vary along the other axes only
   (one value per row), else along the normalized axes only (one per feature), or with
-  `examples = k > 0` along those and the first `k` axes (per example and feature)."""
+  `examples = k > 0` along those and the first `k` axes (per example and feature);
+  `implementation`: the lowering the primitives ask for (`"native"` or `"pallas"`)."""
   v = _View(x_shape, n_axes, centered, per_row, examples)
   rows, n = v.rows, v.n
-  kw = dict(centered=centered, per_row=per_row, example_rows=v.example_rows)
+  kw = dict(centered=centered, per_row=per_row, example_rows=v.example_rows,
+            implementation=implementation)
 
   def forward(x: jax.Array, scale: Vector, bias: Vector,
               mask: Vector) -> tuple[jax.Array, Moments]:
@@ -313,21 +322,23 @@ def ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool,
   return forward, tangent
 
 
-def add_ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool,
-            per_row: bool, examples: int = 0) -> tuple[AddForward, Tangent]:
+def add_ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row: bool,
+            examples: int = 0, implementation: str = "native") -> tuple[AddForward, Tangent]:
   """`(add_forward, tangent)` for `add_standardize`: `add_forward(x, residual, scale,
   bias) -> (y, h, Moments of h)` through `rows_add_forward_p`; `tangent` is `ops`' (the
   derivative of `y` is taken at `h`)."""
   v = _View(x_shape, n_axes, centered, per_row, examples)
   rows, n = v.rows, v.n
-  _, tangent = ops(x_shape, n_axes, eps, centered=centered, per_row=per_row, examples=examples)
+  kw = dict(centered=centered, per_row=per_row, example_rows=v.example_rows,
+            implementation=implementation)
+  _, tangent = ops(x_shape, n_axes, eps, centered=centered, per_row=per_row, examples=examples,
+                   implementation=implementation)
 
   def add_forward(x: jax.Array, residual: jax.Array, scale: Vector,
                   bias: Vector) -> tuple[jax.Array, jax.Array, Moments]:
     y2, h2, shift, offset, var = rows_add_forward_p.bind(
         x.reshape(rows, n), residual.reshape(rows, n), v.vector(scale, 1.0),
-        v.vector(bias, 0.0), eps=eps, centered=centered, per_row=per_row,
-        example_rows=v.example_rows)
+        v.vector(bias, 0.0), eps=eps, **kw)
     return y2.reshape(x_shape), h2.reshape(x_shape), v.moments(h2, shift, offset, var)
 
   return add_forward, tangent
