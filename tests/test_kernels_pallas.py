@@ -420,3 +420,60 @@ def test_other_cases_and_export_take_the_reference():
   with nj.implementation("pallas"):
     exported = jax.export.export(jax.jit(nj.layer_norm), platforms=("cuda", "tpu"))(x)
   assert not _calls(exported.mlir_module())
+
+
+# ----------------------------------------------------------------- per-example parameters
+
+@pytest.mark.parametrize("examples,rows_each,n", [(3, 16, 7), (2, 32, 100)])
+def test_per_example_parameters_match_float64(examples, rows_each, n):
+  """Scale and bias per example and feature (adaLN's `[B, 1, D]`: runs of `example_rows`
+  rows, a multiple of 16, so each block lies in one example), forward and backward (dscale
+  and dbias summed over each example's blocks) against float64, at a 1e5 offset."""
+  rng = np.random.default_rng(21)
+  rows = examples * rows_each
+  x = jnp.asarray(rng.standard_normal((rows, n)) + 1e5, F32)
+  g = jnp.asarray(rng.standard_normal((rows, n)), F32)
+  scale = jnp.asarray(rng.standard_normal(examples * n), F32)
+  bias = jnp.asarray(rng.standard_normal(examples * n), F32)
+  kw = dict(centered=True, per_row=False, example_rows=rows_each, **PALLAS)
+  y, shift, offset, var = jax.jit(lambda *a: _rows.rows_forward_p.bind(*a, eps=1e-5, **kw))(
+      x, scale, bias)
+  rstd = jax.lax.rsqrt(var + 1e-5)
+  dx, dscale, dbias = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))(
+      x, g, shift, offset, rstd, scale)
+  x64, g64 = _f64(x), _f64(g)
+  s64 = np.repeat(_f64(scale).reshape(examples, n), rows_each, axis=0)
+  b64 = np.repeat(_f64(bias).reshape(examples, n), rows_each, axis=0)
+  mean = x64.mean(1, keepdims=True)
+  rs = 1 / np.sqrt(((x64 - mean) ** 2).mean(1, keepdims=True) + 1e-5)
+  xhat = (x64 - mean) * rs
+  np.testing.assert_allclose(_f64(y), xhat * s64 + b64, rtol=1e-5, atol=1e-4)
+  gs = g64 * s64
+  dx64 = rs * (gs - gs.mean(1, keepdims=True) - xhat * (gs * xhat).mean(1, keepdims=True))
+  per_example = lambda v: v.reshape(examples, rows_each, n).sum(1).reshape(-1)
+  np.testing.assert_allclose(_f64(dx), dx64, rtol=1e-4, atol=1e-4 * np.abs(dx64).max())
+  for got, want in ((dscale, per_example(g64 * xhat)), (dbias, per_example(g64))):
+    np.testing.assert_allclose(_f64(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("platform", sorted(TARGETS))
+def test_adaptive_norms_lower_to_the_kernels_where_examples_fill_blocks(platform):
+  """`adaptive_layer_norm` with `[B, 1, D]` modulation under "pallas": the forward and
+  backward are Pallas calls when each example's rows are a multiple of 16, the reference
+  otherwise; the values equal the reference path's."""
+  if platform not in pallas.PLATFORMS:
+    pytest.skip(f"this jaxlib has no Pallas lowering for {platform}")
+  rng = np.random.default_rng(22)
+  f = lambda x, shift, scale: nj.adaptive_layer_norm(x, shift, scale)
+  grad = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))
+  for tokens, kernels in ((32, True), (24, False)):
+    x = jnp.asarray(rng.standard_normal((2, tokens, 128)) + 3.0, F32)
+    mod = jnp.asarray(rng.standard_normal((2, 1, 128)) * 0.1, F32)
+    text = _lowered(grad, platform, x, mod, mod)
+    assert (_calls(text) == {TARGETS[platform]}) == kernels, (tokens, _calls(text))
+  with nj.implementation("pallas"):
+    got = [jax.jit(f)(x[:, :16], mod, mod), *jax.jit(grad)(x[:, :16], mod, mod)]
+  with nj.implementation("reference"):
+    want = [jax.jit(f)(x[:, :16], mod, mod), *jax.jit(grad)(x[:, :16], mod, mod)]
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))

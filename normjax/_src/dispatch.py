@@ -183,8 +183,10 @@ def plan(x: jax.Array, axes: Axes, scale, bias, eps, *, mask=None, axis_name=Non
     p = _rows_layout(x, axes, scale, bias)
     if not use_pallas or p.kernel is None:
       return p
-    if p.examples or math.prod(x.shape[x.ndim - len(axes):]) > pallas.MAX_FEATURES:
-      return REFERENCE   # (per-example parameters: no Pallas kernel yet)
+    lead = x.shape[:x.ndim - len(axes)]
+    if (math.prod(x.shape[x.ndim - len(axes):]) > pallas.MAX_FEATURES
+        or (p.examples and math.prod(lead[p.examples:]) % pallas.EXAMPLE_ROWS_MULTIPLE)):
+      return REFERENCE
     return p._replace(implementation="pallas")
   if centered and not use_pallas and moments.ops(x.shape, axes, groups, 0.0) is not None:
     return Plan(kernel="moments")

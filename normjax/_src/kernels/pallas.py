@@ -16,6 +16,11 @@ blocks that hold whole rows (a grid over blocks of rows; the last block may be r
     the saved statistics, one write of `dx`; per-feature `dscale`/`dbias` as one partial sum per
     block of rows (`[blocks, n]`), summed outside the kernel (per-row ones are written per row).
 
+Scale and bias are per feature, per row, or per example and feature (`example_rows`: adaLN's
+`[B, 1, D]`, as `[examples, 1, n]`; each example's rows a multiple of `EXAMPLE_ROWS_MULTIPLE`,
+so that a block lies within one example and its partial `dscale`/`dbias` sums add up per
+example).
+
 Statistics and arithmetic are float32 (bfloat16 in, float32 statistics, `x.dtype` out).
 Blocks: on GPUs (and in interpret mode) the feature axis is padded to a power of two, as
 Triton requires, and masked; on TPUs a block spans the whole feature axis. Block sizes are
@@ -56,6 +61,9 @@ PLATFORMS = ("cpu",) + (("cuda",) if pltriton else ()) + (("tpu",) if pltpu else
 # A block holds about this many elements (at most `_MAX_BLOCK_ROWS` rows, at least one).
 _BLOCK_ELEMENTS = 4096
 _MAX_BLOCK_ROWS = 16
+# Per-example parameters take the kernels when each example's rows are a multiple of this (so
+# that a block of rows lies within one example on every platform).
+EXAMPLE_ROWS_MULTIPLE = _MAX_BLOCK_ROWS
 
 
 class _Layout(NamedTuple):
@@ -71,10 +79,16 @@ class _Layout(NamedTuple):
   def blocks(self) -> int:
     return pl.cdiv(self.rows, self.block_rows)
 
-  def spec(self, per_row: bool) -> pl.BlockSpec:
-    """The block of a `[rows, 1]` (per-row) or `[1, n]` (per-feature) operand."""
+  def spec(self, per_row: bool, example_rows: int = 0) -> pl.BlockSpec:
+    """The block of a `[rows, 1]` (per-row), `[1, n]` (per-feature) or `[examples, 1, n]`
+    (per-example, `example_rows` rows each; 3-D so that a block's last two dimensions are the
+    array's, as Mosaic requires) operand."""
     if per_row:
       return pl.BlockSpec((self.block_rows, 1), lambda i: (i, 0))
+    if example_rows:
+      per_block = example_rows // self.block_rows
+      return pl.BlockSpec((pl.squeezed, 1, self.block_n),
+                          lambda i: (lax.div(i, per_block), 0, 0))
     return pl.BlockSpec((1, self.block_n), lambda i: (0, 0))
 
   @property
@@ -87,15 +101,18 @@ def _pow2_floor(v: int) -> int:
   return 1 << (max(v, 1).bit_length() - 1)
 
 
-def _layout(shape: tuple[int, ...], platform: str) -> _Layout:
+def _layout(shape: tuple[int, ...], platform: str, example_rows: int = 0) -> _Layout:
+  """The blocks on `platform`; with per-example parameters (`example_rows`, a multiple of
+  `EXAMPLE_ROWS_MULTIPLE`) a block's rows lie within one example."""
   rows, n = shape
   if platform == "tpu":
     # Mosaic: a block's last two dimensions are multiples of (16, 128) (bfloat16's tile) or
     # the array's own.
-    block_rows = rows if rows <= _MAX_BLOCK_ROWS else _MAX_BLOCK_ROWS
+    block_rows = rows if rows <= _MAX_BLOCK_ROWS and not example_rows else _MAX_BLOCK_ROWS
     params: Any = pltpu.CompilerParams(dimension_semantics=("parallel",))
     return _Layout(rows, n, block_rows, n, False, params)
-  # Triton (and interpret mode, which runs the GPU's blocks): power-of-two block shapes.
+  # Triton (and interpret mode, which runs the GPU's blocks): power-of-two block shapes, which
+  # divide `_MAX_BLOCK_ROWS` and so `example_rows`.
   block_n = pl.next_power_of_2(max(n, 1))
   block_rows = min(_MAX_BLOCK_ROWS, _pow2_floor(_BLOCK_ELEMENTS // block_n))
   if platform == "cpu":
@@ -240,9 +257,19 @@ def _stats_shapes(rows: int) -> list[jax.ShapeDtypeStruct]:
   return [jax.ShapeDtypeStruct((rows, 1), F32)] * 3
 
 
-def _vector(p: jax.Array, per_row: bool) -> jax.Array:
-  """A `[rows]` or `[n]` vector as the kernels' `[rows, 1]` or `[1, n]` operand."""
-  return p[:, None] if per_row else p[None]
+def _vector(p: jax.Array, per_row: bool, n: int = 0, example_rows: int = 0) -> jax.Array:
+  """A `[rows]`, `[n]` or `[examples * n]` vector as the kernels' `[rows, 1]`, `[1, n]` or
+  `[examples, 1, n]` operand."""
+  if per_row:
+    return p[:, None]
+  return p.reshape(-1, 1, n) if example_rows else p[None]
+
+
+def _check_examples(rows: int, example_rows: int) -> None:
+  if example_rows and (example_rows % EXAMPLE_ROWS_MULTIPLE or rows % example_rows):
+    raise ValueError(f"Pallas kernels take per-example parameters for runs of a multiple of "
+                     f"{EXAMPLE_ROWS_MULTIPLE} rows; got example_rows={example_rows} of "
+                     f"{rows} rows (the dispatch takes the reference there).")
 
 
 def forward(x: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float, centered: bool,
@@ -250,15 +277,17 @@ def forward(x: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float, cent
   """`rows_forward_p` as a Pallas kernel for `platform`: `x [rows, n]`, `scale`, `bias`
   `[n]` (or `[rows]` if `per_row`) -> `y [rows, n]` (`x.dtype`), `shift, offset, var [rows]`
   (float32)."""
-  assert not example_rows, "per-example parameters take the native kernel or the reference"
-  layout = _layout(x.shape, platform)
+  _check_examples(x.shape[0], example_rows)
+  layout = _layout(x.shape, platform, example_rows)
   stat = layout.spec(per_row=True)
+  param = layout.spec(per_row, example_rows)
+  vector = functools.partial(_vector, per_row=per_row, n=x.shape[1], example_rows=example_rows)
   y, *stats = _call(
       functools.partial(_forward_kernel, layout, eps, centered), layout, "normjax_rows_forward",
-      [layout.matrix, layout.spec(per_row), layout.spec(per_row)],
+      [layout.matrix, param, param],
       [layout.matrix, stat, stat, stat],
       [jax.ShapeDtypeStruct(x.shape, x.dtype)] + _stats_shapes(x.shape[0]),
-  )(x, _vector(scale, per_row), _vector(bias, per_row))
+  )(x, vector(scale), vector(bias))
   return (y, *(s[:, 0] for s in stats))
 
 
@@ -267,17 +296,19 @@ def add_forward(x: jax.Array, residual: jax.Array, scale: jax.Array, bias: jax.A
                 platform: str, example_rows: int = 0) -> tuple[jax.Array, ...]:
   """`rows_add_forward_p` as a Pallas kernel: as `forward` for `h = x + residual` (both
   `[rows, n]` of `x.dtype`), returning `y, h, shift, offset, var`."""
-  assert not example_rows, "per-example parameters take the native kernel or the reference"
-  layout = _layout(x.shape, platform)
+  _check_examples(x.shape[0], example_rows)
+  layout = _layout(x.shape, platform, example_rows)
   stat = layout.spec(per_row=True)
+  param = layout.spec(per_row, example_rows)
+  vector = functools.partial(_vector, per_row=per_row, n=x.shape[1], example_rows=example_rows)
   like = jax.ShapeDtypeStruct(x.shape, x.dtype)
   y, h, *stats = _call(
       functools.partial(_add_forward_kernel, layout, eps, centered), layout,
       "normjax_rows_add_forward",
-      [layout.matrix, layout.matrix, layout.spec(per_row), layout.spec(per_row)],
+      [layout.matrix, layout.matrix, param, param],
       [layout.matrix, layout.matrix, stat, stat, stat],
       [like, like] + _stats_shapes(x.shape[0]),
-  )(x, residual, _vector(scale, per_row), _vector(bias, per_row))
+  )(x, residual, vector(scale), vector(bias))
   return (y, h, *(s[:, 0] for s in stats))
 
 
@@ -286,8 +317,8 @@ def backward(x: jax.Array, g: jax.Array, shift: jax.Array, offset: jax.Array, rs
              platform: str, example_rows: int = 0) -> tuple[jax.Array, ...]:
   """`rows_backward_p` as a Pallas kernel: `x, g [rows, n]`, per-row `shift, offset, rstd`,
   `scale` -> `dx [rows, n]` (`x.dtype`), `dscale, dbias` of `scale.shape` (float32)."""
-  assert not example_rows, "per-example parameters take the native kernel or the reference"
-  layout = _layout(x.shape, platform)
+  _check_examples(x.shape[0], example_rows)
+  layout = _layout(x.shape, platform, example_rows)
   stat = layout.spec(per_row=True)
   if per_row:
     sums_spec, sums_shape = stat, jax.ShapeDtypeStruct((x.shape[0], 1), F32)
@@ -297,10 +328,15 @@ def backward(x: jax.Array, g: jax.Array, shift: jax.Array, offset: jax.Array, rs
   dx, dscale, dbias = _call(
       functools.partial(_backward_kernel, layout, centered, per_row), layout,
       "normjax_rows_backward",
-      [layout.matrix, layout.matrix, stat, stat, stat, layout.spec(per_row)],
+      [layout.matrix, layout.matrix, stat, stat, stat, layout.spec(per_row, example_rows)],
       [layout.matrix, sums_spec, sums_spec],
       [jax.ShapeDtypeStruct(x.shape, x.dtype), sums_shape, sums_shape],
-  )(x, g, shift[:, None], offset[:, None], rstd[:, None], _vector(scale, per_row))
+  )(x, g, shift[:, None], offset[:, None], rstd[:, None],
+    _vector(scale, per_row, x.shape[1], example_rows))
   if per_row:
     return dx, dscale[:, 0], dbias[:, 0]
+  if example_rows:   # the blocks of each example (whole blocks: they lie within it)
+    per_example = lambda v: jnp.sum(v.reshape(-1, example_rows // layout.block_rows,
+                                              x.shape[1]), axis=1).reshape(-1)
+    return dx, per_example(dscale), per_example(dbias)
   return dx, jnp.sum(dscale, axis=(0, 1)), jnp.sum(dbias, axis=(0, 1))
