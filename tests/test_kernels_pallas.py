@@ -477,3 +477,27 @@ def test_adaptive_norms_lower_to_the_kernels_where_examples_fill_blocks(platform
     want = [jax.jit(f)(x[:, :16], mod, mod), *jax.jit(grad)(x[:, :16], mod, mod)]
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (conftest's XLA_FLAGS)")
+@pytest.mark.parametrize("platform", sorted(TARGETS))
+def test_kernels_inside_shard_map_lower_for_a_device(platform):
+  """Inside `jax.shard_map` (check_vma on) the kernels' outputs are typed as varying like `x`
+  (Pallas refuses untyped outputs there) and a replicated scale is cast to varying: the
+  forward and backward lower for the device. (On a CPU the dispatch takes the reference in
+  `shard_map`: interpret mode does not trace under check_vma.)"""
+  if platform not in pallas.PLATFORMS:
+    pytest.skip(f"this jaxlib has no Pallas lowering for {platform}")
+  from jax.sharding import Mesh, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+
+  def f(x, s):
+    y, shift, offset, var = pallas.forward(x, s, s, eps=1e-5, centered=True, per_row=False,
+                                           platform=platform)
+    dx, ds, _ = pallas.backward(x, y, shift, offset, jax.lax.rsqrt(var + 1e-5), s,
+                                centered=True, per_row=False, platform=platform)
+    return dx, jax.lax.psum(ds, "d")
+  g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("d"), P()), out_specs=(P("d"), P())))
+  text = g.trace(jnp.ones((64, 128)), jnp.ones(128)).lower(
+      lowering_platforms=(platform,)).as_text()
+  assert text.count(TARGETS[platform]) >= 2

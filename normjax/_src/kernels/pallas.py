@@ -129,13 +129,35 @@ def _call(kernel: Callable[..., None], layout: _Layout, name: str, in_specs: lis
   In interpret mode the kernel's HLO is inlined into the program, where XLA could fuse its
   operands' producers into it (a bfloat16 `x + r` read with float32's excess precision) and
   recompute its outputs inside their consumers: an `optimization_barrier` on both sides
-  materializes them, as a device's custom call does."""
-  call = pl.pallas_call(kernel, out_shape=out_shape, grid=(layout.blocks,), in_specs=in_specs,
-                        out_specs=out_specs, interpret=layout.interpret,
-                        compiler_params=layout.compiler_params, name=name)
-  if not layout.interpret:
-    return call
-  return lambda *args: lax.optimization_barrier(call(*lax.optimization_barrier(args)))
+  materializes them, as a device's custom call does.
+
+  Inside `jax.shard_map` (with `check_vma`), the operands are made to vary over the mesh axes
+  any of them varies over, and the outputs are typed as varying over those too (a kernel's
+  outputs differ between devices wherever its input does)."""
+  def run(*args: jax.Array) -> Any:
+    varying = frozenset().union(*(_varying(a) for a in args))
+    if varying:
+      args = tuple(_pvary(a, varying) for a in args)
+    shapes = [jax.ShapeDtypeStruct(o.shape, o.dtype,
+                                   manual_axis_type=jax.typeof(args[0]).manual_axis_type)
+              for o in out_shape] if varying else out_shape
+    call = pl.pallas_call(kernel, out_shape=shapes, grid=(layout.blocks,), in_specs=in_specs,
+                          out_specs=out_specs, interpret=layout.interpret,
+                          compiler_params=layout.compiler_params, name=name)
+    if not layout.interpret:
+      return call(*args)
+    return lax.optimization_barrier(call(*lax.optimization_barrier(args)))
+  return run
+
+
+def _varying(a: jax.Array) -> frozenset[str]:
+  """The `shard_map` mesh axes `a` varies over (none outside `shard_map`)."""
+  return getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", frozenset())
+
+
+def _pvary(a: jax.Array, axes: frozenset[str]) -> jax.Array:
+  missing = tuple(sorted(axes - _varying(a)))
+  return lax.pcast(a, missing, to="varying") if missing else a
 
 
 # ----------------------------------------------------------------- inside a block

@@ -72,8 +72,8 @@ def _compiled_bind(p: jex_core.Primitive,
 
 def define_primitive(name: str, reference: Reference, abstract_eval: AbstractEval,
                      target: str | None = None,
-                     kernel: Callable[..., tuple[jax.Array, ...]] | None = None
-                     ) -> jex_core.Primitive:
+                     kernel: Callable[..., tuple[jax.Array, ...]] | None = None,
+                     defaults: dict[str, Param] | None = None) -> jex_core.Primitive:
   """A primitive defined by `reference` (a jax.numpy function returning a tuple of arrays).
 
   Args:
@@ -84,6 +84,8 @@ def define_primitive(name: str, reference: Reference, abstract_eval: AbstractEva
     kernel: `kernel(*operands, platform=..., **params)`, the Pallas kernel computing the same
       outputs for a platform of `LOWERINGS["pallas"]` (`normjax._src.kernels.pallas`), or None.
       With one, the primitive takes the parameter `implementation` (`"native"` or `"pallas"`).
+    defaults: parameters a bind may leave out (the definition's keyword defaults), passed to
+      the native kernel as attributes when it does.
 
   Returns:
     The primitive, with its lowerings, JVP and eager evaluation registered; its batching
@@ -102,7 +104,8 @@ def define_primitive(name: str, reference: Reference, abstract_eval: AbstractEva
     native = target if target is not None and has_kernel(platform) else None
     fast = kernel if kernel is not None and has_kernel(platform, "pallas") else None
     if native or fast:
-      mlir.register_lowering(p, _kernel_lowering(platform, reference_lowering, native, fast),
+      mlir.register_lowering(p, _kernel_lowering(platform, reference_lowering, native, fast,
+                                                 defaults or {}),
                              platform=platform)
 
   def jvp(primals: Sequence[jax.Array], tangents: Sequence[jax.Array | ad.Zero],
@@ -162,7 +165,8 @@ def _attribute(value: Param) -> bool | np.int64 | np.float32:
 
 
 def _kernel_lowering(platform: str, reference_lowering: mlir.LoweringRule, target: str | None,
-                     kernel: Callable[..., tuple[jax.Array, ...]] | None) -> mlir.LoweringRule:
+                     kernel: Callable[..., tuple[jax.Array, ...]] | None,
+                     defaults: dict[str, Param]) -> mlir.LoweringRule:
   """The lowering on `platform`: the Pallas `kernel` if the primitive asks for `"pallas"`,
   else the native FFI `target` (None: the reference), for float32 and bfloat16 inputs."""
   def lowering(ctx: mlir.LoweringRuleContext, *args: mlir.ir.Value,
@@ -177,7 +181,7 @@ def _kernel_lowering(platform: str, reference_lowering: mlir.LoweringRule, targe
       fn = functools.partial(kernel, platform=platform, **params)
       return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
     if implementation == "native" and target is not None:
-      attributes = {k: _attribute(v) for k, v in params.items()}
+      attributes = {k: _attribute(v) for k, v in {**defaults, **params}.items()}
       return jax.ffi.ffi_lowering(f"{target}{dtype}")(ctx, *args, **attributes)
     return reference_lowering(ctx, *args, **params)
   return lowering

@@ -174,17 +174,19 @@ def _backward_abstract(x: ShapedArray, g: ShapedArray, shift: ShapedArray, offse
   return [_shaped(x.shape, x.dtype), _shaped(scale.shape, F32), _shaped(scale.shape, F32)]
 
 
+# A bind may leave out `example_rows` (per-feature or per-row parameters).
+_DEFAULTS: dict[str, primitives.Param] = {"example_rows": 0}
 rows_forward_p = primitives.define_primitive(
     "normjax_rows_forward", _forward_reference, _forward_abstract, target="NormjaxRowsForward",
-    kernel=pallas.forward)
+    kernel=pallas.forward, defaults=_DEFAULTS)
 rows_add_forward_p = primitives.define_primitive(
     "normjax_rows_add_forward", _add_forward_reference, _add_forward_abstract,
-    target="NormjaxRowsAddForward", kernel=pallas.add_forward)
+    target="NormjaxRowsAddForward", kernel=pallas.add_forward, defaults=_DEFAULTS)
 rows_tangent_p = primitives.define_primitive(
     "normjax_rows_tangent", _tangent_reference, _tangent_abstract)
 rows_backward_p = primitives.define_primitive(
     "normjax_rows_backward", _backward_reference, _backward_abstract,
-    target="NormjaxRowsBackward", kernel=pallas.backward)
+    target="NormjaxRowsBackward", kernel=pallas.backward, defaults=_DEFAULTS)
 
 
 def _tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shift: jax.Array,
