@@ -37,7 +37,7 @@ class Variant:
 
 B, T, D = 4, 6, 16
 VARIANTS = {
-    # per example, as DiT: [B, 1, D] (the reference implementation)
+    # per example, as DiT: [B, 1, D] (the native rows kernel's per-example layout)
     "layer": Variant(lambda x, b, s, m: nj.adaptive_layer_norm(x, b, s, mask=m),
                      lambda x, b, s, m: ref.adaptive_layer_norm(x, b, s, mask=m),
                      (B, T, D), (B, 1, D), (B, 1, D)),
@@ -239,3 +239,21 @@ _X = jnp.ones((2, 3, 4))
 def test_misuse_raises_a_named_error(call, error, message):
   with pytest.raises(error, match=message):
     call()
+
+
+@pytest.mark.slow   # 2^26 values; CI runs it
+def test_rows_of_2_24_values_with_per_example_modulation():
+  """adaLN over rows of 2^24 values at an offset of 3 (two examples of two rows, the native
+  kernel's per-example layout): within float32 rounding of float64, row by row."""
+  n = 1 << 24
+  rng = np.random.default_rng(5)
+  x = (rng.standard_normal((2, 2, n), dtype=np.float32) + np.float32(3.0))
+  shift = (rng.standard_normal((2, 1, n), dtype=np.float32) * np.float32(0.1))
+  scale = (rng.standard_normal((2, 1, n), dtype=np.float32) * np.float32(0.1))
+  y = np.asarray(jax.jit(nj.adaptive_layer_norm)(x, shift, scale))
+  for b in range(2):
+    for t in range(2):
+      row = x[b, t].astype(np.float64)
+      xhat = (row - row.mean()) / np.sqrt(row.var() + 1e-6)
+      want = xhat * (1.0 + scale[b, 0].astype(np.float64)) + shift[b, 0]
+      np.testing.assert_allclose(y[b, t], want, rtol=1e-5, atol=1e-5)

@@ -142,3 +142,17 @@ _X = jnp.ones((2, 3, 8))
 def test_misuse_raises_a_named_error(call, error, message):
   with pytest.raises(error, match=message):
     call()
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.slow   # 2^24 values; CI runs it
+def test_rows_of_2_24_values(norm_before_gate):
+  """One row of 2^24 values (offset 3), both gate orders, against float64."""
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((1, 1 << 24), dtype=np.float32) + np.float32(3.0)
+  z = rng.standard_normal((1, 1 << 24), dtype=np.float32)
+  y = np.asarray(jax.jit(lambda x, z: nj.gated_rms_norm(x, z, norm_before_gate=norm_before_gate))(
+      x, z), np.float64)
+  want = ref.gated_rms_norm(x.astype(np.float64), z.astype(np.float64),
+                            norm_before_gate=norm_before_gate)
+  np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-6)

@@ -120,3 +120,12 @@ def test_vmap_and_qk_norm():
 def test_misuse_raises_a_named_error(call, error, message):
   with pytest.raises(error, match=message):
     call()
+
+
+@pytest.mark.slow   # 2^24 values; CI runs it
+def test_rows_of_2_24_values():
+  """One vector of 2^24 values (offset 3): its norm summed without losing digits."""
+  x = np.random.default_rng(6).standard_normal((1, 1 << 24), dtype=np.float32) + np.float32(3.0)
+  y = np.asarray(jax.jit(nj.l2_normalize)(x), np.float64)
+  x64 = x.astype(np.float64)
+  np.testing.assert_allclose(y, x64 / np.sqrt(np.sum(x64 * x64)), rtol=2e-6, atol=1e-12)
