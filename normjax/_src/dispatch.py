@@ -59,6 +59,7 @@ from normjax._src.numerics import standardize as numerics
 from normjax._src.numerics.moments import Moments
 from normjax._src.numerics.moments import stats_dtype
 from normjax._src.shapes import Axes
+from normjax._src.shapes import varying_axes
 
 # What the variants use of the numerics besides `standardize` (no kernel applies to these).
 rstd = numerics.rstd
@@ -187,9 +188,7 @@ def plan(x: jax.Array, axes: Axes, scale, bias, eps, *, mask=None, axis_name=Non
     # Interpret mode (the CPU's Pallas) does not trace under `shard_map`'s `check_vma` (a
     # kernel's operands of different varying axes meet); on devices the kernels' outputs are
     # typed as varying like `x` (`pallas._call`), which no device run has checked yet.
-    in_shard_map = bool(getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying",
-                                None))
-    if in_shard_map and jax.default_backend() == "cpu":
+    if varying_axes(jax.typeof(x)) and jax.default_backend() == "cpu":
       return REFERENCE
     if (math.prod(x.shape[x.ndim - len(axes):]) > pallas.MAX_FEATURES
         or (p.examples and math.prod(lead[p.examples:]) % pallas.EXAMPLE_ROWS_MULTIPLE)):

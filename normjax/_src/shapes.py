@@ -12,6 +12,11 @@ import jax
 Axes = tuple[int, ...]  # canonical axes: sorted, non-negative, distinct
 
 
+def varying_axes(aval: Any) -> frozenset[str]:
+  """The `shard_map` mesh axes an abstract value varies over (none outside `shard_map`)."""
+  return getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+
+
 def reduced_size(shape: Sequence[int], axes: Axes) -> int:
   """The number of elements each statistic is taken over on this device."""
   return math.prod(shape[a] for a in axes)

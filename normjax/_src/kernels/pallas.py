@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 
 from normjax._src.numerics.moments import Moments
 from normjax._src.numerics.standardize import normalize
+from normjax._src.shapes import varying_axes
 
 try:   # a jaxlib without a platform's Pallas backend lowers the reference there
   from jax.experimental.pallas import tpu as pltpu
@@ -135,7 +136,7 @@ def _call(kernel: Callable[..., None], layout: _Layout, name: str, in_specs: lis
   any of them varies over, and the outputs are typed as varying over those too (a kernel's
   outputs differ between devices wherever its input does)."""
   def run(*args: jax.Array) -> Any:
-    varying = frozenset().union(*(_varying(a) for a in args))
+    varying = frozenset().union(*(varying_axes(jax.typeof(a)) for a in args))
     if varying:
       args = tuple(_pvary(a, varying) for a in args)
     shapes = [jax.ShapeDtypeStruct(o.shape, o.dtype,
@@ -150,13 +151,8 @@ def _call(kernel: Callable[..., None], layout: _Layout, name: str, in_specs: lis
   return run
 
 
-def _varying(a: jax.Array) -> frozenset[str]:
-  """The `shard_map` mesh axes `a` varies over (none outside `shard_map`)."""
-  return getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", frozenset())
-
-
 def _pvary(a: jax.Array, axes: frozenset[str]) -> jax.Array:
-  missing = tuple(sorted(axes - _varying(a)))
+  missing = tuple(sorted(axes - varying_axes(jax.typeof(a))))
   return lax.pcast(a, missing, to="varying") if missing else a
 
 

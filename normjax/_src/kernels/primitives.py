@@ -32,6 +32,7 @@ from jax.interpreters import mlir
 
 from normjax._src.kernels import cpu
 from normjax._src.kernels import pallas
+from normjax._src.shapes import varying_axes
 
 F32 = jnp.dtype(jnp.float32)
 # Input dtypes the native (and Pallas) kernels take, and the suffix of the FFI target names.
@@ -130,17 +131,12 @@ def _with_vma(abstract_eval: AbstractEval, *args: jax.core.ShapedArray,
   most axes (`x`: the parameters vary over no more than it does).
   """
   outs = abstract_eval(*args, **params)
-  mats = [a for a in args if getattr(getattr(a, "manual_axis_type", None), "varying", None)]
+  mats = [a for a in args if varying_axes(a)]
   if not mats:
     return outs
-  a = max(mats, key=lambda a: len(a.manual_axis_type.varying))
+  a = max(mats, key=lambda a: len(varying_axes(a)))
   return [o.update(sharding=a.sharding.update(spec=(None,) * o.ndim),
                    manual_axis_type=a.manual_axis_type) for o in outs]
-
-
-def _varying(aval: jax.core.AbstractValue) -> frozenset[str]:
-  """The `shard_map` mesh axes `aval` varies over (none outside `shard_map`)."""
-  return getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
 
 
 def sum_to_vma(ct: jax.Array, aval: jax.core.AbstractValue) -> jax.Array:
@@ -151,7 +147,7 @@ def sum_to_vma(ct: jax.Array, aval: jax.core.AbstractValue) -> jax.Array:
   rows); its cotangent is their sum over the devices (the transpose of JAX's implicit
   replicated-to-varying cast, which jax.numpy code gets automatically).
   """
-  extra = tuple(sorted(_varying(jax.typeof(ct)) - _varying(aval)))
+  extra = tuple(sorted(varying_axes(jax.typeof(ct)) - varying_axes(aval)))
   return jax.lax.psum(ct, extra) if extra else ct
 
 

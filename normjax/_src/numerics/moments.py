@@ -153,8 +153,6 @@ def moments(x: jax.Array, axes: Axes, *, mask: jax.Array | None = None,
     #    zero while `t1 * m` is not (1.9e-4 relative error at eps = 0 with the other form).
     return (t2 - t1 * m) / safe_count
 
-  shift_of = _held_shift
-
   def shifted_pass(shift, x_in):
     # `x - shift` once per reduction (each from its own handle of a bfloat16 `x`; the second
     # as `x + (-shift)`, the same value from another broadcast), not a float32 difference
@@ -194,7 +192,7 @@ def moments(x: jax.Array, axes: Axes, *, mask: jax.Array | None = None,
     if axis_name is not None:
       ill = jnp.logical_not(well_conditioned).astype(jnp.int32)
       well_conditioned = lax.psum(ill, axis_name) == 0
-    shift = shift_of(mean)
+    shift = _held_shift(mean)
 
     def one_pass(x_in):
       del x_in
@@ -233,7 +231,7 @@ def _one_read(axes: Axes, axis_name: Any, axis_index_groups: Any,
 
   @jax.custom_jvp
   def stats(x, mask):
-    return merge(welford(x, axes, mask), sum_parts, single=single, shift_of=_held_shift)
+    return merge(welford(x, axes, mask), sum_parts, single=single)
 
   @stats.defjvp
   def stats_jvp(primals, tangents):
@@ -320,12 +318,12 @@ def welford(x: jax.Array, axes: Axes, mask: jax.Array | None) -> Partial:
   return Partial(*(v.reshape(shape) for v in out))
 
 
-def merge(p: Partial, sum_parts, *, single: bool, shift_of) -> tuple[jax.Array, ...]:
+def merge(p: Partial, sum_parts, *, single: bool) -> tuple[jax.Array, ...]:
   """`(shift, offset, var)` from the `Partial`s `p`, merged by `sum_parts` (a sum over
   channel groups and devices, broadcast back), or taken as they are when `single`.
 
   The merge is the shifted sums' formula over the parts: with `shift` the count-weighted mean
-  of the `m`s (held constant, see `shift_of`) and `dev = (m - shift) + c` each part's mean
+  of the `m`s (held constant, see `_held_shift`) and `dev = (m - shift) + c` each part's mean
   relative to it, `offset = sum(n dev) / N` and `var = (sum(m2 + c2 + n dev**2) - offset
   sum(n dev)) / N`.
   """
@@ -336,7 +334,7 @@ def merge(p: Partial, sum_parts, *, single: bool, shift_of) -> tuple[jax.Array, 
     return lax.stop_gradient(p.m), p.c, jnp.maximum((p.m2 + p.c2) / n, zero)
   nf = p.n.astype(dtype)
   count = jnp.maximum(sum_parts(nf), jnp.ones((), dtype))
-  shift = shift_of(sum_parts(nf * p.m) / count)
+  shift = _held_shift(sum_parts(nf * p.m) / count)
   dev = (p.m - shift) + p.c
   t1, t2 = sum_parts(nf * dev), sum_parts((p.m2 + p.c2) + nf * dev * dev)
   offset = t1 / count

@@ -68,13 +68,13 @@ def l2_normalize(x: jax.Array, axes: Axes, eps: Any) -> jax.Array:
   s_big = total(only(is_big, down))
   s_small = total(only(is_small, up))
   s_mid = total(only(~(is_big | is_small), 1))   # NaN lands here (compares False)
-  root = lambda s: jnp.sqrt(jnp.where(s > 0, s, jnp.ones((), dtype)))
+  one = jnp.ones((), dtype)
+  root = lambda s: jnp.sqrt(jnp.where(s > 0, s, one))
   # The norm and `x` at the scale of the largest non-empty sum, `k * norm` and `k * x` (the
   # smaller sums folded in at that scale, by `down` twice rather than its square, which
   # float32 cannot represent; what underflows there is below its rounding). Dividing at that
   # scale keeps `1 / norm` normal: XLA divides by a reciprocal, and `1 / 1.5e38` is subnormal
   # (flushed to zero on CPU), which gave 0 for a vector of norm 1.5e38.
-  one = jnp.ones((), dtype)
   k = jnp.where(s_big > 0, down, jnp.where(s_mid > 0, one, up))
   scaled = jnp.where(s_big > 0, root(s_big + (s_mid * down) * down),
                      jnp.where(s_mid > 0, root(s_mid + (s_small / up) / up),
