@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -55,19 +56,30 @@ def gated_rms_norm(x: jax.Array, z: jax.Array, scale: jax.Array | None = None, *
   eps = checks.check_eps(eps)
   before = checks.check_bool(norm_before_gate, "norm_before_gate",
                              "True for rms_norm(x) * scale * silu(z)")
-  gate = dispatch.silu(z)
+  if group_size is not None:
+    group_size = checks.check_positive_int(group_size, "group_size")
+    if len(axes) != 1 or x.shape[axes[0]] % group_size:
+      raise ValueError(f"group_size={group_size} must divide the one normalized axis; got "
+                       f"axis={axis!r} of size {[x.shape[a] for a in axes]} for x of shape "
+                       f"{tuple(x.shape)}.")
   factor = shapes.broadcast_to_axes(scale, x.ndim, axes)
+  if (before and group_size is None and x.dtype == jax.numpy.float32
+      and dispatch.plan(x, axes, factor, None, eps, centered=False).kernel is not None):
+    return _norm_then_gate(x, z, factor, axes, eps)
+  return _gated(x, z, factor, axes, eps, group_size, before)
+
+
+def _gated(x, z, factor, axes, eps, group_size, before):
+  """The gated norm as one normalize step whose factor holds the gate (`norm_before_gate`)
+  or whose input does; `factor` is the broadcast-shaped scale or None."""
+  gate = dispatch.silu(z)
   if before:   # the gate joins the scale: one normalize step, one rounding
     factor = gate if factor is None else gate * factor.astype(gate.dtype)
     inner = x
   else:
     inner = x.astype(gate.dtype) * gate
   if group_size is not None:
-    size = checks.check_positive_int(group_size, "group_size")
-    if len(axes) != 1 or x.shape[axes[0]] % size:
-      raise ValueError(f"group_size={size} must divide the one normalized axis; got axis="
-                       f"{axis!r} of size {[x.shape[a] for a in axes]} for x of shape "
-                       f"{tuple(x.shape)}.")
+    size = group_size
     a = axes[0]
     split = x.shape[:a] + (x.shape[a] // size, size) + x.shape[a + 1:]
     y, _ = dispatch.standardize(inner.reshape(split), (a + 1,),
@@ -76,6 +88,27 @@ def gated_rms_norm(x: jax.Array, z: jax.Array, scale: jax.Array | None = None, *
     return y.reshape(x.shape).astype(x.dtype)
   y, _ = dispatch.standardize(inner, axes, factor, None, eps, centered=False)
   return y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _norm_then_gate(x, z, factor, axes, eps):
+  """`rms_norm(x) * scale * silu(z)` for float32 `x` where a kernel's plan applies to the norm.
+
+  The value is `_gated`'s (one normalize step, XLA fuses the gate into it: the fastest
+  forward); the derivative is that of the kernel's norm times the gate (the backward kernel
+  for the norm, XLA for the gate), which in training is as fast as a user's
+  `rms_norm(x, scale) * silu(z)`, where `_gated`'s full-shaped factor kept the whole
+  derivative in XLA (1.1-1.6x slower, benchmarks/results/modern.md).
+  """
+  return _gated(x, z, factor, axes, eps, None, True)
+
+
+@_norm_then_gate.defjvp
+def _norm_then_gate_jvp(axes, eps, primals, tangents):
+  def composed(x, z, factor):
+    y, _ = dispatch.standardize(x, axes, factor, None, eps, centered=False)
+    return y * dispatch.silu(z)
+  return jax.jvp(composed, primals, tangents)
 
 
 def _split(factor: jax.Array, x_shape: tuple[int, ...], a: int, size: int) -> jax.Array:
