@@ -114,6 +114,23 @@ def tangent(x: jax.Array, stats: Moments, rstd_: jax.Array, scale: jax.Array | N
   mean = lambda v: total(keep(v), axes, axis_name, axis_index_groups, groups) / safe_count
   xhat = subtract_mean(x, stats) * rstd_
   dx = dx.astype(dtype)
+  if scale is not None and any(jnp.shape(scale)[i] != 1 for i in axes):
+    # The scale varies along the reduced axes (layer/RMS norm's feature scale, adaLN's per
+    # example): `scale * (rstd dx + xhat a + c) + xhat dscale + dbias` with `a`, `c` per
+    # statistic, so that the transpose multiplies the cotangent by the scale once and reduces
+    # it per row, with no full-shaped `rstd * scale` (a full-shaped `a` made XLA:CPU write out
+    # the broadcast rstd, `xhat` and `g * xhat`: 1.4-1.6x the training step of
+    # `rms_norm(x) * scale` on the jax.numpy path).
+    a = -rstd_ * mean(xhat * dx)
+    inner = rstd_ * dx + xhat * a
+    if stats.offset is not None:
+      inner = inner - rstd_ * mean(dx)
+    dy = inner * scale.astype(dtype)
+    if dscale is not None:
+      dy = dy + xhat * dscale.astype(dtype)
+    if dbias is not None:
+      dy = dy + dbias.astype(dtype)
+    return dy.astype(x.dtype)
   rs = rstd_ if scale is None else rstd_ * scale.astype(dtype)
   a = -rs * mean(xhat * dx)                         # -rs E[xhat * dx]
   if dscale is not None:
