@@ -19,7 +19,9 @@ def gated_rms_norm(x: jax.Array, z: jax.Array, scale: jax.Array | None = None, *
 
   `norm_before_gate=False` (Mamba-2's default): `rms_norm(x * silu(z)) * scale`;
   `norm_before_gate=True`: `rms_norm(x) * scale * silu(z)`. The gate and the product are formed
-  in float32 and the result rounded to `x.dtype` once. With `group_size=g` the mean square is
+  in float32 and the result rounded to `x.dtype` once (for float32 `x` under differentiation
+  with `norm_before_gate=True`, the value comes from the scaled norm times the gate: two
+  float32 roundings, within an ulp of the other). With `group_size=g` the mean square is
   taken per group of `g` consecutive features along `axis` (Mamba-2's `ngroups`), whose size
   `g` must divide.
 
