@@ -175,7 +175,29 @@ def test_gate_after_norm_trains_through_the_kernels(scaled):
   train = lambda x, z, s, ct: jax.vjp(fn, x, z, s)[1](ct)
   jaxpr = str(jax.make_jaxpr(train)(x, z, s, ct))
   assert "normjax_rows_backward" in jaxpr
+  y, _ = jax.jit(lambda x, z, s: jax.vjp(fn, x, z, s))(x, z, s)
+  np.testing.assert_array_equal(y, jax.jit(fn)(x, z, s))   # the forward's value, bit for bit
   with nj.implementation("reference"):
     want_grads = jax.jit(train)(x, z, s, ct)
   for g, w in zip(jax.jit(train)(x, z, s, ct), want_grads, strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(w))))
+
+
+def test_gate_after_norm_bfloat16_value_rounds_once():
+  """bfloat16, `norm_before_gate=True`: under differentiation the value is still the forward's
+  (the product rounded to bfloat16 once, bit for bit), and the gradients in `x`, `z` and
+  `scale` agree with float64 within bfloat16's rounding."""
+  x, z, s = (jnp.asarray(a, jnp.bfloat16) for a in _args())
+  fn = lambda x, z, s: nj.gated_rms_norm(x, z, s, norm_before_gate=True)
+  ct = jnp.asarray(rand(SHAPE, seed=3), jnp.bfloat16)
+  y, vjp = jax.jit(lambda x, z, s: jax.vjp(fn, x, z, s))(x, z, s)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(jax.jit(fn)(x, z, s),
+                                                                      np.float32))
+  grads = vjp(ct)
+  f64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+  with jax.enable_x64(True):
+    want = jax.vjp(lambda x, z, s: ref.gated_rms_norm(x, z, s, norm_before_gate=True),
+                   f64(x), f64(z), f64(s))[1](f64(ct))
+  for g, w in zip(grads, want, strict=True):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(f64(g), np.asarray(w), rtol=3e-2, atol=3e-2 * np.abs(w).max())
