@@ -78,11 +78,11 @@ def _gated(x, z, factor, axes, eps, group_size, before):
   else:
     inner = x.astype(gate.dtype) * gate
   if group_size is not None:
-    size = group_size
     a = axes[0]
-    split = x.shape[:a] + (x.shape[a] // size, size) + x.shape[a + 1:]
+    split = x.shape[:a] + (x.shape[a] // group_size, group_size) + x.shape[a + 1:]
     y, _ = dispatch.standardize(inner.reshape(split), (a + 1,),
-                                None if factor is None else _split(factor, x.shape, a, size),
+                                None if factor is None
+                                else _split(factor, x.shape, a, group_size),
                                 None, eps, centered=False)
     return y.reshape(x.shape).astype(x.dtype)
   y, _ = dispatch.standardize(inner, axes, factor, None, eps, centered=False)
