@@ -173,11 +173,8 @@ def _add_norm(x: jax.Array, residual: Any, axes: shapes.Axes, scale: jax.Array |
   if residual_dtype is None or residual_dtype == x.dtype:
     return dispatch.add_standardize(x, residual.astype(x.dtype), axes, feature(scale),
                                     feature(bias), eps, centered=centered)
-  # `h` in another dtype than `x`: XLA converts `x` inside the add's one pass and the norm
-  # reads `h`; the fused kernel would read a converted copy of `x`, one more pass (forward
-  # 1.06-1.25x, training step 1.17-1.36x this program's, benchmarks/results/modern.md).
-  h = dispatch.residual_sum(x.astype(residual_dtype), residual.astype(residual_dtype))
-  y, _ = dispatch.standardize(h, axes, feature(scale), feature(bias), eps, centered=centered)
+  y, h = dispatch.add_standardize(x, residual.astype(residual_dtype), axes, feature(scale),
+                                  feature(bias), eps, centered=centered)
   return y.astype(x.dtype), h
 
 
