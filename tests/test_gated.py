@@ -158,23 +158,25 @@ def test_rows_of_2_24_values(norm_before_gate):
   np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("before", [False, True])
 @pytest.mark.parametrize("scaled", [True, False])
-def test_gate_after_norm_trains_through_the_kernels(scaled):
-  """Float32, `norm_before_gate=True` on the native CPU kernels: the forward is the one fused
-  normalize step, the derivative the backward kernel's norm times the gate. Its first and
-  second derivatives (both modes) match float64, and the reverse-mode program calls the rows
-  backward kernel (it did not: the full-shaped factor kept the derivative in XLA)."""
+def test_trains_through_the_gated_kernels(before, scaled):
+  """Float32 on the native CPU kernels, the gate in either place: the forward and the
+  reverse-mode program call the gated kernels (the gate computed inside them) and nothing
+  else, the first and second derivatives (both modes) match float64 at a 1e5 offset, the
+  value under `vjp` is the forward's bit for bit, and the gradients are the reference path's."""
   from normjax._src.kernels import primitives
   if not primitives.has_kernel(jax.default_backend()):
     pytest.skip("no native kernels here")
-  fn, want = _fns(True, None, scaled)
+  fn, want = _fns(before, None, scaled)
   args = _args("offset")
   ref.assert_derivatives_match(fn, want, args)
   x, z, s = map(jnp.asarray, args)
   ct = jnp.asarray(rand(SHAPE, seed=3))
   train = lambda x, z, s, ct: jax.vjp(fn, x, z, s)[1](ct)
-  jaxpr = str(jax.make_jaxpr(train)(x, z, s, ct))
-  assert "normjax_rows_backward" in jaxpr
+  jaxpr = str(jax.make_jaxpr(lambda *a: (fn(*a[:3]), train(*a)))(x, z, s, ct))
+  assert "normjax_rows_gated_forward" in jaxpr and "normjax_rows_gated_backward" in jaxpr
+  assert "normjax_rows_forward" not in jaxpr and "normjax_rows_backward" not in jaxpr
   y, _ = jax.jit(lambda x, z, s: jax.vjp(fn, x, z, s))(x, z, s)
   np.testing.assert_array_equal(y, jax.jit(fn)(x, z, s))   # the forward's value, bit for bit
   with nj.implementation("reference"):
@@ -183,12 +185,13 @@ def test_gate_after_norm_trains_through_the_kernels(scaled):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(w))))
 
 
-def test_gate_after_norm_bfloat16_value_rounds_once():
-  """bfloat16, `norm_before_gate=True`: under differentiation the value is still the forward's
-  (the product rounded to bfloat16 once, bit for bit), and the gradients in `x`, `z` and
-  `scale` agree with float64 within bfloat16's rounding."""
+@pytest.mark.parametrize("before", [False, True])
+def test_bfloat16_value_rounds_once(implementation, before):
+  """bfloat16: under differentiation the value is still the forward's (the product rounded to
+  bfloat16 once, bit for bit), and the gradients in `x`, `z` and `scale` agree with float64
+  within bfloat16's rounding."""
   x, z, s = (jnp.asarray(a, jnp.bfloat16) for a in _args())
-  fn = lambda x, z, s: nj.gated_rms_norm(x, z, s, norm_before_gate=True)
+  fn = lambda x, z, s: nj.gated_rms_norm(x, z, s, norm_before_gate=before)
   ct = jnp.asarray(rand(SHAPE, seed=3), jnp.bfloat16)
   y, vjp = jax.jit(lambda x, z, s: jax.vjp(fn, x, z, s))(x, z, s)
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(jax.jit(fn)(x, z, s),
@@ -196,7 +199,7 @@ def test_gate_after_norm_bfloat16_value_rounds_once():
   grads = vjp(ct)
   f64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
   with jax.enable_x64(True):
-    want = jax.vjp(lambda x, z, s: ref.gated_rms_norm(x, z, s, norm_before_gate=True),
+    want = jax.vjp(lambda x, z, s: ref.gated_rms_norm(x, z, s, norm_before_gate=before),
                    f64(x), f64(z), f64(s))[1](f64(ct))
   for g, w in zip(grads, want, strict=True):
     assert g.dtype == jnp.bfloat16

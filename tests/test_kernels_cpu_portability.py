@@ -5,8 +5,8 @@ AVX-512, picked at run time (normjax/_src/kernels/cpu/levels.cc). These tests bu
 builds it (`pip wheel`, with build isolation: the build requirements of pyproject.toml in a fresh
 environment, not this one's setuptools) from a copy of the sources in a temporary directory,
 unpack it, then run one script with every variant (layer
-and RMS norm, instance norm NHWC and NCHW, group norm, batch norm NHWC and NCHW; forward and
-gradient; float32 and bfloat16): in-process at every level this CPU has
+and RMS norm, instance norm NHWC and NCHW, group norm, batch norm NHWC and NCHW, the gated RMS
+norm's kernels; forward and gradient; float32 and bfloat16): in-process at every level this CPU has
 (`NORMJAX_CPU_LEVEL`), where the kernels' outputs must be bit-identical, and under
 `qemu-x86_64 -cpu max` (a CPU with AVX2 but no AVX-512 in qemu 7.2), where the dispatched level
 must not be AVX-512 and the results must match. The baseline code must not use AVX registers.
@@ -32,7 +32,7 @@ import sys
 import numpy as np
 import jax, jax.numpy as jnp
 import normjax as nj
-from normjax._src.kernels import cpu as _native, moments as _columns, rows as _rows
+from normjax._src.kernels import cpu as _native, gated as _gated, moments as _columns, rows as _rows
 assert _native.NATIVE
 rng = np.random.default_rng(0)
 out = {"level": np.asarray(_native.CPU_LEVEL)}
@@ -81,6 +81,15 @@ def everything(inputs, x):
       for i, a in enumerate(_rows.rows_add_forward_p.bind(x, x[::-1] * 3.0, p, p, eps=1e-5,
                                                           **kw)):
         results[f"kernel/rows_add/{per_row}/{centered}/{i}"] = a
+  # The gated RMS norm, its gate (exp) over every float32 exponent and beyond, both orders.
+  pf = jnp.asarray(np.linspace(0.5, 1.5, 67, dtype=np.float32))
+  zz = jnp.asarray(np.linspace(-110.0, 95.0, 37 * 67, dtype=np.float32).reshape(37, 67))
+  for before in (False, True):
+    kw = dict(eps=1e-5, before=before)
+    for i, a in enumerate(_gated.rows_gated_forward_p.bind(x, zz.astype(x.dtype), pf, **kw)
+                          + _gated.rows_gated_backward_p.bind(x, zz.astype(x.dtype), pf,
+                                                              x[::-1], **kw)):
+      results[f"kernel/gated/{before}/{i}"] = a
   for size in (1, 4):
     for i, a in enumerate(_columns.column_moments_p.bind(
         inputs["batch_nhwc"].reshape(2, 30, 8), group_size=size)):
@@ -113,6 +122,12 @@ def everything(inputs, x):
     results[f"kernel/long_row_moments/{i}"] = a
   for i, a in enumerate(_columns.row_sums_p.bind(lx, long[::-1] * 0.5, s, o)):
     results[f"kernel/long_row_sums/{i}"] = a
+  for before in (False, True):
+    kw = dict(eps=1e-5, before=before)
+    for i, a in enumerate(_gated.rows_gated_forward_p.bind(lx, lx[::-1] * 3.0, pl, **kw)
+                          + _gated.rows_gated_backward_p.bind(lx, lx[::-1] * 3.0, pl,
+                                                              lx[:, ::-1], **kw)):
+      results[f"kernel/long_gated/{before}/{i}"] = a
   return results
 
 

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normjax._src.kernels import gated
 from normjax._src.kernels import moments
 from normjax._src.kernels import pallas
 from normjax._src.kernels import primitives
@@ -76,7 +77,7 @@ row_health = health.row_health
 __all__ = ("Moments", "stats_dtype", "rstd", "residual_sum", "renormalize", "unit_vector",
            "power_iteration", "offset_scale", "silu", "dynamic_tanh", "l2_normalize",
            "row_health", "implementation", "plan", "standardize", "add_standardize",
-           "normalize_with_stats")
+           "gated_rms_norm", "normalize_with_stats")
 
 IMPLEMENTATIONS = ("auto", "reference", "native", "pallas")
 # The names `implementation` accepts.
@@ -248,6 +249,18 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
   h = rounding.residual_sum(x.astype(residual.dtype), residual)
   y, _ = standardize(h, axes, scale, bias, eps, centered=centered)
   return y, h
+
+
+def gated_rms_norm(x: jax.Array, z: jax.Array, axes: Axes, scale: jax.Array | None, eps: Any,
+                   *, before: bool) -> jax.Array | None:
+  """The gated RMS norm (`gated.gated_rms_norm` without groups) through the gated rows
+  kernel, where `plan` picks the native `"rows"` kernel with per-feature `scale` and `z` has
+  `x`'s dtype; else None (the caller composes it from `standardize` and `silu`)."""
+  p = plan(x, axes, scale, None, eps, centered=False)
+  if (p.kernel != "rows" or p.per_row or p.examples or p.implementation != "native"
+      or z.dtype != x.dtype):
+    return None
+  return gated.gated_rms_norm(x, z, scale, len(axes), float(eps), before=before)
 
 
 def normalize_with_stats(x: jax.Array, mean: jax.Array, var: jax.Array,

@@ -20,7 +20,8 @@ import jax
 TARGETS = tuple(f"Normjax{kind}{dtype}" for kind in ("RowsForward", "RowsBackward",
                                                       "ColumnMoments", "RowMoments",
                                                       "RowsAddForward", "ColumnSums",
-                                                      "RowSums")
+                                                      "RowSums", "RowsGatedForward",
+                                                      "RowsGatedBackward")
                 for dtype in ("F32", "BF16"))
 
 

@@ -308,3 +308,97 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddForwardF32, RowsAddForward<ffi::F32>
                               BindAddForward<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddForwardBF16, RowsAddForward<ffi::BF16>,
                               BindAddForward<ffi::BF16>());
+
+namespace {
+
+using normjax_cpu::GatedArgs;
+
+// The gated RMS norm (see level_gated.h): y = rms_norm(x * silu(z)) * scale, or with `before`
+// rms_norm(x) * scale * silu(z); the gate in float32, one read of x and z per pass.
+template <ffi::DataType T>
+ffi::Error RowsGatedForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T, 2> z,
+                            ffi::Buffer<ffi::F32, 1> scale, ffi::ResultBuffer<T, 2> y,
+                            float eps, bool before) {
+  return Guarded("normjax rows_gated_forward", [&]() -> ffi::Error {
+    const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
+    if (z.dimensions()[0] != rows || z.dimensions()[1] != n || scale.element_count() != n) {
+      return ffi::Error::InvalidArgument("normjax rows_gated_forward: z/scale size mismatch");
+    }
+    const GatedArgs args{x.untyped_data(), z.untyped_data(), nullptr, scale.typed_data(),
+                         y->untyped_data(), nullptr, n, eps, before};
+    const auto forward = Active().gated_forward[DtypeIndex<T>()];
+    ParallelChunks(pool, rows, NumChunks(rows, n), [&](int64_t begin, int64_t end, int64_t) {
+      forward(args, begin, end);
+    });
+    return ffi::Error::Success();
+  });
+}
+
+template <ffi::DataType T>
+auto BindGatedForward() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<T, 2>>()
+      .template Attr<float>("eps")
+      .template Attr<bool>("before");
+}
+
+// dx, dz and dscale of the gated RMS norm for the cotangent ct (see GatedBackwardChunk);
+// dscale's sums over rows per chunk (in double), added up in chunk order.
+template <ffi::DataType T>
+ffi::Error RowsGatedBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T, 2> z,
+                             ffi::Buffer<ffi::F32, 1> scale, ffi::Buffer<T, 2> ct,
+                             ffi::ResultBuffer<T, 2> dx, ffi::ResultBuffer<T, 2> dz,
+                             ffi::ResultBuffer<ffi::F32, 1> dscale, float eps, bool before) {
+  return Guarded("normjax rows_gated_backward", [&]() -> ffi::Error {
+    const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
+    if (z.dimensions()[0] != rows || z.dimensions()[1] != n || ct.dimensions()[0] != rows ||
+        ct.dimensions()[1] != n || scale.element_count() != n) {
+      return ffi::Error::InvalidArgument("normjax rows_gated_backward: z/ct/scale size mismatch");
+    }
+    const GatedArgs args{x.untyped_data(), z.untyped_data(), ct.untyped_data(),
+                         scale.typed_data(), dx->untyped_data(), dz->untyped_data(),
+                         n, eps, before};
+    const auto backward = Active().gated_backward[DtypeIndex<T>()];
+    int64_t chunks = NumChunks(rows, n);
+    chunks = std::max<int64_t>(1, std::min(chunks, kMaxAccumulators / std::max<int64_t>(1, n)));
+    std::vector<double> acc(static_cast<size_t>(chunks) * n, 0.0);
+    std::vector<double> totals(n, 0.0);
+    ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t chunk) {
+      backward(args, begin, end, acc.data() + chunk * n);
+    });
+    AddInOrder(acc.data(), chunks, n, n, totals.data());
+    float* ds = dscale->typed_data();
+    for (int64_t j = 0; j < n; ++j) ds[j] = static_cast<float>(totals[j]);
+    return ffi::Error::Success();
+  });
+}
+
+template <ffi::DataType T>
+auto BindGatedBackward() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Ret<ffi::Buffer<T, 2>>()
+      .template Ret<ffi::Buffer<T, 2>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Attr<float>("eps")
+      .template Attr<bool>("before");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsGatedForwardF32, RowsGatedForward<ffi::F32>,
+                              BindGatedForward<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsGatedForwardBF16, RowsGatedForward<ffi::BF16>,
+                              BindGatedForward<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsGatedBackwardF32, RowsGatedBackward<ffi::F32>,
+                              BindGatedBackward<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsGatedBackwardBF16, RowsGatedBackward<ffi::BF16>,
+                              BindGatedBackward<ffi::BF16>());

@@ -112,6 +112,20 @@ struct AddForwardArgs {
   ForwardArgs forward;
 };
 
+// The gated RMS norm (RowsGatedForward, RowsGatedBackward): x, z and (backward) ct are
+// [rows, n], scale [n]; `out` is y (forward) or dx, `dz` the backward's dz.
+struct GatedArgs {
+  const void* x;
+  const void* z;
+  const void* ct;
+  const float* scale;
+  void* out;
+  void* dz;
+  int64_t n;
+  float eps;
+  bool before;
+};
+
 // The loops of one instruction-set level (a row of the dispatch table); index 0 is float32,
 // 1 bfloat16.
 struct Kernels {
@@ -127,6 +141,8 @@ struct Kernels {
   void (*row_sums[2])(const void* x, const float* g, const float* shift, const float* offset,
                       int64_t n, int64_t begin, int64_t end, double* sg, double* sgx);
   void (*add_forward[2])(const AddForwardArgs&, int64_t begin, int64_t end);
+  void (*gated_forward[2])(const GatedArgs&, int64_t begin, int64_t end);
+  void (*gated_backward[2])(const GatedArgs&, int64_t begin, int64_t end, double* acc);
 };
 
 // The instruction-set levels, narrowest first (levels.cc).

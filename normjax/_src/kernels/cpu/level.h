@@ -27,6 +27,7 @@
 #include "level_vectors.h"   // NOLINT(build/include)
 #include "level_rows.h"      // NOLINT(build/include)
 #include "level_columns.h"   // NOLINT(build/include)
+#include "level_gated.h"     // NOLINT(build/include)
 
 // This level's row of the dispatch table (levels.cc).
 constexpr Kernels MakeKernels() {
@@ -45,5 +46,9 @@ constexpr Kernels MakeKernels() {
   k.row_sums[1] = &RowSumsChunk<uint16_t>;
   k.add_forward[0] = &AddForwardChunk<float>;
   k.add_forward[1] = &AddForwardChunk<uint16_t>;
+  k.gated_forward[0] = &GatedForwardChunk<float>;
+  k.gated_forward[1] = &GatedForwardChunk<uint16_t>;
+  k.gated_backward[0] = &GatedBackwardChunk<float>;
+  k.gated_backward[1] = &GatedBackwardChunk<uint16_t>;
   return k;
 }
