@@ -154,30 +154,24 @@ inline V Splat(float c) {
   return V{} + c;
 }
 
-// 2^k for integer k in [-126, 127], as V (k: VI for V = VF, int32_t for V = float).
-template <typename V, typename I>
-inline V Pow2(I k) {
-  const I bits = (k + 127) << 23;
-  V out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-// exp(x) in float32, for kWidth lanes (V = VF) or one (V = float), with the same operations
-// either way (so that every level and the tail of a row give the same bits): Cephes' expf,
-// the polynomial on r = x - n ln 2 (ln 2 in two parts, n the integer nearest x / ln 2), times
-// 2^n as two powers of two (so that neither overflows before the product does); +Inf above
-// about 88.72, 0 below about -103.9, NaN kept. The sigmoid and silu built on it are within 3
-// ulp of float64's, as XLA's are (tests/test_kernels_gated.py, at every exponent).
+// exp(x) in float32 for x clamped to [-87.33, 88] (where exp is a normal float32 number),
+// for kWidth lanes (V = VF) or one (V = float), with the same operations either way (so that
+// every level and the tail of a row give the same bits): Cephes' expf polynomial on
+// r = x - n ln 2 (ln 2 in two parts), times 2^n. n, the integer nearest x / ln 2, comes from
+// adding 1.5 * 2^23 + 127 (the sum's low bits are n + 127, the biased exponent of 2^n, which
+// the clamp keeps in [1, 254]). NaN kept. Used by the sigmoid only: there the clamp changes
+// nothing (1 + exp(-87.33) is 1; 1 / (1 + exp(88)) is below float32's normal range, which
+// XLA's threads flush to zero). The sigmoid and silu are within 3 ulp of float64's, as XLA's
+// are (tests/test_kernels_gated.py, at every exponent).
 template <typename V>
-inline V Exp(V x) {
-  using I = std::conditional_t<std::is_same_v<V, VF>, VI, int32_t>;
-  const V lo = Splat<V>(-104.f), hi = Splat<V>(89.f);
+inline V ExpNormal(V x) {
+  using U = std::conditional_t<std::is_same_v<V, VF>, VU, uint32_t>;
+  const V lo = Splat<V>(-87.33f), hi = Splat<V>(88.f);
   x = x < lo ? lo : x;  // NaN compares false: kept
   x = x > hi ? hi : x;
-  const V magic = Splat<V>(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  V n = (x * 1.44269504088896341f + magic) - magic;
-  n = n == n ? n : V{};  // a NaN x: any n (the polynomial is NaN), not an undefined cast
+  const V magic = Splat<V>(12583039.f);  // 1.5 * 2^23 + 127
+  const V t = x * 1.44269504088896341f + magic;
+  const V n = t - magic;
   const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
   V p = Splat<V>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -186,18 +180,16 @@ inline V Exp(V x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const V y = (p * (r * r) + r) + 1.f;
-  I k;
-  if constexpr (std::is_same_v<V, VF>) {
-    k = __builtin_convertvector(n, VI);
-  } else {
-    k = static_cast<int32_t>(n);
-  }
-  const I half = k >> 1;
-  return (y * Pow2<V>(half)) * Pow2<V>(k - half);
+  U bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = bits << 23;  // (n + 127) << 23: 2^n
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
 }
 
 // The logistic sigmoid 1 / (1 + exp(-z)), as XLA:CPU expands jax.nn.sigmoid.
 template <typename V>
 inline V Sigmoid(V z) {
-  return Splat<V>(1.f) / (Splat<V>(1.f) + Exp(-z));
+  return Splat<V>(1.f) / (Splat<V>(1.f) + ExpNormal(-z));
 }
