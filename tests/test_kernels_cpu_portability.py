@@ -81,6 +81,10 @@ def everything(inputs, x):
       for i, a in enumerate(_rows.rows_add_forward_p.bind(x, x[::-1] * 3.0, p, p, eps=1e-5,
                                                           **kw)):
         results[f"kernel/rows_add/{per_row}/{centered}/{i}"] = a
+      # bfloat16 x, float32 residual: h in float32, y in bfloat16.
+      for i, a in enumerate(_rows.rows_add_forward_mixed_p.bind(
+          x.astype(jnp.bfloat16), x[::-1].astype(jnp.float32) * 3.0, p, p, eps=1e-5, **kw)):
+        results[f"kernel/rows_add_mixed/{per_row}/{centered}/{i}"] = a
   # The gated RMS norm, its gate (exp) over every float32 exponent and beyond, both orders.
   pf = jnp.asarray(np.linspace(0.5, 1.5, 67, dtype=np.float32))
   zz = jnp.asarray(np.linspace(-110.0, 95.0, 37 * 67, dtype=np.float32).reshape(37, 67))

@@ -396,6 +396,40 @@ def test_residual_dtype(implementation, name, residual):
       np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(same, np.float32))
 
 
+@pytest.mark.parametrize("name", ["add_layer", "add_rms"])
+def test_residual_dtype_fuses_the_add_in_one_kernel(name):
+  """Native kernels, bfloat16 x and a float32 residual: the add and the norm are one kernel
+  (the mixed residual-add forward), whose y and h are bit for bit those of the float32 sum's
+  norm rounded to bfloat16 (the unfused program), on rows with an outlier first, a 1e5 offset,
+  a NaN and scalar tails; the gradients are the unfused program's."""
+  from normjax._src.kernels import primitives
+  if not primitives.has_kernel(jax.default_backend()):
+    pytest.skip("no native kernels here")
+  fn = nj.add_layer_norm if name == "add_layer" else nj.add_rms_norm
+  norm = nj.layer_norm if name == "add_layer" else nj.rms_norm
+  x = rand((5, 3, 67), 0).astype(np.float32)
+  x[0, 0, 0] = 3e4
+  x[1] += 1e5
+  x[2, 1, 5] = np.nan
+  x = jnp.asarray(x, jnp.bfloat16)
+  r = jnp.asarray(rand((5, 3, 67), 1, loc=100.0, spread=3.0))
+  w = jnp.asarray(rand((67,), 2, loc=1.0, spread=0.1))
+  fused = lambda x, r: fn(x, r, w, residual_dtype=F32)
+  unfused = lambda x, r: (norm(x.astype(F32) + r, w).astype(jnp.bfloat16), x.astype(F32) + r)
+  assert "normjax_rows_add_forward_mixed" in str(jax.make_jaxpr(fused)(x, r))
+  for got, want in zip(jax.jit(fused)(x, r), jax.jit(unfused)(x, r), strict=True):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  cts = (jnp.asarray(rand((5, 3, 67), 3), jnp.bfloat16), jnp.asarray(rand((5, 3, 67), 4)))
+  keep = jnp.asarray(np.arange(5) != 2)[:, None, None]   # the NaN example's gradients are NaN
+  train = lambda f: jax.jit(lambda x, r: jax.vjp(f, jnp.where(keep, x, 0).astype(x.dtype),
+                                                 r)[1](cts))
+  for got, want in zip(train(fused)(x, r), train(unfused)(x, r), strict=True):
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=1e-2, atol=1e-2 * float(np.max(np.abs(want))))
+
+
 def test_residual_dtype_derivatives():
   """(On the default path: the native kernel where built.) Gradients in x (bfloat16) and the float32 residual: those of the float32 norm of the float32
   sum, each in its argument's dtype; second order by forward over reverse."""

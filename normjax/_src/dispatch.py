@@ -30,7 +30,8 @@ Under `"pallas"` only the `"rows"` plan takes a kernel (the Pallas kernels, for 
 the reference, never the native kernels.
 
 `add_standardize` (the residual-add norms) takes the fused rows kernel
-(`rows_add_forward_p`) where the plan is `"rows"` and `x` and the residual share a dtype, and
+(`rows_add_forward_p`) where the plan is `"rows"` and `x` and the residual share a dtype (or,
+native, `x` is bfloat16 and the residual float32: `rows_add_forward_mixed_p`), and
 otherwise adds `x + residual` (in the residual's dtype) and calls `standardize` (XLA fuses
 the add into the reference's reductions; the sum's rounding is pinned, see
 `rounding.residual_sum`).
@@ -236,11 +237,15 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
                     scale: jax.Array | None, bias: jax.Array | None, eps: Any, *,
                     centered: bool = True) -> tuple[jax.Array, jax.Array]:
   """`(standardize(h, ...)[0], h)` with `h = x + residual` in `residual.dtype`, through the
-  fused rows kernel where `plan` picks `"rows"` and `x` has that dtype too (else XLA converts
-  `x` inside the add's one pass and the norm reads `h`: the kernel would read a converted copy
-  of `x`, one more pass, 1.06-1.25x the forward and 1.17-1.36x the training step)."""
+  fused rows kernel where `plan` picks `"rows"` and `x` has that dtype too, or (native) is
+  bfloat16 with a float32 residual (the kernel widens `x`, writes `h` in float32 and `y` in
+  bfloat16); else XLA converts `x` inside the add's one pass and the norm reads `h` (the
+  same-dtype kernel would read a converted copy of `x`, one more pass: 1.06-1.25x the forward
+  and 1.17-1.36x the training step)."""
   p = plan(x, axes, scale, bias, eps, centered=centered)
-  if p.kernel == "rows" and x.dtype == residual.dtype:
+  mixed = (p.implementation == "native" and x.dtype == jnp.bfloat16
+           and residual.dtype == jnp.float32)
+  if p.kernel == "rows" and (x.dtype == residual.dtype or mixed):
     add_forward, tangent = rows.add_ops(x.shape, len(axes), float(eps), centered=centered,
                                         per_row=p.per_row, examples=p.examples,
                                         implementation=p.implementation)

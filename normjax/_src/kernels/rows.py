@@ -112,11 +112,12 @@ def _add_forward_reference(x: jax.Array, residual: jax.Array, scale: jax.Array,
                            bias: jax.Array, *, eps: float, centered: bool,
                            per_row: bool, example_rows: int = 0) -> tuple[jax.Array, ...]:
   # `h` pinned to its rounding, as `add_standardize` returns it (and as the kernel
-  # writes it): its consumers downstream see the `h` whose statistics were taken.
-  h = residual_sum(x, residual)
+  # writes it): its consumers downstream see the `h` whose statistics were taken. A float32
+  # residual with a bfloat16 `x` (`rows_add_forward_mixed_p`): `h` in float32, `y` in bfloat16.
+  h = residual_sum(x.astype(residual.dtype), residual)
   y, shift, offset, var = _forward_reference(h, scale, bias, eps=eps, centered=centered,
                                              per_row=per_row, example_rows=example_rows)
-  return y, h, shift, offset, var
+  return y.astype(x.dtype), h, shift, offset, var
 
 
 def _tangent_reference(x: jax.Array, shift: jax.Array, offset: jax.Array, rstd: jax.Array,
@@ -156,9 +157,9 @@ def _forward_abstract(x: ShapedArray, scale: ShapedArray, bias: ShapedArray, *, 
 def _add_forward_abstract(x: ShapedArray, residual: ShapedArray, scale: ShapedArray,
                           bias: ShapedArray, *, eps: float, centered: bool,
                           per_row: bool, example_rows: int = 0) -> list[ShapedArray]:
-  del residual, example_rows
+  del example_rows
   y, *stats = _forward_abstract(x, scale, bias, eps=eps, centered=centered, per_row=per_row)
-  return [y, _shaped(x.shape, x.dtype)] + stats
+  return [y, _shaped(x.shape, residual.dtype)] + stats
 
 
 def _tangent_abstract(x: ShapedArray, *args: ShapedArray, centered: bool,
@@ -182,6 +183,10 @@ rows_forward_p = primitives.define_primitive(
 rows_add_forward_p = primitives.define_primitive(
     "normjax_rows_add_forward", _add_forward_reference, _add_forward_abstract,
     target="NormjaxRowsAddForward", kernel=pallas.add_forward, defaults=_DEFAULTS)
+# bfloat16 `x`, float32 `residual` (a float32 residual stream): `h` float32, `y` bfloat16.
+rows_add_forward_mixed_p = primitives.define_primitive(
+    "normjax_rows_add_forward_mixed", _add_forward_reference, _add_forward_abstract,
+    target="NormjaxRowsAddForwardMixed", defaults=_DEFAULTS)
 rows_tangent_p = primitives.define_primitive(
     "normjax_rows_tangent", _tangent_reference, _tangent_abstract)
 rows_backward_p = primitives.define_primitive(
@@ -242,6 +247,8 @@ batching.primitive_batchers[rows_forward_p] = _batch_rows(
     rows_forward_p, _forward_reference, (1, 2))
 batching.primitive_batchers[rows_add_forward_p] = _batch_rows(
     rows_add_forward_p, _add_forward_reference, (2, 3))
+batching.primitive_batchers[rows_add_forward_mixed_p] = _batch_rows(
+    rows_add_forward_mixed_p, _add_forward_reference, (2, 3))
 batching.primitive_batchers[rows_tangent_p] = _batch_rows(
     rows_tangent_p, _tangent_reference, (4, 6, 7))
 batching.primitive_batchers[rows_backward_p] = _batch_rows(
@@ -327,7 +334,8 @@ def ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row: boo
 def add_ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row: bool,
             examples: int = 0, implementation: str = "native") -> tuple[AddForward, Tangent]:
   """`(add_forward, tangent)` for `add_standardize`: `add_forward(x, residual, scale,
-  bias) -> (y, h, Moments of h)` through `rows_add_forward_p`; `tangent` is `ops`' (the
+  bias) -> (y, h, Moments of h)` through `rows_add_forward_p` (`rows_add_forward_mixed_p`
+  for a bfloat16 `x` and a float32 `residual`, native only); `tangent` is `ops`' (the
   derivative of `y` is taken at `h`)."""
   v = _View(x_shape, n_axes, centered, per_row, examples)
   rows, n = v.rows, v.n
@@ -338,7 +346,8 @@ def add_ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row:
 
   def add_forward(x: jax.Array, residual: jax.Array, scale: Vector,
                   bias: Vector) -> tuple[jax.Array, jax.Array, Moments]:
-    y2, h2, shift, offset, var = rows_add_forward_p.bind(
+    p = rows_add_forward_p if x.dtype == residual.dtype else rows_add_forward_mixed_p
+    y2, h2, shift, offset, var = p.bind(
         x.reshape(rows, n), residual.reshape(rows, n), v.vector(scale, 1.0),
         v.vector(bias, 0.0), eps=eps, **kw)
     return y2.reshape(x_shape), h2.reshape(x_shape), v.moments(h2, shift, offset, var)

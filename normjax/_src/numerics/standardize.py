@@ -256,9 +256,11 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
   """`(standardize(h, axes, scale, bias, eps)[0], h)` with `h = x + residual` (in `x.dtype`).
 
   For a kernel that computes the residual add and the forward in one pass
-  (`add_forward(x, residual, scale, bias) -> (y, h, Moments of h)`). The derivative is the
-  same closed form as `standardize`'s, at `h`: `dh = dx + dresidual`, `dy = tangent_fn(h, ...,
-  dh, ...)`; under reverse mode the backward keeps `h` and the per-row statistics.
+  (`add_forward(x, residual, scale, bias) -> (y, h, Moments of h)`; a kernel may take a
+  float32 `residual` with a bfloat16 `x`, and return `h` in float32 and `y` in `x.dtype`).
+  The derivative is the same closed form as `standardize`'s, at `h`: `dh = dx + dresidual`,
+  `dy = tangent_fn(h, ..., dh, ...)`; under reverse mode the backward keeps `h` and the
+  per-row statistics.
   """
   reduce: dict[str, Any] = dict(axis_name=None, axis_index_groups=None, groups=None)
   if add_forward is None:
@@ -281,10 +283,10 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
     dx, dresidual, dscale, dbias = tangents
     y, h, stats = run(x, residual, scale, bias, eps)
     h = checkpoint_name(h, _SUM_NAME)
-    dh = dx + dresidual
+    dh = dx.astype(h.dtype) + dresidual.astype(h.dtype)
     _, dy = _output_tangent(h, stats, eps, scale, bias, dh, dscale, dbias, None, tangent_fn,
                             deps)
-    return (y, h), (dy, dh)
+    return (y, h), (dy.astype(y.dtype), dh)
 
   fn, extra = _with_eps(fn, fn_jvp, eps)
   policy = jax.checkpoint_policies.save_only_these_names(_STATS_NAME, _SUM_NAME)

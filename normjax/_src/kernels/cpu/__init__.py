@@ -22,7 +22,7 @@ TARGETS = tuple(f"Normjax{kind}{dtype}" for kind in ("RowsForward", "RowsBackwar
                                                       "RowsAddForward", "ColumnSums",
                                                       "RowSums", "RowsGatedForward",
                                                       "RowsGatedBackward")
-                for dtype in ("F32", "BF16"))
+                for dtype in ("F32", "BF16")) + ("NormjaxRowsAddForwardMixedBF16",)
 
 
 def _load() -> str | None:

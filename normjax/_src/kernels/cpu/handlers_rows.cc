@@ -249,11 +249,12 @@ namespace {
 
 // h = x + residual (added in float32, rounded to T, stored), then RowsForward on h: y, h and
 // the per-row statistics of h from one read of x and residual (XLA would write h out and the
-// forward would read it back).
-template <ffi::DataType T>
-ffi::Error RowsAddForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T, 2> residual,
+// forward would read it back). With TX = BF16 and T = F32 (a float32 residual stream), x
+// is widened, h is float32 and y bfloat16 (AddForwardChunk).
+template <ffi::DataType TX, ffi::DataType T = TX>
+ffi::Error RowsAddForward(ffi::ThreadPool pool, ffi::Buffer<TX, 2> x, ffi::Buffer<T, 2> residual,
                           ffi::Buffer<ffi::F32, 1> scale, ffi::Buffer<ffi::F32, 1> bias,
-                          ffi::ResultBuffer<T, 2> y, ffi::ResultBuffer<T, 2> h,
+                          ffi::ResultBuffer<TX, 2> y, ffi::ResultBuffer<T, 2> h,
                           ffi::ResultBuffer<ffi::F32, 1> shift,
                           ffi::ResultBuffer<ffi::F32, 1> offset,
                           ffi::ResultBuffer<ffi::F32, 1> var, float eps, bool centered,
@@ -273,7 +274,8 @@ ffi::Error RowsAddForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer
                                           bias.typed_data(), y->untyped_data(),
                                           shift->typed_data(), offset->typed_data(),
                                           var->typed_data(), n, eps, centered, per_row}};
-    const auto add_forward = Active().add_forward[DtypeIndex<T>()];
+    const auto add_forward = TX == T ? Active().add_forward[DtypeIndex<T>()]
+                                     : Active().add_forward_mixed;
     ex.ForEach(pool, [&](int64_t e, int64_t begin, int64_t end) {
       AddForwardArgs a = args;
       a.forward = ex.At(args.forward, e);
@@ -283,15 +285,15 @@ ffi::Error RowsAddForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer
   });
 }
 
-template <ffi::DataType T>
+template <ffi::DataType TX, ffi::DataType T = TX>
 auto BindAddForward() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<TX, 2>>()
       .template Arg<ffi::Buffer<T, 2>>()
       .template Arg<ffi::Buffer<ffi::F32, 1>>()
       .template Arg<ffi::Buffer<ffi::F32, 1>>()
-      .template Ret<ffi::Buffer<T, 2>>()
+      .template Ret<ffi::Buffer<TX, 2>>()
       .template Ret<ffi::Buffer<T, 2>>()
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
@@ -308,6 +310,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddForwardF32, RowsAddForward<ffi::F32>
                               BindAddForward<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddForwardBF16, RowsAddForward<ffi::BF16>,
                               BindAddForward<ffi::BF16>());
+// bfloat16 x, float32 residual (the suffix is x's dtype, as the lowering names targets).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddForwardMixedBF16,
+                              (RowsAddForward<ffi::BF16, ffi::F32>),
+                              (BindAddForward<ffi::BF16, ffi::F32>()));
 
 namespace {
 

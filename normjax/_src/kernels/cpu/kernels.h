@@ -141,6 +141,8 @@ struct Kernels {
   void (*row_sums[2])(const void* x, const float* g, const float* shift, const float* offset,
                       int64_t n, int64_t begin, int64_t end, double* sg, double* sgx);
   void (*add_forward[2])(const AddForwardArgs&, int64_t begin, int64_t end);
+  // bfloat16 x, float32 residual and h, bfloat16 y.
+  void (*add_forward_mixed)(const AddForwardArgs&, int64_t begin, int64_t end);
   void (*gated_forward[2])(const GatedArgs&, int64_t begin, int64_t end);
   void (*gated_backward[2])(const GatedArgs&, int64_t begin, int64_t end, double* acc);
 };

@@ -46,6 +46,7 @@ constexpr Kernels MakeKernels() {
   k.row_sums[1] = &RowSumsChunk<uint16_t>;
   k.add_forward[0] = &AddForwardChunk<float>;
   k.add_forward[1] = &AddForwardChunk<uint16_t>;
+  k.add_forward_mixed = &AddForwardChunk<uint16_t, float>;
   k.gated_forward[0] = &GatedForwardChunk<float>;
   k.gated_forward[1] = &GatedForwardChunk<uint16_t>;
   k.gated_backward[0] = &GatedBackwardChunk<float>;

@@ -140,12 +140,13 @@ inline void RowGroups(int64_t begin, int64_t end, F f) {
 }
 
 // Rows [begin, end) of the forward (see RowsForward in handlers_rows.cc): the statistics of
-// kRowGroup rows at a time (RowMomentsRows), then each row's output.
-template <typename T>
+// kRowGroup rows at a time (RowMomentsRows), then each row's output (of type TY: T but for
+// the mixed residual add's bfloat16 output of a float32 sum).
+template <typename T, typename TY = T>
 void ForwardChunk(const ForwardArgs& a, int64_t begin, int64_t end) {
   const int64_t n = a.n;
   const T* xp = static_cast<const T*>(a.x);
-  T* yp = static_cast<T*>(a.y);
+  TY* yp = static_cast<TY*>(a.y);
   const float* __restrict__ g = a.scale;
   const float* __restrict__ bias = a.bias;
   RowGroups(begin, end, [&](auto rows, int64_t r0) {
@@ -319,23 +320,25 @@ void RowSumsChunk(const void* xv, const float* g, const float* shift, const floa
 // Rows [begin, end) of the fused residual-add forward (see RowsAddForward in handlers_rows.cc):
 // per row, h = x + residual in float32, rounded to T and stored (the row stays in cache), then
 // the forward of ForwardChunk on the stored, rounded h: the same statistics and output as the
-// unfused add followed by the forward.
-template <typename T>
+// unfused add followed by the forward. With TX = bfloat16 and T = float32 (a float32 residual
+// stream), x is widened exactly, h is the float32 sum and y is rounded to bfloat16 once: the
+// same bits as converting x, adding, normalizing in float32 and rounding the output.
+template <typename TX, typename T = TX>
 void AddForwardChunk(const AddForwardArgs& a, int64_t begin, int64_t end) {
   const int64_t n = a.forward.n;
-  const T* xp = static_cast<const T*>(a.x);
+  const TX* xp = static_cast<const TX*>(a.x);
   const T* rp = static_cast<const T*>(a.residual);
   T* hp = static_cast<T*>(a.h);
   RowGroups(begin, end, [&](auto rows, int64_t r0) {
     constexpr int R = decltype(rows)::value;
     for (int64_t r = r0; r < r0 + R; ++r) {
-      const T* __restrict__ x = xp + r * n;
+      const TX* __restrict__ x = xp + r * n;
       const T* __restrict__ res = rp + r * n;
       MapRow(hp + r * n, n, [&](int64_t i, auto type) {
         using V = decltype(type);
         return Get<V>(x, i) + Get<V>(res, i);
       });
     }
-    ForwardChunk<T>(a.forward, r0, r0 + R);
+    ForwardChunk<T, TX>(a.forward, r0, r0 + R);
   });
 }
