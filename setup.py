@@ -48,7 +48,7 @@ setup(
                 "handlers_rows.cc", "handlers_moments.cc", "levels.cc", "threads.cc")],
             depends=[os.path.join(_NATIVE, name) for name in (
                 "kernels.h", "threads.h", "level.h", "level_vectors.h", "level_rows.h",
-                "level_columns.h", "level_gated.h")],
+                "level_columns.h", "level_gated.h", "level_tanh.h")],
             language="c++",
             extra_compile_args=_flags(),
             optional=True,

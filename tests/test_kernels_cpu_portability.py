@@ -6,7 +6,7 @@ builds it (`pip wheel`, with build isolation: the build requirements of pyprojec
 environment, not this one's setuptools) from a copy of the sources in a temporary directory,
 unpack it, then run one script with every variant (layer
 and RMS norm, instance norm NHWC and NCHW, group norm, batch norm NHWC and NCHW, the gated RMS
-norm's kernels; forward and gradient; float32 and bfloat16): in-process at every level this CPU has
+norm's and dynamic tanh's kernels; forward and gradient; float32 and bfloat16): in-process at every level this CPU has
 (`NORMJAX_CPU_LEVEL`), where the kernels' outputs must be bit-identical, and under
 `qemu-x86_64 -cpu max` (a CPU with AVX2 but no AVX-512 in qemu 7.2), where the dispatched level
 must not be AVX-512 and the results must match. The baseline code must not use AVX registers.
@@ -33,6 +33,7 @@ import numpy as np
 import jax, jax.numpy as jnp
 import normjax as nj
 from normjax._src.kernels import cpu as _native, gated as _gated, moments as _columns, rows as _rows
+from normjax._src.kernels import tanh as _tanh
 assert _native.NATIVE
 rng = np.random.default_rng(0)
 out = {"level": np.asarray(_native.CPU_LEVEL)}
@@ -94,6 +95,10 @@ def everything(inputs, x):
                           + _gated.rows_gated_backward_p.bind(x, zz.astype(x.dtype), pf,
                                                               x[::-1], **kw)):
       results[f"kernel/gated/{before}/{i}"] = a
+  # Dynamic tanh's backward, its tanh over both branches and saturation.
+  for i, a in enumerate(_tanh.tanh_backward_p.bind(x * 3.0, jnp.asarray([0.7], jnp.float32), pf,
+                                                   x[::-1])):
+    results[f"kernel/tanh/{i}"] = a
   for size in (1, 4):
     for i, a in enumerate(_columns.column_moments_p.bind(
         inputs["batch_nhwc"].reshape(2, 30, 8), group_size=size)):
@@ -132,6 +137,9 @@ def everything(inputs, x):
                           + _gated.rows_gated_backward_p.bind(lx, lx[::-1] * 3.0, pl,
                                                               lx[:, ::-1], **kw)):
       results[f"kernel/long_gated/{before}/{i}"] = a
+  for i, a in enumerate(_tanh.tanh_backward_p.bind(lx, jnp.asarray([0.3], jnp.float32), pl,
+                                                   lx[::-1])):
+    results[f"kernel/long_tanh/{i}"] = a
   return results
 
 

@@ -40,13 +40,13 @@ def test_axes():
         ref.dynamic_tanh(x, alpha, scale, scale, axis=axis), rtol=1e-6, atol=1e-6)
 
 
-def test_derivatives_against_float64():
+def test_derivatives_against_float64(implementation):
   """In x, alpha, scale and bias, reverse and forward mode, first and second order."""
   ref.assert_derivatives_match(lambda x, a, s, b: nj.dynamic_tanh(x, a, s, b),
                                lambda x, a, s, b: ref.dynamic_tanh(x, a, s, b), _args())
 
 
-def test_dtypes():
+def test_dtypes(implementation):
   """bfloat16 x: tanh in float32, the output bfloat16 within one rounding; bfloat16 parameters
   with float32 x: float32 output; NaN passes through, Inf saturates."""
   x, alpha, s, b = _args()

@@ -53,6 +53,7 @@ from normjax._src.kernels import moments
 from normjax._src.kernels import pallas
 from normjax._src.kernels import primitives
 from normjax._src.kernels import rows
+from normjax._src.kernels import tanh
 from normjax._src.numerics import health
 from normjax._src.numerics import pointwise
 from normjax._src.numerics import renorm as _renorm_math
@@ -72,7 +73,6 @@ unit_vector = spectral.l2_normalize
 power_iteration = spectral.power_iteration
 offset_scale = pointwise.offset_scale
 silu = pointwise.silu
-dynamic_tanh = pointwise.dynamic_tanh
 l2_normalize = pointwise.l2_normalize
 row_health = health.row_health
 __all__ = ("Moments", "stats_dtype", "rstd", "residual_sum", "renormalize", "unit_vector",
@@ -266,6 +266,18 @@ def gated_rms_norm(x: jax.Array, z: jax.Array, axes: Axes, scale: jax.Array | No
       or z.dtype != x.dtype):
     return None
   return gated.gated_rms_norm(x, z, scale, len(axes), float(eps), before=before)
+
+
+def dynamic_tanh(x: jax.Array, alpha: jax.Array, scale: jax.Array | None,
+                 bias: jax.Array | None, axes: Axes) -> jax.Array:
+  """The numerics' `dynamic_tanh` (`scale` and `bias` broadcast-shaped, varying along `axes`);
+  where `plan` picks the native `"rows"` kernel with per-feature parameters, its derivative
+  goes through the dynamic tanh backward kernel (`kernels.tanh`; the forward is XLA's
+  either way)."""
+  p = plan(x, axes, scale, bias, 0.0)
+  if p.kernel == "rows" and not p.per_row and not p.examples and p.implementation == "native":
+    return tanh.dynamic_tanh(x, alpha, scale, bias, len(axes))
+  return pointwise.dynamic_tanh(x, alpha, scale, bias)
 
 
 def normalize_with_stats(x: jax.Array, mean: jax.Array, var: jax.Array,

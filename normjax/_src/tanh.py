@@ -47,4 +47,4 @@ def dynamic_tanh(x: jax.Array, alpha: jax.Array, scale: jax.Array | None = None,
   scale = checks.check_param(scale, "scale", feature_shape)
   bias = checks.check_param(bias, "bias", feature_shape)
   return dispatch.dynamic_tanh(x, alpha, shapes.broadcast_to_axes(scale, x.ndim, axes),
-                               shapes.broadcast_to_axes(bias, x.ndim, axes))
+                               shapes.broadcast_to_axes(bias, x.ndim, axes), axes)

@@ -21,7 +21,7 @@ TARGETS = tuple(f"Normjax{kind}{dtype}" for kind in ("RowsForward", "RowsBackwar
                                                       "ColumnMoments", "RowMoments",
                                                       "RowsAddForward", "ColumnSums",
                                                       "RowSums", "RowsGatedForward",
-                                                      "RowsGatedBackward")
+                                                      "RowsGatedBackward", "TanhBackward")
                 for dtype in ("F32", "BF16")) + ("NormjaxRowsAddForwardMixedBF16",)
 
 

@@ -327,7 +327,8 @@ ffi::Error RowsGatedForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buff
                             float eps, bool before) {
   return Guarded("normjax rows_gated_forward", [&]() -> ffi::Error {
     const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
-    if (z.dimensions()[0] != rows || z.dimensions()[1] != n || scale.element_count() != n) {
+    if (z.dimensions()[0] != rows || z.dimensions()[1] != n ||
+        scale.element_count() != static_cast<size_t>(n)) {
       return ffi::Error::InvalidArgument("normjax rows_gated_forward: z/scale size mismatch");
     }
     const GatedArgs args{x.untyped_data(), z.untyped_data(), nullptr, scale.typed_data(),
@@ -362,7 +363,7 @@ ffi::Error RowsGatedBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buf
   return Guarded("normjax rows_gated_backward", [&]() -> ffi::Error {
     const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
     if (z.dimensions()[0] != rows || z.dimensions()[1] != n || ct.dimensions()[0] != rows ||
-        ct.dimensions()[1] != n || scale.element_count() != n) {
+        ct.dimensions()[1] != n || scale.element_count() != static_cast<size_t>(n)) {
       return ffi::Error::InvalidArgument("normjax rows_gated_backward: z/ct/scale size mismatch");
     }
     const GatedArgs args{x.untyped_data(), z.untyped_data(), ct.untyped_data(),
@@ -408,3 +409,64 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsGatedBackwardF32, RowsGatedBackward<ffi
                               BindGatedBackward<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsGatedBackwardBF16, RowsGatedBackward<ffi::BF16>,
                               BindGatedBackward<ffi::BF16>());
+
+namespace {
+
+using normjax_cpu::TanhArgs;
+
+// Dynamic tanh's backward (see TanhBackwardChunk): dx, dalpha ([1]), dscale and dbias ([n])
+// for the cotangent g of y = tanh(alpha * x) * scale + bias; the sums over rows per chunk (in
+// double), added up in chunk order.
+template <ffi::DataType T>
+ffi::Error TanhBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<ffi::F32, 1> alpha,
+                        ffi::Buffer<ffi::F32, 1> scale, ffi::Buffer<T, 2> g,
+                        ffi::ResultBuffer<T, 2> dx, ffi::ResultBuffer<ffi::F32, 1> dalpha,
+                        ffi::ResultBuffer<ffi::F32, 1> dscale,
+                        ffi::ResultBuffer<ffi::F32, 1> dbias) {
+  return Guarded("normjax tanh_backward", [&]() -> ffi::Error {
+    const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
+    if (g.dimensions()[0] != rows || g.dimensions()[1] != n ||
+        scale.element_count() != static_cast<size_t>(n) || alpha.element_count() != 1) {
+      return ffi::Error::InvalidArgument("normjax tanh_backward: g/scale/alpha size mismatch");
+    }
+    const TanhArgs args{x.untyped_data(), g.untyped_data(), scale.typed_data(),
+                        dx->untyped_data(), n, alpha.typed_data()[0]};
+    const auto backward = Active().tanh_backward[DtypeIndex<T>()];
+    const int64_t width = 2 * n + 1;
+    int64_t chunks = NumChunks(rows, n);
+    chunks = std::max<int64_t>(1, std::min(chunks, kMaxAccumulators / width));
+    std::vector<double> acc(static_cast<size_t>(chunks) * width, 0.0);
+    std::vector<double> totals(width, 0.0);
+    ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t chunk) {
+      backward(args, begin, end, acc.data() + chunk * width);
+    });
+    AddInOrder(acc.data(), chunks, width, width, totals.data());
+    for (int64_t j = 0; j < n; ++j) {
+      dscale->typed_data()[j] = static_cast<float>(totals[j]);
+      dbias->typed_data()[j] = static_cast<float>(totals[n + j]);
+    }
+    dalpha->typed_data()[0] = static_cast<float>(totals[2 * n]);
+    return ffi::Error::Success();
+  });
+}
+
+template <ffi::DataType T>
+auto BindTanhBackward() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Ret<ffi::Buffer<T, 2>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxTanhBackwardF32, TanhBackward<ffi::F32>,
+                              BindTanhBackward<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxTanhBackwardBF16, TanhBackward<ffi::BF16>,
+                              BindTanhBackward<ffi::BF16>());

@@ -126,6 +126,16 @@ struct GatedArgs {
   bool before;
 };
 
+// Dynamic tanh's backward (TanhBackward): x, g and dx are [rows, n], scale [n].
+struct TanhArgs {
+  const void* x;
+  const void* g;
+  const float* scale;
+  void* dx;
+  int64_t n;
+  float alpha;
+};
+
 // The loops of one instruction-set level (a row of the dispatch table); index 0 is float32,
 // 1 bfloat16.
 struct Kernels {
@@ -145,6 +155,7 @@ struct Kernels {
   void (*add_forward_mixed)(const AddForwardArgs&, int64_t begin, int64_t end);
   void (*gated_forward[2])(const GatedArgs&, int64_t begin, int64_t end);
   void (*gated_backward[2])(const GatedArgs&, int64_t begin, int64_t end, double* acc);
+  void (*tanh_backward[2])(const TanhArgs&, int64_t begin, int64_t end, double* acc);
 };
 
 // The instruction-set levels, narrowest first (levels.cc).

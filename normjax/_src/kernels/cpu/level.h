@@ -28,6 +28,7 @@
 #include "level_rows.h"      // NOLINT(build/include)
 #include "level_columns.h"   // NOLINT(build/include)
 #include "level_gated.h"     // NOLINT(build/include)
+#include "level_tanh.h"      // NOLINT(build/include)
 
 // This level's row of the dispatch table (levels.cc).
 constexpr Kernels MakeKernels() {
@@ -51,5 +52,7 @@ constexpr Kernels MakeKernels() {
   k.gated_forward[1] = &GatedForwardChunk<uint16_t>;
   k.gated_backward[0] = &GatedBackwardChunk<float>;
   k.gated_backward[1] = &GatedBackwardChunk<uint16_t>;
+  k.tanh_backward[0] = &TanhBackwardChunk<float>;
+  k.tanh_backward[1] = &TanhBackwardChunk<uint16_t>;
   return k;
 }

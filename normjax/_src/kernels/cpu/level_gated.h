@@ -71,8 +71,7 @@ void GatedForwardChunk(const GatedArgs& a, int64_t begin, int64_t end) {
 //   gate after (h = x * rstd, c' = c * gate): dx = rstd * (c' - h * mean(c' * h)),
 //     dz = c * h * gate', dscale += ct * gate * h.
 // rstd is recomputed from the same sums as the forward's (the same bits), in the pass that
-// sums c * u; dscale's per-feature float32 partials are flushed into acc[0, n) every
-// kFlushRows rows (as BackwardChunk's).
+// sums c * u; dscale's per-feature sums go to acc[0, n) (FeaturePartials).
 template <typename T>
 void GatedBackwardChunk(const GatedArgs& a, int64_t begin, int64_t end, double* acc) {
   const int64_t n = a.n;
@@ -85,13 +84,8 @@ void GatedBackwardChunk(const GatedArgs& a, int64_t begin, int64_t end, double* 
   const double inv_n = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
   const bool before = a.before;
   std::vector<float> buffer(kRowGroup * n);
-  std::vector<float> partial(n, 0.f);
+  FeaturePartials partial(n, acc);
   float* __restrict__ ds = partial.data();
-  auto flush = [&]() {
-    AddInOrder(partial.data(), 1, 0, n, acc);
-    std::fill(partial.begin(), partial.end(), 0.f);
-  };
-  int64_t pending = 0;
   RowGroups(begin, end, [&](auto rows, int64_t r0) {
     constexpr int R = decltype(rows)::value;
     const T* xs[R];
@@ -154,11 +148,7 @@ void GatedBackwardChunk(const GatedArgs& a, int64_t begin, int64_t end, double* 
         AddTo(ds, j, cj * h);
         return du * gate;
       });
-      if (++pending == kFlushRows) {
-        flush();
-        pending = 0;
-      }
+      partial.RowDone();
     }
   });
-  if (pending > 0) flush();
 }

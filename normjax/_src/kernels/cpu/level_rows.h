@@ -180,6 +180,30 @@ void ForwardChunk(const ForwardArgs& a, int64_t begin, int64_t end) {
   });
 }
 
+// Per-feature float32 partial sums (`width` of them) over rows, flushed into acc[0, width)
+// (added in order, in double) every kFlushRows rows and at the end, so that their float32
+// error grows over at most kFlushRows rows: the backward kernels' sums over rows.
+class FeaturePartials {
+ public:
+  FeaturePartials(int64_t width, double* acc) : sums_(width, 0.f), acc_(acc) {}
+  ~FeaturePartials() { Flush(); }
+  float* data() { return sums_.data(); }
+  void RowDone() {
+    if (++pending_ == kFlushRows) Flush();
+  }
+
+ private:
+  void Flush() {
+    if (pending_ == 0) return;
+    AddInOrder(sums_.data(), 1, 0, static_cast<int64_t>(sums_.size()), acc_);
+    std::fill(sums_.begin(), sums_.end(), 0.f);
+    pending_ = 0;
+  }
+  std::vector<float> sums_;
+  double* acc_;
+  int64_t pending_ = 0;
+};
+
 // Rows [begin, end) of the backward (see RowsBackward in handlers_rows.cc). Per-row sums are blocked
 // (float32 lanes within a block, double across blocks; kRowGroup rows at a time). Without
 // `per_row`, the chunk's per-feature sums of g * xhat and g are added to acc[0, n) and
@@ -193,14 +217,9 @@ void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* ac
   T* dxp = static_cast<T*>(a.dx);
   const float* __restrict__ gamma = a.scale;
   const double inv_n = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
-  std::vector<float> partial(a.per_row ? 0 : 2 * n, 0.f);
+  FeaturePartials partial(a.per_row ? 0 : 2 * n, acc);
   float* __restrict__ ds = partial.data();
   float* __restrict__ db = ds + n;
-  auto flush = [&]() {
-    AddInOrder(partial.data(), 1, 0, 2 * n, acc);
-    std::fill(partial.begin(), partial.end(), 0.f);
-  };
-  int64_t pending = 0;
   RowGroups(begin, end, [&](auto rows, int64_t r0) {
     constexpr int R = decltype(rows)::value;
     const T* xs[R];
@@ -257,13 +276,9 @@ void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* ac
         AddTo(db, j, c);
         return rsq * ((c * Get<V>(gamma, j) - mean_w) - h * mean_wx);
       });
-      if (++pending == kFlushRows) {
-        flush();
-        pending = 0;
-      }
+      partial.RowDone();
     }
   });
-  if (pending > 0) flush();
 }
 
 // Mean and M2 of rows [begin, end) of x [rows, n] (the row moments kernel).

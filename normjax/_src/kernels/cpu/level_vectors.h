@@ -193,3 +193,24 @@ template <typename V>
 inline V Sigmoid(V z) {
   return Splat<V>(1.f) / (Splat<V>(1.f) + ExpNormal(-z));
 }
+
+// tanh(x) in float32 (Cephes' tanhf), for kWidth lanes (V = VF) or one (V = float), with the
+// same operations either way: an odd polynomial for |x| <= 0.625, else
+// 1 - 2 / (exp(2|x|) + 1) with x's sign (+-1 beyond 44, where exp(2|x|) is clamped). NaN kept.
+// Within 3 ulp of float64's (tests/test_kernels_tanh.py, at every exponent).
+template <typename V>
+inline V Tanh(V x) {
+  const V zero = V{};
+  const V ax = x < zero ? -x : x;
+  const V e = ExpNormal(ax + ax);
+  V big = 1.f - 2.f / (e + 1.f);
+  big = x < zero ? -big : big;
+  const V z = x * x;
+  V p = Splat<V>(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const V small = (p * z) * x + x;
+  return ax > 0.625f ? big : small;
+}

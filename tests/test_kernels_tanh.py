@@ -1,0 +1,86 @@
+"""Dynamic tanh's backward kernel (normjax/_src/kernels/tanh.py).
+
+The public function's values and derivatives are tested in tests/test_tanh.py (on every
+implementation); the kernel's bits at every CPU level in tests/test_kernels_cpu_portability.py.
+Here: the kernel's own `tanh` against float64 at every float32 exponent, and the kernel against
+its definition (the transpose of the numerics' JVP) on adversarial rows.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from normjax._src.kernels import primitives
+from normjax._src.kernels import tanh
+
+pytestmark = pytest.mark.skipif(not primitives.has_kernel("cpu"),
+                                reason="needs the native CPU kernels")
+
+
+def _tanh_of(x: np.ndarray) -> np.ndarray:
+  """The kernel's tanh(x), read off dscale (the sum over rows of g * tanh(alpha * x)) for one
+  row, alpha = 1 and g = 1."""
+  x = jnp.asarray(np.asarray(x, np.float32)[None])
+  n = x.shape[1]
+  _, _, dscale, _ = tanh.tanh_backward_p.bind(x, jnp.ones((1,), jnp.float32),
+                                              jnp.ones((n,), jnp.float32), jnp.ones_like(x))
+  return np.asarray(dscale)
+
+
+def test_tanh_is_within_three_ulp_at_every_exponent():
+  """tanh within 3 ulp of float64's for 2^16 values over [-50, 50] and every power of two
+  either sign (both branches: the polynomial up to 0.625, the exp form above, +-1 beyond);
+  where the result is subnormal (XLA's threads, which run the kernel, flush subnormals to
+  zero) it is within float32's smallest normal number of the true value. NaN kept."""
+  rng = np.random.default_rng(0)
+  powers = np.ldexp(1.0, np.arange(-149, 7)).astype(np.float32)
+  x = np.concatenate([rng.uniform(-50, 50, size=1 << 16), powers, -powers, powers * 1.37,
+                      -powers * 1.37, [0.625, -0.625, 0.62500006, np.inf, -np.inf]])
+  x = x.astype(np.float32)
+  got = _tanh_of(x).astype(np.float64)
+  want = np.tanh(x.astype(np.float64))
+  flushed = np.abs(want) < np.finfo(np.float32).tiny
+  assert np.all(np.abs(got[flushed] - want[flushed]) < np.finfo(np.float32).tiny)
+  ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+  err = np.abs(got - want)
+  assert np.all((err <= 3 * ulp) | flushed), float(np.max((err / ulp)[~flushed]))
+  assert np.isnan(_tanh_of(np.array([np.nan, 1.0], np.float32))[0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_matches_its_definition(dtype):
+  """dx, dalpha, dscale and dbias against the primitive's jax.numpy definition, on rows with
+  vector loops and scalar tails, an outlier first, a 1e5 offset (saturated) and small values;
+  a NaN in a row gives NaN in its dx row and in the sums it enters, as the definition."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(137, 67)).astype(np.float32)   # more rows than a flush (128)
+  x[3, 0] = 3e4
+  x[5] += 1e5
+  x[6] *= 1e-4
+  g = rng.normal(size=x.shape).astype(np.float32)
+  alpha = jnp.asarray([0.7], jnp.float32)
+  scale = jnp.asarray(np.linspace(0.5, 1.5, 67, dtype=np.float32))
+  for nan in (False, True):
+    if nan:
+      x[7, 10] = np.nan
+    args = (jnp.asarray(x, dtype), alpha, scale, jnp.asarray(g, dtype))
+    got = tanh.tanh_backward_p.bind(*args)
+    want = jax.jit(tanh._backward_reference)(*args)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    for a, w in zip(got, want, strict=True):
+      a, w = (np.asarray(v.astype(jnp.float32), np.float64) for v in (a, w))
+      assert a.shape == w.shape
+      np.testing.assert_array_equal(np.isnan(a), np.isnan(w))
+      ok = ~np.isnan(w)
+      if ok.any():
+        np.testing.assert_allclose(a[ok], w[ok], rtol=tol, atol=tol * float(np.abs(w[ok]).max()))
+
+
+def test_training_program_calls_the_kernel():
+  """The gradient of `dynamic_tanh` on the native path is the backward kernel's."""
+  import normjax as nj
+  x = jnp.ones((4, 8))
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, a: jnp.sum(nj.dynamic_tanh(
+      x, a, jnp.ones(8), jnp.zeros(8))), (0, 1)))(x, jnp.asarray(0.5)))
+  assert "normjax_tanh_backward" in jaxpr
