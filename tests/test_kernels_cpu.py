@@ -711,3 +711,62 @@ def test_adaptive_norms_take_the_rows_kernel_with_per_example_parameters():
     want = [jax.jit(f)(x, shift, scale), *jax.jit(grad)(x, shift, scale)]
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))
+
+
+@pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
+@pytest.mark.parametrize("shape,dtype,centered,per_row", FAST_KERNEL_CASES)
+def test_add_backward_kernel_adds_the_sums_cotangent(shape, dtype, centered, per_row):
+  """The residual-add backward kernel: the rows backward's dx plus the cotangent of `h`, added
+  in float32 and rounded once, and the same dscale and dbias, against the primitive's
+  definition (the rows backward, then the add) and float64."""
+  x = rand(shape, dtype=dtype, loc=-0.3, seed=6)
+  ct, ct_h = rand(shape, dtype=dtype, seed=7), rand(shape, dtype=dtype, seed=9)
+  scale = rand(shape[:1] if per_row else shape[1:], seed=8)
+  eps = 1e-3
+  kw = dict(centered=centered, per_row=per_row, example_rows=0)
+  _, shift, offset, var = jax.jit(lambda *a: _rows._forward_reference(*a, eps=eps, **kw))(
+      x, scale, scale)
+  rstd = jax.lax.rsqrt(var + eps)
+  got = jax.jit(lambda *a: _rows.rows_add_backward_p.bind(*a, **kw))(
+      x, ct, ct_h, shift, offset, rstd, scale)
+  plain = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))(
+      x, ct, shift, offset, rstd, scale)
+  ref = jax.jit(lambda *a: _rows._add_backward_reference(*a, **kw))(
+      x, ct, ct_h, shift, offset, rstd, scale)
+  want_dx = np.asarray(plain[0].astype(F32), np.float64) + np.asarray(ct_h.astype(F32))
+  assert got[0].dtype == x.dtype
+  tol = 1e-6 if dtype == jnp.float32 else 8e-3   # bfloat16: dx rounded once, not twice
+  np.testing.assert_allclose(np.asarray(got[0].astype(F32), np.float64), want_dx, rtol=tol,
+                             atol=tol * max(1.0, np.abs(want_dx).max()))
+  np.testing.assert_allclose(np.asarray(ref[0].astype(F32), np.float64), want_dx, rtol=tol,
+                             atol=tol * max(1.0, np.abs(want_dx).max()))
+  for g, p in zip(got[1:], plain[1:], strict=True):
+    np.testing.assert_array_equal(g, p)
+
+
+@pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
+@pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm"])
+def test_add_norm_backward_takes_both_cotangents_in_one_kernel(name):
+  """The fused add-norms' reverse mode on the native path: one backward kernel receives the
+  cotangents of `y` and `h` (no separate add of h's cotangent), and the gradients match the
+  reference path's, with an outlier first and a 1e5 offset; with only `y` used, the plain rows
+  backward."""
+  fn = getattr(nj, name)
+  x = np.asarray(rand((4, 6, 67), 0), np.float32)
+  x[0, 0, 0] = 3e4
+  x[1] += 1e5
+  x, r = jnp.asarray(x), jnp.asarray(rand((4, 6, 67), 1))
+  w = jnp.asarray(rand((67,), 2, loc=1.0))
+  cts = (jnp.asarray(rand((4, 6, 67), 3)), jnp.asarray(rand((4, 6, 67), 4)))
+  train = lambda x, r, w: jax.vjp(lambda x, r, w: fn(x, r, w), x, r, w)[1](cts)
+  hlo = jax.jit(train).lower(x, r, w).compile().as_text()
+  assert "NormjaxRowsAddBackward" in hlo and "NormjaxRowsBackward" not in hlo
+  y_only = lambda x, r, w: jax.grad(lambda x, r, w: jnp.sum(fn(x, r, w)[0] * cts[0]),
+                                    (0, 1, 2))(x, r, w)
+  assert "NormjaxRowsBackward" in jax.jit(y_only).lower(x, r, w).compile().as_text()
+  for f in (train, y_only):
+    got = jax.jit(f)(x, r, w)
+    with nj.implementation("reference"):
+      want = jax.jit(f)(x, r, w)
+    for g, v in zip(got, want, strict=True):
+      np.testing.assert_allclose(g, v, rtol=1e-4, atol=1e-4 * float(np.abs(v).max()))

@@ -78,6 +78,9 @@ def everything(inputs, x):
       grads = _rows.rows_backward_p.bind(x, x, s, o, rstd, p, **kw)
       for i, a in enumerate((y, s, o, v) + tuple(grads)):
         results[f"kernel/rows/{per_row}/{centered}/{i}"] = a
+      # The residual-add backward: the cotangent of h added to dx in the kernel.
+      for i, a in enumerate(_rows.rows_add_backward_p.bind(x, x, x[::-1], s, o, rstd, p, **kw)):
+        results[f"kernel/rows_add_backward/{per_row}/{centered}/{i}"] = a
       # The fused residual add (h = x + residual, then the forward on h).
       for i, a in enumerate(_rows.rows_add_forward_p.bind(x, x[::-1] * 3.0, p, p, eps=1e-5,
                                                           **kw)):

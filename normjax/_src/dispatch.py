@@ -250,7 +250,8 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
                                         per_row=p.per_row, examples=p.examples,
                                         implementation=p.implementation)
     return numerics.add_standardize(x, residual, axes, scale, bias, eps, centered=centered,
-                                 add_forward=add_forward, tangent_fn=tangent)
+                                 add_forward=add_forward, tangent_fn=tangent,
+                                 pair_tangent=p.implementation == "native")
   h = rounding.residual_sum(x.astype(residual.dtype), residual)
   y, _ = standardize(h, axes, scale, bias, eps, centered=centered)
   return y, h

@@ -69,6 +69,9 @@ Tangent = Callable[[jax.Array, Moments, jax.Array, Vector, jax.Array, Vector, Ve
                    jax.Array]
 AddForward = Callable[[jax.Array, jax.Array, Vector, Vector],
                       tuple[jax.Array, jax.Array, Moments]]
+# `add_tangent(h, stats, rstd, scale, dh, dscale, dbias, mask) -> (dy, dh)`.
+AddTangent = Callable[[jax.Array, Moments, jax.Array, Vector, jax.Array, Vector, Vector, Vector],
+                      tuple[jax.Array, jax.Array]]
 
 
 def _expand(param: jax.Array, per_row: bool, example_rows: int = 0,
@@ -141,6 +144,26 @@ def _backward_reference(x: jax.Array, g: jax.Array, shift: jax.Array, offset: ja
   return tuple(jax.linear_transpose(linear, *like)(g))
 
 
+def _add_tangent_reference(x: jax.Array, shift: jax.Array, offset: jax.Array, rstd: jax.Array,
+                           scale: jax.Array, dx: jax.Array, dscale: jax.Array, dbias: jax.Array,
+                           *, centered: bool, per_row: bool,
+                           example_rows: int = 0) -> tuple[jax.Array, jax.Array]:
+  """The tangents of the residual-add norm's `(y, h)` at `h = x`: `(tangent, dx)`."""
+  (dy,) = _tangent_reference(x, shift, offset, rstd, scale, dx, dscale, dbias,
+                             centered=centered, per_row=per_row, example_rows=example_rows)
+  return dy, dx
+
+
+def _add_backward_reference(x: jax.Array, g: jax.Array, g_h: jax.Array, shift: jax.Array,
+                            offset: jax.Array, rstd: jax.Array, scale: jax.Array, *,
+                            centered: bool, per_row: bool,
+                            example_rows: int = 0) -> tuple[jax.Array, ...]:
+  """The transpose of `_add_tangent_reference`: the backward's `dx` plus `h`'s cotangent."""
+  dx, dscale, dbias = _backward_reference(x, g, shift, offset, rstd, scale, centered=centered,
+                                          per_row=per_row, example_rows=example_rows)
+  return dx + g_h, dscale, dbias
+
+
 # ----------------------------------------------------------------- the primitives
 
 def _shaped(shape: Shape, dtype: jnp.dtype) -> ShapedArray:
@@ -168,6 +191,19 @@ def _tangent_abstract(x: ShapedArray, *args: ShapedArray, centered: bool,
   return [_shaped(x.shape, x.dtype)]
 
 
+def _add_tangent_abstract(x: ShapedArray, *args: ShapedArray, centered: bool,
+                          per_row: bool, example_rows: int = 0) -> list[ShapedArray]:
+  del args, centered, per_row, example_rows
+  return [_shaped(x.shape, x.dtype), _shaped(x.shape, x.dtype)]
+
+
+def _add_backward_abstract(x: ShapedArray, g: ShapedArray, g_h: ShapedArray,
+                           *args: ShapedArray, centered: bool, per_row: bool,
+                           example_rows: int = 0) -> list[ShapedArray]:
+  return _backward_abstract(x, g, *args, centered=centered, per_row=per_row,
+                            example_rows=example_rows)
+
+
 def _backward_abstract(x: ShapedArray, g: ShapedArray, shift: ShapedArray, offset: ShapedArray,
                        rstd: ShapedArray, scale: ShapedArray, *, centered: bool,
                        per_row: bool, example_rows: int = 0) -> list[ShapedArray]:
@@ -192,6 +228,13 @@ rows_tangent_p = primitives.define_primitive(
 rows_backward_p = primitives.define_primitive(
     "normjax_rows_backward", _backward_reference, _backward_abstract,
     target="NormjaxRowsBackward", kernel=pallas.backward, defaults=_DEFAULTS)
+# The residual-add norm's derivative at h: the tangent of (y, h), whose transpose takes both
+# cotangents and adds h's to dx inside the backward kernel (native only).
+rows_add_tangent_p = primitives.define_primitive(
+    "normjax_rows_add_tangent", _add_tangent_reference, _add_tangent_abstract)
+rows_add_backward_p = primitives.define_primitive(
+    "normjax_rows_add_backward", _add_backward_reference, _add_backward_abstract,
+    target="NormjaxRowsAddBackward", defaults=_DEFAULTS)
 
 
 def _tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shift: jax.Array,
@@ -211,6 +254,27 @@ def _tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shift: 
 
 
 ad.primitive_transposes[rows_tangent_p] = _tangent_transpose
+
+
+def _add_tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shift: jax.Array,
+                           offset: jax.Array, rstd: jax.Array, scale: jax.Array, dx: Linear,
+                           dscale: Linear, dbias: Linear, *, centered: bool, per_row: bool,
+                           example_rows: int = 0) -> list[jax.Array | None]:
+  ct, ct_h = cts
+  linear = (dx, dscale, dbias)
+  if type(ct) is ad.Zero and type(ct_h) is ad.Zero:
+    return [None] * 8
+  kw = dict(centered=centered, per_row=per_row, example_rows=example_rows)
+  if type(ct_h) is ad.Zero:
+    grads = rows_backward_p.bind(x, ad.instantiate_zeros(ct), shift, offset, rstd, scale, **kw)
+  else:
+    grads = rows_add_backward_p.bind(x, ad.instantiate_zeros(ct), ct_h, shift, offset, rstd,
+                                     scale, **kw)
+  return [None] * 5 + [primitives.sum_to_vma(g, v.aval) if ad.is_undefined_primal(v) else None
+                       for g, v in zip(grads, linear, strict=True)]
+
+
+ad.primitive_transposes[rows_add_tangent_p] = _add_tangent_transpose
 
 
 # ----------------------------------------------------------------- batching
@@ -253,6 +317,10 @@ batching.primitive_batchers[rows_tangent_p] = _batch_rows(
     rows_tangent_p, _tangent_reference, (4, 6, 7))
 batching.primitive_batchers[rows_backward_p] = _batch_rows(
     rows_backward_p, _backward_reference, (5,), sums_over_rows=True)
+batching.primitive_batchers[rows_add_tangent_p] = _batch_rows(
+    rows_add_tangent_p, _add_tangent_reference, (4, 6, 7))
+batching.primitive_batchers[rows_add_backward_p] = _batch_rows(
+    rows_add_backward_p, _add_backward_reference, (6,), sums_over_rows=True)
 
 
 # ----------------------------------------------------------------- one call's forward/tangent
@@ -332,11 +400,14 @@ def ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row: boo
 
 
 def add_ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row: bool,
-            examples: int = 0, implementation: str = "native") -> tuple[AddForward, Tangent]:
+            examples: int = 0,
+            implementation: str = "native") -> tuple[AddForward, Tangent | AddTangent]:
   """`(add_forward, tangent)` for `add_standardize`: `add_forward(x, residual, scale,
   bias) -> (y, h, Moments of h)` through `rows_add_forward_p` (`rows_add_forward_mixed_p`
-  for a bfloat16 `x` and a float32 `residual`, native only); `tangent` is `ops`' (the
-  derivative of `y` is taken at `h`)."""
+  for a bfloat16 `x` and a float32 `residual`, native only). Natively, `tangent(h, ...) ->
+  (dy, dh)` is `rows_add_tangent_p`'s: the tangents of `y` and `h` together, so that the
+  backward kernel takes both cotangents and adds `h`'s to `dx` in its one pass; otherwise it
+  is `ops`' (`dy` only; the derivative of `y` is taken at `h`)."""
   v = _View(x_shape, n_axes, centered, per_row, examples)
   rows, n = v.rows, v.n
   kw = dict(centered=centered, per_row=per_row, example_rows=v.example_rows,
@@ -352,4 +423,20 @@ def add_ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row:
         v.vector(bias, 0.0), eps=eps, **kw)
     return y2.reshape(x_shape), h2.reshape(x_shape), v.moments(h2, shift, offset, var)
 
-  return add_forward, tangent
+  if implementation != "native":
+    return add_forward, tangent
+
+  def add_tangent(x: jax.Array, stats: Moments, rstd: jax.Array, scale: Vector, dx: jax.Array,
+                  dscale: Vector, dbias: Vector, mask: Vector) -> tuple[jax.Array, jax.Array]:
+    del mask
+    zero = jnp.zeros((rows,), F32)
+    per_row_stat = lambda s: zero if s is None else s.reshape(rows)
+    dy, dh = rows_add_tangent_p.bind(x.reshape(rows, n), per_row_stat(stats.shift),
+                                     per_row_stat(stats.offset), rstd.reshape(rows),
+                                     v.vector(scale, 1.0), dx.reshape(rows, n),
+                                     v.vector(dscale, 0.0), v.vector(dbias, 0.0),
+                                     centered=centered, per_row=per_row,
+                                     example_rows=v.example_rows)
+    return dy.reshape(x_shape), dh.reshape(x_shape)
+
+  return add_forward, add_tangent

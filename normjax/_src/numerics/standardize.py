@@ -252,7 +252,8 @@ def standardize(x: jax.Array, axes: Axes, scale: jax.Array | None,
 def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
                     scale: jax.Array | None, bias: jax.Array | None, eps: Any, *,
                     centered: bool = True, add_forward: Callable | None = None,
-                    tangent_fn: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+                    tangent_fn: Callable | None = None,
+                    pair_tangent: bool = False) -> tuple[jax.Array, jax.Array]:
   """`(standardize(h, axes, scale, bias, eps)[0], h)` with `h = x + residual` (in `x.dtype`).
 
   For a kernel that computes the residual add and the forward in one pass
@@ -260,7 +261,9 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
   float32 `residual` with a bfloat16 `x`, and return `h` in float32 and `y` in `x.dtype`).
   The derivative is the same closed form as `standardize`'s, at `h`: `dh = dx + dresidual`,
   `dy = tangent_fn(h, ..., dh, ...)`; under reverse mode the backward keeps `h` and the
-  per-row statistics.
+  per-row statistics. With `pair_tangent` (a kernel's, for a concrete `eps`), `tangent_fn`
+  returns `(dy, dh)`, the tangents of both outputs from one primitive, whose transpose
+  receives both cotangents.
   """
   reduce: dict[str, Any] = dict(axis_name=None, axis_index_groups=None, groups=None)
   if add_forward is None:
@@ -284,8 +287,12 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
     y, h, stats = run(x, residual, scale, bias, eps)
     h = checkpoint_name(h, _SUM_NAME)
     dh = dx.astype(h.dtype) + dresidual.astype(h.dtype)
-    _, dy = _output_tangent(h, stats, eps, scale, bias, dh, dscale, dbias, None, tangent_fn,
-                            deps)
+    if pair_tangent:   # the kernel's tangents of y and h together (a concrete eps: deps None)
+      _, (dy, dh) = _output_tangent(h, stats, eps, scale, bias, dh, dscale, dbias, None,
+                                    tangent_fn, None)
+    else:
+      _, dy = _output_tangent(h, stats, eps, scale, bias, dh, dscale, dbias, None, tangent_fn,
+                              deps)
     return (y, h), (dy.astype(y.dtype), dh)
 
   fn, extra = _with_eps(fn, fn_jvp, eps)

@@ -21,7 +21,8 @@ TARGETS = tuple(f"Normjax{kind}{dtype}" for kind in ("RowsForward", "RowsBackwar
                                                       "ColumnMoments", "RowMoments",
                                                       "RowsAddForward", "ColumnSums",
                                                       "RowSums", "RowsGatedForward",
-                                                      "RowsGatedBackward", "TanhBackward")
+                                                      "RowsGatedBackward", "TanhBackward",
+                                                      "RowsAddBackward")
                 for dtype in ("F32", "BF16")) + ("NormjaxRowsAddForwardMixedBF16",)
 
 

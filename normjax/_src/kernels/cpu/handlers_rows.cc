@@ -155,12 +155,13 @@ namespace {
 // `example_rows`, per example (the sums over each example's rows). The sums over rows are per
 // chunk (in double, see BackwardChunk), added up in chunk order.
 template <ffi::DataType T>
-ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T, 2> ct,
-                        ffi::Buffer<ffi::F32, 1> shift, ffi::Buffer<ffi::F32, 1> offset,
-                        ffi::Buffer<ffi::F32, 1> rstd, ffi::Buffer<ffi::F32, 1> scale,
-                        ffi::ResultBuffer<T, 2> dx, ffi::ResultBuffer<ffi::F32, 1> dscale,
-                        ffi::ResultBuffer<ffi::F32, 1> dbias, bool centered, bool per_row,
-                        int64_t example_rows) {
+ffi::Error RowsBackwardWith(ffi::ThreadPool& pool, ffi::Buffer<T, 2>& x, ffi::Buffer<T, 2>& ct,
+                            const void* add, ffi::Buffer<ffi::F32, 1>& shift,
+                            ffi::Buffer<ffi::F32, 1>& offset, ffi::Buffer<ffi::F32, 1>& rstd,
+                            ffi::Buffer<ffi::F32, 1>& scale, ffi::ResultBuffer<T, 2>& dx,
+                            ffi::ResultBuffer<ffi::F32, 1>& dscale,
+                            ffi::ResultBuffer<ffi::F32, 1>& dbias, bool centered, bool per_row,
+                            int64_t example_rows) {
   return Guarded("normjax rows_backward", [&]() -> ffi::Error {
     const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
     const Examples ex{rows, n, per_row, example_rows};
@@ -172,7 +173,8 @@ ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T
     const BackwardArgs args{x.untyped_data(),     ct.untyped_data(),    shift.typed_data(),
                             offset.typed_data(),  rstd.typed_data(),    scale.typed_data(),
                             dx->untyped_data(),   ds,                   db,
-                            n,                    centered,             per_row};
+                            n,                    centered,             per_row,
+                            add};
     const auto backward = Active().backward[DtypeIndex<T>()];
     int64_t chunks = NumChunks(rows, n);
     if (per_row) {
@@ -221,6 +223,34 @@ ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T
 }
 
 template <ffi::DataType T>
+ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T, 2> ct,
+                        ffi::Buffer<ffi::F32, 1> shift, ffi::Buffer<ffi::F32, 1> offset,
+                        ffi::Buffer<ffi::F32, 1> rstd, ffi::Buffer<ffi::F32, 1> scale,
+                        ffi::ResultBuffer<T, 2> dx, ffi::ResultBuffer<ffi::F32, 1> dscale,
+                        ffi::ResultBuffer<ffi::F32, 1> dbias, bool centered, bool per_row,
+                        int64_t example_rows) {
+  return RowsBackwardWith(pool, x, ct, nullptr, shift, offset, rstd, scale, dx, dscale, dbias,
+                          centered, per_row, example_rows);
+}
+
+// The residual-add norm's backward: RowsBackward at h with h's own cotangent ct_h added to dx
+// in the same pass (XLA would add it in a pass of its own).
+template <ffi::DataType T>
+ffi::Error RowsAddBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T, 2> ct,
+                           ffi::Buffer<T, 2> ct_h, ffi::Buffer<ffi::F32, 1> shift,
+                           ffi::Buffer<ffi::F32, 1> offset, ffi::Buffer<ffi::F32, 1> rstd,
+                           ffi::Buffer<ffi::F32, 1> scale, ffi::ResultBuffer<T, 2> dx,
+                           ffi::ResultBuffer<ffi::F32, 1> dscale,
+                           ffi::ResultBuffer<ffi::F32, 1> dbias, bool centered, bool per_row,
+                           int64_t example_rows) {
+  if (ct_h.dimensions()[0] != x.dimensions()[0] || ct_h.dimensions()[1] != x.dimensions()[1]) {
+    return ffi::Error::InvalidArgument("normjax rows_add_backward: ct_h shape mismatch");
+  }
+  return RowsBackwardWith(pool, x, ct, ct_h.untyped_data(), shift, offset, rstd, scale, dx,
+                          dscale, dbias, centered, per_row, example_rows);
+}
+
+template <ffi::DataType T>
 auto BindBackward() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -244,6 +274,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsBackwardF32, RowsBackward<ffi::F32>,
                               BindBackward<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsBackwardBF16, RowsBackward<ffi::BF16>,
                               BindBackward<ffi::BF16>());
+
+namespace {
+
+template <ffi::DataType T>
+auto BindAddBackward() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<T, 2>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Attr<bool>("centered")
+      .template Attr<bool>("per_row")
+      .template Attr<int64_t>("example_rows");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddBackwardF32, RowsAddBackward<ffi::F32>,
+                              BindAddBackward<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddBackwardBF16, RowsAddBackward<ffi::BF16>,
+                              BindAddBackward<ffi::BF16>());
 
 namespace {
 

@@ -101,6 +101,9 @@ struct BackwardArgs {
   int64_t n;
   bool centered;
   bool per_row;
+  // [rows, n] of T added to dx, or null: the residual-add backward (RowsAddBackward), where the
+  // sum h's own cotangent joins the norm's.
+  const void* add = nullptr;
 };
 
 // The fused residual-add forward (RowsAddForward): h = x + residual is written to `h`, then

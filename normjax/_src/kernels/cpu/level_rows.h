@@ -204,7 +204,8 @@ class FeaturePartials {
   int64_t pending_ = 0;
 };
 
-// Rows [begin, end) of the backward (see RowsBackward in handlers_rows.cc). Per-row sums are blocked
+// Rows [begin, end) of the backward (see RowsBackward in handlers_rows.cc; with `add`, the
+// residual-add backward's dx = the norm's dx + add). Per-row sums are blocked
 // (float32 lanes within a block, double across blocks; kRowGroup rows at a time). Without
 // `per_row`, the chunk's per-feature sums of g * xhat and g are added to acc[0, n) and
 // acc[n, 2n): float32 partials flushed into acc every kFlushRows rows, so their error grows
@@ -215,6 +216,7 @@ void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* ac
   const T* xp = static_cast<const T*>(a.x);
   const T* cp = static_cast<const T*>(a.ct);
   T* dxp = static_cast<T*>(a.dx);
+  const T* addp = static_cast<const T*>(a.add);
   const float* __restrict__ gamma = a.scale;
   const double inv_n = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
   FeaturePartials partial(a.per_row ? 0 : 2 * n, acc);
@@ -253,11 +255,23 @@ void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* ac
       const T* __restrict__ x = xs[q];
       const T* __restrict__ ct = cs[q];
       const float sq = s[q], mq = m[q], rsq = rs[q];
+      // dx[j] = body(j), plus add[j] (in float32, rounded once) for the residual-add backward.
+      auto write_dx = [&](auto body) {
+        if (addp == nullptr) {
+          MapRow(dxp + r * n, n, body);
+          return;
+        }
+        const T* __restrict__ extra = addp + r * n;
+        MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
+          using V = decltype(type);
+          return body(j, type) + Get<V>(extra, j);
+        });
+      };
       if (a.per_row) {
         const float mean_g = a.centered ? static_cast<float>(t[q][0] * inv_n) : 0.f;
         const float mean_gx = static_cast<float>(t[q][1] * inv_n);
         const float factor = rsq * gamma[r];
-        MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
+        write_dx([&](int64_t j, auto type) {
           using V = decltype(type);
           const V h = ((Get<V>(x, j) - sq) - mq) * rsq;
           return factor * ((Get<V>(ct, j) - mean_g) - h * mean_gx);
@@ -268,7 +282,7 @@ void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* ac
       }
       const float mean_w = a.centered ? static_cast<float>(t[q][0] * inv_n) : 0.f;
       const float mean_wx = static_cast<float>(t[q][1] * inv_n);
-      MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
+      write_dx([&](int64_t j, auto type) {
         using V = decltype(type);
         const V c = Get<V>(ct, j);
         const V h = ((Get<V>(x, j) - sq) - mq) * rsq;
