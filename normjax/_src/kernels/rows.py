@@ -1,6 +1,6 @@
 """Normalization over contiguous rows: layer, RMS and instance norm over trailing axes.
 
-The input is viewed as `[rows, features]` and three primitives do the work:
+The input is viewed as `[rows, features]` and these primitives do the work:
 
   * `rows_forward_p`: `x, scale, bias -> y, shift, offset, var` (per-row statistics; the mean
     is `shift + offset`, as in `Moments`).
@@ -12,7 +12,12 @@ The input is viewed as `[rows, features]` and three primitives do the work:
   * `rows_add_forward_p`: `x, residual, scale, bias -> y, h, shift, offset, var`, the forward
     of `h = x + residual` (in `x.dtype`) that also returns `h`: the residual add of a pre-norm
     block inside the kernel, which reads `x` and `residual` once and writes `y` and `h` (see
-    the fusion barrier below). Its derivative is the rows tangent/backward at `h` (`add_ops`).
+    the fusion barrier below). `rows_add_forward_mixed_p` is the same for a bfloat16 `x` and
+    a float32 `residual` (`h` in float32, `y` in bfloat16; native only).
+  * `rows_add_tangent_p`: the tangents of `y` and `h` at `h`, whose transpose is
+  * `rows_add_backward_p`: `x, g, g_h, shift, offset, rstd, scale -> dx, dscale, dbias`, the
+    rows backward with `h`'s cotangent `g_h` added to `dx` in the same pass: the native
+    residual-add norms' derivative (`add_ops`; elsewhere the rows tangent/backward at `h`).
 
 Scale and bias are vectors: per feature (layer/RMS norm, `per_row=False`), per row
 (instance norm with channels first, `per_row=True`), or per example and feature

@@ -1,6 +1,8 @@
 // The XLA FFI handlers of the row kernels: layer, RMS and channels-first instance norm over
-// contiguous rows (normjax/_src/kernels/rows.py), forward, backward and the fused residual-add
-// forward, each followed by its binding.
+// contiguous rows (normjax/_src/kernels/rows.py), forward, backward, the fused residual-add
+// forward (also with a bfloat16 x and a float32 residual) and backward; the gated RMS norm's
+// forward and backward (kernels/gated.py) and dynamic tanh's backward (kernels/tanh.py); each
+// followed by its binding.
 //
 // XLA:CPU reads a layer-norm row three to five times (one reduction per sum, then the
 // normalize pass, and as many again in the backward). These kernels read each row from memory
