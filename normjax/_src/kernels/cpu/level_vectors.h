@@ -159,9 +159,9 @@ inline V Splat(float c) {
 // every level and the tail of a row give the same bits): Cephes' expf polynomial on
 // r = x - n ln 2 (ln 2 in two parts), times 2^n. n, the integer nearest x / ln 2, comes from
 // adding 1.5 * 2^23 + 127 (the sum's low bits are n + 127, the biased exponent of 2^n, which
-// the clamp keeps in [1, 254]). NaN kept. Used by the sigmoid only: there the clamp changes
-// nothing (1 + exp(-87.33) is 1; 1 / (1 + exp(88)) is below float32's normal range, which
-// XLA's threads flush to zero). The sigmoid and silu are within 3 ulp of float64's, as XLA's
+// the clamp keeps in [1, 254]). NaN kept. Used by the sigmoid and tanh only: there the clamp
+// changes nothing (1 + exp(-87.33) is 1; the sigmoid is set to 0 where exp(-z) would exceed
+// exp(87.33); tanh is +-1 long before). The sigmoid and silu are within 3 ulp of float64's, as XLA's
 // are (tests/test_kernels_gated.py, at every exponent).
 template <typename V>
 inline V ExpNormal(V x) {
@@ -188,10 +188,14 @@ inline V ExpNormal(V x) {
   return y * scale;
 }
 
-// The logistic sigmoid 1 / (1 + exp(-z)), as XLA:CPU expands jax.nn.sigmoid.
+// The logistic sigmoid 1 / (1 + exp(-z)), as XLA:CPU expands jax.nn.sigmoid, with a result
+// below float32's normal range (z below about -87.34) set to 0, as XLA's threads flush it,
+// whether or not this thread flushes subnormal numbers (so silu(-Inf) = -Inf * 0 = NaN, as
+// XLA's, although exp(-z) is clamped).
 template <typename V>
 inline V Sigmoid(V z) {
-  return Splat<V>(1.f) / (Splat<V>(1.f) + ExpNormal(-z));
+  const V s = Splat<V>(1.f) / (Splat<V>(1.f) + ExpNormal(-z));
+  return s < 1.17549435e-38f ? V{} : s;
 }
 
 // tanh(x) in float32 (Cephes' tanhf), for kWidth lanes (V = VF) or one (V = float), with the
