@@ -113,6 +113,13 @@ def test_forward_kernel_matches_reference_and_numpy(shape, dtype, centered, per_
     np.testing.assert_allclose(np.asarray(got, np.float64), var64, atol=1e-6, rtol=1e-5)
 
 
+def _reference_statistics(x, scale, eps, kw):
+  """Per-row shift, offset and rstd of `x` from the rows forward's definition."""
+  _, shift, offset, var = jax.jit(lambda *a: _rows._forward_reference(*a, eps=eps, **kw))(
+      x, scale, scale)
+  return shift, offset, jax.lax.rsqrt(var + eps)
+
+
 @pytest.mark.parametrize("shape,dtype,centered,per_row", FAST_KERNEL_CASES)
 def test_backward_kernel_matches_reference_and_numpy(shape, dtype, centered, per_row):
   x = rand(shape, dtype=dtype, loc=-0.3, seed=6)
@@ -120,9 +127,7 @@ def test_backward_kernel_matches_reference_and_numpy(shape, dtype, centered, per
   scale = rand(shape[:1] if per_row else shape[1:], seed=8)
   eps = 1e-3
   kw = dict(centered=centered, per_row=per_row, example_rows=0)
-  _, shift, offset, var = jax.jit(lambda *a: _rows._forward_reference(*a, eps=eps, **kw))(
-      x, scale, scale)
-  rstd = jax.lax.rsqrt(var + eps)
+  shift, offset, rstd = _reference_statistics(x, scale, eps, kw)
   args = (x, ct, shift, offset, rstd, scale)
   dx, dscale, dbias = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))(*args)
   ref = jax.jit(lambda *a: _rows._backward_reference(*a, **kw))(*args)
@@ -724,9 +729,7 @@ def test_add_backward_kernel_adds_the_sums_cotangent(shape, dtype, centered, per
   scale = rand(shape[:1] if per_row else shape[1:], seed=8)
   eps = 1e-3
   kw = dict(centered=centered, per_row=per_row, example_rows=0)
-  _, shift, offset, var = jax.jit(lambda *a: _rows._forward_reference(*a, eps=eps, **kw))(
-      x, scale, scale)
-  rstd = jax.lax.rsqrt(var + eps)
+  shift, offset, rstd = _reference_statistics(x, scale, eps, kw)
   got = jax.jit(lambda *a: _rows.rows_add_backward_p.bind(*a, **kw))(
       x, ct, ct_h, shift, offset, rstd, scale)
   plain = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))(

@@ -257,14 +257,20 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
   return y, h
 
 
+def _native_feature_rows(p: Plan) -> bool:
+  """Whether `p` is the native `"rows"` kernel with per-feature parameters: what the gated
+  and dynamic tanh kernels take (no per-row or per-example parameters, no Pallas kernel)."""
+  return (p.kernel == "rows" and not p.per_row and not p.examples
+          and p.implementation == "native")
+
+
 def gated_rms_norm(x: jax.Array, z: jax.Array, axes: Axes, scale: jax.Array | None, eps: Any,
                    *, before: bool) -> jax.Array | None:
   """The gated RMS norm (`gated.gated_rms_norm` without groups) through the gated rows
   kernel, where `plan` picks the native `"rows"` kernel with per-feature `scale` and `z` has
   `x`'s dtype; else None (the caller composes it from `standardize` and `silu`)."""
-  p = plan(x, axes, scale, None, eps, centered=False)
-  if (p.kernel != "rows" or p.per_row or p.examples or p.implementation != "native"
-      or z.dtype != x.dtype):
+  if not _native_feature_rows(plan(x, axes, scale, None, eps, centered=False)) or (
+      z.dtype != x.dtype):
     return None
   return gated.gated_rms_norm(x, z, scale, len(axes), float(eps), before=before)
 
@@ -275,8 +281,7 @@ def dynamic_tanh(x: jax.Array, alpha: jax.Array, scale: jax.Array | None,
   where `plan` picks the native `"rows"` kernel with per-feature parameters, its derivative
   goes through the dynamic tanh backward kernel (`kernels.tanh`; the forward is XLA's
   either way)."""
-  p = plan(x, axes, scale, bias, 0.0)
-  if p.kernel == "rows" and not p.per_row and not p.examples and p.implementation == "native":
+  if _native_feature_rows(plan(x, axes, scale, bias, 0.0)):
     return tanh.dynamic_tanh(x, alpha, scale, bias, len(axes))
   return pointwise.dynamic_tanh(x, alpha, scale, bias)
 

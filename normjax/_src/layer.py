@@ -170,10 +170,8 @@ def _add_norm(x: jax.Array, residual: Any, axes: shapes.Axes, scale: jax.Array |
   residual_dtype = checks.check_dtype(residual_dtype, "residual_dtype")
   residual = checks.check_residual(residual, x, residual_dtype)
   feature = lambda p: shapes.broadcast_to_axes(p, x.ndim, axes)
-  if residual_dtype is None or residual_dtype == x.dtype:
-    return dispatch.add_standardize(x, residual.astype(x.dtype), axes, feature(scale),
-                                    feature(bias), eps, centered=centered)
-  y, h = dispatch.add_standardize(x, residual.astype(residual_dtype), axes, feature(scale),
+  dtype = x.dtype if residual_dtype is None else residual_dtype
+  y, h = dispatch.add_standardize(x, residual.astype(dtype), axes, feature(scale),
                                   feature(bias), eps, centered=centered)
   return y.astype(x.dtype), h
 

@@ -38,8 +38,7 @@ from normjax._src.numerics.standardize import normalize
 
 F32 = primitives.F32
 ShapedArray = jax.core.ShapedArray
-# An operand of the tangent's transpose: an array, a symbolic zero or the primal transposed for.
-Linear = jax.Array | ad.Zero | ad.UndefinedPrimal
+Linear = primitives.Linear
 
 
 def _forward_reference(x: jax.Array, z: jax.Array, scale: jax.Array, *, eps: float,
@@ -122,8 +121,7 @@ def _tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, z: jax.
     return none * 2
   grads = rows_gated_backward_p.bind(x, z, scale, ad.instantiate_zeros(ct), eps=eps,
                                      before=before)
-  return none + [primitives.sum_to_vma(g, v.aval) if isinstance(v, ad.UndefinedPrimal) else None
-                 for g, v in zip(grads, linear, strict=True)]
+  return none + primitives.linear_cotangents(grads, linear)
 
 
 ad.primitive_transposes[rows_gated_tangent_p] = _tangent_transpose

@@ -52,6 +52,9 @@ Reference: TypeAlias = Callable[..., tuple[jax.Array, ...]]
 AbstractEval: TypeAlias = Callable[..., list[jax.core.ShapedArray]]
 # A batching rule: (operands, their batch axes, **params) -> (outputs, their batch axes).
 BatchRule: TypeAlias = Callable[..., tuple[Sequence[jax.Array], Sequence[int]]]
+# A linear operand of a tangent primitive's transpose rule: an array, a symbolic zero, or the
+# primal being transposed for.
+Linear: TypeAlias = jax.Array | ad.Zero | ad.UndefinedPrimal
 
 
 def has_kernel(platform: str, implementation: str = "native") -> bool:
@@ -137,6 +140,15 @@ def _with_vma(abstract_eval: AbstractEval, *args: jax.core.ShapedArray,
   a = max(mats, key=lambda a: len(varying_axes(a)))
   return [o.update(sharding=a.sharding.update(spec=(None,) * o.ndim),
                    manual_axis_type=a.manual_axis_type) for o in outs]
+
+
+def linear_cotangents(grads: Sequence[jax.Array],
+                      linear: Sequence[Linear]) -> list[jax.Array | None]:
+  """A tangent primitive's transpose rule's results for its linear operands: each backward
+  output where its operand is the primal transposed for (summed over the `shard_map` axes it
+  varies over beyond that operand, `sum_to_vma`), else None."""
+  return [sum_to_vma(g, v.aval) if isinstance(v, ad.UndefinedPrimal) else None
+          for g, v in zip(grads, linear, strict=True)]
 
 
 def sum_to_vma(ct: jax.Array, aval: jax.core.AbstractValue) -> jax.Array:

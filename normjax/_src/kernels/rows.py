@@ -63,9 +63,7 @@ F32 = primitives.F32
 Shape = tuple[int, ...]
 ShapedArray = jax.core.ShapedArray
 Vector = jax.Array | None  # a scale or bias (None: absent)
-# A cotangent or a linear operand of a transpose rule: an array, a symbolic zero, or the
-# primal being transposed for.
-Linear = jax.Array | ad.Zero | ad.UndefinedPrimal
+Linear = primitives.Linear
 # `forward(x, scale, bias, mask) -> (y, Moments)`;
 # `tangent(x, stats, rstd, scale, dx, dscale, dbias, mask) -> dy`;
 # `add_forward(x, residual, scale, bias) -> (y, h, Moments of h)`.
@@ -254,8 +252,7 @@ def _tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shift: 
   grads = rows_backward_p.bind(x, ad.instantiate_zeros(ct), shift, offset, rstd, scale,
                                centered=centered, per_row=per_row, example_rows=example_rows,
                                implementation=implementation)
-  return [None] * 5 + [primitives.sum_to_vma(g, v.aval) if ad.is_undefined_primal(v) else None
-                       for g, v in zip(grads, linear, strict=True)]
+  return [None] * 5 + primitives.linear_cotangents(grads, linear)
 
 
 ad.primitive_transposes[rows_tangent_p] = _tangent_transpose
@@ -275,8 +272,7 @@ def _add_tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shi
   else:
     grads = rows_add_backward_p.bind(x, ad.instantiate_zeros(ct), ct_h, shift, offset, rstd,
                                      scale, **kw)
-  return [None] * 5 + [primitives.sum_to_vma(g, v.aval) if ad.is_undefined_primal(v) else None
-                       for g, v in zip(grads, linear, strict=True)]
+  return [None] * 5 + primitives.linear_cotangents(grads, linear)
 
 
 ad.primitive_transposes[rows_add_tangent_p] = _add_tangent_transpose
@@ -363,6 +359,15 @@ class _View:
       p = jnp.broadcast_to(p, self.param_shape)
     return p.reshape(size).astype(F32)
 
+  def tangent_operands(self, x: jax.Array, stats: Moments, rstd: jax.Array, scale: Vector,
+                       dx: jax.Array, dscale: Vector, dbias: Vector) -> tuple[jax.Array, ...]:
+    """The operands of `rows_tangent_p` / `rows_add_tangent_p` for one call's tangent."""
+    zero = jnp.zeros((self.rows,), F32)
+    per_row_stat = lambda s: zero if s is None else s.reshape(self.rows)
+    return (x.reshape(self.rows, self.n), per_row_stat(stats.shift),
+            per_row_stat(stats.offset), rstd.reshape(self.rows), self.vector(scale, 1.0),
+            dx.reshape(self.rows, self.n), self.vector(dscale, 0.0), self.vector(dbias, 0.0))
+
   def moments(self, x2: jax.Array, shift: jax.Array, offset: jax.Array,
               var: jax.Array) -> Moments:
     """The kernel's per-row statistics as `Moments` of the input's rank."""
@@ -393,12 +398,8 @@ def ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row: boo
   def tangent(x: jax.Array, stats: Moments, rstd: jax.Array, scale: Vector, dx: jax.Array,
               dscale: Vector, dbias: Vector, mask: Vector) -> jax.Array:
     del mask
-    zero = jnp.zeros((rows,), F32)
-    per_row_stat = lambda s: zero if s is None else s.reshape(rows)
-    (dy,) = rows_tangent_p.bind(x.reshape(rows, n), per_row_stat(stats.shift),
-                                per_row_stat(stats.offset), rstd.reshape(rows),
-                                v.vector(scale, 1.0), dx.reshape(rows, n),
-                                v.vector(dscale, 0.0), v.vector(dbias, 0.0), **kw)
+    (dy,) = rows_tangent_p.bind(*v.tangent_operands(x, stats, rstd, scale, dx, dscale, dbias),
+                                **kw)
     return dy.reshape(x_shape)
 
   return forward, tangent
@@ -434,14 +435,9 @@ def add_ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row:
   def add_tangent(x: jax.Array, stats: Moments, rstd: jax.Array, scale: Vector, dx: jax.Array,
                   dscale: Vector, dbias: Vector, mask: Vector) -> tuple[jax.Array, jax.Array]:
     del mask
-    zero = jnp.zeros((rows,), F32)
-    per_row_stat = lambda s: zero if s is None else s.reshape(rows)
-    dy, dh = rows_add_tangent_p.bind(x.reshape(rows, n), per_row_stat(stats.shift),
-                                     per_row_stat(stats.offset), rstd.reshape(rows),
-                                     v.vector(scale, 1.0), dx.reshape(rows, n),
-                                     v.vector(dscale, 0.0), v.vector(dbias, 0.0),
-                                     centered=centered, per_row=per_row,
-                                     example_rows=v.example_rows)
+    dy, dh = rows_add_tangent_p.bind(
+        *v.tangent_operands(x, stats, rstd, scale, dx, dscale, dbias), centered=centered,
+        per_row=per_row, example_rows=v.example_rows)
     return dy.reshape(x_shape), dh.reshape(x_shape)
 
   return add_forward, add_tangent

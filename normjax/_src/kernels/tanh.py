@@ -32,8 +32,7 @@ from normjax._src.numerics import pointwise
 
 F32 = primitives.F32
 ShapedArray = jax.core.ShapedArray
-# An operand of the tangent's transpose: an array, a symbolic zero or the primal transposed for.
-Linear = jax.Array | ad.Zero | ad.UndefinedPrimal
+Linear = primitives.Linear
 
 
 def _tangent_reference(x: jax.Array, alpha: jax.Array, scale: jax.Array, dx: jax.Array,
@@ -82,8 +81,7 @@ def _tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, alpha: 
   if type(ct) is ad.Zero:
     return none + [None] * 4
   grads = tanh_backward_p.bind(x, alpha, scale, ad.instantiate_zeros(ct))
-  return none + [primitives.sum_to_vma(g, v.aval) if isinstance(v, ad.UndefinedPrimal) else None
-                 for g, v in zip(grads, linear, strict=True)]
+  return none + primitives.linear_cotangents(grads, linear)
 
 
 ad.primitive_transposes[tanh_tangent_p] = _tangent_transpose

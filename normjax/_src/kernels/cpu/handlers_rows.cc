@@ -41,10 +41,29 @@ using normjax_cpu::AddInOrder;
 using normjax_cpu::BackwardArgs;
 using normjax_cpu::DtypeIndex;
 using normjax_cpu::ForwardArgs;
+using normjax_cpu::FunctionRef;
 using normjax_cpu::Guarded;
 using normjax_cpu::kMaxAccumulators;
 using normjax_cpu::NumChunks;
 using normjax_cpu::ParallelChunks;
+
+// Sums over rows [0, rows) of `width` doubles (a backward's per-feature sums), the same bits
+// whatever the thread count: the rows cut into NumChunks(rows, n) chunks, at most
+// kMaxAccumulators / `bound` of them (their buffers' memory), `body(begin, end, acc)` adding
+// its rows' sums into its chunk's zeroed buffer, the buffers then added in chunk order.
+std::vector<double> SumsOverRows(ffi::ThreadPool& pool, int64_t rows, int64_t n, int64_t width,
+                                 int64_t bound,
+                                 FunctionRef<void(int64_t begin, int64_t end, double* acc)> body) {
+  int64_t chunks = NumChunks(rows, n);
+  chunks = std::max<int64_t>(1, std::min(chunks, kMaxAccumulators / std::max<int64_t>(1, bound)));
+  std::vector<double> acc(static_cast<size_t>(chunks) * width, 0.0);
+  std::vector<double> totals(width, 0.0);
+  ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t chunk) {
+    body(begin, end, acc.data() + chunk * width);
+  });
+  AddInOrder(acc.data(), chunks, width, width, totals.data());
+  return totals;
+}
 
 // How the parameters map to the rows: one vector per feature for all rows (one "example"), per
 // row (`per_row`, one example), or one per feature for each run of `example_rows` consecutive
@@ -201,20 +220,14 @@ ffi::Error RowsBackwardWith(ffi::ThreadPool& pool, ffi::Buffer<T, 2>& x, ffi::Bu
       return ffi::Error::Success();
     }
     // Per example (one for per-feature parameters), per-chunk sums of g * xhat and g (2n
-    // doubles each; their memory bounds the chunks), added up in chunk order.
-    chunks = NumChunks(ex.rows_each, n);
-    chunks = std::max<int64_t>(1, std::min(chunks, kMaxAccumulators / std::max<int64_t>(1, n)));
-    std::vector<double> acc(static_cast<size_t>(chunks) * 2 * n);
-    std::vector<double> totals(2 * n);
+    // doubles each), added up in chunk order.
     for (int64_t e = 0; e < ex.Count(); ++e) {
       const BackwardArgs a = ex.At(args, e);
       const int64_t first = e * ex.rows_each;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      std::fill(totals.begin(), totals.end(), 0.0);
-      ParallelChunks(pool, ex.rows_each, chunks, [&](int64_t begin, int64_t end, int64_t chunk) {
-        backward(a, first + begin, first + end, acc.data() + chunk * 2 * n);
-      });
-      AddInOrder(acc.data(), chunks, 2 * n, 2 * n, totals.data());
+      const std::vector<double> totals = SumsOverRows(
+          pool, ex.rows_each, n, 2 * n, n, [&](int64_t begin, int64_t end, double* acc) {
+            backward(a, first + begin, first + end, acc);
+          });
       for (int64_t j = 0; j < n; ++j) {
         ds[e * n + j] = static_cast<float>(totals[j]);
         db[e * n + j] = static_cast<float>(totals[n + j]);
@@ -430,14 +443,10 @@ ffi::Error RowsGatedBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buf
                          scale.typed_data(), dx->untyped_data(), dz->untyped_data(),
                          n, eps, before};
     const auto backward = Active().gated_backward[DtypeIndex<T>()];
-    int64_t chunks = NumChunks(rows, n);
-    chunks = std::max<int64_t>(1, std::min(chunks, kMaxAccumulators / std::max<int64_t>(1, n)));
-    std::vector<double> acc(static_cast<size_t>(chunks) * n, 0.0);
-    std::vector<double> totals(n, 0.0);
-    ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t chunk) {
-      backward(args, begin, end, acc.data() + chunk * n);
-    });
-    AddInOrder(acc.data(), chunks, n, n, totals.data());
+    const std::vector<double> totals = SumsOverRows(
+        pool, rows, n, n, n, [&](int64_t begin, int64_t end, double* acc) {
+          backward(args, begin, end, acc);
+        });
     float* ds = dscale->typed_data();
     for (int64_t j = 0; j < n; ++j) ds[j] = static_cast<float>(totals[j]);
     return ffi::Error::Success();
@@ -493,14 +502,10 @@ ffi::Error TanhBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<f
                         dx->untyped_data(), n, alpha.typed_data()[0]};
     const auto backward = Active().tanh_backward[DtypeIndex<T>()];
     const int64_t width = 2 * n + 1;
-    int64_t chunks = NumChunks(rows, n);
-    chunks = std::max<int64_t>(1, std::min(chunks, kMaxAccumulators / width));
-    std::vector<double> acc(static_cast<size_t>(chunks) * width, 0.0);
-    std::vector<double> totals(width, 0.0);
-    ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t chunk) {
-      backward(args, begin, end, acc.data() + chunk * width);
-    });
-    AddInOrder(acc.data(), chunks, width, width, totals.data());
+    const std::vector<double> totals = SumsOverRows(
+        pool, rows, n, width, width, [&](int64_t begin, int64_t end, double* acc) {
+          backward(args, begin, end, acc);
+        });
     for (int64_t j = 0; j < n; ++j) {
       dscale->typed_data()[j] = static_cast<float>(totals[j]);
       dbias->typed_data()[j] = static_cast<float>(totals[n + j]);
