@@ -748,6 +748,42 @@ def test_add_backward_kernel_adds_the_sums_cotangent(shape, dtype, centered, per
 
 
 @pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
+@pytest.mark.parametrize("shape,centered,per_row", slow_except(
+    [(s, c, p) for s, d, c, p in KERNEL_CASES if d == jnp.float32],
+    *[(SHAPES[-1], c, p) for c in (True, False) for p in (False, True)], unpack=True))
+def test_mixed_add_backward_kernel_reads_bfloat16_cotangents(shape, centered, per_row):
+  """The mixed residual-add backward kernel (float32 `h` and `ct_h`, bfloat16 `ct`): `dh` is the
+  float32 residual-add backward of the widened cotangent, bit for bit, `dx` its rounding to
+  bfloat16, `dscale` and `dbias` the plain backward's; against float64 too, and the
+  primitive's definition agrees."""
+  x = rand(shape, loc=-0.3, seed=6)
+  ct = rand(shape, seed=7).astype(jnp.bfloat16)
+  ct_h = rand(shape, seed=9)
+  scale = rand(shape[:1] if per_row else shape[1:], seed=8)
+  kw = dict(centered=centered, per_row=per_row, example_rows=0)
+  shift, offset, rstd = _reference_statistics(x, scale, 1e-3, kw)
+  args = (shift, offset, rstd, scale)
+  dx, dh, dscale, dbias = jax.jit(lambda *a: _rows.rows_add_backward_mixed_p.bind(*a, **kw))(
+      x, ct, ct_h, *args)
+  same = jax.jit(lambda *a: _rows.rows_add_backward_p.bind(*a, **kw))(
+      x, ct.astype(F32), ct_h, *args)
+  plain = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))(x, ct.astype(F32), *args)
+  assert (dx.dtype, dh.dtype) == (jnp.bfloat16, F32)
+  np.testing.assert_array_equal(dh, same[0])
+  np.testing.assert_array_equal(dx, dh.astype(jnp.bfloat16))
+  for g, p in zip((dscale, dbias), plain[1:], strict=True):
+    np.testing.assert_array_equal(g, p)
+  want = np.asarray(plain[0], np.float64) + np.asarray(ct_h, np.float64)
+  np.testing.assert_allclose(np.asarray(dh, np.float64), want, rtol=1e-6,
+                             atol=1e-6 * max(1.0, np.abs(want).max()))
+  ref = jax.jit(lambda *a: _rows._add_backward_mixed_reference(*a, **kw))(x, ct, ct_h, *args)
+  for g, r in zip((dx, dh, dscale, dbias), ref, strict=True):
+    assert g.dtype == r.dtype
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                               rtol=8e-3, atol=8e-3 * max(1.0, float(np.abs(r).max())))
+
+
+@pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
 @pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm"])
 def test_add_norm_backward_takes_both_cotangents_in_one_kernel(name):
   """The fused add-norms' reverse mode on the native path: one backward kernel receives the

@@ -246,12 +246,11 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
   mixed = (p.implementation == "native" and x.dtype == jnp.bfloat16
            and residual.dtype == jnp.float32)
   if p.kernel == "rows" and (x.dtype == residual.dtype or mixed):
-    add_forward, tangent = rows.add_ops(x.shape, len(axes), float(eps), centered=centered,
-                                        per_row=p.per_row, examples=p.examples,
-                                        implementation=p.implementation)
+    add_forward, add_tangent = rows.add_ops(x.shape, len(axes), float(eps), centered=centered,
+                                            per_row=p.per_row, examples=p.examples,
+                                            implementation=p.implementation)
     return numerics.add_standardize(x, residual, axes, scale, bias, eps, centered=centered,
-                                 add_forward=add_forward, tangent_fn=tangent,
-                                 pair_tangent=p.implementation == "native")
+                                 add_forward=add_forward, add_tangent=add_tangent)
   h = rounding.residual_sum(x.astype(residual.dtype), residual)
   y, _ = standardize(h, axes, scale, bias, eps, centered=centered)
   return y, h

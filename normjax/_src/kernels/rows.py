@@ -14,10 +14,15 @@ The input is viewed as `[rows, features]` and these primitives do the work:
     block inside the kernel, which reads `x` and `residual` once and writes `y` and `h` (see
     the fusion barrier below). `rows_add_forward_mixed_p` is the same for a bfloat16 `x` and
     a float32 `residual` (`h` in float32, `y` in bfloat16; native only).
-  * `rows_add_tangent_p`: the tangents of `y` and `h` at `h`, whose transpose is
+  * `rows_add_tangent_p`: the tangents of `y` and `h` at `h`, linear in the tangents of `x`
+    and `residual` (and of scale and bias), `dh = dx + dresidual` in `h`'s dtype and `dy` in
+    `x`'s; its transpose is
   * `rows_add_backward_p`: `x, g, g_h, shift, offset, rstd, scale -> dx, dscale, dbias`, the
     rows backward with `h`'s cotangent `g_h` added to `dx` in the same pass: the native
     residual-add norms' derivative (`add_ops`; elsewhere the rows tangent/backward at `h`).
+    `rows_add_backward_mixed_p` is the same for a float32 `h` and a bfloat16 `g` (a float32
+    residual stream): `-> dx, dh, dscale, dbias`, `dh` the float32 sum and `dx` its bfloat16
+    rounding, the cotangents of `residual` and of `x` (native only).
 
 Scale and bias are vectors: per feature (layer/RMS norm, `per_row=False`), per row
 (instance norm with channels first, `per_row=True`), or per example and feature
@@ -56,7 +61,9 @@ from normjax._src.numerics.moments import Moments
 from normjax._src.numerics.moments import moments
 from normjax._src.numerics.rounding import pin_rounding
 from normjax._src.numerics.rounding import residual_sum
+from normjax._src.numerics.standardize import AddTangent
 from normjax._src.numerics.standardize import normalize
+from normjax._src.numerics.standardize import sum_tangent
 from normjax._src.numerics.standardize import tangent
 
 F32 = primitives.F32
@@ -72,9 +79,6 @@ Tangent = Callable[[jax.Array, Moments, jax.Array, Vector, jax.Array, Vector, Ve
                    jax.Array]
 AddForward = Callable[[jax.Array, jax.Array, Vector, Vector],
                       tuple[jax.Array, jax.Array, Moments]]
-# `add_tangent(h, stats, rstd, scale, dh, dscale, dbias, mask) -> (dy, dh)`.
-AddTangent = Callable[[jax.Array, Moments, jax.Array, Vector, jax.Array, Vector, Vector, Vector],
-                      tuple[jax.Array, jax.Array]]
 
 
 def _expand(param: jax.Array, per_row: bool, example_rows: int = 0,
@@ -147,14 +151,16 @@ def _backward_reference(x: jax.Array, g: jax.Array, shift: jax.Array, offset: ja
   return tuple(jax.linear_transpose(linear, *like)(g))
 
 
-def _add_tangent_reference(x: jax.Array, shift: jax.Array, offset: jax.Array, rstd: jax.Array,
-                           scale: jax.Array, dx: jax.Array, dscale: jax.Array, dbias: jax.Array,
-                           *, centered: bool, per_row: bool,
-                           example_rows: int = 0) -> tuple[jax.Array, jax.Array]:
-  """The tangents of the residual-add norm's `(y, h)` at `h = x`: `(tangent, dx)`."""
-  (dy,) = _tangent_reference(x, shift, offset, rstd, scale, dx, dscale, dbias,
+def _add_tangent_reference(h: jax.Array, shift: jax.Array, offset: jax.Array, rstd: jax.Array,
+                           scale: jax.Array, dx: jax.Array, dresidual: jax.Array,
+                           dscale: jax.Array, dbias: jax.Array, *, centered: bool,
+                           per_row: bool, example_rows: int = 0) -> tuple[jax.Array, jax.Array]:
+  """The tangents of the residual-add norm's `(y, h)` at `h`: `dh = dx + dresidual` (in `h`'s
+  dtype, as `add_standardize` adds them) and the norm's tangent, in `dx`'s dtype (`y`'s)."""
+  dh = dx.astype(h.dtype) + dresidual.astype(h.dtype)
+  (dy,) = _tangent_reference(h, shift, offset, rstd, scale, dh, dscale, dbias,
                              centered=centered, per_row=per_row, example_rows=example_rows)
-  return dy, dx
+  return dy.astype(dx.dtype), dh
 
 
 def _add_backward_reference(x: jax.Array, g: jax.Array, g_h: jax.Array, shift: jax.Array,
@@ -165,6 +171,18 @@ def _add_backward_reference(x: jax.Array, g: jax.Array, g_h: jax.Array, shift: j
   dx, dscale, dbias = _backward_reference(x, g, shift, offset, rstd, scale, centered=centered,
                                           per_row=per_row, example_rows=example_rows)
   return dx + g_h, dscale, dbias
+
+
+def _add_backward_mixed_reference(h: jax.Array, g: jax.Array, g_h: jax.Array,
+                                  shift: jax.Array, offset: jax.Array, rstd: jax.Array,
+                                  scale: jax.Array, *, centered: bool, per_row: bool,
+                                  example_rows: int = 0) -> tuple[jax.Array, ...]:
+  """The transpose of `_add_tangent_reference` for a float32 `h` and a bfloat16 `dx`: `g`
+  widened, then `_add_backward_reference`'s `dh`, and `dx` its rounding to `g`'s dtype."""
+  dh, dscale, dbias = _add_backward_reference(h, g.astype(h.dtype), g_h, shift, offset, rstd,
+                                              scale, centered=centered, per_row=per_row,
+                                              example_rows=example_rows)
+  return dh.astype(g.dtype), dh, dscale, dbias
 
 
 # ----------------------------------------------------------------- the primitives
@@ -194,10 +212,12 @@ def _tangent_abstract(x: ShapedArray, *args: ShapedArray, centered: bool,
   return [_shaped(x.shape, x.dtype)]
 
 
-def _add_tangent_abstract(x: ShapedArray, *args: ShapedArray, centered: bool,
-                          per_row: bool, example_rows: int = 0) -> list[ShapedArray]:
-  del args, centered, per_row, example_rows
-  return [_shaped(x.shape, x.dtype), _shaped(x.shape, x.dtype)]
+def _add_tangent_abstract(h: ShapedArray, shift: ShapedArray, offset: ShapedArray,
+                          rstd: ShapedArray, scale: ShapedArray, dx: ShapedArray,
+                          *args: ShapedArray, centered: bool, per_row: bool,
+                          example_rows: int = 0) -> list[ShapedArray]:
+  del shift, offset, rstd, scale, args, centered, per_row, example_rows
+  return [_shaped(h.shape, dx.dtype), _shaped(h.shape, h.dtype)]
 
 
 def _add_backward_abstract(x: ShapedArray, g: ShapedArray, g_h: ShapedArray,
@@ -205,6 +225,14 @@ def _add_backward_abstract(x: ShapedArray, g: ShapedArray, g_h: ShapedArray,
                            example_rows: int = 0) -> list[ShapedArray]:
   return _backward_abstract(x, g, *args, centered=centered, per_row=per_row,
                             example_rows=example_rows)
+
+
+def _add_backward_mixed_abstract(h: ShapedArray, g: ShapedArray, *args: ShapedArray,
+                                 centered: bool, per_row: bool,
+                                 example_rows: int = 0) -> list[ShapedArray]:
+  dh, dscale, dbias = _add_backward_abstract(h, g, *args, centered=centered, per_row=per_row,
+                                             example_rows=example_rows)
+  return [_shaped(h.shape, g.dtype), dh, dscale, dbias]
 
 
 def _backward_abstract(x: ShapedArray, g: ShapedArray, shift: ShapedArray, offset: ShapedArray,
@@ -238,6 +266,10 @@ rows_add_tangent_p = primitives.define_primitive(
 rows_add_backward_p = primitives.define_primitive(
     "normjax_rows_add_backward", _add_backward_reference, _add_backward_abstract,
     target="NormjaxRowsAddBackward", defaults=_DEFAULTS)
+# float32 `h` and `g_h`, bfloat16 `g`: `dx` in bfloat16 and `dh` in float32 (native only).
+rows_add_backward_mixed_p = primitives.define_primitive(
+    "normjax_rows_add_backward_mixed", _add_backward_mixed_reference,
+    _add_backward_mixed_abstract, target="NormjaxRowsAddBackwardMixed", defaults=_DEFAULTS)
 
 
 def _tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shift: jax.Array,
@@ -258,20 +290,28 @@ def _tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shift: 
 ad.primitive_transposes[rows_tangent_p] = _tangent_transpose
 
 
-def _add_tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shift: jax.Array,
+def _add_tangent_transpose(cts: Sequence[jax.Array | ad.Zero], h: jax.Array, shift: jax.Array,
                            offset: jax.Array, rstd: jax.Array, scale: jax.Array, dx: Linear,
-                           dscale: Linear, dbias: Linear, *, centered: bool, per_row: bool,
+                           dresidual: Linear, dscale: Linear, dbias: Linear, *,
+                           centered: bool, per_row: bool,
                            example_rows: int = 0) -> list[jax.Array | None]:
+  """Both cotangents into one backward kernel: `dh`'s cotangent goes to `dx` and `dresidual`
+  alike (in a mixed call, `dx`'s rounded to its bfloat16 by the kernel)."""
   ct, ct_h = cts
-  linear = (dx, dscale, dbias)
+  linear = (dx, dresidual, dscale, dbias)
   if type(ct) is ad.Zero and type(ct_h) is ad.Zero:
-    return [None] * 8
+    return [None] * 9
   kw = dict(centered=centered, per_row=per_row, example_rows=example_rows)
-  if type(ct_h) is ad.Zero:
-    grads = rows_backward_p.bind(x, ad.instantiate_zeros(ct), shift, offset, rstd, scale, **kw)
+  ct = ad.instantiate_zeros(ct)
+  if ct.dtype != h.dtype:
+    grads = rows_add_backward_mixed_p.bind(h, ct, ad.instantiate_zeros(ct_h), shift, offset,
+                                           rstd, scale, **kw)
   else:
-    grads = rows_add_backward_p.bind(x, ad.instantiate_zeros(ct), ct_h, shift, offset, rstd,
-                                     scale, **kw)
+    if type(ct_h) is ad.Zero:
+      g, dsc, dbi = rows_backward_p.bind(h, ct, shift, offset, rstd, scale, **kw)
+    else:
+      g, dsc, dbi = rows_add_backward_p.bind(h, ct, ct_h, shift, offset, rstd, scale, **kw)
+    grads = [g, g, dsc, dbi]
   return [None] * 5 + primitives.linear_cotangents(grads, linear)
 
 
@@ -319,9 +359,11 @@ batching.primitive_batchers[rows_tangent_p] = _batch_rows(
 batching.primitive_batchers[rows_backward_p] = _batch_rows(
     rows_backward_p, _backward_reference, (5,), sums_over_rows=True)
 batching.primitive_batchers[rows_add_tangent_p] = _batch_rows(
-    rows_add_tangent_p, _add_tangent_reference, (4, 6, 7))
+    rows_add_tangent_p, _add_tangent_reference, (4, 7, 8))
 batching.primitive_batchers[rows_add_backward_p] = _batch_rows(
     rows_add_backward_p, _add_backward_reference, (6,), sums_over_rows=True)
+batching.primitive_batchers[rows_add_backward_mixed_p] = _batch_rows(
+    rows_add_backward_mixed_p, _add_backward_mixed_reference, (6,), sums_over_rows=True)
 
 
 # ----------------------------------------------------------------- one call's forward/tangent
@@ -360,13 +402,16 @@ class _View:
     return p.reshape(size).astype(F32)
 
   def tangent_operands(self, x: jax.Array, stats: Moments, rstd: jax.Array, scale: Vector,
-                       dx: jax.Array, dscale: Vector, dbias: Vector) -> tuple[jax.Array, ...]:
-    """The operands of `rows_tangent_p` / `rows_add_tangent_p` for one call's tangent."""
+                       dxs: Sequence[jax.Array], dscale: Vector,
+                       dbias: Vector) -> tuple[jax.Array, ...]:
+    """The operands of `rows_tangent_p` (`dxs = (dx,)`) or `rows_add_tangent_p`
+    (`dxs = (dx, dresidual)`) for one call's tangent."""
     zero = jnp.zeros((self.rows,), F32)
     per_row_stat = lambda s: zero if s is None else s.reshape(self.rows)
     return (x.reshape(self.rows, self.n), per_row_stat(stats.shift),
             per_row_stat(stats.offset), rstd.reshape(self.rows), self.vector(scale, 1.0),
-            dx.reshape(self.rows, self.n), self.vector(dscale, 0.0), self.vector(dbias, 0.0))
+            *(d.reshape(self.rows, self.n) for d in dxs), self.vector(dscale, 0.0),
+            self.vector(dbias, 0.0))
 
   def moments(self, x2: jax.Array, shift: jax.Array, offset: jax.Array,
               var: jax.Array) -> Moments:
@@ -398,8 +443,8 @@ def ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row: boo
   def tangent(x: jax.Array, stats: Moments, rstd: jax.Array, scale: Vector, dx: jax.Array,
               dscale: Vector, dbias: Vector, mask: Vector) -> jax.Array:
     del mask
-    (dy,) = rows_tangent_p.bind(*v.tangent_operands(x, stats, rstd, scale, dx, dscale, dbias),
-                                **kw)
+    (dy,) = rows_tangent_p.bind(*v.tangent_operands(x, stats, rstd, scale, (dx,), dscale,
+                                                    dbias), **kw)
     return dy.reshape(x_shape)
 
   return forward, tangent
@@ -407,19 +452,18 @@ def ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row: boo
 
 def add_ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row: bool,
             examples: int = 0,
-            implementation: str = "native") -> tuple[AddForward, Tangent | AddTangent]:
-  """`(add_forward, tangent)` for `add_standardize`: `add_forward(x, residual, scale,
+            implementation: str = "native") -> tuple[AddForward, AddTangent]:
+  """`(add_forward, add_tangent)` for `add_standardize`: `add_forward(x, residual, scale,
   bias) -> (y, h, Moments of h)` through `rows_add_forward_p` (`rows_add_forward_mixed_p`
-  for a bfloat16 `x` and a float32 `residual`, native only). Natively, `tangent(h, ...) ->
-  (dy, dh)` is `rows_add_tangent_p`'s: the tangents of `y` and `h` together, so that the
-  backward kernel takes both cotangents and adds `h`'s to `dx` in its one pass; otherwise it
-  is `ops`' (`dy` only; the derivative of `y` is taken at `h`)."""
+  for a bfloat16 `x` and a float32 `residual`, native only), and `add_tangent(h, stats, rstd,
+  scale, dx, dresidual, dscale, dbias, mask) -> (dy, dh)`, the tangents of `y` and `h`.
+  Natively that is `rows_add_tangent_p`'s, so that the backward kernel takes both
+  cotangents, adds `h`'s to `dx` in its one pass and (mixed) reads `y`'s in bfloat16;
+  otherwise it is `ops`' tangent at `dh = dx + dresidual`."""
   v = _View(x_shape, n_axes, centered, per_row, examples)
   rows, n = v.rows, v.n
   kw = dict(centered=centered, per_row=per_row, example_rows=v.example_rows,
             implementation=implementation)
-  _, tangent = ops(x_shape, n_axes, eps, centered=centered, per_row=per_row, examples=examples,
-                   implementation=implementation)
 
   def add_forward(x: jax.Array, residual: jax.Array, scale: Vector,
                   bias: Vector) -> tuple[jax.Array, jax.Array, Moments]:
@@ -430,14 +474,17 @@ def add_ops(x_shape: Shape, n_axes: int, eps: float, *, centered: bool, per_row:
     return y2.reshape(x_shape), h2.reshape(x_shape), v.moments(h2, shift, offset, var)
 
   if implementation != "native":
-    return add_forward, tangent
+    _, tangent = ops(x_shape, n_axes, eps, centered=centered, per_row=per_row,
+                     examples=examples, implementation=implementation)
+    return add_forward, sum_tangent(tangent)
 
-  def add_tangent(x: jax.Array, stats: Moments, rstd: jax.Array, scale: Vector, dx: jax.Array,
-                  dscale: Vector, dbias: Vector, mask: Vector) -> tuple[jax.Array, jax.Array]:
+  def add_tangent(h: jax.Array, stats: Moments, rstd: jax.Array, scale: Vector, dx: jax.Array,
+                  dresidual: jax.Array, dscale: Vector, dbias: Vector,
+                  mask: Vector) -> tuple[jax.Array, jax.Array]:
     del mask
     dy, dh = rows_add_tangent_p.bind(
-        *v.tangent_operands(x, stats, rstd, scale, dx, dscale, dbias), centered=centered,
-        per_row=per_row, example_rows=v.example_rows)
+        *v.tangent_operands(h, stats, rstd, scale, (dx, dresidual), dscale, dbias),
+        centered=centered, per_row=per_row, example_rows=v.example_rows)
     return dy.reshape(x_shape), dh.reshape(x_shape)
 
   return add_forward, add_tangent

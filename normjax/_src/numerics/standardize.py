@@ -164,6 +164,20 @@ def _output_tangent(x, stats, eps, scale, bias, dx, dscale, dbias, mask, tangent
   return stats, dy
 
 
+# The residual-add norm's tangents at `h = x + residual`:
+# `add_tangent(h, stats, rstd, scale, dx, dresidual, dscale, dbias, mask) -> (dy, dh)`.
+AddTangent = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def sum_tangent(tangent_fn: Callable) -> AddTangent:
+  """The residual-add norm's `add_tangent` from a norm's `tangent_fn`: `dh = dx + dresidual`
+  in `h`'s dtype, and `tangent_fn`'s tangent of `y` at `h` for it."""
+  def add_tangent(h, stats, rstd_, scale, dx, dresidual, dscale, dbias, mask):
+    dh = dx.astype(h.dtype) + dresidual.astype(h.dtype)
+    return tangent_fn(h, stats, rstd_, scale, dh, dscale, dbias, mask), dh
+  return add_tangent
+
+
 def _with_eps(fn, rule, eps):
   """`fn(*args)` as a `jax.custom_jvp` with the JVP `rule(eps, primals, tangents, deps)`.
 
@@ -252,18 +266,17 @@ def standardize(x: jax.Array, axes: Axes, scale: jax.Array | None,
 def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
                     scale: jax.Array | None, bias: jax.Array | None, eps: Any, *,
                     centered: bool = True, add_forward: Callable | None = None,
-                    tangent_fn: Callable | None = None,
-                    pair_tangent: bool = False) -> tuple[jax.Array, jax.Array]:
+                    add_tangent: AddTangent | None = None) -> tuple[jax.Array, jax.Array]:
   """`(standardize(h, axes, scale, bias, eps)[0], h)` with `h = x + residual` (in `x.dtype`).
 
   For a kernel that computes the residual add and the forward in one pass
   (`add_forward(x, residual, scale, bias) -> (y, h, Moments of h)`; a kernel may take a
   float32 `residual` with a bfloat16 `x`, and return `h` in float32 and `y` in `x.dtype`).
   The derivative is the same closed form as `standardize`'s, at `h`: `dh = dx + dresidual`,
-  `dy = tangent_fn(h, ..., dh, ...)`; under reverse mode the backward keeps `h` and the
-  per-row statistics. With `pair_tangent` (a kernel's, for a concrete `eps`), `tangent_fn`
-  returns `(dy, dh)`, the tangents of both outputs from one primitive, whose transpose
-  receives both cotangents.
+  `dy` the norm's tangent at `h` for `dh`; `add_tangent(h, stats, rstd, scale, dx, dresidual,
+  dscale, dbias, mask) -> (dy, dh)` computes both (default: `sum_tangent` of the closed form;
+  a kernel's takes both tangents in one primitive, whose transpose receives both
+  cotangents). Under reverse mode the backward keeps `h` and the per-row statistics.
   """
   reduce: dict[str, Any] = dict(axis_name=None, axis_index_groups=None, groups=None)
   if add_forward is None:
@@ -273,9 +286,10 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
       return normalize(h, stats, scale, bias, eps), h, stats
   else:
     run = lambda x, residual, scale, bias, eps: add_forward(x, residual, scale, bias)
-  if tangent_fn is None:
-    def tangent_fn(x, stats, rstd_, scale, dx, dscale, dbias, mask):
-      return tangent(x, stats, rstd_, scale, dx, dscale, dbias, axes, mask=mask, **reduce)
+  if add_tangent is None:
+    add_tangent = sum_tangent(
+        lambda x, stats, rstd_, scale, dx, dscale, dbias, mask: tangent(
+            x, stats, rstd_, scale, dx, dscale, dbias, axes, mask=mask, **reduce))
 
   def fn(x, residual, scale, bias, eps):
     y, h, _ = run(x, residual, scale, bias, eps)
@@ -286,13 +300,13 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
     dx, dresidual, dscale, dbias = tangents
     y, h, stats = run(x, residual, scale, bias, eps)
     h = checkpoint_name(h, _SUM_NAME)
-    dh = dx.astype(h.dtype) + dresidual.astype(h.dtype)
-    if pair_tangent:   # the kernel's tangents of y and h together (a concrete eps: deps None)
-      _, (dy, dh) = _output_tangent(h, stats, eps, scale, bias, dh, dscale, dbias, None,
-                                    tangent_fn, None)
-    else:
-      _, dy = _output_tangent(h, stats, eps, scale, bias, dh, dscale, dbias, None, tangent_fn,
-                              deps)
+    dh = None
+
+    def dy_of(h, stats, rstd_, scale, _, dscale, dbias, mask):   # keeps `dh` too
+      nonlocal dh
+      dy, dh = add_tangent(h, stats, rstd_, scale, dx, dresidual, dscale, dbias, mask)
+      return dy
+    _, dy = _output_tangent(h, stats, eps, scale, bias, None, dscale, dbias, None, dy_of, deps)
     return (y, h), (dy.astype(y.dtype), dh)
 
   fn, extra = _with_eps(fn, fn_jvp, eps)

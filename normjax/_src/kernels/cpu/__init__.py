@@ -23,7 +23,8 @@ TARGETS = tuple(f"Normjax{kind}{dtype}" for kind in ("RowsForward", "RowsBackwar
                                                       "RowSums", "RowsGatedForward",
                                                       "RowsGatedBackward", "TanhBackward",
                                                       "RowsAddBackward")
-                for dtype in ("F32", "BF16")) + ("NormjaxRowsAddForwardMixedBF16",)
+                for dtype in ("F32", "BF16")) + ("NormjaxRowsAddForwardMixedBF16",
+                                                     "NormjaxRowsAddBackwardMixedF32")
 
 
 def _load() -> str | None:

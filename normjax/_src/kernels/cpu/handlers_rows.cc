@@ -1,6 +1,6 @@
 // The XLA FFI handlers of the row kernels: layer, RMS and channels-first instance norm over
 // contiguous rows (normjax/_src/kernels/rows.py), forward, backward, the fused residual-add
-// forward (also with a bfloat16 x and a float32 residual) and backward; the gated RMS norm's
+// forward and backward (both also with a bfloat16 x and a float32 residual); the gated RMS norm's
 // forward and backward (kernels/gated.py) and dynamic tanh's backward (kernels/tanh.py); each
 // followed by its binding.
 //
@@ -175,9 +175,11 @@ namespace {
 // per row) dscale and dbias are per row instead, the same sums over the row; with
 // `example_rows`, per example (the sums over each example's rows). The sums over rows are per
 // chunk (in double, see BackwardChunk), added up in chunk order.
-template <ffi::DataType T>
-ffi::Error RowsBackwardWith(ffi::ThreadPool& pool, ffi::Buffer<T, 2>& x, ffi::Buffer<T, 2>& ct,
-                            const void* add, ffi::Buffer<ffi::F32, 1>& shift,
+// With TC != T (the mixed residual-add backward), ct is of TC and `narrow` receives dx rounded
+// to TC.
+template <ffi::DataType T, ffi::DataType TC = T>
+ffi::Error RowsBackwardWith(ffi::ThreadPool& pool, ffi::Buffer<T, 2>& x, ffi::Buffer<TC, 2>& ct,
+                            const void* add, void* narrow, ffi::Buffer<ffi::F32, 1>& shift,
                             ffi::Buffer<ffi::F32, 1>& offset, ffi::Buffer<ffi::F32, 1>& rstd,
                             ffi::Buffer<ffi::F32, 1>& scale, ffi::ResultBuffer<T, 2>& dx,
                             ffi::ResultBuffer<ffi::F32, 1>& dscale,
@@ -195,8 +197,9 @@ ffi::Error RowsBackwardWith(ffi::ThreadPool& pool, ffi::Buffer<T, 2>& x, ffi::Bu
                             offset.typed_data(),  rstd.typed_data(),    scale.typed_data(),
                             dx->untyped_data(),   ds,                   db,
                             n,                    centered,             per_row,
-                            add};
-    const auto backward = Active().backward[DtypeIndex<T>()];
+                            add,                  narrow};
+    const auto backward = TC == T ? Active().backward[DtypeIndex<T>()]
+                                  : Active().add_backward_mixed;
     int64_t chunks = NumChunks(rows, n);
     if (per_row) {
       ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t) {
@@ -244,8 +247,8 @@ ffi::Error RowsBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T
                         ffi::ResultBuffer<T, 2> dx, ffi::ResultBuffer<ffi::F32, 1> dscale,
                         ffi::ResultBuffer<ffi::F32, 1> dbias, bool centered, bool per_row,
                         int64_t example_rows) {
-  return RowsBackwardWith(pool, x, ct, nullptr, shift, offset, rstd, scale, dx, dscale, dbias,
-                          centered, per_row, example_rows);
+  return RowsBackwardWith(pool, x, ct, nullptr, nullptr, shift, offset, rstd, scale, dx, dscale,
+                          dbias, centered, per_row, example_rows);
 }
 
 // The residual-add norm's backward: RowsBackward at h with h's own cotangent ct_h added to dx
@@ -261,8 +264,31 @@ ffi::Error RowsAddBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffe
   if (ct_h.dimensions()[0] != x.dimensions()[0] || ct_h.dimensions()[1] != x.dimensions()[1]) {
     return ffi::Error::InvalidArgument("normjax rows_add_backward: ct_h shape mismatch");
   }
-  return RowsBackwardWith(pool, x, ct, ct_h.untyped_data(), shift, offset, rstd, scale, dx,
-                          dscale, dbias, centered, per_row, example_rows);
+  return RowsBackwardWith(pool, x, ct, ct_h.untyped_data(), nullptr, shift, offset, rstd, scale,
+                          dx, dscale, dbias, centered, per_row, example_rows);
+}
+
+// The mixed residual-add backward (a float32 residual stream with a bfloat16 x): h and ct_h
+// float32, the cotangent ct of y bfloat16; returns x's cotangent dx (bfloat16) and the
+// residual's dh (float32, the same sum unrounded) from one pass: RowsAddBackward's dh, with
+// the cotangent read as bfloat16 and dx rounded from dh in the same pass (XLA would convert
+// ct before and dh after, a pass each).
+ffi::Error RowsAddBackwardMixed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x,
+                                ffi::Buffer<ffi::BF16, 2> ct, ffi::Buffer<ffi::F32, 2> ct_h,
+                                ffi::Buffer<ffi::F32, 1> shift, ffi::Buffer<ffi::F32, 1> offset,
+                                ffi::Buffer<ffi::F32, 1> rstd, ffi::Buffer<ffi::F32, 1> scale,
+                                ffi::ResultBuffer<ffi::BF16, 2> dx,
+                                ffi::ResultBuffer<ffi::F32, 2> dh,
+                                ffi::ResultBuffer<ffi::F32, 1> dscale,
+                                ffi::ResultBuffer<ffi::F32, 1> dbias, bool centered, bool per_row,
+                                int64_t example_rows) {
+  const auto& d = x.dimensions();
+  if (ct.dimensions()[0] != d[0] || ct.dimensions()[1] != d[1] ||
+      ct_h.dimensions()[0] != d[0] || ct_h.dimensions()[1] != d[1]) {
+    return ffi::Error::InvalidArgument("normjax rows_add_backward_mixed: ct/ct_h shape mismatch");
+  }
+  return RowsBackwardWith(pool, x, ct, ct_h.untyped_data(), dx->untyped_data(), shift, offset,
+                          rstd, scale, dh, dscale, dbias, centered, per_row, example_rows);
 }
 
 template <ffi::DataType T>
@@ -311,12 +337,34 @@ auto BindAddBackward() {
       .template Attr<int64_t>("example_rows");
 }
 
+auto BindAddBackwardMixed() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32, 2>>()
+      .Arg<ffi::Buffer<ffi::BF16, 2>>()
+      .Arg<ffi::Buffer<ffi::F32, 2>>()
+      .Arg<ffi::Buffer<ffi::F32, 1>>()
+      .Arg<ffi::Buffer<ffi::F32, 1>>()
+      .Arg<ffi::Buffer<ffi::F32, 1>>()
+      .Arg<ffi::Buffer<ffi::F32, 1>>()
+      .Ret<ffi::Buffer<ffi::BF16, 2>>()
+      .Ret<ffi::Buffer<ffi::F32, 2>>()
+      .Ret<ffi::Buffer<ffi::F32, 1>>()
+      .Ret<ffi::Buffer<ffi::F32, 1>>()
+      .Attr<bool>("centered")
+      .Attr<bool>("per_row")
+      .Attr<int64_t>("example_rows");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddBackwardF32, RowsAddBackward<ffi::F32>,
                               BindAddBackward<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddBackwardBF16, RowsAddBackward<ffi::BF16>,
                               BindAddBackward<ffi::BF16>());
+// float32 h, bfloat16 cotangent (the suffix is h's dtype, the primitive's first operand).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddBackwardMixedF32, RowsAddBackwardMixed,
+                              BindAddBackwardMixed());
 
 namespace {
 

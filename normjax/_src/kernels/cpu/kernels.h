@@ -104,6 +104,10 @@ struct BackwardArgs {
   // [rows, n] of T added to dx, or null: the residual-add backward (RowsAddBackward), where the
   // sum h's own cotangent joins the norm's.
   const void* add = nullptr;
+  // [rows, n] of the cotangent's dtype, or null: the mixed residual-add backward
+  // (RowsAddBackwardMixed: float32 h, bfloat16 cotangent) also writes dx rounded to bfloat16
+  // there, x's cotangent, beside the float32 dx (the float32 residual's).
+  void* dx_narrow = nullptr;
 };
 
 // The fused residual-add forward (RowsAddForward): h = x + residual is written to `h`, then
@@ -156,6 +160,8 @@ struct Kernels {
   void (*add_forward[2])(const AddForwardArgs&, int64_t begin, int64_t end);
   // bfloat16 x, float32 residual and h, bfloat16 y.
   void (*add_forward_mixed)(const AddForwardArgs&, int64_t begin, int64_t end);
+  // float32 x (h) and dx, bfloat16 cotangent and dx_narrow.
+  void (*add_backward_mixed)(const BackwardArgs&, int64_t begin, int64_t end, double* acc);
   void (*gated_forward[2])(const GatedArgs&, int64_t begin, int64_t end);
   void (*gated_backward[2])(const GatedArgs&, int64_t begin, int64_t end, double* acc);
   void (*tanh_backward[2])(const TanhArgs&, int64_t begin, int64_t end, double* acc);

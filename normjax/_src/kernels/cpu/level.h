@@ -48,6 +48,7 @@ constexpr Kernels MakeKernels() {
   k.add_forward[0] = &AddForwardChunk<float>;
   k.add_forward[1] = &AddForwardChunk<uint16_t>;
   k.add_forward_mixed = &AddForwardChunk<uint16_t, float>;
+  k.add_backward_mixed = &BackwardChunk<float, uint16_t>;
   k.gated_forward[0] = &GatedForwardChunk<float>;
   k.gated_forward[1] = &GatedForwardChunk<uint16_t>;
   k.gated_backward[0] = &GatedBackwardChunk<float>;

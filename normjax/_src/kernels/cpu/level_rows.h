@@ -209,14 +209,18 @@ class FeaturePartials {
 // (float32 lanes within a block, double across blocks; kRowGroup rows at a time). Without
 // `per_row`, the chunk's per-feature sums of g * xhat and g are added to acc[0, n) and
 // acc[n, 2n): float32 partials flushed into acc every kFlushRows rows, so their error grows
-// over at most kFlushRows rows.
-template <typename T>
+// over at most kFlushRows rows. With TC = bfloat16 and T = float32 (the mixed residual-add
+// backward), the cotangent is read as bfloat16 (widened exactly) and dx, computed and stored
+// in float32, is also stored rounded to bfloat16 in `dx_narrow`: the bits of XLA's converts
+// around the float32 backward.
+template <typename T, typename TC = T>
 void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* acc) {
   const int64_t n = a.n;
   const T* xp = static_cast<const T*>(a.x);
-  const T* cp = static_cast<const T*>(a.ct);
+  const TC* cp = static_cast<const TC*>(a.ct);
   T* dxp = static_cast<T*>(a.dx);
   const T* addp = static_cast<const T*>(a.add);
+  TC* narrowp = static_cast<TC*>(a.dx_narrow);
   const float* __restrict__ gamma = a.scale;
   const double inv_n = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
   FeaturePartials partial(a.per_row ? 0 : 2 * n, acc);
@@ -225,7 +229,7 @@ void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* ac
   RowGroups(begin, end, [&](auto rows, int64_t r0) {
     constexpr int R = decltype(rows)::value;
     const T* xs[R];
-    const T* cs[R];
+    const TC* cs[R];
     float s[R], m[R], rs[R];
     for (int q = 0; q < R; ++q) {
       xs[q] = xp + (r0 + q) * n;
@@ -253,19 +257,30 @@ void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* ac
     for (int q = 0; q < R; ++q) {
       const int64_t r = r0 + q;
       const T* __restrict__ x = xs[q];
-      const T* __restrict__ ct = cs[q];
+      const TC* __restrict__ ct = cs[q];
       const float sq = s[q], mq = m[q], rsq = rs[q];
-      // dx[j] = body(j), plus add[j] (in float32, rounded once) for the residual-add backward.
+      // dx[j] = body(j), plus add[j] (in float32, rounded once) for the residual-add backward;
+      // with TC != T, also stored to dx_narrow, rounded from dx's stored value.
       auto write_dx = [&](auto body) {
         if (addp == nullptr) {
           MapRow(dxp + r * n, n, body);
           return;
         }
         const T* __restrict__ extra = addp + r * n;
-        MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
-          using V = decltype(type);
-          return body(j, type) + Get<V>(extra, j);
-        });
+        if constexpr (std::is_same_v<T, TC>) {
+          MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
+            using V = decltype(type);
+            return body(j, type) + Get<V>(extra, j);
+          });
+        } else {
+          TC* __restrict__ narrow = narrowp + r * n;
+          MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
+            using V = decltype(type);
+            const V total = body(j, type) + Get<V>(extra, j);
+            Put<V>(narrow, j, total);
+            return total;
+          });
+        }
       };
       if (a.per_row) {
         const float mean_g = a.centered ? static_cast<float>(t[q][0] * inv_n) : 0.f;
