@@ -1,9 +1,9 @@
 """The layers of today's models, fused, against the unfused composition a user writes today.
 
 Each fused form of issue 28 (`rms_norm(..., scale_offset=1.0)`, `adaptive_layer_norm`,
-`adaptive_group_norm`, `gated_rms_norm` in both gate orders, `dynamic_tanh`, `add_rms_norm`
-with a float32 residual) is timed against the `jax.numpy` composition a user would write
-without it (built from normjax's plain norms, and from flax.linen's modules where flax has the
+`adaptive_group_norm`, `gated_rms_norm` in both gate orders and with Mamba-2's groups,
+`dynamic_tanh`, `add_rms_norm` with a float32 residual) is timed against the `jax.numpy`
+composition a user would write without it (built from normjax's plain norms, and from flax.linen's modules where flax has the
 norm), forward and forward + backward, on normjax's two paths: the default one (the native CPU
 kernels wherever the dispatch's plan applies) and the `jax.numpy` one (every program traced
 under `nj.implementation("reference")`; the unfused normjax composition is traced under the
@@ -14,7 +14,8 @@ same choice, flax's programs once). Run (from the repository root):
 
 Shapes: the transformer rows `[8 * 256, 512]` and `[8 * 512, 1024]` (`[B, T, D]` `[8, 256,
 512]` and `[8, 512, 1024]` with `[B, 1, D]` modulation for adaLN), NHWC `[8, 32, 32, 128]` with
-32 groups and `[B, 1, 1, C]` modulation for AdaGN; float32 and bfloat16 (`add_rms_norm`:
+32 groups and `[B, 1, 1, C]` modulation for AdaGN (the gated norm's mean square also over 8
+groups of the features, Mamba-2's `ngroups`); float32 and bfloat16 (`add_rms_norm`:
 bfloat16 `x`, float32 residual). Activations (`x`, the modulation `shift`/`scale`, the gate
 `z`) are in the case's dtype; learned parameters (`w`, `b`, `alpha`) in float32 (flax's
 `param_dtype`); every program returns `x.dtype`, as the fused form does.
@@ -170,6 +171,17 @@ def make_configs(quick: bool) -> list[Config]:
       add("gated_rms_norm norm->gate", shape, dt, inputs,
           lambda x, z, w: nj.gated_rms_norm(x, z, w, norm_before_gate=True),
           nj=(lambda x, z, w: (nj.rms_norm(x, w) * jax.nn.silu(z)).astype(x.dtype), True))
+
+  def grouped_unfused(x, z, w):   # Mamba-2's RMSNormGated(ngroups=8) as a user writes it
+    u = x * jax.nn.silu(z)
+    split = u.shape[:-1] + (8, u.shape[-1] // 8)
+    return (nj.rms_norm(u.reshape(split)).reshape(u.shape) * w).astype(x.dtype)
+  for shape in rows:
+    for dt in dtypes:
+      add("gated_rms_norm 8 groups", shape, dt,
+          (normal(shape, dt), normal(shape, dt), normal(shape[-1:], f32, 0.1, 1.0)),
+          lambda x, z, w: nj.gated_rms_norm(x, z, w, group_size=x.shape[-1] // 8),
+          nj=(grouped_unfused, True))
   for shape in rows:
     for dt in dtypes:
       add("dynamic_tanh", shape, dt,

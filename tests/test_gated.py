@@ -160,15 +160,17 @@ def test_rows_of_2_24_values(norm_before_gate):
 
 @pytest.mark.parametrize("before", [False, True])
 @pytest.mark.parametrize("scaled", [True, False])
-def test_trains_through_the_gated_kernels(before, scaled):
-  """Float32 on the native CPU kernels, the gate in either place: the forward and the
-  reverse-mode program call the gated kernels (the gate computed inside them) and nothing
-  else, the first and second derivatives (both modes) match float64 at a 1e5 offset, the
-  value under `vjp` is the forward's bit for bit, and the gradients are the reference path's."""
+@pytest.mark.parametrize("group", [None, 4])
+def test_trains_through_the_gated_kernels(before, scaled, group):
+  """Float32 on the native CPU kernels, the gate in either place, with and without groups: the
+  forward and the reverse-mode program call the gated kernels (the gate computed inside them)
+  and nothing else, the first and second derivatives (both modes) match float64 at a 1e5
+  offset, the value under `vjp` is the forward's bit for bit, and the gradients are the
+  reference path's."""
   from normjax._src.kernels import primitives
   if not primitives.has_kernel(jax.default_backend()):
     pytest.skip("no native kernels here")
-  fn, want = _fns(before, None, scaled)
+  fn, want = _fns(before, group, scaled)
   args = _args("offset")
   ref.assert_derivatives_match(fn, want, args)
   x, z, s = map(jnp.asarray, args)

@@ -103,6 +103,13 @@ def everything(inputs, x):
                           + _gated.rows_gated_backward_p.bind(x, zz.astype(x.dtype), pf,
                                                               x[::-1], **kw)):
       results[f"kernel/gated/{before}/{i}"] = a
+    # Groups: row r scaled by scale row r % 4, dscale summed per group.
+    kw = dict(eps=1e-5, before=before, groups=4)
+    xg, zg = x[:36], zz[:36].astype(x.dtype)
+    pg = jnp.asarray(np.linspace(0.5, 1.5, 4 * 67, dtype=np.float32))
+    for i, a in enumerate(_gated.rows_gated_forward_p.bind(xg, zg, pg, **kw)
+                          + _gated.rows_gated_backward_p.bind(xg, zg, pg, xg[::-1], **kw)):
+      results[f"kernel/gated_groups/{before}/{i}"] = a
   # Dynamic tanh's backward, its tanh over both branches and saturation.
   for i, a in enumerate(_tanh.tanh_backward_p.bind(x * 3.0, jnp.asarray([0.7], jnp.float32), pf,
                                                    x[::-1])):

@@ -67,20 +67,22 @@ def test_gate_at_special_values():
 
 @pytest.mark.parametrize("before", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernels_match_their_definitions(before, dtype):
+@pytest.mark.parametrize("groups", [1, 4])
+def test_kernels_match_their_definitions(before, dtype, groups):
   """The forward and backward kernels against the primitives' jax.numpy definitions (what the
   reference path and every higher derivative run), on rows with vector loops and scalar tails,
-  an outlier first, an offset row and a NaN row."""
+  an outlier first, an offset row and a NaN row; with `groups`, row r scaled by scale row
+  r % groups (Mamba-2's groups as rows) and dscale summed per group."""
   rng = np.random.default_rng(1)
-  x = rng.normal(size=(37, 67)).astype(np.float32)
+  x = rng.normal(size=(36, 67)).astype(np.float32)
   x[3, 0] = 3e4
   x[5] += 1e5
   x[7, 10] = np.nan
   z = rng.normal(size=x.shape).astype(np.float32) * 4
   ct = rng.normal(size=x.shape).astype(np.float32)
-  s = np.linspace(0.5, 1.5, 67, dtype=np.float32)
+  s = np.linspace(0.5, 1.5, groups * 67, dtype=np.float32)
   x, z, ct = (jnp.asarray(a, dtype) for a in (x, z, ct))
-  kw = dict(eps=1e-5, before=before)
+  kw = dict(eps=1e-5, before=before, groups=groups)
   got = (gated.rows_gated_forward_p.bind(x, z, s, **kw)
          + gated.rows_gated_backward_p.bind(x, z, s, ct, **kw))
   want = jax.jit(lambda *a: gated._forward_reference(*a[:3], **kw)

@@ -264,14 +264,16 @@ def _native_feature_rows(p: Plan) -> bool:
 
 
 def gated_rms_norm(x: jax.Array, z: jax.Array, axes: Axes, scale: jax.Array | None, eps: Any,
-                   *, before: bool) -> jax.Array | None:
-  """The gated RMS norm (`gated.gated_rms_norm` without groups) through the gated rows
-  kernel, where `plan` picks the native `"rows"` kernel with per-feature `scale` and `z` has
-  `x`'s dtype; else None (the caller composes it from `standardize` and `silu`)."""
+                   *, before: bool, group_size: int | None = None) -> jax.Array | None:
+  """The gated RMS norm (`gated.gated_rms_norm`) through the gated rows kernel, where `plan`
+  picks the native `"rows"` kernel with per-feature `scale` for the norm over `axes` and `z`
+  has `x`'s dtype (with `group_size`, the groups of the one trailing axis are the kernel's
+  rows); else None (the caller composes it from `standardize` and `silu`)."""
   if not _native_feature_rows(plan(x, axes, scale, None, eps, centered=False)) or (
-      z.dtype != x.dtype):
+      z.dtype != x.dtype) or (group_size is not None and x.shape[-1] == 0):
     return None
-  return gated.gated_rms_norm(x, z, scale, len(axes), float(eps), before=before)
+  return gated.gated_rms_norm(x, z, scale, len(axes), float(eps), before=before,
+                              group_size=group_size)
 
 
 def dynamic_tanh(x: jax.Array, alpha: jax.Array, scale: jax.Array | None,

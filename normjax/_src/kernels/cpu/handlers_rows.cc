@@ -442,18 +442,20 @@ using normjax_cpu::GatedArgs;
 
 // The gated RMS norm (see level_gated.h): y = rms_norm(x * silu(z)) * scale, or with `before`
 // rms_norm(x) * scale * silu(z); the gate in float32, one read of x and z per pass.
+// With `groups` = G > 1, scale is [G, n] and row r takes its row r % G (a feature axis of
+// G * n cut into groups of n, as consecutive rows).
 template <ffi::DataType T>
 ffi::Error RowsGatedForward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T, 2> z,
                             ffi::Buffer<ffi::F32, 1> scale, ffi::ResultBuffer<T, 2> y,
-                            float eps, bool before) {
+                            float eps, bool before, int64_t groups) {
   return Guarded("normjax rows_gated_forward", [&]() -> ffi::Error {
     const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
-    if (z.dimensions()[0] != rows || z.dimensions()[1] != n ||
-        scale.element_count() != static_cast<size_t>(n)) {
+    if (z.dimensions()[0] != rows || z.dimensions()[1] != n || groups < 1 ||
+        rows % groups != 0 || scale.element_count() != static_cast<size_t>(groups * n)) {
       return ffi::Error::InvalidArgument("normjax rows_gated_forward: z/scale size mismatch");
     }
     const GatedArgs args{x.untyped_data(), z.untyped_data(), nullptr, scale.typed_data(),
-                         y->untyped_data(), nullptr, n, eps, before};
+                         y->untyped_data(), nullptr, n, eps, before, groups};
     const auto forward = Active().gated_forward[DtypeIndex<T>()];
     ParallelChunks(pool, rows, NumChunks(rows, n), [&](int64_t begin, int64_t end, int64_t) {
       forward(args, begin, end);
@@ -471,7 +473,8 @@ auto BindGatedForward() {
       .template Arg<ffi::Buffer<ffi::F32, 1>>()
       .template Ret<ffi::Buffer<T, 2>>()
       .template Attr<float>("eps")
-      .template Attr<bool>("before");
+      .template Attr<bool>("before")
+      .template Attr<int64_t>("groups");
 }
 
 // dx, dz and dscale of the gated RMS norm for the cotangent ct (see GatedBackwardChunk);
@@ -480,23 +483,26 @@ template <ffi::DataType T>
 ffi::Error RowsGatedBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<T, 2> z,
                              ffi::Buffer<ffi::F32, 1> scale, ffi::Buffer<T, 2> ct,
                              ffi::ResultBuffer<T, 2> dx, ffi::ResultBuffer<T, 2> dz,
-                             ffi::ResultBuffer<ffi::F32, 1> dscale, float eps, bool before) {
+                             ffi::ResultBuffer<ffi::F32, 1> dscale, float eps, bool before,
+                             int64_t groups) {
   return Guarded("normjax rows_gated_backward", [&]() -> ffi::Error {
     const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
     if (z.dimensions()[0] != rows || z.dimensions()[1] != n || ct.dimensions()[0] != rows ||
-        ct.dimensions()[1] != n || scale.element_count() != static_cast<size_t>(n)) {
+        ct.dimensions()[1] != n || groups < 1 || rows % groups != 0 ||
+        scale.element_count() != static_cast<size_t>(groups * n)) {
       return ffi::Error::InvalidArgument("normjax rows_gated_backward: z/ct/scale size mismatch");
     }
     const GatedArgs args{x.untyped_data(), z.untyped_data(), ct.untyped_data(),
                          scale.typed_data(), dx->untyped_data(), dz->untyped_data(),
-                         n, eps, before};
+                         n, eps, before, groups};
     const auto backward = Active().gated_backward[DtypeIndex<T>()];
+    const int64_t width = groups * n;
     const std::vector<double> totals = SumsOverRows(
-        pool, rows, n, n, n, [&](int64_t begin, int64_t end, double* acc) {
+        pool, rows, n, width, width, [&](int64_t begin, int64_t end, double* acc) {
           backward(args, begin, end, acc);
         });
     float* ds = dscale->typed_data();
-    for (int64_t j = 0; j < n; ++j) ds[j] = static_cast<float>(totals[j]);
+    for (int64_t j = 0; j < width; ++j) ds[j] = static_cast<float>(totals[j]);
     return ffi::Error::Success();
   });
 }
@@ -513,7 +519,8 @@ auto BindGatedBackward() {
       .template Ret<ffi::Buffer<T, 2>>()
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
       .template Attr<float>("eps")
-      .template Attr<bool>("before");
+      .template Attr<bool>("before")
+      .template Attr<int64_t>("groups");
 }
 
 }  // namespace

@@ -120,7 +120,9 @@ struct AddForwardArgs {
 };
 
 // The gated RMS norm (RowsGatedForward, RowsGatedBackward): x, z and (backward) ct are
-// [rows, n], scale [n]; `out` is y (forward) or dx, `dz` the backward's dz.
+// [rows, n], scale [groups, n]: row r is scaled by scale row r % groups (Mamba-2's groups of
+// a feature axis as consecutive rows; 1 otherwise); `out` is y (forward) or dx, `dz` the
+// backward's dz.
 struct GatedArgs {
   const void* x;
   const void* z;
@@ -131,6 +133,7 @@ struct GatedArgs {
   int64_t n;
   float eps;
   bool before;
+  int64_t groups;
 };
 
 // Dynamic tanh's backward (TanhBackward): x, g and dx are [rows, n], scale [n].

@@ -5,7 +5,8 @@
 // Part of the loops of one instruction-set level: included by level.h only (no include guard,
 // no includes; see level.h).
 
-// Rows [begin, end) of the gated forward (see RowsGatedForward in handlers_rows.cc): per
+// Rows [begin, end) of the gated forward (see RowsGatedForward in handlers_rows.cc; row r
+// scaled by scale row r % groups, see GatedArgs): per
 // group of kRowGroup rows, the gated input u = x * silu(z) in float32 in a row buffer (gate
 // first) or x itself (gate after), its mean square (RowMomentsRows, uncentered: the RMS
 // kernel's sums), then each row's output.
@@ -15,7 +16,6 @@ void GatedForwardChunk(const GatedArgs& a, int64_t begin, int64_t end) {
   const T* xp = static_cast<const T*>(a.x);
   const T* zp = static_cast<const T*>(a.z);
   T* yp = static_cast<T*>(a.out);
-  const float* __restrict__ g = a.scale;
   std::vector<float> buffer(a.before ? 0 : kRowGroup * n);
   RowGroups(begin, end, [&](auto rows, int64_t r0) {
     constexpr int R = decltype(rows)::value;
@@ -46,6 +46,7 @@ void GatedForwardChunk(const GatedArgs& a, int64_t begin, int64_t end) {
       const float rstd = RstdOf(v, a.eps);
       const T* __restrict__ x = xp + r * n;
       const T* __restrict__ z = zp + r * n;
+      const float* __restrict__ g = a.scale + (r % a.groups) * n;
       if (a.before) {
         MapRow(yp + r * n, n, [&](int64_t i, auto type) {
           using V = decltype(type);
@@ -71,7 +72,8 @@ void GatedForwardChunk(const GatedArgs& a, int64_t begin, int64_t end) {
 //   gate after (h = x * rstd, c' = c * gate): dx = rstd * (c' - h * mean(c' * h)),
 //     dz = c * h * gate', dscale += ct * gate * h.
 // rstd is recomputed from the same sums as the forward's (the same bits), in the pass that
-// sums c * u; dscale's per-feature sums go to acc[0, n) (FeaturePartials).
+// sums c * u; dscale's per-feature sums go to acc[0, groups * n) (FeaturePartials), row r's
+// to scale row r % groups's.
 template <typename T>
 void GatedBackwardChunk(const GatedArgs& a, int64_t begin, int64_t end, double* acc) {
   const int64_t n = a.n;
@@ -80,19 +82,19 @@ void GatedBackwardChunk(const GatedArgs& a, int64_t begin, int64_t end, double* 
   const T* cp = static_cast<const T*>(a.ct);
   T* dxp = static_cast<T*>(a.out);
   T* dzp = static_cast<T*>(a.dz);
-  const float* __restrict__ gamma = a.scale;
   const double inv_n = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
   const bool before = a.before;
   std::vector<float> buffer(kRowGroup * n);
-  FeaturePartials partial(n, acc);
-  float* __restrict__ ds = partial.data();
+  FeaturePartials partial(a.groups * n, acc);
   RowGroups(begin, end, [&](auto rows, int64_t r0) {
     constexpr int R = decltype(rows)::value;
     const T* xs[R];
     const T* zs[R];
     const T* cs[R];
     const float* ss[R];
+    const float* gs[R];
     for (int q = 0; q < R; ++q) {
+      gs[q] = a.scale + ((r0 + q) % a.groups) * n;
       xs[q] = xp + (r0 + q) * n;
       zs[q] = zp + (r0 + q) * n;
       cs[q] = cp + (r0 + q) * n;
@@ -108,7 +110,7 @@ void GatedBackwardChunk(const GatedArgs& a, int64_t begin, int64_t end, double* 
       using V = std::remove_pointer_t<decltype(out)>;
       const V x = Get<V>(xs[q], i);
       const V gate = Get<V>(zs[q], i) * Get<V>(ss[q], i);
-      const V c = Get<V>(cs[q], i) * Get<V>(gamma, i);
+      const V c = Get<V>(cs[q], i) * Get<V>(gs[q], i);
       if (before) {
         out[0] = x * x;
         out[1] = (c * gate) * x;
@@ -124,6 +126,8 @@ void GatedBackwardChunk(const GatedArgs& a, int64_t begin, int64_t end, double* 
       const T* __restrict__ z = zs[q];
       const T* __restrict__ ct = cs[q];
       const float* __restrict__ sig = ss[q];
+      const float* __restrict__ gamma = gs[q];
+      float* __restrict__ ds = partial.data() + (r % a.groups) * n;
       T* __restrict__ dz = dzp + r * n;
       float s, off, v;
       RunningMoments{static_cast<double>(n), 0.0, t[q][0]}.Finish(&s, &off, &v);
