@@ -158,7 +158,7 @@ def gated_rms_norm(x: jax.Array, z: jax.Array, scale: jax.Array | None, n_axes: 
   groups = 1
   if group_size is not None:
     groups, n = n // group_size, group_size
-  rows = x.size // n if n else math.prod(x.shape[:x.ndim - n_axes]) * groups
+  rows = math.prod(x.shape[:x.ndim - n_axes]) * groups
   (y,) = rows_gated_forward_p.bind(x.reshape(rows, n), z.reshape(rows, n), vector, eps=eps,
                                    before=before, groups=groups)
   return y.reshape(x.shape)

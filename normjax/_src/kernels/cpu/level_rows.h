@@ -267,20 +267,12 @@ void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* ac
           return;
         }
         const T* __restrict__ extra = addp + r * n;
-        if constexpr (std::is_same_v<T, TC>) {
-          MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
-            using V = decltype(type);
-            return body(j, type) + Get<V>(extra, j);
-          });
-        } else {
-          TC* __restrict__ narrow = narrowp + r * n;
-          MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
-            using V = decltype(type);
-            const V total = body(j, type) + Get<V>(extra, j);
-            Put<V>(narrow, j, total);
-            return total;
-          });
-        }
+        MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
+          using V = decltype(type);
+          const V total = body(j, type) + Get<V>(extra, j);
+          if constexpr (!std::is_same_v<T, TC>) Put<V>(narrowp + r * n, j, total);
+          return total;
+        });
       };
       if (a.per_row) {
         const float mean_g = a.centered ? static_cast<float>(t[q][0] * inv_n) : 0.f;
