@@ -158,3 +158,57 @@ def test_quick_blocks_report(tmp_path):
   _run_script(tmp_path, "run.py", "--blocks", "--allocator", "current", "--paths", "native")
   md = (tmp_path / "quick_models_blocks.md").read_text()
   assert "DiT" in md and "Gemma" in md
+
+
+def test_quick_modern_report_has_the_one_pass_floor(tmp_path):
+  """`modern.py --quick`: issue 28's fused forms against their compositions, with each
+  program's time over one pass (one XLA loop reading the full-size inputs
+  and writing the outputs once), timed in the same rounds."""
+  out = tmp_path / "modern.md"
+  _run_script(out, "modern.py", "--allocator", "current", "--filter", "add_rms|dynamic_tanh")
+  md = out.read_text()
+  assert "fwd / one pass (fused, baseline)" in md
+  records = json.loads(out.with_suffix(".json").read_text())["records"]
+  assert {r["case"] for r in records} == {"add_rms_norm residual f32", "dynamic_tanh"}
+  for r in records:
+    for pass_ in ("fwd", "fwd+bwd"):
+      p = r[pass_]
+      assert p["floor_ms"] > 0
+      assert p["fused_over_floor"] == pytest.approx(p["fused_ms"] / p["floor_ms"])
+      assert p["baseline_over_floor"] == pytest.approx(p["baseline_ms"] / p["floor_ms"])
+      row = (f"| {r['case']} | {r['baseline']} | {'x'.join(map(str, r['shape']))} | "
+             f"{r['dtype']} | {r['path']} |")
+      line = next(l for l in md.splitlines() if l.startswith(row))
+      assert f"{p['fused_over_floor']:.2f}, {p['baseline_over_floor']:.2f}" in line
+
+
+def test_one_pass_floor_reads_and_writes_each_full_size_array_once():
+  """The floor program of `benchmarks/modern.py`: outputs of the fused form's shapes and dtypes
+  (and, for the forward+backward, one per full-size input), each a function of every
+  full-size array read (a changed input or cotangent changes every output)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import modern  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(os.path.join(ROOT, "benchmarks"))
+  x = jnp.ones((4, 8), jnp.bfloat16)
+  r = jnp.ones((4, 8), jnp.float32)
+  w = jnp.ones((8,), jnp.float32)
+  cfg = modern.Config("c", (4, 8), "bfloat16", (x, r, w), None, {})
+  out_shape = (jax.ShapeDtypeStruct((4, 8), jnp.bfloat16),
+               jax.ShapeDtypeStruct((4, 8), jnp.float32))
+  ct = (jnp.ones((4, 8), jnp.bfloat16), jnp.ones((4, 8), jnp.float32))
+  fwd = modern.one_pass(cfg, out_shape, backward=False)((x, r, w), ct)
+  bwd = modern.one_pass(cfg, out_shape, backward=True)((x, r, w), ct)
+  assert [o.dtype for o in fwd] == [jnp.bfloat16, jnp.float32]
+  assert [o.dtype for o in bwd] == [jnp.bfloat16, jnp.float32, jnp.bfloat16, jnp.float32]
+  for changed in ((x * 2, r, w), (x, r * 2, w)):
+    new = modern.one_pass(cfg, out_shape, backward=True)(changed, ct)
+    assert all(not np.array_equal(a, b) for a, b in zip(new, bwd))
+  new = modern.one_pass(cfg, out_shape, backward=True)((x, r, w), (ct[0], ct[1] * 2))
+  assert all(not np.array_equal(a, b) for a, b in zip(new, bwd))
+  fwd_ct = modern.one_pass(cfg, out_shape, backward=False)((x, r, w), (ct[0], ct[1] * 2))
+  assert all(np.array_equal(a, b) for a, b in zip(fwd_ct, fwd))   # the forward reads no ct
