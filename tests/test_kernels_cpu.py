@@ -383,6 +383,52 @@ def test_row_kernels_drift_and_late_outliers_match_float64(dtype):
 
 
 @native_only
+@pytest.mark.parametrize("n", [5, 512, 1000, 3 * 1024 + 7])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_row_kernels_first_block_in_one_read_match_float64(dtype, n):
+  """The first block of a row is summed in one read about the float32 mean of its first 16
+  values, and again two-pass where that cancels or is not finite: rows whose head is typical,
+  holds an outlier (at position 1, 8, 15: inside the head; 16: just after it), sits far from
+  the rest (the head 50 above) or has a 1e5 offset, and rows shorter than the head (n = 5);
+  layer norm's forward kernel and the NCHW moments kernel against float64, 4 rows at a time
+  and alone. Then a row whose one-read sums overflow float32 and whose two-pass ones (M2 about
+  1.6e37) do not: finite, within the float32 lane sums' error of values from 1e32 to 1e36
+  (64 additions per lane, 1e-5)."""
+  rng = np.random.default_rng(9)
+  rows = []
+  for position in (None, 1, 8, 15, 16):
+    r = rng.normal(size=n).astype(np.float32)
+    if position is not None and position < n:
+      r[position] = 3e4
+    rows.append(r)
+  head = rng.normal(size=n).astype(np.float32)
+  head[:16] += 50.0
+  rows.append(head)
+  rows.append(rng.normal(size=n).astype(np.float32) + 1e5)
+  x = jnp.asarray(np.stack(rows)).astype(dtype)
+  x64 = np.asarray(x.astype(F32), np.float64)
+  mean, var = _moments64(x64, 1)
+  ones, zeros = jnp.ones(n), jnp.zeros(n)
+  forward = jax.jit(lambda x: _rows.rows_forward_p.bind(
+      x, ones, zeros, eps=1e-5, centered=True, per_row=False, example_rows=0))
+  for chosen in (slice(None), slice(0, 1), slice(5, 6)):
+    _, *stats = forward(x[chosen])
+    _check_moments(stats, mean[chosen], var[chosen], rtol=1e-6)
+  stats = jax.jit(lambda x: _columns.row_moments_p.bind(x, pool_outer=False, group_size=1))(
+      x.reshape(1, len(rows), n))
+  _check_moments([s[0] for s in stats], mean, var, rtol=1e-6)
+  if n < 512:
+    return
+  wide = rng.normal(size=(1, n)).astype(np.float32)
+  wide[0, :16] = 1e18
+  wide = jnp.asarray(wide).astype(dtype)
+  mean, var = _moments64(np.asarray(wide.astype(F32), np.float64), 1)
+  _, *stats = forward(wide)
+  assert np.isfinite(np.asarray(stats[2])).all()
+  _check_moments(stats, mean, var, rtol=1e-5)
+
+
+@native_only
 def test_column_kernel_one_million_values_after_a_far_first_element():
   """1M values per channel after a first element of 3e4: the variance clamped to 0 before."""
   x = np.random.default_rng(1).normal(size=(1, 1 << 20, 2)).astype(np.float32)

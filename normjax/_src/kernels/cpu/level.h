@@ -19,10 +19,13 @@
 // (tests/test_kernels_cpu_portability.py).
 //
 // Accuracy: statistics are accumulated in blocks of at most kBlock elements (cache resident):
-// per block a float32 sum gives the block mean, a second pass over the cached block sums
-// (x - block mean) and its square, and the block's (count, mean, M2) is merged into the
-// row's with Chan's formula in double. Float32 error grows over at most kBlock / kLanes = 64
-// additions per lane, whatever the row length and whatever the data order.
+// per block the sums of d = x - K and d^2 about a float32 shift K near the mean (a row's
+// first block: the mean of its first kLanes values; later blocks: the mean so far), summed
+// again about the block's own float32 mean (a second pass over the cached block) wherever the
+// shift was too far for them (they cancel, or are not finite), and the block's (count, mean,
+// M2) is merged into the row's with Chan's formula in double. Float32 error grows over at
+// most kBlock / kLanes = 64 additions per lane, whatever the row length and whatever the
+// data order.
 
 #include "level_vectors.h"   // NOLINT(build/include)
 #include "level_rows.h"      // NOLINT(build/include)

@@ -96,9 +96,11 @@ void RowMomentsRows(const T* const* x, int64_t n, bool centered, RunningMoments*
     for (int r = 0; r < R; ++r) acc[r] = RunningMoments{static_cast<double>(n), 0.0, m2[r][0]};
     return;
   }
-  // The first block two-pass (BlockMomentsRows); every later block in one read, its sums
-  // about K = float32(mean so far), unless they cancel (as in ColumnStatsChunk: S1^2 / n >
-  // S2 / 4, or not finite), when that row's block is summed again about its own mean.
+  // Every block in one read: its sums about a shift K per row, K = the float32 mean of the
+  // block's first kLanes values (a scalar sum in order) for the first block and float32(mean
+  // so far) for later ones, unless they cancel (as in ColumnStatsChunk: S1^2 / n > S2 / 4) or
+  // are not finite, when that row's block is summed again two-pass about its own mean
+  // (BlockMomentsRows): then M2 loses at most log2(4/3) = 0.42 bits to the subtraction.
   for (int r = 0; r < R; ++r) acc[r] = RunningMoments{};
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(n - b, kBlock);
@@ -106,24 +108,29 @@ void RowMomentsRows(const T* const* x, int64_t n, bool centered, RunningMoments*
     double mean[R], m2[R];
     const T* xb[R];
     for (int r = 0; r < R; ++r) xb[r] = x[r] + b;
-    if (b == 0) {
-      BlockMomentsRows<R>(xb, len, mean, m2);
-    } else {
-      float k[R];
-      for (int r = 0; r < R; ++r) k[r] = static_cast<float>(acc[r].mean);
-      double t[R][2] = {};
-      LaneSumsRows<R, 2>(0, len, [&](int r, int64_t i, auto* out) {
-        using V = std::remove_pointer_t<decltype(out)>;
-        const V d = Get<V>(xb[r], i) - k[r];
-        out[0] = d;
-        out[1] = d * d;
-      }, t);
-      for (int r = 0; r < R; ++r) {
-        mean[r] = static_cast<double>(k[r]) + t[r][0] / count;
-        m2[r] = t[r][1] - t[r][0] * (t[r][0] / count);
-        if (!(t[r][0] * t[r][0] <= 0.25 * count * t[r][1])) {
-          BlockMomentsRows<1>(&xb[r], len, &mean[r], &m2[r]);
-        }
+    float k[R];
+    for (int r = 0; r < R; ++r) {
+      if (b == 0) {
+        const int64_t head = std::min(len, kLanes);
+        float sum = 0.f;
+        for (int64_t i = 0; i < head; ++i) sum += Load(xb[r], i);
+        k[r] = sum / static_cast<float>(head);
+      } else {
+        k[r] = static_cast<float>(acc[r].mean);
+      }
+    }
+    double t[R][2] = {};
+    LaneSumsRows<R, 2>(0, len, [&](int r, int64_t i, auto* out) {
+      using V = std::remove_pointer_t<decltype(out)>;
+      const V d = Get<V>(xb[r], i) - k[r];
+      out[0] = d;
+      out[1] = d * d;
+    }, t);
+    for (int r = 0; r < R; ++r) {
+      mean[r] = static_cast<double>(k[r]) + t[r][0] / count;
+      m2[r] = t[r][1] - t[r][0] * (t[r][0] / count);
+      if (!(t[r][0] * t[r][0] <= 0.25 * count * t[r][1]) || !std::isfinite(t[r][1])) {
+        BlockMomentsRows<1>(&xb[r], len, &mean[r], &m2[r]);
       }
     }
     for (int r = 0; r < R; ++r) acc[r].Merge(count, mean[r], m2[r]);
