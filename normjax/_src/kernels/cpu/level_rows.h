@@ -56,6 +56,24 @@ inline void BlockedSumsRows(int64_t n, F f, double (*totals)[K]) {
   for (int64_t b = 0; b < n; b += kBlock) LaneSumsRows<R, K>(b, std::min(n, b + kBlock), f, totals);
 }
 
+// The sums t[r] of d = x[r] - k[r] and d^2 over len <= kBlock values of each row x[r], and
+// from them the mean k + S1 / len and M2 = S2 - S1^2 / len, corrected in double.
+template <int R, typename T>
+inline void ShiftedMomentsRows(const T* const* x, int64_t len, const float* k, double (*t)[2],
+                               double* mean, double* m2) {
+  LaneSumsRows<R, 2>(0, len, [&](int r, int64_t i, auto* out) {
+    using V = std::remove_pointer_t<decltype(out)>;
+    const V d = Get<V>(x[r], i) - k[r];
+    out[0] = d;
+    out[1] = d * d;
+  }, t);
+  const double count = static_cast<double>(len);
+  for (int r = 0; r < R; ++r) {
+    mean[r] = static_cast<double>(k[r]) + t[r][0] / count;
+    m2[r] = t[r][1] - t[r][0] * (t[r][0] / count);
+  }
+}
+
 // Mean and M2 (sum of squared deviations) of len <= kBlock cached values of each row x[r],
 // two-pass: the float32 block mean, then the sums of d = x - block mean and d^2 (d is small,
 // so the sums lose nothing to cancellation), corrected in double.
@@ -70,16 +88,7 @@ inline void BlockMomentsRows(const T* const* x, int64_t len, double* mean, doubl
   float mb[R];
   for (int r = 0; r < R; ++r) mb[r] = static_cast<float>(sum[r][0] / count);
   double t[R][2] = {};
-  LaneSumsRows<R, 2>(0, len, [&](int r, int64_t i, auto* out) {
-    using V = std::remove_pointer_t<decltype(out)>;
-    const V d = Get<V>(x[r], i) - mb[r];
-    out[0] = d;
-    out[1] = d * d;
-  }, t);
-  for (int r = 0; r < R; ++r) {
-    mean[r] = static_cast<double>(mb[r]) + t[r][0] / count;
-    m2[r] = t[r][1] - t[r][0] * (t[r][0] / count);
-  }
+  ShiftedMomentsRows<R>(x, len, mb, t, mean, m2);
 }
 
 // (count, mean, M2) of each row x[r] (r < R) of n elements, centered; uncentered: mean 0 and
@@ -120,15 +129,8 @@ void RowMomentsRows(const T* const* x, int64_t n, bool centered, RunningMoments*
       }
     }
     double t[R][2] = {};
-    LaneSumsRows<R, 2>(0, len, [&](int r, int64_t i, auto* out) {
-      using V = std::remove_pointer_t<decltype(out)>;
-      const V d = Get<V>(xb[r], i) - k[r];
-      out[0] = d;
-      out[1] = d * d;
-    }, t);
+    ShiftedMomentsRows<R>(xb, len, k, t, mean, m2);
     for (int r = 0; r < R; ++r) {
-      mean[r] = static_cast<double>(k[r]) + t[r][0] / count;
-      m2[r] = t[r][1] - t[r][0] * (t[r][0] / count);
       if (!(t[r][0] * t[r][0] <= 0.25 * count * t[r][1]) || !std::isfinite(t[r][1])) {
         BlockMomentsRows<1>(&xb[r], len, &mean[r], &m2[r]);
       }
