@@ -232,7 +232,7 @@ def one_pass(cfg: Config, out_shape, *, backward: bool) -> Callable:
   input), with one add per element read; the small parameters are left out. A reference for
   how near a program is to one read and one write of its data (what XLA does in a single
   loop), not a bound: a native kernel on both cores can run below it."""
-  full = lambda leaves: [a for a in leaves if tuple(a.shape) == cfg.shape]
+  full = lambda tree: [a for a in jax.tree.leaves(tree) if tuple(a.shape) == cfg.shape]
 
   def program(args, ct):
     reads = full(args) + (jax.tree.leaves(ct) if backward else [])
