@@ -3,9 +3,10 @@
 Each fused form of issue 28 (`rms_norm(..., scale_offset=1.0)`, `adaptive_layer_norm`,
 `adaptive_group_norm`, `gated_rms_norm` in both gate orders and with Mamba-2's groups,
 `dynamic_tanh`, `add_rms_norm` with a float32 residual) is timed against the `jax.numpy`
-composition a user would write without it (built from normjax's plain norms, and from flax.linen's modules where flax has the
-norm), forward and forward + backward, on normjax's two paths: the default one (the native CPU
-kernels wherever the dispatch's plan applies) and the `jax.numpy` one (every program traced
+composition a user would write without it (built from normjax's plain norms, and from
+flax.linen's modules where flax has the norm), forward and forward + backward, on normjax's
+two paths: the default one (the native CPU kernels wherever the dispatch's plan applies) and
+the `jax.numpy` one (every program traced
 under `nj.implementation("reference")`; the unfused normjax composition is traced under the
 same choice, flax's programs once). Run (from the repository root):
 
@@ -264,11 +265,10 @@ def build_programs(cfg: Config, rng: np.random.Generator) -> list[Program]:
   for name, f, per_path in variants:
     for path in (PATHS if per_path else ("-",)):
       for pass_, wrap in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        if name == FLOOR:
-          wrap = lambda _, pass_=pass_: floor[pass_]
+        program = floor[pass_] if name == FLOOR else wrap(f)
         t0 = time.perf_counter()
         with nj.implementation("reference" if path == "reference" else "auto"):
-          compiled = jax.jit(wrap(f)).lower(cfg.inputs, ct).compile()
+          compiled = jax.jit(program).lower(cfg.inputs, ct).compile()
         compile_s = time.perf_counter() - t0
         kernels = sorted({re.sub(r"(F32|BF16)$", "", k) for k in
                           re.findall(r"Normjax([A-Za-z0-9]+)", compiled.as_text())})

@@ -63,8 +63,8 @@ def gated_rms_norm(x: jax.Array, z: jax.Array, scale: jax.Array | None = None, *
                        f"axis={axis!r} of size {[x.shape[a] for a in axes]} for x of shape "
                        f"{tuple(x.shape)}.")
   factor = shapes.broadcast_to_axes(scale, x.ndim, axes)
-  y = dispatch.gated_rms_norm(x, z, axes, factor, eps, before=before,   # the gate inside the
-                              group_size=group_size)                     # kernel, where one applies
+  # The gate inside the kernel, where one applies.
+  y = dispatch.gated_rms_norm(x, z, axes, factor, eps, before=before, group_size=group_size)
   if y is not None:
     return y
   if before and group_size is None:   # the value as below, a faster derivative

@@ -20,7 +20,7 @@
 //
 // Accuracy: statistics are accumulated in blocks of at most kBlock elements (cache resident):
 // per block the sums of d = x - K and d^2 about a float32 shift K near the mean (a row's
-// first block: the mean of its first kLanes values; later blocks: the mean so far), summed
+// first block: the mean of its first 4 * kLanes values; later blocks: the mean so far), summed
 // again about the block's own float32 mean (a second pass over the cached block) wherever the
 // shift was too far for them (they cancel, or are not finite), and the block's (count, mean,
 // M2) is merged into the row's with Chan's formula in double. Float32 error grows over at

@@ -74,19 +74,25 @@ inline void ShiftedMomentsRows(const T* const* x, int64_t len, const float* k, d
   }
 }
 
-// Mean and M2 (sum of squared deviations) of len <= kBlock cached values of each row x[r],
-// two-pass: the float32 block mean, then the sums of d = x - block mean and d^2 (d is small,
-// so the sums lose nothing to cancellation), corrected in double.
+// mean[r] = the float32 mean of the first len <= kBlock values of each row x[r] (float32
+// lane sums, the same bits on every level).
 template <int R, typename T>
-inline void BlockMomentsRows(const T* const* x, int64_t len, double* mean, double* m2) {
+inline void BlockMeanRows(const T* const* x, int64_t len, float* mean) {
   double sum[R][1] = {};
   LaneSumsRows<R, 1>(0, len, [&](int r, int64_t i, auto* out) {
     using V = std::remove_pointer_t<decltype(out)>;
     out[0] = Get<V>(x[r], i);
   }, sum);
-  const double count = static_cast<double>(len);
+  for (int r = 0; r < R; ++r) mean[r] = static_cast<float>(sum[r][0] / static_cast<double>(len));
+}
+
+// Mean and M2 (sum of squared deviations) of len <= kBlock cached values of each row x[r],
+// two-pass: the float32 block mean, then the sums of d = x - block mean and d^2 (d is small,
+// so the sums lose nothing to cancellation), corrected in double.
+template <int R, typename T>
+inline void BlockMomentsRows(const T* const* x, int64_t len, double* mean, double* m2) {
   float mb[R];
-  for (int r = 0; r < R; ++r) mb[r] = static_cast<float>(sum[r][0] / count);
+  BlockMeanRows<R>(x, len, mb);
   double t[R][2] = {};
   ShiftedMomentsRows<R>(x, len, mb, t, mean, m2);
 }
@@ -108,12 +114,12 @@ void RowMomentsRows(const T* const* x, int64_t n, bool centered, RunningMoments*
   // Every block in one read: its sums about a shift K per row, unless they cancel or are not
   // finite, when that row's block is summed again two-pass about its own mean
   // (BlockMomentsRows). The first block's K is the float32 mean of its first kHead values
-  // (LaneSumsRows: the same sum on every level), kept where S1^2 / n <= S2 / 16 (M2 loses at
+  // (BlockMeanRows: the same sum on every level), kept where S1^2 / n <= S2 / 16 (M2 loses at
   // most log2(16/15) = 0.09 bits to the subtraction; for independent values K's spread about
   // the block mean is under an eighth of their standard deviation, which passes about 96 % of
-  // rows); a later
-  // block's K is float32(mean so far), kept where S1^2 / n <= S2 / 4 (as in ColumnStatsChunk:
-  // at most 0.42 bits; there a block far from the ones before it is what fails).
+  // rows); a later block's K is float32(mean so far), kept where S1^2 / n <= S2 / 4 (as in
+  // ColumnStatsChunk: at most 0.42 bits; there a block far from the ones before it is what
+  // fails).
   constexpr int64_t kHead = 4 * kLanes;
   for (int r = 0; r < R; ++r) acc[r] = RunningMoments{};
   for (int64_t b = 0; b < n; b += kBlock) {
@@ -123,14 +129,8 @@ void RowMomentsRows(const T* const* x, int64_t n, bool centered, RunningMoments*
     const T* xb[R];
     for (int r = 0; r < R; ++r) xb[r] = x[r] + b;
     float k[R];
-    const int64_t head = std::min(len, kHead);
     if (b == 0) {
-      double sum[R][1] = {};
-      LaneSumsRows<R, 1>(0, head, [&](int r, int64_t i, auto* out) {
-        using V = std::remove_pointer_t<decltype(out)>;
-        out[0] = Get<V>(xb[r], i);
-      }, sum);
-      for (int r = 0; r < R; ++r) k[r] = static_cast<float>(sum[r][0] / static_cast<double>(head));
+      BlockMeanRows<R>(xb, std::min(len, kHead), k);
     } else {
       for (int r = 0; r < R; ++r) k[r] = static_cast<float>(acc[r].mean);
     }
