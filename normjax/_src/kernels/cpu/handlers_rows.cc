@@ -91,9 +91,20 @@ struct Examples {
     if (!per_row) a.scale += e * n;
     return a;
   }
-  // Calls `rows_of(e, begin, end)` on every example's rows, all on the pool: across examples
-  // when there are at least as many as chunks (each example within one chunk), else the
-  // rows of one example after another split into chunks.
+  // Each example's rows cut into Pieces() ranges (NumChunks of its rows, fixed by the shape).
+  int64_t Pieces() const { return NumChunks(rows_each, n); }
+  // Piece `c` of all examples' pieces: example *e, rows [*begin, *end) (empty past the end).
+  void Piece(int64_t c, int64_t pieces, int64_t* e, int64_t* begin, int64_t* end) const {
+    const int64_t span = (rows_each + pieces - 1) / pieces;
+    *e = c / pieces;
+    const int64_t first = std::min(rows_each, (c % pieces) * span);
+    *begin = *e * rows_each + first;
+    *end = *e * rows_each + std::min(rows_each, first + span);
+  }
+  // Calls `rows_of(e, begin, end)` on every example's rows, in one call on the pool: across
+  // examples when there are at least as many as chunks (each example within one chunk), else
+  // each example's Pieces() (a pool call per example cost adaLN's forward 20 %: 8x512x1024,
+  // 0.96 against RMS norm's 0.79 ms).
   template <typename F>
   void ForEach(ffi::ThreadPool& pool, F rows_of) const {
     const int64_t chunks = NumChunks(rows, n);
@@ -103,13 +114,14 @@ struct Examples {
       });
       return;
     }
-    for (int64_t e = 0; e < Count(); ++e) {
-      const int64_t first = e * rows_each;
-      ParallelChunks(pool, rows_each, NumChunks(rows_each, n),
-                     [&](int64_t begin, int64_t end, int64_t) {
-                       rows_of(e, first + begin, first + end);
-                     });
-    }
+    const int64_t pieces = Pieces(), all = Count() * pieces;
+    ParallelChunks(pool, all, all, [&](int64_t begin, int64_t end, int64_t) {
+      for (int64_t c = begin; c < end; ++c) {
+        int64_t e, b, en;
+        Piece(c, pieces, &e, &b, &en);
+        if (b < en) rows_of(e, b, en);
+      }
+    });
   }
 };
 
@@ -223,7 +235,31 @@ ffi::Error RowsBackwardWith(ffi::ThreadPool& pool, ffi::Buffer<T, 2>& x, ffi::Bu
       return ffi::Error::Success();
     }
     // Per example (one for per-feature parameters), per-chunk sums of g * xhat and g (2n
-    // doubles each), added up in chunk order.
+    // doubles each), added up in chunk order: SumsOverRows's chunks of each example's rows,
+    // all examples' in one call on the pool where their buffers fit in its bound.
+    const int64_t pieces = std::max<int64_t>(
+        1, std::min(ex.Pieces(), kMaxAccumulators / std::max<int64_t>(1, n)));
+    if (ex.Count() * pieces * n <= kMaxAccumulators) {
+      const int64_t all = ex.Count() * pieces;
+      std::vector<double> acc(static_cast<size_t>(all * 2 * n), 0.0);
+      ParallelChunks(pool, all, all, [&](int64_t begin, int64_t end, int64_t) {
+        for (int64_t c = begin; c < end; ++c) {
+          int64_t e, b, en;
+          ex.Piece(c, pieces, &e, &b, &en);
+          if (b < en) backward(ex.At(args, e), b, en, acc.data() + c * 2 * n);
+        }
+      });
+      std::vector<double> totals(2 * n);
+      for (int64_t e = 0; e < ex.Count(); ++e) {
+        std::fill(totals.begin(), totals.end(), 0.0);
+        AddInOrder(acc.data() + e * pieces * 2 * n, pieces, 2 * n, 2 * n, totals.data());
+        for (int64_t j = 0; j < n; ++j) {
+          ds[e * n + j] = static_cast<float>(totals[j]);
+          db[e * n + j] = static_cast<float>(totals[n + j]);
+        }
+      }
+      return ffi::Error::Success();
+    }
     for (int64_t e = 0; e < ex.Count(); ++e) {
       const BackwardArgs a = ex.At(args, e);
       const int64_t first = e * ex.rows_each;
