@@ -9,6 +9,8 @@ test_torch_parity, ...) run through the kernel as well.
 """
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -859,3 +861,63 @@ def test_add_norm_backward_takes_both_cotangents_in_one_kernel(name):
       want = jax.jit(f)(x, r, w)
     for g, v in zip(got, want, strict=True):
       np.testing.assert_allclose(g, v, rtol=1e-4, atol=1e-4 * float(np.abs(v).max()))
+
+
+_THREADS_SCRIPT = """
+import os, sys
+if sys.argv[2] == "one":      # before jax starts: XLA sizes its intra-op pool to the CPUs it may use
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import jax, jax.numpy as jnp, numpy as np
+import normjax as nj
+from tests.helpers import rand
+f32 = jnp.float32
+out = {}
+def grads(name, f, *args):   # a random cotangent: sums over rows that cancel show any change
+  ct = jnp.asarray(rand(jax.eval_shape(f, *args).shape, seed=len(out)))
+  loss = lambda *a: jnp.sum(f(*a).astype(f32) * ct)
+  for k, v in enumerate(jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)):
+    out[f"{name}/{k}"] = np.asarray(v.astype(f32))
+for dt in (jnp.float32, jnp.bfloat16):
+  x = jnp.asarray(rand((512, 768), seed=1, loc=3.0), dt)
+  z = jnp.asarray(rand((512, 768), seed=2), dt)
+  w = jnp.asarray(rand((768,), seed=3, loc=1.0), f32)
+  b = jnp.asarray(rand((768,), seed=4), f32)
+  mod = jnp.asarray(rand((4, 1, 768), seed=5) * 0.1, dt)
+  img = jnp.asarray(rand((8, 16, 16, 96), seed=6, loc=2.0), dt)
+  c, cb = jnp.asarray(rand((96,), seed=7, loc=1.0), f32), jnp.asarray(rand((96,), seed=8), f32)
+  grads(f"layer {dt.__name__}", nj.layer_norm, x, w, b)
+  grads(f"adaLN {dt.__name__}", nj.adaptive_layer_norm, x.reshape(4, 128, 768), mod, mod * 2)
+  grads(f"gated {dt.__name__}", lambda x, z, w: nj.gated_rms_norm(x, z, w), x, z, w)
+  grads(f"tanh {dt.__name__}", lambda x, a, w, b: nj.dynamic_tanh(x, a, w, b), x,
+        jnp.asarray(0.5, f32), w, b)
+  grads(f"group {dt.__name__}", lambda x, c, cb: nj.group_norm(x, c, cb, num_groups=8), img, c, cb)
+  grads(f"batch {dt.__name__}", lambda x, c, cb: nj.batch_norm(
+      x, c, cb, nj.init_batch_stats(96), train=True)[0], img, c, cb)
+np.savez(sys.argv[1], **out)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 or more CPUs")
+def test_kernels_give_the_same_bits_on_one_thread_as_on_all(tmp_path):
+  """The kernels' chunks depend on the shape only and their partial sums are added in chunk
+  order (threads.h), so every derivative (the sums over rows of layer norm, adaLN's per-example
+  sums, the gated and dynamic tanh backward's, the moments kernels' column sums of group and
+  batch norm) has the same bits with XLA's pool on one CPU as on all of them."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # One host device: under conftest.py's XLA_FLAGS (4 devices) a chunk count that followed the
+  # thread count went unseen.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+  got = {}
+  for cpus in ("all", "one"):
+    path = str(tmp_path / f"{cpus}.npz")
+    proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, path, cpus], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got[cpus] = np.load(path)
+  assert len(got["all"].files) == 38
+  for name in got["all"].files:
+    np.testing.assert_array_equal(got["all"][name].view(np.uint32),
+                                  got["one"][name].view(np.uint32), err_msg=name)
