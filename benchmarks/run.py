@@ -3,12 +3,12 @@
 Usage (from the repository root):
 
   python benchmarks/run.py                 # full suite: kernels, then whole models (~10 min, 2 CPU cores)
-  python benchmarks/run.py --no-models     # the kernel cases only (292 s in the committed run)
+  python benchmarks/run.py --no-models     # the kernel cases only (263 s in the committed run)
   python benchmarks/run.py --quick         # smoke run: 2 small shapes, few reps (~30 s; no models)
   python benchmarks/run.py --device gpu    # on a GPU (torch baseline if torch.cuda works;
                                           # normjax's opt-in Pallas kernels as "pallas")
   python benchmarks/run.py --filter 'group fwd'   # a subset (regex on the case name)
-  python benchmarks/run.py --models        # only the whole-model cases (models.py), both paths (307 s)
+  python benchmarks/run.py --models        # only the whole-model cases (models.py), both paths (233 s)
   python benchmarks/run.py --models --quick --paths native   # their smoke-test sizes
   python benchmarks/run.py --blocks        # the DiT and Gemma blocks alone (models_blocks.*)
   python benchmarks/run.py --patterns      # issue 27's norm patterns (patterns.py), both paths
