@@ -752,6 +752,27 @@ def test_per_example_parameters_forward_and_backward_match_float64(examples, row
                                atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("centered", [True, False])
+def test_per_example_parameters_with_no_rows(centered):
+  """An empty batch with per-example parameters (`[0, T, D]`: no rows, no examples): empty
+  outputs, forward and backward, through the primitives and adaLN (the handlers return early
+  on zero examples, whose chunk count is zero)."""
+  x = jnp.zeros((0, 24), F32)
+  params = jnp.zeros((0,), F32)
+  kw = dict(centered=centered, per_row=False, example_rows=4)
+  y, shift, offset, var = jax.jit(lambda *a: _rows.rows_forward_p.bind(*a, eps=1e-5, **kw))(
+      x, params, params)
+  assert y.shape == (0, 24) and shift.shape == offset.shape == var.shape == (0,)
+  dx, dscale, dbias = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))(
+      x, x, shift, offset, var, params)
+  assert dx.shape == (0, 24) and dscale.shape == dbias.shape == (0,)
+  f = lambda x, m: nj.adaptive_layer_norm(x, m, m)
+  xs, m = jnp.zeros((0, 4, 24), F32), jnp.zeros((0, 1, 24), F32)
+  assert jax.jit(f)(xs, m).shape == (0, 4, 24)
+  grads = jax.jit(jax.grad(lambda x, m: jnp.sum(f(x, m)), argnums=(0, 1)))(xs, m)
+  assert grads[0].shape == (0, 4, 24) and grads[1].shape == (0, 1, 24)
+
+
 def test_adaptive_norms_take_the_rows_kernel_with_per_example_parameters():
   """adaLN's `[B, 1, D]` modulation of `[B, T, D]` goes to the native rows kernel, forward and
   backward (one read of `x` each, the modulation inside), and matches the reference path."""

@@ -115,6 +115,7 @@ struct Examples {
       return;
     }
     const int64_t pieces = Pieces(), all = Count() * pieces;
+    if (all == 0) return;  // no rows, no examples
     ParallelChunks(pool, all, all, [&](int64_t begin, int64_t end, int64_t) {
       for (int64_t c = begin; c < end; ++c) {
         int64_t e, b, en;
@@ -239,6 +240,7 @@ ffi::Error RowsBackwardWith(ffi::ThreadPool& pool, ffi::Buffer<T, 2>& x, ffi::Bu
     // all examples' in one call on the pool where their buffers fit in its bound.
     const int64_t pieces = std::max<int64_t>(
         1, std::min(ex.Pieces(), kMaxAccumulators / std::max<int64_t>(1, n)));
+    if (ex.Count() == 0) return ffi::Error::Success();  // no rows: no sums to write
     if (ex.Count() * pieces * n <= kMaxAccumulators) {
       const int64_t all = ex.Count() * pieces;
       std::vector<double> acc(static_cast<size_t>(all * 2 * n), 0.0);
