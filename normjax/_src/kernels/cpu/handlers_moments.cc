@@ -4,6 +4,7 @@
 // the level levels.cc picks (Active()), on the pool's threads (threads.h); every sum over
 // chunks is added in chunk order, so the results do not depend on the thread count.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -17,9 +18,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 using normjax_cpu::Active;
-using normjax_cpu::AddInOrder;
 using normjax_cpu::DtypeIndex;
 using normjax_cpu::ExampleRanges;
+using normjax_cpu::GroupSums;
 using normjax_cpu::Guarded;
 using normjax_cpu::NumChunks;
 using normjax_cpu::ParallelChunks;
@@ -206,38 +207,32 @@ ffi::Error ColumnSums(ffi::ThreadPool pool, ffi::Buffer<T, 3> x, ffi::Buffer<ffi
     const int64_t batch = x.dimensions()[0], positions = x.dimensions()[1];
     const int64_t c = x.dimensions()[2];
     // Per example, the sums of g over each channel, then those of g * ((x - shift) - offset).
-    std::vector<double> totals(static_cast<size_t>(batch) * 2 * c, 0.0);
-    if (positions > 0 && c > 0) {
-      const ExampleRanges ranges(batch, positions, 2 * c);
-      const int64_t chunks = ranges.chunks;
-      std::vector<double> part(static_cast<size_t>(chunks) * 2 * c, 0.0);
-      const auto sums = Active().column_sums[DtypeIndex<T>()];
-      const void* xp = x.untyped_data();
-      const float* gp = g.typed_data();
-      const float* sp = shift.typed_data();
-      const float* op = offset.typed_data();
-      ParallelChunks(pool, chunks, chunks, [&](int64_t begin, int64_t end, int64_t) {
-        for (int64_t k = begin; k < end; ++k) {
-          int64_t b, m0, m1;
-          ranges.Range(k, &b, &m0, &m1);
-          double* out = part.data() + k * 2 * c;
-          sums(xp, gp, sp + b * c, op + b * c, positions, c, b, m0, m1, out);
-        }
-      });
-      const int64_t per_example = ranges.per_example;
-      for (int64_t b = 0; b < batch; ++b) {
-        AddInOrder(part.data() + b * per_example * 2 * c, per_example, 2 * c, 2 * c,
-                   totals.data() + b * 2 * c);
-      }
-    }
     float* og = sg->typed_data();
     float* ogx = sgx->typed_data();
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t i = 0; i < c; ++i) {
-        og[b * c + i] = static_cast<float>(totals[b * 2 * c + i]);
-        ogx[b * c + i] = static_cast<float>(totals[b * 2 * c + c + i]);
-      }
+    if (positions == 0 || c == 0) {  // nothing to sum
+      std::fill(og, og + batch * c, 0.0f);
+      std::fill(ogx, ogx + batch * c, 0.0f);
+      return ffi::Error::Success();
     }
+    const ExampleRanges ranges(batch, positions, 2 * c);
+    const auto sums = Active().column_sums[DtypeIndex<T>()];
+    const void* xp = x.untyped_data();
+    const float* gp = g.typed_data();
+    const float* sp = shift.typed_data();
+    const float* op = offset.typed_data();
+    GroupSums(
+        pool, batch, ranges.per_example, 2 * c, ranges.chunks,
+        [&](int64_t b, int64_t piece, double* out) {
+          int64_t e, m0, m1;
+          ranges.Range(b * ranges.per_example + piece, &e, &m0, &m1);
+          sums(xp, gp, sp + b * c, op + b * c, positions, c, b, m0, m1, out);
+        },
+        [&](int64_t b, const double* s) {
+          for (int64_t i = 0; i < c; ++i) {
+            og[b * c + i] = static_cast<float>(s[i]);
+            ogx[b * c + i] = static_cast<float>(s[c + i]);
+          }
+        });
     return ffi::Error::Success();
   });
 }

@@ -37,33 +37,15 @@ namespace {
 
 using normjax_cpu::Active;
 using normjax_cpu::AddForwardArgs;
-using normjax_cpu::AddInOrder;
 using normjax_cpu::BackwardArgs;
 using normjax_cpu::DtypeIndex;
 using normjax_cpu::ForwardArgs;
 using normjax_cpu::FunctionRef;
 using normjax_cpu::Guarded;
-using normjax_cpu::kMaxAccumulators;
+using normjax_cpu::GroupSums;
 using normjax_cpu::NumChunks;
 using normjax_cpu::ParallelChunks;
-
-// Sums over rows [0, rows) of `width` doubles (a backward's per-feature sums), the same bits
-// whatever the thread count: the rows cut into NumChunks(rows, n) chunks, at most
-// kMaxAccumulators / `bound` of them (their buffers' memory), `body(begin, end, acc)` adding
-// its rows' sums into its chunk's zeroed buffer, the buffers then added in chunk order.
-std::vector<double> SumsOverRows(ffi::ThreadPool& pool, int64_t rows, int64_t n, int64_t width,
-                                 int64_t bound,
-                                 FunctionRef<void(int64_t begin, int64_t end, double* acc)> body) {
-  int64_t chunks = NumChunks(rows, n);
-  chunks = std::max<int64_t>(1, std::min(chunks, kMaxAccumulators / std::max<int64_t>(1, bound)));
-  std::vector<double> acc(static_cast<size_t>(chunks) * width, 0.0);
-  std::vector<double> totals(width, 0.0);
-  ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t chunk) {
-    body(begin, end, acc.data() + chunk * width);
-  });
-  AddInOrder(acc.data(), chunks, width, width, totals.data());
-  return totals;
-}
+using normjax_cpu::SumPieces;
 
 // How the parameters map to the rows: one vector per feature for all rows (one "example"), per
 // row (`per_row`, one example), or one per feature for each run of `example_rows` consecutive
@@ -93,13 +75,14 @@ struct Examples {
   }
   // Each example's rows cut into Pieces() ranges (NumChunks of its rows, fixed by the shape).
   int64_t Pieces() const { return NumChunks(rows_each, n); }
-  // Piece `c` of all examples' pieces: example *e, rows [*begin, *end) (empty past the end).
-  void Piece(int64_t c, int64_t pieces, int64_t* e, int64_t* begin, int64_t* end) const {
+  // Many examples: at least as many as the chunks of all rows (each example within one chunk).
+  bool Many() const { return Count() > 1 && Count() >= NumChunks(rows, n); }
+  // Piece `p` of example `e`'s rows cut into `pieces`: rows [*begin, *end) (empty past the end).
+  void Piece(int64_t e, int64_t p, int64_t pieces, int64_t* begin, int64_t* end) const {
     const int64_t span = (rows_each + pieces - 1) / pieces;
-    *e = c / pieces;
-    const int64_t first = std::min(rows_each, (c % pieces) * span);
-    *begin = *e * rows_each + first;
-    *end = *e * rows_each + std::min(rows_each, first + span);
+    const int64_t first = std::min(rows_each, p * span);
+    *begin = e * rows_each + first;
+    *end = e * rows_each + std::min(rows_each, first + span);
   }
   // Calls `rows_of(e, begin, end)` on every example's rows, in one call on the pool: across
   // examples when there are at least as many as chunks (each example within one chunk), else
@@ -107,9 +90,8 @@ struct Examples {
   // 0.96 against RMS norm's 0.79 ms).
   template <typename F>
   void ForEach(ffi::ThreadPool& pool, F rows_of) const {
-    const int64_t chunks = NumChunks(rows, n);
-    if (Count() > 1 && Count() >= chunks) {
-      ParallelChunks(pool, Count(), chunks, [&](int64_t begin, int64_t end, int64_t) {
+    if (Many()) {
+      ParallelChunks(pool, Count(), NumChunks(rows, n), [&](int64_t begin, int64_t end, int64_t) {
         for (int64_t e = begin; e < end; ++e) rows_of(e, e * rows_each, (e + 1) * rows_each);
       });
       return;
@@ -118,13 +100,34 @@ struct Examples {
     if (all == 0) return;  // no rows, no examples
     ParallelChunks(pool, all, all, [&](int64_t begin, int64_t end, int64_t) {
       for (int64_t c = begin; c < end; ++c) {
-        int64_t e, b, en;
-        Piece(c, pieces, &e, &b, &en);
-        if (b < en) rows_of(e, b, en);
+        int64_t b, en;
+        Piece(c / pieces, c % pieces, pieces, &b, &en);
+        if (b < en) rows_of(c / pieces, b, en);
       }
     });
   }
 };
+
+// Sums of `width` doubles over each example's rows (a backward's sums per feature, or per
+// example and feature), the same bits whatever the thread count (GroupSums): each example's
+// rows cut into SumPieces(ex.Pieces(), width) pieces, a chunk on the pool each; or, with
+// Many() examples, each example's rows in one piece, the examples in the chunks of all rows.
+// `body(e, begin, end, acc)` adds the sums of rows [begin, end) of example e into its piece's
+// zeroed buffer; `done(e, sums)` takes example e's sums.
+void SumsOverRows(ffi::ThreadPool& pool, const Examples& ex, int64_t width,
+                  FunctionRef<void(int64_t e, int64_t begin, int64_t end, double* acc)> body,
+                  FunctionRef<void(int64_t e, const double* sums)> done) {
+  const int64_t pieces = ex.Many() ? 1 : SumPieces(ex.Pieces(), width);
+  const int64_t chunks = ex.Many() ? NumChunks(ex.rows, ex.n) : ex.Count() * pieces;
+  GroupSums(
+      pool, ex.Count(), pieces, width, chunks,
+      [&](int64_t e, int64_t p, double* acc) {
+        int64_t begin, end;
+        ex.Piece(e, p, pieces, &begin, &end);
+        if (begin < end) body(e, begin, end, acc);
+      },
+      done);
+}
 
 // y = ((x - shift) - offset) * rstd * scale + bias per row, rstd = RstdOf(var, eps), with
 // shift, offset and var (the biased variance; RMS norm: shift = offset = 0 and var = mean of
@@ -213,67 +216,24 @@ ffi::Error RowsBackwardWith(ffi::ThreadPool& pool, ffi::Buffer<T, 2>& x, ffi::Bu
                             add,                  narrow};
     const auto backward = TC == T ? Active().backward[DtypeIndex<T>()]
                                   : Active().add_backward_mixed;
-    int64_t chunks = NumChunks(rows, n);
     if (per_row) {
-      ParallelChunks(pool, rows, chunks, [&](int64_t begin, int64_t end, int64_t) {
+      ParallelChunks(pool, rows, NumChunks(rows, n), [&](int64_t begin, int64_t end, int64_t) {
         backward(args, begin, end, nullptr);
       });
       return ffi::Error::Success();
     }
-    if (ex.Count() > 1 && ex.Count() >= chunks) {
-      // Many examples: each within one chunk, its sums in that chunk's buffer (in row order).
-      ParallelChunks(pool, ex.Count(), chunks, [&](int64_t begin, int64_t end, int64_t) {
-        std::vector<double> sums(2 * n);
-        for (int64_t e = begin; e < end; ++e) {
-          std::fill(sums.begin(), sums.end(), 0.0);
-          backward(ex.At(args, e), e * ex.rows_each, (e + 1) * ex.rows_each, sums.data());
+    // Per example (one for per-feature parameters), the sums of g * xhat and g (2n doubles).
+    SumsOverRows(
+        pool, ex, 2 * n,
+        [&](int64_t e, int64_t begin, int64_t end, double* acc) {
+          backward(ex.At(args, e), begin, end, acc);
+        },
+        [&](int64_t e, const double* sums) {
           for (int64_t j = 0; j < n; ++j) {
             ds[e * n + j] = static_cast<float>(sums[j]);
             db[e * n + j] = static_cast<float>(sums[n + j]);
           }
-        }
-      });
-      return ffi::Error::Success();
-    }
-    // Per example (one for per-feature parameters), per-chunk sums of g * xhat and g (2n
-    // doubles each), added up in chunk order: SumsOverRows's chunks of each example's rows,
-    // all examples' in one call on the pool where their buffers fit in its bound.
-    const int64_t pieces = std::max<int64_t>(
-        1, std::min(ex.Pieces(), kMaxAccumulators / std::max<int64_t>(1, n)));
-    if (ex.Count() == 0) return ffi::Error::Success();  // no rows: no sums to write
-    if (ex.Count() * pieces * n <= kMaxAccumulators) {
-      const int64_t all = ex.Count() * pieces;
-      std::vector<double> acc(static_cast<size_t>(all * 2 * n), 0.0);
-      ParallelChunks(pool, all, all, [&](int64_t begin, int64_t end, int64_t) {
-        for (int64_t c = begin; c < end; ++c) {
-          int64_t e, b, en;
-          ex.Piece(c, pieces, &e, &b, &en);
-          if (b < en) backward(ex.At(args, e), b, en, acc.data() + c * 2 * n);
-        }
-      });
-      std::vector<double> totals(2 * n);
-      for (int64_t e = 0; e < ex.Count(); ++e) {
-        std::fill(totals.begin(), totals.end(), 0.0);
-        AddInOrder(acc.data() + e * pieces * 2 * n, pieces, 2 * n, 2 * n, totals.data());
-        for (int64_t j = 0; j < n; ++j) {
-          ds[e * n + j] = static_cast<float>(totals[j]);
-          db[e * n + j] = static_cast<float>(totals[n + j]);
-        }
-      }
-      return ffi::Error::Success();
-    }
-    for (int64_t e = 0; e < ex.Count(); ++e) {
-      const BackwardArgs a = ex.At(args, e);
-      const int64_t first = e * ex.rows_each;
-      const std::vector<double> totals = SumsOverRows(
-          pool, ex.rows_each, n, 2 * n, n, [&](int64_t begin, int64_t end, double* acc) {
-            backward(a, first + begin, first + end, acc);
-          });
-      for (int64_t j = 0; j < n; ++j) {
-        ds[e * n + j] = static_cast<float>(totals[j]);
-        db[e * n + j] = static_cast<float>(totals[n + j]);
-      }
-    }
+        });
     return ffi::Error::Success();
   });
 }
@@ -535,12 +495,13 @@ ffi::Error RowsGatedBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buf
                          n, eps, before, groups};
     const auto backward = Active().gated_backward[DtypeIndex<T>()];
     const int64_t width = groups * n;
-    const std::vector<double> totals = SumsOverRows(
-        pool, rows, n, width, width, [&](int64_t begin, int64_t end, double* acc) {
-          backward(args, begin, end, acc);
-        });
     float* ds = dscale->typed_data();
-    for (int64_t j = 0; j < width; ++j) ds[j] = static_cast<float>(totals[j]);
+    SumsOverRows(
+        pool, Examples{rows, n, false, 0}, width,
+        [&](int64_t, int64_t begin, int64_t end, double* acc) { backward(args, begin, end, acc); },
+        [&](int64_t, const double* sums) {
+          for (int64_t j = 0; j < width; ++j) ds[j] = static_cast<float>(sums[j]);
+        });
     return ffi::Error::Success();
   });
 }
@@ -595,15 +556,16 @@ ffi::Error TanhBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<f
                         dx->untyped_data(), n, alpha.typed_data()[0]};
     const auto backward = Active().tanh_backward[DtypeIndex<T>()];
     const int64_t width = 2 * n + 1;
-    const std::vector<double> totals = SumsOverRows(
-        pool, rows, n, width, width, [&](int64_t begin, int64_t end, double* acc) {
-          backward(args, begin, end, acc);
+    SumsOverRows(
+        pool, Examples{rows, n, false, 0}, width,
+        [&](int64_t, int64_t begin, int64_t end, double* acc) { backward(args, begin, end, acc); },
+        [&](int64_t, const double* sums) {
+          for (int64_t j = 0; j < n; ++j) {
+            dscale->typed_data()[j] = static_cast<float>(sums[j]);
+            dbias->typed_data()[j] = static_cast<float>(sums[n + j]);
+          }
+          dalpha->typed_data()[0] = static_cast<float>(sums[2 * n]);
         });
-    for (int64_t j = 0; j < n; ++j) {
-      dscale->typed_data()[j] = static_cast<float>(totals[j]);
-      dbias->typed_data()[j] = static_cast<float>(totals[n + j]);
-    }
-    dalpha->typed_data()[0] = static_cast<float>(totals[2 * n]);
     return ffi::Error::Success();
   });
 }

@@ -11,6 +11,9 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <vector>
+
+#include "kernels.h"
 
 namespace normjax_cpu {
 namespace {
@@ -96,6 +99,41 @@ void ParallelChunks(ffi::ThreadPool& pool, int64_t rows, int64_t chunks,
   }
   if (shared->error) std::rethrow_exception(shared->error);
   (void)schedule_error;  // every chunk ran; a failed Schedule only cost parallelism
+}
+
+void GroupSums(ffi::ThreadPool& pool, int64_t groups, int64_t pieces, int64_t width,
+               int64_t chunks, FunctionRef<void(int64_t group, int64_t piece, double* acc)> body,
+               FunctionRef<void(int64_t group, const double* sums)> done) {
+  if (groups <= 0) return;
+  if (pieces == 1) {  // each group's one piece: its sums
+    const int64_t group_chunks = std::min(groups, chunks);
+    ParallelChunks(pool, groups, group_chunks, [&](int64_t begin, int64_t end, int64_t) {
+      std::vector<double> sums(width);
+      for (int64_t g = begin; g < end; ++g) {
+        std::fill(sums.begin(), sums.end(), 0.0);
+        body(g, 0, sums.data());
+        done(g, sums.data());
+      }
+    });
+    return;
+  }
+  const int64_t per_call =
+      std::max<int64_t>(1, kMaxAccumulators / std::max<int64_t>(1, pieces * width));
+  std::vector<double> acc, sums(width);
+  for (int64_t first = 0; first < groups; first += per_call) {
+    const int64_t count = std::min(per_call, groups - first), all = count * pieces;
+    acc.assign(static_cast<size_t>(all * width), 0.0);
+    ParallelChunks(pool, all, std::min(all, chunks), [&](int64_t begin, int64_t end, int64_t) {
+      for (int64_t c = begin; c < end; ++c) {
+        body(first + c / pieces, c % pieces, acc.data() + c * width);
+      }
+    });
+    for (int64_t g = 0; g < count; ++g) {
+      std::fill(sums.begin(), sums.end(), 0.0);
+      AddInOrder(acc.data() + g * pieces * width, pieces, width, width, sums.data());
+      done(first + g, sums.data());
+    }
+  }
 }
 
 ffi::Error Guarded(const char* kernel, FunctionRef<ffi::Error()> f) {

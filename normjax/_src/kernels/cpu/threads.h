@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -48,7 +49,7 @@ class FunctionRef<R(Args...)> {
 // rows, added chunk by chunk in order, are the same whatever the thread count and timing).
 int64_t NumChunks(int64_t rows, int64_t row_elements);
 
-// Doubles of per-chunk per-feature sums the backward may hold (they bound its chunks).
+// Doubles of per-piece sums a backward may hold (GroupSums): they bound its pieces.
 constexpr int64_t kMaxAccumulators = 1 << 21;
 
 // The chunks of the channels-last kernels: each of `batch` examples' positions cut into
@@ -74,6 +75,25 @@ struct ExampleRanges {
 // (on any thread) is rethrown on the calling thread once every task has finished.
 void ParallelChunks(ffi::ThreadPool& pool, int64_t rows, int64_t chunks,
                     FunctionRef<void(int64_t begin, int64_t end, int64_t chunk)> body);
+
+// How many pieces of a group GroupSums takes for `wanted` (a shape's chunk count) with sums
+// `width` doubles wide: as many as fit in kMaxAccumulators, at least one.
+inline int64_t SumPieces(int64_t wanted, int64_t width) {
+  return std::max<int64_t>(1, std::min(wanted, kMaxAccumulators / std::max<int64_t>(1, width)));
+}
+
+// Sums of `width` doubles per group, the same bits whatever the thread count: each of `groups`
+// groups (the examples of per-example parameters, one for per-feature ones) is cut into
+// `pieces` pieces fixed by the shape; `body(group, piece, acc)` adds its piece's sums into a
+// zeroed buffer of its own, and the buffers of a group are added in piece order (in double)
+// before `done(group, sums)` takes them. With one piece per group, groups are summed and
+// handed to `done` within a chunk, on any of the pool's threads (each group once); else the
+// pieces of as many groups as kMaxAccumulators holds (at least one) go to one call on the
+// pool and `done` runs on the calling thread. The pieces of a call are dealt in at most
+// `chunks` chunks (consecutive pieces together).
+void GroupSums(ffi::ThreadPool& pool, int64_t groups, int64_t pieces, int64_t width,
+               int64_t chunks, FunctionRef<void(int64_t group, int64_t piece, double* acc)> body,
+               FunctionRef<void(int64_t group, const double* sums)> done);
 
 // Runs `f`, turning any C++ exception into an ffi::Error that names `kernel`.
 ffi::Error Guarded(const char* kernel, FunctionRef<ffi::Error()> f);
