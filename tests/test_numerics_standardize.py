@@ -160,6 +160,10 @@ _EPS_CASES = {
               lambda x, e: ref.group_norm(x, num_groups=2, eps=e)),
     "add_layer": (lambda x, e: nj.add_layer_norm(x, 2 * x, eps=e)[0],
                   lambda x, e: ref.layer_norm(3 * np.asarray(x, np.float64), eps=e)),
+    # The fused residual-add core itself (add_layer_norm takes it for a constant eps only).
+    "add_standardize": (
+        lambda x, e: _standardize.add_standardize(x, 2 * x, (2,), None, None, e)[0],
+        lambda x, e: ref.layer_norm(3 * np.asarray(x, np.float64), eps=e)),
 }
 
 

@@ -148,20 +148,26 @@ def tangent(x: jax.Array, stats: Moments, rstd_: jax.Array, scale: jax.Array | N
   return dy.astype(x.dtype)
 
 
-def _output_tangent(x, stats, eps, scale, bias, dx, dscale, dbias, mask, tangent_fn,
-                    deps=None):
-  """`(stats, dy)` in a JVP rule: the statistics, named for the checkpoint policy (the
-  backward keeps them, not a normalized copy of `x`), and the tangent of `y` by `tangent_fn`,
-  plus `xhat * scale * (-rstd**2 / 2) * deps` for a traced `eps` with tangent `deps`."""
+def _named_stats(stats, eps):
+  """`(stats, rstd)` in a JVP rule, named for the checkpoint policy (the backward keeps them,
+  not a normalized copy of `x`)."""
   r = rstd(stats.var, eps)
   shift, offset, r = checkpoint_name((stats.shift, stats.offset, r), _STATS_NAME)
-  stats = stats._replace(shift=shift, offset=offset)
-  dy = tangent_fn(x, stats, r, scale, dx, None if scale is None else dscale,
-                  None if bias is None else dbias, mask)
-  if deps is not None and deps.dtype != jax.dtypes.float0:
-    factor = -0.5 * r * r * deps.astype(r.dtype)
-    dy = (dy + _affine(subtract_mean(x, stats) * r, factor, scale, None)).astype(dy.dtype)
-  return stats, dy
+  return stats._replace(shift=shift, offset=offset), r
+
+
+def _used(param, tangent):
+  """A parameter's tangent for a tangent function: None where the parameter is None."""
+  return None if param is None else tangent
+
+
+def _eps_tangent(dy, x, stats, r, scale, deps):
+  """`dy` plus `xhat * scale * (-rstd**2 / 2) * deps` for a traced `eps` with tangent `deps`
+  (`dy` itself for a constant `eps`)."""
+  if deps is None or deps.dtype == jax.dtypes.float0:
+    return dy
+  factor = -0.5 * r * r * deps.astype(r.dtype)
+  return (dy + _affine(subtract_mean(x, stats) * r, factor, scale, None)).astype(dy.dtype)
 
 
 # The residual-add norm's tangents at `h = x + residual`:
@@ -244,8 +250,9 @@ def standardize(x: jax.Array, axes: Axes, scale: jax.Array | None,
     # The derivative reads `x` pinned to its rounding too, as the forward's passes do: a
     # bfloat16 `x` from a fused op would otherwise enter `xhat` with excess precision.
     x = pin_rounding(x)
-    stats, dy = _output_tangent(x, stats, eps, scale, bias, dx, dscale, dbias, mask,
-                                tangent_fn, deps)
+    stats, r = _named_stats(stats, eps)
+    dy = tangent_fn(x, stats, r, scale, dx, _used(scale, dscale), _used(bias, dbias), mask)
+    dy = _eps_tangent(dy, x, stats, r, scale, deps)
     # The statistics' own tangents (dropped when the caller does not use them).
     keep = lambda v: counted_only(v, mask)
     safe_count = jnp.maximum(stats.count, jnp.ones((), dtype))
@@ -300,13 +307,10 @@ def add_standardize(x: jax.Array, residual: jax.Array, axes: Axes,
     dx, dresidual, dscale, dbias = tangents
     y, h, stats = run(x, residual, scale, bias, eps)
     h = checkpoint_name(h, _SUM_NAME)
-    dh = None
-
-    def dy_of(h, stats, rstd_, scale, _, dscale, dbias, mask):   # keeps `dh` too
-      nonlocal dh
-      dy, dh = add_tangent(h, stats, rstd_, scale, dx, dresidual, dscale, dbias, mask)
-      return dy
-    _, dy = _output_tangent(h, stats, eps, scale, bias, None, dscale, dbias, None, dy_of, deps)
+    stats, r = _named_stats(stats, eps)
+    dy, dh = add_tangent(h, stats, r, scale, dx, dresidual, _used(scale, dscale),
+                         _used(bias, dbias), None)
+    dy = _eps_tangent(dy, h, stats, r, scale, deps)
     return (y, h), (dy.astype(y.dtype), dh)
 
   fn, extra = _with_eps(fn, fn_jvp, eps)
