@@ -714,15 +714,16 @@ def test_reference_definition_reads_a_fused_bfloat16_x_at_its_rounding():
 
 
 @pytest.mark.parametrize("examples,rows_each,n",
-                         [(3, 40, 24), (64, 2, 8), (2, 257, 1000), (3, 9, 24576),
-                          (5, 64, 16384)])
+                         [(3, 40, 24), (64, 2, 8), (64, 32, 512), (2, 257, 1000),
+                          (3, 9, 24576), (5, 64, 16384)])
 @pytest.mark.parametrize("centered", [True, False])
 def test_per_example_parameters_forward_and_backward_match_float64(examples, rows_each, n,
                                                                    centered):
   """Scale and bias per example and feature (`example_rows`: adaLN's `[B, 1, D]` of
   `[B, T, D]`) against float64 NumPy, forward and backward (dscale, dbias per example), at a
   1e5 offset: a few long examples (split into chunks, summed in order, all examples' chunks
-  in one call on the pool), many short ones (each within one chunk), few short wide ones
+  in one call on the pool), many short ones (each within one chunk; 64 of 32 rows in 32
+  chunks on the pool, 64 of 2 rows on the calling thread), few short wide ones
   (9 rows in 6 chunks of 2: the last chunk of each example is empty), and few long wide ones
   whose per-chunk sums do not fit in one call's buffers (GroupSums: 2, 2, then 1 example)."""
   rows = examples * rows_each
