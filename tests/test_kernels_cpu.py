@@ -827,23 +827,32 @@ def test_add_backward_kernel_adds_the_sums_cotangent(shape, dtype, centered, per
 @pytest.mark.parametrize("shape,centered,per_row", slow_except(
     [(s, c, p) for s, d, c, p in KERNEL_CASES if d == jnp.float32],
     *[(SHAPES[-1], c, p) for c in (True, False) for p in (False, True)], unpack=True))
-def test_mixed_add_backward_kernel_reads_bfloat16_cotangents(shape, centered, per_row):
+@pytest.mark.parametrize("with_h", [True, False])
+def test_mixed_add_backward_kernel_reads_bfloat16_cotangents(shape, centered, per_row, with_h):
   """The mixed residual-add backward kernel (float32 `h` and `ct_h`, bfloat16 `ct`): `dh` is the
   float32 residual-add backward of the widened cotangent, bit for bit, `dx` its rounding to
   bfloat16, `dscale` and `dbias` the plain backward's; against float64 too, and the
-  primitive's definition agrees."""
+  primitive's definition agrees. Without `ct_h` (`rows_backward_mixed_p`: `h` unused after the
+  norm), `dh` is the plain float32 backward's, bit for bit."""
   x = rand(shape, loc=-0.3, seed=6)
   ct = rand(shape, seed=7).astype(jnp.bfloat16)
-  ct_h = rand(shape, seed=9)
+  ct_h = rand(shape, seed=9) if with_h else jnp.zeros(shape, F32)
   scale = rand(shape[:1] if per_row else shape[1:], seed=8)
   kw = dict(centered=centered, per_row=per_row, example_rows=0)
   shift, offset, rstd = _reference_statistics(x, scale, 1e-3, kw)
   args = (shift, offset, rstd, scale)
-  dx, dh, dscale, dbias = jax.jit(lambda *a: _rows.rows_add_backward_mixed_p.bind(*a, **kw))(
-      x, ct, ct_h, *args)
-  same = jax.jit(lambda *a: _rows.rows_add_backward_p.bind(*a, **kw))(
-      x, ct.astype(F32), ct_h, *args)
   plain = jax.jit(lambda *a: _rows.rows_backward_p.bind(*a, **kw))(x, ct.astype(F32), *args)
+  if with_h:
+    dx, dh, dscale, dbias = jax.jit(lambda *a: _rows.rows_add_backward_mixed_p.bind(*a, **kw))(
+        x, ct, ct_h, *args)
+    same = jax.jit(lambda *a: _rows.rows_add_backward_p.bind(*a, **kw))(
+        x, ct.astype(F32), ct_h, *args)
+    ref = jax.jit(lambda *a: _rows._add_backward_mixed_reference(*a, **kw))(x, ct, ct_h, *args)
+  else:
+    dx, dh, dscale, dbias = jax.jit(lambda *a: _rows.rows_backward_mixed_p.bind(*a, **kw))(
+        x, ct, *args)
+    same = plain
+    ref = jax.jit(lambda *a: _rows._backward_mixed_reference(*a, **kw))(x, ct, *args)
   assert (dx.dtype, dh.dtype) == (jnp.bfloat16, F32)
   np.testing.assert_array_equal(dh, same[0])
   np.testing.assert_array_equal(dx, dh.astype(jnp.bfloat16))
@@ -852,7 +861,6 @@ def test_mixed_add_backward_kernel_reads_bfloat16_cotangents(shape, centered, pe
   want = np.asarray(plain[0], np.float64) + np.asarray(ct_h, np.float64)
   np.testing.assert_allclose(np.asarray(dh, np.float64), want, rtol=1e-6,
                              atol=1e-6 * max(1.0, np.abs(want).max()))
-  ref = jax.jit(lambda *a: _rows._add_backward_mixed_reference(*a, **kw))(x, ct, ct_h, *args)
   for g, r in zip((dx, dh, dscale, dbias), ref, strict=True):
     assert g.dtype == r.dtype
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
@@ -885,6 +893,46 @@ def test_add_norm_backward_takes_both_cotangents_in_one_kernel(name):
       want = jax.jit(f)(x, r, w)
     for g, v in zip(got, want, strict=True):
       np.testing.assert_allclose(g, v, rtol=1e-4, atol=1e-4 * float(np.abs(v).max()))
+
+
+@pytest.mark.skipif(not _native.NATIVE, reason="native kernel not built")
+@pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm"])
+def test_mixed_add_norm_backward_without_h_takes_no_zeros(name):
+  """A float32 residual stream with a bfloat16 `x` (`residual_dtype=float32`): with `h` used, one
+  mixed backward kernel takes both cotangents; with only `y` used (the last block of a stream),
+  the mixed backward without `h`'s cotangent (no float32 zeros written for it to add). The
+  gradients match the reference path's, with an outlier first and a 1e5 offset."""
+  fn = getattr(nj, name)
+  r = np.asarray(rand((4, 6, 67), 1), np.float32)
+  r[0, 0, 0] = 3e4
+  r[1] += 1e5
+  x, r = jnp.asarray(rand((4, 6, 67), 0), jnp.bfloat16), jnp.asarray(r)
+  w = jnp.asarray(rand((67,), 2, loc=1.0))
+  cts = (jnp.asarray(rand((4, 6, 67), 3), jnp.bfloat16), jnp.asarray(rand((4, 6, 67), 4)))
+  f = lambda x, r, w: fn(x, r, w, residual_dtype=F32)
+  train = lambda x, r, w: jax.vjp(f, x, r, w)[1](cts)
+  y_only_at = lambda x, r, w, c: jax.vjp(lambda *a: f(*a)[0], x, r, w)[1](c)
+  y_only = lambda x, r, w: y_only_at(x, r, w, cts[0])
+  hlo = jax.jit(train).lower(x, r, w).compile().as_text()
+  assert "NormjaxRowsAddBackwardMixed" in hlo and "NormjaxRowsBackwardMixed" not in hlo
+  hlo = jax.jit(y_only).lower(x, r, w).compile().as_text()
+  assert "NormjaxRowsBackwardMixed" in hlo and "NormjaxRowsAddBackward" not in hlo
+  for g in (train, y_only):
+    got = jax.jit(g)(x, r, w)
+    with nj.implementation("reference"):
+      want = jax.jit(g)(x, r, w)
+    for a, b in zip(got, want, strict=True):
+      assert a.dtype == b.dtype
+      tol = 1e-2 if a.dtype == jnp.bfloat16 else 1e-4
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(np.abs(b).max()))
+  # Per-example gradients (the primitive's batching rule) equal a loop over the examples.
+  per_example = jax.jit(jax.vmap(y_only_at, in_axes=(0, 0, None, 0)))(x, r, w, cts[0])
+  loop = [jax.jit(y_only_at)(x[i], r[i], w, cts[0][i]) for i in range(4)]
+  for k, got in enumerate(per_example):
+    want = np.stack([np.asarray(v[k], np.float32) for v in loop])
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-5,
+                               atol=1e-5 * float(np.abs(want).max()))
 
 
 _THREADS_SCRIPT = """

@@ -94,6 +94,10 @@ def everything(inputs, x):
           x.astype(jnp.float32), x.astype(jnp.bfloat16), x[::-1].astype(jnp.float32), s, o,
           rstd, p, **kw)):
         results[f"kernel/rows_add_backward_mixed/{per_row}/{centered}/{i}"] = a
+      # Without h's cotangent (h unused after the norm).
+      for i, a in enumerate(_rows.rows_backward_mixed_p.bind(
+          x.astype(jnp.float32), x.astype(jnp.bfloat16), s, o, rstd, p, **kw)):
+        results[f"kernel/rows_backward_mixed/{per_row}/{centered}/{i}"] = a
   # The gated RMS norm, its gate (exp) over every float32 exponent and beyond, both orders.
   pf = jnp.asarray(np.linspace(0.5, 1.5, 67, dtype=np.float32))
   zz = jnp.asarray(np.linspace(-110.0, 95.0, 37 * 67, dtype=np.float32).reshape(37, 67))

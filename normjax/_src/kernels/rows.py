@@ -22,7 +22,8 @@ The input is viewed as `[rows, features]` and these primitives do the work:
     residual-add norms' derivative (`add_ops`; elsewhere the rows tangent/backward at `h`).
     `rows_add_backward_mixed_p` is the same for a float32 `h` and a bfloat16 `g` (a float32
     residual stream): `-> dx, dh, dscale, dbias`, `dh` the float32 sum and `dx` its bfloat16
-    rounding, the cotangents of `residual` and of `x` (native only).
+    rounding, the cotangents of `residual` and of `x` (native only); `rows_backward_mixed_p`
+    is it without `g_h` (where `h` is not used after the norm: no float32 zeros to add).
 
 Scale and bias are vectors: per feature (layer/RMS norm, `per_row=False`), per row
 (instance norm with channels first, `per_row=True`), or per example and feature
@@ -185,6 +186,17 @@ def _add_backward_mixed_reference(h: jax.Array, g: jax.Array, g_h: jax.Array,
   return dh.astype(g.dtype), dh, dscale, dbias
 
 
+def _backward_mixed_reference(h: jax.Array, g: jax.Array, shift: jax.Array, offset: jax.Array,
+                              rstd: jax.Array, scale: jax.Array, *, centered: bool,
+                              per_row: bool, example_rows: int = 0) -> tuple[jax.Array, ...]:
+  """`_add_backward_mixed_reference` without `h`'s cotangent: `g` widened, the backward's
+  `dh` at `h`, and `dx` its rounding to `g`'s dtype."""
+  dh, dscale, dbias = _backward_reference(h, g.astype(h.dtype), shift, offset, rstd, scale,
+                                          centered=centered, per_row=per_row,
+                                          example_rows=example_rows)
+  return dh.astype(g.dtype), dh, dscale, dbias
+
+
 # ----------------------------------------------------------------- the primitives
 
 def _shaped(shape: Shape, dtype: jnp.dtype) -> ShapedArray:
@@ -227,12 +239,19 @@ def _add_backward_abstract(x: ShapedArray, g: ShapedArray, g_h: ShapedArray,
                             example_rows=example_rows)
 
 
-def _add_backward_mixed_abstract(h: ShapedArray, g: ShapedArray, *args: ShapedArray,
-                                 centered: bool, per_row: bool,
-                                 example_rows: int = 0) -> list[ShapedArray]:
-  dh, dscale, dbias = _add_backward_abstract(h, g, *args, centered=centered, per_row=per_row,
-                                             example_rows=example_rows)
+def _backward_mixed_abstract(h: ShapedArray, g: ShapedArray, *args: ShapedArray,
+                             centered: bool, per_row: bool,
+                             example_rows: int = 0) -> list[ShapedArray]:
+  dh, dscale, dbias = _backward_abstract(h, g, *args, centered=centered, per_row=per_row,
+                                         example_rows=example_rows)
   return [_shaped(h.shape, g.dtype), dh, dscale, dbias]
+
+
+def _add_backward_mixed_abstract(h: ShapedArray, g: ShapedArray, g_h: ShapedArray,
+                                 *args: ShapedArray, centered: bool, per_row: bool,
+                                 example_rows: int = 0) -> list[ShapedArray]:
+  return _backward_mixed_abstract(h, g, *args, centered=centered, per_row=per_row,
+                                  example_rows=example_rows)
 
 
 def _backward_abstract(x: ShapedArray, g: ShapedArray, shift: ShapedArray, offset: ShapedArray,
@@ -270,6 +289,9 @@ rows_add_backward_p = primitives.define_primitive(
 rows_add_backward_mixed_p = primitives.define_primitive(
     "normjax_rows_add_backward_mixed", _add_backward_mixed_reference,
     _add_backward_mixed_abstract, target="NormjaxRowsAddBackwardMixed", defaults=_DEFAULTS)
+rows_backward_mixed_p = primitives.define_primitive(
+    "normjax_rows_backward_mixed", _backward_mixed_reference, _backward_mixed_abstract,
+    target="NormjaxRowsBackwardMixed", defaults=_DEFAULTS)
 
 
 def _tangent_transpose(cts: Sequence[jax.Array | ad.Zero], x: jax.Array, shift: jax.Array,
@@ -304,8 +326,10 @@ def _add_tangent_transpose(cts: Sequence[jax.Array | ad.Zero], h: jax.Array, shi
   kw = dict(centered=centered, per_row=per_row, example_rows=example_rows)
   ct = ad.instantiate_zeros(ct)
   if ct.dtype != h.dtype:
-    grads = rows_add_backward_mixed_p.bind(h, ct, ad.instantiate_zeros(ct_h), shift, offset,
-                                           rstd, scale, **kw)
+    if type(ct_h) is ad.Zero:
+      grads = rows_backward_mixed_p.bind(h, ct, shift, offset, rstd, scale, **kw)
+    else:
+      grads = rows_add_backward_mixed_p.bind(h, ct, ct_h, shift, offset, rstd, scale, **kw)
   else:
     if type(ct_h) is ad.Zero:
       g, dsc, dbi = rows_backward_p.bind(h, ct, shift, offset, rstd, scale, **kw)
@@ -364,6 +388,8 @@ batching.primitive_batchers[rows_add_backward_p] = _batch_rows(
     rows_add_backward_p, _add_backward_reference, (6,), sums_over_rows=True)
 batching.primitive_batchers[rows_add_backward_mixed_p] = _batch_rows(
     rows_add_backward_mixed_p, _add_backward_mixed_reference, (6,), sums_over_rows=True)
+batching.primitive_batchers[rows_backward_mixed_p] = _batch_rows(
+    rows_backward_mixed_p, _backward_mixed_reference, (5,), sums_over_rows=True)
 
 
 # ----------------------------------------------------------------- one call's forward/tangent

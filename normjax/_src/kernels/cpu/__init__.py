@@ -24,7 +24,8 @@ TARGETS = tuple(f"Normjax{kind}{dtype}" for kind in ("RowsForward", "RowsBackwar
                                                       "RowsGatedBackward", "TanhBackward",
                                                       "RowsAddBackward")
                 for dtype in ("F32", "BF16")) + ("NormjaxRowsAddForwardMixedBF16",
-                                                     "NormjaxRowsAddBackwardMixedF32")
+                                                     "NormjaxRowsAddBackwardMixedF32",
+                                                     "NormjaxRowsBackwardMixedF32")
 
 
 def _load() -> str | None:

@@ -1,6 +1,7 @@
 // The XLA FFI handlers of the row kernels: layer, RMS and channels-first instance norm over
 // contiguous rows (normjax/_src/kernels/rows.py), forward, backward, the fused residual-add
-// forward and backward (both also with a bfloat16 x and a float32 residual); the gated RMS norm's
+// forward and backward (both also with a bfloat16 x and a float32 residual, the backward also
+// without the residual's cotangent); the gated RMS norm's
 // forward and backward (kernels/gated.py) and dynamic tanh's backward (kernels/tanh.py); each
 // followed by its binding.
 //
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -289,22 +291,51 @@ ffi::Error RowsAddBackwardMixed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x
                           rstd, scale, dh, dscale, dbias, centered, per_row, example_rows);
 }
 
-template <ffi::DataType T>
-auto BindBackward() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .template Arg<ffi::Buffer<T, 2>>()
-      .template Arg<ffi::Buffer<T, 2>>()
+// The mixed backward without h's own cotangent (a float32 residual stream whose sum `h` is not
+// used after the norm): RowsAddBackwardMixed's dx and dh with no ct_h to add (XLA would
+// otherwise pass a float32 zero array to add, a pass to write and one to read).
+ffi::Error RowsBackwardMixed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x,
+                             ffi::Buffer<ffi::BF16, 2> ct, ffi::Buffer<ffi::F32, 1> shift,
+                             ffi::Buffer<ffi::F32, 1> offset, ffi::Buffer<ffi::F32, 1> rstd,
+                             ffi::Buffer<ffi::F32, 1> scale, ffi::ResultBuffer<ffi::BF16, 2> dx,
+                             ffi::ResultBuffer<ffi::F32, 2> dh,
+                             ffi::ResultBuffer<ffi::F32, 1> dscale,
+                             ffi::ResultBuffer<ffi::F32, 1> dbias, bool centered, bool per_row,
+                             int64_t example_rows) {
+  if (ct.dimensions()[0] != x.dimensions()[0] || ct.dimensions()[1] != x.dimensions()[1]) {
+    return ffi::Error::InvalidArgument("normjax rows_backward_mixed: ct shape mismatch");
+  }
+  return RowsBackwardWith(pool, x, ct, nullptr, dx->untyped_data(), shift, offset, rstd, scale,
+                          dh, dscale, dbias, centered, per_row, example_rows);
+}
+
+// The bindings of the rows backward handlers share their middle and end: after the input and
+// its cotangent(s), shift, offset, rstd and scale (Statistics); after dx (and the mixed
+// backward's dh), dscale, dbias and the attributes (BackwardEnd).
+template <typename B>
+auto Statistics(B&& binding) {
+  return std::move(binding).template Arg<ffi::Buffer<ffi::F32, 1>>()
       .template Arg<ffi::Buffer<ffi::F32, 1>>()
       .template Arg<ffi::Buffer<ffi::F32, 1>>()
-      .template Arg<ffi::Buffer<ffi::F32, 1>>()
-      .template Arg<ffi::Buffer<ffi::F32, 1>>()
-      .template Ret<ffi::Buffer<T, 2>>()
-      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Arg<ffi::Buffer<ffi::F32, 1>>();
+}
+
+template <typename B>
+auto BackwardEnd(B&& binding) {
+  return std::move(binding).template Ret<ffi::Buffer<ffi::F32, 1>>()
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
       .template Attr<bool>("centered")
       .template Attr<bool>("per_row")
       .template Attr<int64_t>("example_rows");
+}
+
+template <ffi::DataType T>
+auto BindBackward() {
+  return BackwardEnd(Statistics(ffi::Ffi::Bind()
+                                    .Ctx<ffi::ThreadPool>()
+                                    .template Arg<ffi::Buffer<T, 2>>()
+                                    .template Arg<ffi::Buffer<T, 2>>())
+                         .template Ret<ffi::Buffer<T, 2>>());
 }
 
 }  // namespace
@@ -318,40 +349,31 @@ namespace {
 
 template <ffi::DataType T>
 auto BindAddBackward() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .template Arg<ffi::Buffer<T, 2>>()
-      .template Arg<ffi::Buffer<T, 2>>()
-      .template Arg<ffi::Buffer<T, 2>>()
-      .template Arg<ffi::Buffer<ffi::F32, 1>>()
-      .template Arg<ffi::Buffer<ffi::F32, 1>>()
-      .template Arg<ffi::Buffer<ffi::F32, 1>>()
-      .template Arg<ffi::Buffer<ffi::F32, 1>>()
-      .template Ret<ffi::Buffer<T, 2>>()
-      .template Ret<ffi::Buffer<ffi::F32, 1>>()
-      .template Ret<ffi::Buffer<ffi::F32, 1>>()
-      .template Attr<bool>("centered")
-      .template Attr<bool>("per_row")
-      .template Attr<int64_t>("example_rows");
+  return BackwardEnd(Statistics(ffi::Ffi::Bind()
+                                    .Ctx<ffi::ThreadPool>()
+                                    .template Arg<ffi::Buffer<T, 2>>()
+                                    .template Arg<ffi::Buffer<T, 2>>()
+                                    .template Arg<ffi::Buffer<T, 2>>())
+                         .template Ret<ffi::Buffer<T, 2>>());
+}
+
+auto BindBackwardMixed() {
+  return BackwardEnd(Statistics(ffi::Ffi::Bind()
+                                    .Ctx<ffi::ThreadPool>()
+                                    .Arg<ffi::Buffer<ffi::F32, 2>>()
+                                    .Arg<ffi::Buffer<ffi::BF16, 2>>())
+                         .Ret<ffi::Buffer<ffi::BF16, 2>>()
+                         .Ret<ffi::Buffer<ffi::F32, 2>>());
 }
 
 auto BindAddBackwardMixed() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32, 2>>()
-      .Arg<ffi::Buffer<ffi::BF16, 2>>()
-      .Arg<ffi::Buffer<ffi::F32, 2>>()
-      .Arg<ffi::Buffer<ffi::F32, 1>>()
-      .Arg<ffi::Buffer<ffi::F32, 1>>()
-      .Arg<ffi::Buffer<ffi::F32, 1>>()
-      .Arg<ffi::Buffer<ffi::F32, 1>>()
-      .Ret<ffi::Buffer<ffi::BF16, 2>>()
-      .Ret<ffi::Buffer<ffi::F32, 2>>()
-      .Ret<ffi::Buffer<ffi::F32, 1>>()
-      .Ret<ffi::Buffer<ffi::F32, 1>>()
-      .Attr<bool>("centered")
-      .Attr<bool>("per_row")
-      .Attr<int64_t>("example_rows");
+  return BackwardEnd(Statistics(ffi::Ffi::Bind()
+                                    .Ctx<ffi::ThreadPool>()
+                                    .Arg<ffi::Buffer<ffi::F32, 2>>()
+                                    .Arg<ffi::Buffer<ffi::BF16, 2>>()
+                                    .Arg<ffi::Buffer<ffi::F32, 2>>())
+                         .Ret<ffi::Buffer<ffi::BF16, 2>>()
+                         .Ret<ffi::Buffer<ffi::F32, 2>>());
 }
 
 }  // namespace
@@ -363,6 +385,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddBackwardBF16, RowsAddBackward<ffi::B
 // float32 h, bfloat16 cotangent (the suffix is h's dtype, the primitive's first operand).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsAddBackwardMixedF32, RowsAddBackwardMixed,
                               BindAddBackwardMixed());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxRowsBackwardMixedF32, RowsBackwardMixed,
+                              BindBackwardMixed());
 
 namespace {
 

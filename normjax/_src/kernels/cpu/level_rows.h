@@ -228,7 +228,7 @@ class FeaturePartials {
 // over at most kFlushRows rows. With TC = bfloat16 and T = float32 (the mixed residual-add
 // backward), the cotangent is read as bfloat16 (widened exactly) and dx, computed and stored
 // in float32, is also stored rounded to bfloat16 in `dx_narrow`: the bits of XLA's converts
-// around the float32 backward.
+// around the float32 backward (with or without `add`).
 template <typename T, typename TC = T>
 void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* acc) {
   const int64_t n = a.n;
@@ -279,7 +279,16 @@ void BackwardChunk(const BackwardArgs& a, int64_t begin, int64_t end, double* ac
       // with TC != T, also stored to dx_narrow, rounded from dx's stored value.
       auto write_dx = [&](auto body) {
         if (addp == nullptr) {
-          MapRow(dxp + r * n, n, body);
+          if constexpr (std::is_same_v<T, TC>) {
+            MapRow(dxp + r * n, n, body);
+          } else {
+            MapRow(dxp + r * n, n, [&](int64_t j, auto type) {
+              using V = decltype(type);
+              const V total = body(j, type);
+              Put<V>(narrowp + r * n, j, total);
+              return total;
+            });
+          }
           return;
         }
         const T* __restrict__ extra = addp + r * n;
