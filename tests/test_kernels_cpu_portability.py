@@ -60,6 +60,9 @@ variants = {
     "batch_nhwc": (lambda x: bn(x, -1), nhwc),
     "batch_nchw": (lambda x: bn(x, 1), nchw),
 }
+def _tanh_of(x, alpha):
+  """tanh(alpha * x) of a NumPy array, in float32."""
+  return jnp.asarray(np.tanh(alpha * np.asarray(x, np.float64)).astype(np.float32))
 def everything(inputs, x):
   """Every variant's output and gradient, and the kernels' own outputs, in one program (one
   compile: compiling is what takes the time under qemu)."""
@@ -114,10 +117,13 @@ def everything(inputs, x):
     for i, a in enumerate(_gated.rows_gated_forward_p.bind(xg, zg, pg, **kw)
                           + _gated.rows_gated_backward_p.bind(xg, zg, pg, xg[::-1], **kw)):
       results[f"kernel/gated_groups/{before}/{i}"] = a
-  # Dynamic tanh's backward, its tanh over both branches and saturation.
-  for i, a in enumerate(_tanh.tanh_backward_p.bind(x * 3.0, jnp.asarray([0.7], jnp.float32), pf,
-                                                   x[::-1])):
-    results[f"kernel/tanh/{i}"] = a
+  # Dynamic tanh's backward: its own tanh over both branches and saturation (not saved), and
+  # a saved t (any will do; XLA's tanh would round differently under qemu: NumPy's).
+  for saved in (False, True):
+    for i, a in enumerate(_tanh.tanh_backward_p.bind(x * 3.0, _tanh_of(rows * 3.0, 0.7),
+                                                     jnp.asarray([0.7], jnp.float32), pf,
+                                                     x[::-1], saved=saved)):
+      results[f"kernel/tanh/{saved}/{i}"] = a
   for size in (1, 4):
     for i, a in enumerate(_columns.column_moments_p.bind(
         inputs["batch_nhwc"].reshape(2, 30, 8), group_size=size)):
@@ -156,9 +162,11 @@ def everything(inputs, x):
                           + _gated.rows_gated_backward_p.bind(lx, lx[::-1] * 3.0, pl,
                                                               lx[:, ::-1], **kw)):
       results[f"kernel/long_gated/{before}/{i}"] = a
-  for i, a in enumerate(_tanh.tanh_backward_p.bind(lx, jnp.asarray([0.3], jnp.float32), pl,
-                                                   lx[::-1])):
-    results[f"kernel/long_tanh/{i}"] = a
+  for saved in (False, True):
+    for i, a in enumerate(_tanh.tanh_backward_p.bind(lx, _tanh_of(long, 0.3),
+                                                     jnp.asarray([0.3], jnp.float32), pl,
+                                                     lx[::-1], saved=saved)):
+      results[f"kernel/long_tanh/{saved}/{i}"] = a
   return results
 
 

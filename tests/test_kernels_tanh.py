@@ -2,9 +2,13 @@
 
 The public function's values and derivatives are tested in tests/test_tanh.py (on every
 implementation); the kernel's bits at every CPU level in tests/test_kernels_cpu_portability.py.
-Here: the kernel's own `tanh` against float64 at every float32 exponent, and the kernel against
-its definition (the transpose of the numerics' JVP) on adversarial rows.
+Here: the kernel's own `tanh` (where the forward's is not saved) against float64 at every
+float32 exponent, the kernel against its definition (the transpose of the JVP) on adversarial
+rows with `t` saved and recomputed, and the training program: bfloat16 saves the forward's
+tanh for the kernel, float32 has the kernel recompute it.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +23,13 @@ pytestmark = pytest.mark.skipif(not primitives.has_kernel("cpu"),
 
 
 def _tanh_of(x: np.ndarray) -> np.ndarray:
-  """The kernel's tanh(x), read off dscale (the sum over rows of g * tanh(alpha * x)) for one
-  row, alpha = 1 and g = 1."""
+  """The kernel's own tanh(x) (not saved: recomputed), read off dscale (the sum over rows of
+  g * tanh(alpha * x)) for one row, alpha = 1 and g = 1."""
   x = jnp.asarray(np.asarray(x, np.float32)[None])
   n = x.shape[1]
-  _, _, dscale, _ = tanh.tanh_backward_p.bind(x, jnp.ones((1,), jnp.float32),
-                                              jnp.ones((n,), jnp.float32), jnp.ones_like(x))
+  _, _, dscale, _ = tanh.tanh_backward_p.bind(x, x, jnp.ones((1,), jnp.float32),
+                                              jnp.ones((n,), jnp.float32), jnp.ones_like(x),
+                                              saved=False)
   return np.asarray(dscale)
 
 
@@ -48,11 +53,13 @@ def test_tanh_is_within_three_ulp_at_every_exponent():
   assert np.isnan(_tanh_of(np.array([np.nan, 1.0], np.float32))[0])
 
 
+@pytest.mark.parametrize("saved", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_matches_its_definition(dtype):
+def test_kernel_matches_its_definition(dtype, saved):
   """dx, dalpha, dscale and dbias against the primitive's jax.numpy definition, on rows with
   vector loops and scalar tails, an outlier first, a 1e5 offset (saturated) and small values;
-  a NaN in a row gives NaN in its dx row and in the sums it enters, as the definition."""
+  a NaN in a row gives NaN in its dx row and in the sums it enters, as the definition. A saved
+  `t` is float64's tanh rounded to float32 (read, not recomputed)."""
   rng = np.random.default_rng(1)
   x = rng.normal(size=(137, 67)).astype(np.float32)   # more rows than a flush (128)
   x[3, 0] = 3e4
@@ -64,9 +71,11 @@ def test_kernel_matches_its_definition(dtype):
   for nan in (False, True):
     if nan:
       x[7, 10] = np.nan
-    args = (jnp.asarray(x, dtype), alpha, scale, jnp.asarray(g, dtype))
-    got = tanh.tanh_backward_p.bind(*args)
-    want = jax.jit(tanh._backward_reference)(*args)
+    xd = jnp.asarray(x, dtype)
+    t = np.tanh(0.7 * np.asarray(xd.astype(jnp.float32), np.float64)).astype(np.float32)
+    args = (xd, jnp.asarray(t), alpha, scale, jnp.asarray(g, dtype))
+    got = tanh.tanh_backward_p.bind(*args, saved=saved)
+    want = jax.jit(functools.partial(tanh._backward_reference, saved=saved))(*args)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     for a, w in zip(got, want, strict=True):
       a, w = (np.asarray(v.astype(jnp.float32), np.float64) for v in (a, w))
@@ -77,10 +86,20 @@ def test_kernel_matches_its_definition(dtype):
         np.testing.assert_allclose(a[ok], w[ok], rtol=tol, atol=tol * float(np.abs(w[ok]).max()))
 
 
-def test_training_program_calls_the_kernel():
-  """The gradient of `dynamic_tanh` on the native path is the backward kernel's."""
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_training_program_computes_tanh_once(dtype):
+  """The gradient of `dynamic_tanh` on the native path is the backward kernel's: for bfloat16
+  it takes the forward's float32 tanh (saved), for float32 it recomputes it. Either way a
+  training step's jaxpr holds one `tanh` (a forward that computed it twice would hold two),
+  and its compiled program calls the kernel."""
   import normjax as nj
-  x = jnp.ones((4, 8))
-  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, a: jnp.sum(nj.dynamic_tanh(
-      x, a, jnp.ones(8), jnp.zeros(8))), (0, 1)))(x, jnp.asarray(0.5)))
-  assert "normjax_tanh_backward" in jaxpr
+  x = jnp.ones((4, 8), dtype)
+  step = jax.grad(lambda x, a, w: jnp.sum(nj.dynamic_tanh(x, a, w, jnp.zeros(8)).astype(
+      jnp.float32) ** 2), (0, 1, 2))
+  args = (x, jnp.asarray(0.5), jnp.ones(8))
+  jaxpr = jax.make_jaxpr(step)(*args)
+  assert str(jaxpr).count(" tanh ") == 1, jaxpr
+  backward = [e for e in jaxpr.eqns if e.primitive is tanh.tanh_backward_p]
+  assert len(backward) == 1 and backward[0].invars[1].aval.dtype == jnp.float32
+  assert backward[0].params["saved"] == (dtype == jnp.bfloat16)
+  assert "NormjaxTanhBackward" in jax.jit(step).lower(*args).compile().as_text()

@@ -35,13 +35,24 @@ def dynamic_tanh(x: jax.Array, alpha: jax.Array, scale: jax.Array | None,
                  bias: jax.Array | None) -> jax.Array:
   """`tanh(alpha * x) * scale + bias` in at least float32, returned in `x.dtype` (`scale` and
   `bias` broadcast-shaped against `x`, `alpha` a scalar)."""
+  return tanh_affine(tanh_of(x, alpha), scale, bias, x.dtype)
+
+
+def tanh_of(x: jax.Array, alpha: jax.Array) -> jax.Array:
+  """`tanh(alpha * x)` in at least float32 (`stats_dtype`), left in that dtype."""
   dtype = stats_dtype(x.dtype)
-  y = jnp.tanh(alpha.astype(dtype) * x.astype(dtype))
+  return jnp.tanh(alpha.astype(dtype) * x.astype(dtype))
+
+
+def tanh_affine(t: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
+                dtype: Any) -> jax.Array:
+  """`t * scale + bias` in `t`'s dtype (either left out where None), returned in `dtype`."""
+  y = t
   if scale is not None:
-    y = y * scale.astype(dtype)
+    y = y * scale.astype(t.dtype)
   if bias is not None:
-    y = y + bias.astype(dtype)
-  return y.astype(x.dtype)
+    y = y + bias.astype(t.dtype)
+  return y.astype(dtype)
 
 
 def l2_normalize(x: jax.Array, axes: Axes, eps: Any) -> jax.Array:

@@ -562,22 +562,25 @@ namespace {
 using normjax_cpu::TanhArgs;
 
 // Dynamic tanh's backward (see TanhBackwardChunk): dx, dalpha ([1]), dscale and dbias ([n])
-// for the cotangent g of y = tanh(alpha * x) * scale + bias; the sums over rows per chunk (in
-// double), added up in chunk order.
+// for the cotangent g of y = tanh(alpha * x) * scale + bias, with t the forward's
+// tanh(alpha * x) where `saved` (else recomputed; t is not read); the sums over rows per chunk
+// (in double), added up in chunk order.
 template <ffi::DataType T>
-ffi::Error TanhBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<ffi::F32, 1> alpha,
-                        ffi::Buffer<ffi::F32, 1> scale, ffi::Buffer<T, 2> g,
+ffi::Error TanhBackward(ffi::ThreadPool pool, ffi::Buffer<T, 2> x, ffi::Buffer<ffi::F32, 2> t,
+                        ffi::Buffer<ffi::F32, 1> alpha, ffi::Buffer<ffi::F32, 1> scale,
+                        ffi::Buffer<T, 2> g,
                         ffi::ResultBuffer<T, 2> dx, ffi::ResultBuffer<ffi::F32, 1> dalpha,
                         ffi::ResultBuffer<ffi::F32, 1> dscale,
-                        ffi::ResultBuffer<ffi::F32, 1> dbias) {
+                        ffi::ResultBuffer<ffi::F32, 1> dbias, bool saved) {
   return Guarded("normjax tanh_backward", [&]() -> ffi::Error {
     const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
-    if (g.dimensions()[0] != rows || g.dimensions()[1] != n ||
-        scale.element_count() != static_cast<size_t>(n) || alpha.element_count() != 1) {
-      return ffi::Error::InvalidArgument("normjax tanh_backward: g/scale/alpha size mismatch");
+    if (g.dimensions()[0] != rows || g.dimensions()[1] != n || t.dimensions()[0] != rows ||
+        t.dimensions()[1] != n || scale.element_count() != static_cast<size_t>(n) ||
+        alpha.element_count() != 1) {
+      return ffi::Error::InvalidArgument("normjax tanh_backward: t/g/scale/alpha size mismatch");
     }
-    const TanhArgs args{x.untyped_data(), g.untyped_data(), scale.typed_data(),
-                        dx->untyped_data(), n, alpha.typed_data()[0]};
+    const TanhArgs args{x.untyped_data(), saved ? t.typed_data() : nullptr, g.untyped_data(),
+                        scale.typed_data(), dx->untyped_data(), n, alpha.typed_data()[0]};
     const auto backward = Active().tanh_backward[DtypeIndex<T>()];
     const int64_t width = 2 * n + 1;
     SumsOverRows(
@@ -599,13 +602,15 @@ auto BindTanhBackward() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .template Arg<ffi::Buffer<T, 2>>()
+      .template Arg<ffi::Buffer<ffi::F32, 2>>()
       .template Arg<ffi::Buffer<ffi::F32, 1>>()
       .template Arg<ffi::Buffer<ffi::F32, 1>>()
       .template Arg<ffi::Buffer<T, 2>>()
       .template Ret<ffi::Buffer<T, 2>>()
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
       .template Ret<ffi::Buffer<ffi::F32, 1>>()
-      .template Ret<ffi::Buffer<ffi::F32, 1>>();
+      .template Ret<ffi::Buffer<ffi::F32, 1>>()
+      .template Attr<bool>("saved");
 }
 
 }  // namespace

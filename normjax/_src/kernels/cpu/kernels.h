@@ -136,9 +136,11 @@ struct GatedArgs {
   int64_t groups;
 };
 
-// Dynamic tanh's backward (TanhBackward): x, g and dx are [rows, n], scale [n].
+// Dynamic tanh's backward (TanhBackward): x, g and dx are [rows, n], scale [n], and t the
+// forward's tanh(alpha * x) [rows, n] in float32, or null (recomputed).
 struct TanhArgs {
   const void* x;
+  const float* t;
   const void* g;
   const float* scale;
   void* dx;
