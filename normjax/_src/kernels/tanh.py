@@ -129,7 +129,7 @@ def _rows_jvp(scaled: bool, biased: bool, primals: Sequence[jax.Array],
     t = pointwise.tanh_of(x, alpha[0])
     y = pointwise.tanh_affine(t, scale[None] if scaled else None,
                               bias[None] if biased else None, x.dtype)
-  else:   # float32 x stands in for t, which is not read
+  else:   # x, as float32, stands in for t: not read (the kernel and definition recompute t)
     y = _rows(*primals, scaled, biased)
     t = x.astype(F32)
   (dy,) = tanh_tangent_p.bind(x, t, alpha, scale, *tangents, saved=saved)
