@@ -58,8 +58,9 @@ def test_tanh_is_within_three_ulp_at_every_exponent():
 def test_kernel_matches_its_definition(dtype, saved):
   """dx, dalpha, dscale and dbias against the primitive's jax.numpy definition, on rows with
   vector loops and scalar tails, an outlier first, a 1e5 offset (saturated) and small values;
-  a NaN in a row gives NaN in its dx row and in the sums it enters, as the definition. A saved
-  `t` is float64's tanh rounded to float32 (read, not recomputed)."""
+  a NaN in a row gives NaN in the sums it enters, as the definition. A saved `t` is any
+  float32 array in [-1, 1] (here not tanh(alpha * x), so that a kernel or a definition that
+  recomputed it instead of reading it fails), with exact zeros and +-1."""
   rng = np.random.default_rng(1)
   x = rng.normal(size=(137, 67)).astype(np.float32)   # more rows than a flush (128)
   x[3, 0] = 3e4
@@ -72,10 +73,14 @@ def test_kernel_matches_its_definition(dtype, saved):
     if nan:
       x[7, 10] = np.nan
     xd = jnp.asarray(x, dtype)
-    t = np.tanh(0.7 * np.asarray(xd.astype(jnp.float32), np.float64)).astype(np.float32)
+    t = rng.uniform(-1.0, 1.0, size=x.shape).astype(np.float32)
+    t[0, :3], t[1, :3] = (0.0, 1.0, -1.0), (-1.0, 1.0, 0.0)
     args = (xd, jnp.asarray(t), alpha, scale, jnp.asarray(g, dtype))
     got = tanh.tanh_backward_p.bind(*args, saved=saved)
     want = jax.jit(functools.partial(tanh._backward_reference, saved=saved))(*args)
+    if saved:   # the definition reads t too: it differs from the recomputing one
+      other = jax.jit(functools.partial(tanh._backward_reference, saved=False))(*args)
+      assert not np.allclose(np.asarray(want[2]), np.asarray(other[2]), rtol=0.1)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     for a, w in zip(got, want, strict=True):
       a, w = (np.asarray(v.astype(jnp.float32), np.float64) for v in (a, w))
